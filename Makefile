@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh Debian machine: `make run` and `make test`.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export DJANGO_SETTINGS_MODULE := controlplane.settings
+
+.PHONY: run test services venv migrate bench clean
+
+venv: .venv/.installed
+.venv/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+services:
+	scripts/services.sh
+
+migrate: venv services
+	$(PY) manage.py migrate --noinput -v 0
+
+# The whole stack in the foreground (API on 127.0.0.1:8000, a worker, beat); Ctrl-C stops it.
+run: migrate
+	scripts/demo_key.sh
+	scripts/run.sh
+
+# The whole suite, against the real PostgreSQL and the real RabbitMQ.
+test: venv services
+	$(PY) -m pytest
+
+bench: venv services
+	$(PY) bench/bench_imaging.py
+
+clean:
+	rm -rf var .pytest_cache

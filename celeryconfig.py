@@ -1,0 +1,100 @@
+"""Every broker, queue, retry, time-limit and beat setting of the Celery tier, in one place.
+
+The resize queue is a RabbitMQ quorum queue (Raft-replicated): publishers wait for confirms,
+workers ack late and take one message at a time, and a delivery limit with a dead-letter queue
+stops a poison message from looping. See docs/adr/0001-queue-topology.md.
+"""
+from __future__ import annotations
+
+from kombu import Exchange, Queue
+
+from controlplane.env import env_float, env_int, env_str
+
+# Several nodes may be listed, separated by ';' (kombu fails over between them in order).
+broker_url = env_str("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+broker_connection_timeout = env_float("BROKER_CONNECTION_TIMEOUT", 2.0)
+broker_connection_retry_on_startup = True
+broker_heartbeat = 10
+broker_transport_options = {
+    # Publisher confirms: apply_async returns only once the quorum queue's leader has the message
+    # replicated to a majority, so an accepted job survives the loss of a node.
+    "confirm_publish": True,
+}
+
+# Publish + confirm must finish within this or the API answers 503 (the job was not accepted).
+PUBLISH_TIMEOUT_SECONDS = env_float("PUBLISH_TIMEOUT_SECONDS", 5.0)
+
+RESIZE_QUEUE = env_str("RESIZE_QUEUE", "resize")
+# Our own attempt budget (the task marks the job failed past it) sits below the broker's delivery
+# limit, which stays as the backstop for a message whose job document cannot even be read.
+JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3, minimum=1)
+DELIVERY_LIMIT = env_int("DELIVERY_LIMIT", JOB_MAX_ATTEMPTS + 2, minimum=1)
+
+resize_exchange = Exchange(RESIZE_QUEUE, type="topic", durable=True)
+dead_letter_exchange = Exchange(f"{RESIZE_QUEUE}.dlx", type="fanout", durable=True)
+resize_queue = Queue(
+    RESIZE_QUEUE,
+    resize_exchange,
+    routing_key=f"{RESIZE_QUEUE}.#",
+    queue_arguments={
+        "x-queue-type": "quorum",
+        # RabbitMQ 3.10 has no default delivery limit: without this a crashing message loops forever.
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": dead_letter_exchange.name,
+        # at-least-once dead-lettering needs reject-publish overflow; nothing dead-lettered is dropped.
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    },
+)
+# Messages that exhausted their deliveries wait here for an operator (never consumed by workers).
+dead_letter_queue = Queue(
+    f"{RESIZE_QUEUE}.dead",
+    dead_letter_exchange,
+    routing_key="#",
+    queue_arguments={"x-queue-type": "quorum"},
+)
+
+task_default_queue_type = "quorum"
+task_default_exchange_type = "topic"
+task_default_queue = RESIZE_QUEUE
+task_default_exchange = RESIZE_QUEUE
+task_default_routing_key = f"{RESIZE_QUEUE}.default"
+task_queues = (resize_queue,)
+task_routes = {"resizer.tasks.*": {"queue": RESIZE_QUEUE, "routing_key": f"{RESIZE_QUEUE}.job"}}
+task_create_missing_queues = False
+
+task_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True  # results travel on the reply queue and live in the staging store
+task_acks_late = True
+task_reject_on_worker_lost = True
+# A task that raised is acked (the job document records the failure); one killed at the hard time
+# limit is requeued, so the job's attempt budget (JOB_MAX_ATTEMPTS) decides when to give up on it.
+task_acks_on_failure = True
+task_acks_on_timeout = False
+worker_prefetch_multiplier = 1
+worker_detect_quorum_queues = True
+task_soft_time_limit = env_int("TASK_SOFT_TIME_LIMIT", 20, minimum=1)
+task_time_limit = env_int("TASK_TIME_LIMIT", 30, minimum=2)
+# A worker child that grew past this (KiB) is replaced after its task: one huge image can't ratchet memory.
+worker_max_memory_per_child = env_int("WORKER_MAX_MEMORY_KIB", 1_000_000, minimum=1)
+worker_hijack_root_logger = False
+worker_send_task_events = False
+task_send_sent_event = False
+
+# A publish that cannot reach the broker fails fast so the API can answer 503 instead of hanging.
+task_publish_retry = True
+task_publish_retry_policy = {
+    "max_retries": 2,
+    "interval_start": 0.05,
+    "interval_step": 0.2,
+    "interval_max": 0.5,
+}
+
+beat_schedule = {
+    "staging-sweep": {
+        "task": "resizer.tasks.staging_sweep",
+        "schedule": env_float("STAGING_SWEEP_SECONDS", 60.0),
+    },
+}
+beat_schedule_filename = env_str("BEAT_SCHEDULE_FILE", "var/celerybeat-schedule")

@@ -1,0 +1,96 @@
+"""The one error format of the API: RFC 9457 problem+json with a stable machine-readable `code`."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from rest_framework import exceptions
+from rest_framework.views import exception_handler as drf_exception_handler
+
+PROBLEM_TYPE_BASE = "https://docs.resizer.example/problems/"
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    409: "Conflict",
+    410: "Gone",
+    411: "Length Required",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class ApiError(exceptions.APIException):
+    """An error the customer can act on: an HTTP status, a stable `code`, and a sentence."""
+
+    def __init__(self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail=detail, code=code)
+        self.status_code = status
+        self.code = code
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+def problem(status: int, code: str, detail: str, *, headers: dict[str, str] | None = None,
+            extra: dict[str, Any] | None = None) -> HttpResponse:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **(extra or {}),
+    }
+    response = JsonResponse(body, status=status, content_type="application/problem+json")
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+# DRF's own exceptions, mapped to our stable codes.
+_DRF_CODES: dict[type[exceptions.APIException], str] = {
+    exceptions.NotAuthenticated: "unauthorized",
+    exceptions.AuthenticationFailed: "unauthorized",
+    exceptions.PermissionDenied: "forbidden",
+    exceptions.NotFound: "not_found",
+    exceptions.MethodNotAllowed: "method_not_allowed",
+    exceptions.NotAcceptable: "not_acceptable",
+    exceptions.UnsupportedMediaType: "unsupported_media_type",
+    exceptions.Throttled: "rate_limited",
+    exceptions.ParseError: "malformed_request",
+    exceptions.ValidationError: "invalid_parameter",
+}
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse | None:
+    if isinstance(exc, ApiError):
+        return problem(exc.status_code, exc.code, str(exc.detail), headers=exc.headers, extra=exc.extra)
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None  # not an API error: Django's 500 handler answers (also problem+json)
+    code = next((c for t, c in _DRF_CODES.items() if isinstance(exc, t)), "error")
+    detail = exc.detail if isinstance(exc, exceptions.APIException) else str(exc)
+    if not isinstance(detail, str):
+        detail = str(detail)
+    headers = {k: v for k, v in response.items() if k in ("WWW-Authenticate", "Retry-After", "Allow")}
+    return problem(response.status_code, code, detail, headers=headers)
+
+
+def handler404(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    return problem(404, "not_found", f"There is nothing at {request.path}.")
+
+
+def handler500(request: HttpRequest) -> HttpResponse:
+    return problem(500, "internal_error", "The server failed to answer; the request id identifies it in our logs.")
+
+
+def handler400(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    return problem(400, "malformed_request", "The request could not be understood.")

@@ -1,0 +1,22 @@
+"""One request id per request: taken from `X-Request-Id` (if sane) or generated, echoed on the response."""
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Callable
+
+from django.http import HttpRequest, HttpResponse
+
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestIdMiddleware:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        incoming = request.headers.get("X-Request-Id", "")
+        request.request_id = incoming if _SANE_ID.match(incoming) else uuid.uuid4().hex  # type: ignore[attr-defined]
+        response = self.get_response(request)
+        response["X-Request-Id"] = request.request_id  # type: ignore[attr-defined]
+        return response

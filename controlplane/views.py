@@ -1,0 +1,268 @@
+"""The customer REST API: thin views over resizer.services and resizer.jobs."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from controlplane.celery import app as celery_app
+from controlplane.errors import ApiError, problem
+from controlplane.parsing import parse_params, read_upload
+from resizer import imaging
+from resizer.jobs import FAILED, SUCCEEDED, IdempotencyConflict, Job, job_load, job_result
+from resizer.notify import job_waiter
+from resizer.services import QueueUnavailable, engine_limits, job_submit
+from resizer.staging import StagingError, StagingNotFound, staging_store
+
+# Re-read intervals when no completion notice can reach this request (see _wait_polling).
+_POLL_SECONDS = (0.02, 0.05, 0.1, 0.2, 0.5)
+
+JOB_SCHEMA = inline_serializer(
+    "Job",
+    {
+        "id": serializers.CharField(),
+        "status": serializers.ChoiceField(choices=["queued", "running", "succeeded", "failed"]),
+        "params": serializers.DictField(),
+        "input": serializers.DictField(),
+        "output": serializers.DictField(allow_null=True),
+        "error": serializers.DictField(allow_null=True),
+        "created_at": serializers.DateTimeField(),
+        "started_at": serializers.DateTimeField(allow_null=True),
+        "finished_at": serializers.DateTimeField(allow_null=True),
+        "result_expires_at": serializers.DateTimeField(allow_null=True),
+        "request_id": serializers.CharField(),
+    },
+)
+PROBLEM = OpenApiResponse(description="application/problem+json with type, title, status, detail and code")
+
+
+def job_location(job: Job) -> str:
+    return f"/v1/jobs/{job.id}"
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "status": job.status,
+        "params": job.params,
+        "input": job.input,
+        "output": {k: v for k, v in job.output.items() if k != "content_type"} if job.output else None,
+        "error": job.error,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "result_expires_at": job.result_expires_at,
+        "request_id": job.request_id,
+    }
+
+
+def _customer_job(request: Request, job_id: str) -> Job:
+    try:
+        job = job_load(staging_store(), job_id)
+    except StagingError as e:
+        raise ApiError(503, "staging_unavailable", "Jobs cannot be read right now; retry shortly.",
+                       headers={"Retry-After": "1"}) from e
+    # Another customer's job is indistinguishable from no job: its existence is not revealed.
+    if job is None or job.customer_id != request.user.customer_id:
+        raise ApiError(404, "job_not_found", f"There is no job {job_id}.")
+    return job
+
+
+def _accepted(job: Job, vary: bool = False) -> HttpResponse:
+    response = JsonResponse(job_json(job), status=202)
+    response["Location"] = job_location(job)
+    response["Retry-After"] = "1"
+    if vary:
+        response["Vary"] = "Accept"
+    return response
+
+
+def _job_outcome(job: Job, vary: bool = False) -> HttpResponse:
+    """The answer for a finished job: its image, or its error as a problem."""
+    if job.status == FAILED:
+        error = job.error or {}
+        return problem(error.get("status", 422), error.get("code", "job_failed"), error.get("detail", ""),
+                       headers={"Location": job_location(job)}, extra={"job_id": job.id})
+    if job.result_expired():
+        raise ApiError(410, "result_expired", "The result was deleted after its retention period.",
+                       headers={"Location": job_location(job)})
+    try:
+        data = job_result(staging_store(), job)
+    except StagingNotFound as e:
+        raise ApiError(410, "result_expired", "The result was deleted after its retention period.") from e
+    assert job.output is not None
+    response = HttpResponse(data, content_type=job.output["content_type"])
+    response["Location"] = job_location(job)
+    response["Content-Disposition"] = f'inline; filename="{job.id}.{job.output["format"]}"'
+    response["Cache-Control"] = "private, no-store"
+    if vary:
+        response["Vary"] = "Accept"
+    return response
+
+
+class ResizeView(APIView):
+    @extend_schema(
+        operation_id="resize",
+        summary="Resize an image",
+        description=(
+            "The body is the raw image (any Content-Type: the format is sniffed from the bytes) or "
+            "multipart/form-data with the file in the field `image`. Answers 200 with the image, or "
+            "202 with the job's Location when it takes longer than the synchronous wait (or when "
+            "`Prefer: respond-async` is sent)."
+        ),
+        parameters=[
+            OpenApiParameter("width", int, description="1..8192; at least one of width/height"),
+            OpenApiParameter("height", int, description="1..8192"),
+            OpenApiParameter("fit", str, enum=list(imaging.FITS), description="as in sharp; default inside"),
+            OpenApiParameter("format", str, enum=[*imaging.FORMATS, "auto"], description="default: the input's"),
+            OpenApiParameter("quality", int, description="1..100; default per format"),
+            OpenApiParameter("gravity", str, enum=list(imaging.GRAVITIES), description="crop anchor for cover"),
+            OpenApiParameter("background", str, description="hex colour for contain padding and alpha flattening"),
+            OpenApiParameter("enlarge", bool, description="allow upscaling for inside/outside; default false"),
+            OpenApiParameter("Prefer", str, OpenApiParameter.HEADER, description="respond-async for 202"),
+            OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER,
+                             description="a retry with the same key returns the same job"),
+        ],
+        request={"application/octet-stream": OpenApiTypes.BINARY,
+                 "multipart/form-data": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}},
+        responses={
+            (200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY, description="the resized image"),
+            202: JOB_SCHEMA,
+            **{code: PROBLEM for code in (400, 401, 409, 413, 415, 422, 503)},
+        },
+    )
+    def post(self, request: Request) -> HttpResponse:
+        django_request: HttpRequest = request._request
+        params = parse_params(request.query_params.dict(), request.headers.get("Accept", ""))
+        data = read_upload(django_request, settings.MAX_UPLOAD_BYTES)
+        try:
+            facts = imaging.probe(data, engine_limits())
+            params = _with_format(params, imaging.output_format(params, facts))
+        except imaging.ImageError as e:
+            raise ApiError(e.status, e.code, e.message) from e
+        vary = request.query_params.get("format") == "auto"
+        respond_async = "respond-async" in request.headers.get("Prefer", "").lower()
+        waiter = None
+        if not respond_async:
+            waiter = job_waiter()
+            if not waiter.ready.wait(0.5):
+                waiter = None  # no reply queue (broker trouble): fall back to re-reading the job
+        idempotency_key = request.headers.get("Idempotency-Key") or None
+        if idempotency_key is not None and len(idempotency_key) > 255:
+            raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be at most 255 characters.")
+        try:
+            job, created = job_submit(
+                customer_id=request.user.customer_id,
+                key_id=request.user.key_id,
+                request_id=django_request.request_id,  # type: ignore[attr-defined]
+                params=params,
+                input_facts=facts,
+                data=data,
+                idempotency_key=idempotency_key,
+                reply_to=waiter.queue_name if waiter is not None else None,
+                before_publish=waiter.expect if waiter is not None else None,
+            )
+        except IdempotencyConflict as e:
+            raise ApiError(422, "idempotency_key_reused",
+                           "This Idempotency-Key was already used for a different request.") from e
+        except QueueUnavailable as e:
+            raise ApiError(503, "queue_unavailable", "The job queue is unavailable; retry shortly.",
+                           headers={"Retry-After": "2"}) from e
+        except StagingError as e:
+            raise ApiError(503, "staging_unavailable", "The upload could not be staged; retry shortly.",
+                           headers={"Retry-After": "2"}) from e
+        if respond_async:
+            return _accepted(job, vary)
+        if created and waiter is not None:
+            waiter.wait(job.id, settings.SYNC_WAIT_SECONDS)
+        else:
+            _wait_polling(job.id, settings.SYNC_WAIT_SECONDS)
+        current = job_load(staging_store(), job.id) or job
+        if current.finished:
+            return _job_outcome(current, vary)
+        return _accepted(current, vary)
+
+
+def _with_format(params: imaging.Params, output_format: str) -> imaging.Params:
+    return replace(params, format=output_format, accept=())
+
+
+def _wait_polling(job_id: str, timeout: float) -> None:
+    """Wait for a job whose completion notice goes elsewhere (an idempotent replay of another
+    request's job) or nowhere (no reply queue): re-read it with a growing interval."""
+    deadline = time.monotonic() + timeout
+    delays = iter(_POLL_SECONDS)
+    while (remaining := deadline - time.monotonic()) > 0:
+        job = job_load(staging_store(), job_id)
+        if job is None or job.finished:
+            return
+        time.sleep(min(next(delays, _POLL_SECONDS[-1]), remaining))
+
+
+class JobView(APIView):
+    @extend_schema(operation_id="job", summary="A job's status, parameters and facts",
+                   responses={200: JOB_SCHEMA, 404: PROBLEM})
+    def get(self, request: Request, job_id: str) -> HttpResponse:
+        job = _customer_job(request, job_id)
+        response = JsonResponse(job_json(job))
+        response["Cache-Control"] = "private, no-store"
+        return response
+
+
+class JobResultView(APIView):
+    @extend_schema(operation_id="job_result", summary="A finished job's image",
+                   responses={(200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY), 404: PROBLEM,
+                              409: PROBLEM, 410: PROBLEM})
+    def get(self, request: Request, job_id: str) -> HttpResponse:
+        job = _customer_job(request, job_id)
+        if job.status == FAILED:
+            error = job.error or {}
+            raise ApiError(409, "job_failed", f"The job failed: {error.get('detail', 'no detail')}",
+                           extra={"job_error": error})
+        if job.status != SUCCEEDED:
+            raise ApiError(409, "job_not_finished", f"The job is {job.status}; its result is not ready yet.",
+                           headers={"Retry-After": "1"})
+        return _job_outcome(job)
+
+
+def healthz(request: HttpRequest) -> HttpResponse:
+    """The process is alive (it answers); says nothing about dependencies."""
+    return JsonResponse({"status": "ok"})
+
+
+def readyz(request: HttpRequest) -> HttpResponse:
+    """Ready to serve: the database, the broker and the staging store answer now."""
+    checks: dict[str, str] = {}
+    try:
+        connection.ensure_connection()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as e:
+        connection.close_if_unusable_or_obsolete()
+        checks["database"] = f"unavailable: {type(e).__name__}"
+    try:
+        with celery_app.connection_for_write() as broker:
+            broker.ensure_connection(max_retries=1, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as e:
+        checks["broker"] = f"unavailable: {type(e).__name__}"
+    try:
+        staging_store().check()
+        checks["staging"] = "ok"
+    except Exception as e:
+        checks["staging"] = f"unavailable: {type(e).__name__}"
+    failing = sorted(name for name, state in checks.items() if state != "ok")
+    if failing:
+        return problem(503, "not_ready", f"Not ready: {', '.join(failing)} unavailable.",
+                       headers={"Retry-After": "5"}, extra={"checks": checks})
+    return JsonResponse({"status": "ready", "checks": checks})

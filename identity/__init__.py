@@ -1,0 +1,1 @@
+"""Identity: customers and their API keys (management plane in Postgres; request authentication)."""

@@ -1,0 +1,1 @@
+"""Usage metering and billing (issue 5): usage records, local batching, staging, beat aggregation."""

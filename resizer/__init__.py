@@ -1,0 +1,1 @@
+"""Resizing: the image engine (imaging.py), jobs staged between API and workers, and the Celery tasks."""

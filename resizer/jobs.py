@@ -1,0 +1,200 @@
+"""Jobs: one resize request's document, input and result in the staging store, and its life cycle.
+
+queued -> running -> succeeded | failed. The API creates a job, a worker runs it, the API (or a
+later GET) reads it. Nothing here touches Postgres: resizing keeps working while the management
+database is away. Every write replaces the whole document atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from resizer.staging import StagingNotFound, StagingStore
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+FINISHED = (SUCCEEDED, FAILED)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat().replace("+00:00", "Z") if t else None
+
+
+@dataclass
+class Job:
+    id: str
+    customer_id: str
+    key_id: str
+    request_id: str
+    params: dict[str, Any]
+    input: dict[str, Any]
+    status: str = QUEUED
+    output: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    created_at: str = field(default_factory=lambda: _iso(_now()) or "")
+    started_at: str | None = None
+    finished_at: str | None = None
+    result_expires_at: str | None = None
+    attempts: int = 0
+    cpu_seconds: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def result_expired(self, now: datetime | None = None) -> bool:
+        if self.result_expires_at is None:
+            return False
+        return (now or _now()) >= datetime.fromisoformat(self.result_expires_at.replace("Z", "+00:00"))
+
+
+def _prefix(job_id: str) -> str:
+    return f"jobs/{job_id[:2]}/{job_id}"
+
+
+def _doc_key(job_id: str) -> str:
+    return f"{_prefix(job_id)}/job.json"
+
+
+def input_key(job_id: str) -> str:
+    return f"{_prefix(job_id)}/input"
+
+
+def output_key(job_id: str) -> str:
+    return f"{_prefix(job_id)}/output"
+
+
+def _idempotency_key(customer_id: str, key: str) -> str:
+    return f"idempotency/{customer_id}/{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def job_save(store: StagingStore, job: Job) -> None:
+    store.put(_doc_key(job.id), json.dumps(asdict(job), separators=(",", ":")).encode())
+
+
+def job_load(store: StagingStore, job_id: str) -> Job | None:
+    try:
+        uuid.UUID(hex=job_id)
+    except ValueError:
+        return None
+    try:
+        return Job(**json.loads(store.get(_doc_key(job_id))))
+    except StagingNotFound:
+        return None
+
+
+def job_create(
+    store: StagingStore,
+    *,
+    customer_id: str,
+    key_id: str,
+    request_id: str,
+    params: dict[str, Any],
+    input_facts: dict[str, Any],
+    data: bytes,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Stage the input and a queued job. Returns (job, created); created is False when an earlier
+    request with the same Idempotency-Key already made the job, which is then returned instead.
+    Raises IdempotencyConflict when that earlier request asked for something else."""
+    fingerprint = hashlib.sha256(json.dumps(params, sort_keys=True).encode() + data).hexdigest()
+    job = Job(
+        id=uuid.uuid4().hex,
+        customer_id=customer_id,
+        key_id=key_id,
+        request_id=request_id,
+        params=params,
+        input=input_facts,
+    )
+    store.put(input_key(job.id), data)
+    job_save(store, job)
+    if idempotency_key is None:
+        return job, True
+    record = json.dumps({"job_id": job.id, "fingerprint": fingerprint}).encode()
+    slot = _idempotency_key(customer_id, idempotency_key)
+    if store.put_new(slot, record):
+        return job, True
+    store.delete(_prefix(job.id))  # lost the race (or a retry): the earlier job stands
+    earlier = json.loads(store.get(slot))
+    if earlier["fingerprint"] != fingerprint:
+        raise IdempotencyConflict(idempotency_key)
+    existing = job_load(store, earlier["job_id"])
+    if existing is None:  # its documents were swept: the key is free again
+        store.delete(slot)
+        return job_create(store, customer_id=customer_id, key_id=key_id, request_id=request_id,
+                          params=params, input_facts=input_facts, data=data, idempotency_key=idempotency_key)
+    return existing, False
+
+
+def job_release_idempotency(store: StagingStore, *, customer_id: str, idempotency_key: str) -> None:
+    """Free a key whose job never reached the queue, so the client's retry makes a fresh job."""
+    store.delete(_idempotency_key(customer_id, idempotency_key))
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before for a different request."""
+
+
+def job_start(store: StagingStore, job: Job) -> Job:
+    job.status = RUNNING
+    job.attempts += 1
+    job.started_at = _iso(_now())
+    job_save(store, job)
+    return job
+
+
+def job_succeed(store: StagingStore, job: Job, *, data: bytes, output: dict[str, Any], cpu_seconds: float,
+                result_ttl_seconds: int) -> Job:
+    store.put(output_key(job.id), data)
+    now = _now()
+    job.status = SUCCEEDED
+    job.output = output
+    job.cpu_seconds = round(cpu_seconds, 6)
+    job.finished_at = _iso(now)
+    job.result_expires_at = _iso(now + timedelta(seconds=result_ttl_seconds))
+    job_save(store, job)
+    store.delete(input_key(job.id))
+    return job
+
+
+def job_fail(store: StagingStore, job: Job, *, status: int, code: str, detail: str) -> Job:
+    job.status = FAILED
+    job.error = {"status": status, "code": code, "detail": detail}
+    job.finished_at = _iso(_now())
+    job_save(store, job)
+    store.delete(input_key(job.id))
+    return job
+
+
+def job_input(store: StagingStore, job: Job) -> bytes:
+    return store.get(input_key(job.id))
+
+
+def job_result(store: StagingStore, job: Job) -> bytes:
+    return store.get(output_key(job.id))
+
+
+def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[str, int]:
+    """Delete expired results, and whole jobs (and idempotency records) past their retention."""
+    removed = {"results": 0, "jobs": 0, "idempotency": 0}
+    now = _now()
+    for prefix, age in store.scan("jobs", depth=2):
+        if age > job_retention_seconds:
+            store.delete(prefix)
+            removed["jobs"] += 1
+            continue
+        job = job_load(store, prefix.rsplit("/", 1)[-1])
+        if job is not None and job.status == SUCCEEDED and job.result_expired(now):
+            removed["results"] += store.delete(output_key(job.id))
+    for key, age in store.scan("idempotency", depth=2):
+        if age > job_retention_seconds:
+            store.delete(key)
+            removed["idempotency"] += 1
+    return removed

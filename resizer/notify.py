@@ -1,0 +1,126 @@
+"""Result return: how a synchronous request learns, without polling, that its job finished.
+
+Each API process owns one exclusive, auto-deleted reply queue on the broker and consumes it on a
+background thread. A job is published with `reply_to` = that queue; the worker that finishes the
+job publishes a tiny completion message there, and the thread wakes the request waiting on it.
+The message carries only the job id and status: the result itself is read from the staging store.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from kombu import Connection, Consumer, Queue
+
+log = logging.getLogger(__name__)
+
+# Far above the requests one process can have in flight; past it the map only holds leftovers.
+_MAX_EXPECTED = 10_000
+
+
+class JobWaiter:
+    def __init__(self, connection_factory: Any) -> None:
+        self._connection_factory = connection_factory
+        self.queue_name = f"reply.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.ready = threading.Event()  # set while the reply queue is declared and consumed
+        self._thread = threading.Thread(target=self._run, name="job-waiter", daemon=True)
+        self._thread.start()
+
+    def expect(self, job_id: str) -> None:
+        """Register interest before publishing the job, so a fast completion cannot be missed."""
+        with self._lock:
+            if len(self._events) > _MAX_EXPECTED:  # only requests that died between expect and wait
+                self._events.clear()
+            self._events[job_id] = threading.Event()
+
+    def wait(self, job_id: str, timeout: float) -> bool:
+        """True when the job's completion arrived within `timeout` seconds."""
+        with self._lock:
+            event = self._events.get(job_id)
+        if event is None:
+            return False
+        try:
+            return event.wait(timeout)
+        finally:
+            with self._lock:
+                self._events.pop(job_id, None)
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        job_id = message.properties.get("correlation_id") or (body or {}).get("job_id")
+        with self._lock:
+            event = self._events.get(job_id)
+        if event is not None:
+            event.set()
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                with self._connection_factory() as connection:
+                    queue = Queue(
+                        self.queue_name,
+                        exclusive=True,
+                        auto_delete=True,
+                        durable=False,
+                        queue_arguments={"x-queue-type": "classic"},
+                    )
+                    with Consumer(connection, [queue], callbacks=[self._on_message], no_ack=True,
+                                  accept=["json"]):
+                        self.ready.set()
+                        backoff = 0.1
+                        while True:
+                            try:
+                                connection.drain_events(timeout=1.0)
+                            except socket.timeout:
+                                connection.heartbeat_check()
+            except Exception as e:  # broker gone: keep trying; waiters time out meanwhile
+                self.ready.clear()
+                log.warning("job waiter lost the broker (%s); reconnecting in %.1fs", e, backoff)
+                time.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+
+
+_waiter: JobWaiter | None = None
+_waiter_pid: int | None = None
+_waiter_lock = threading.Lock()
+
+
+def job_waiter() -> JobWaiter:
+    """The process's waiter, created lazily after fork (a thread does not survive a fork)."""
+    global _waiter, _waiter_pid
+    with _waiter_lock:
+        if _waiter is None or _waiter_pid != os.getpid():
+            from controlplane.celery import app
+
+            def connect() -> Connection:
+                return app.connection_for_read()
+
+            _waiter, _waiter_pid = JobWaiter(connect), os.getpid()
+        return _waiter
+
+
+def job_notify(*, producer: Any, reply_to: str | None, job_id: str, status: str) -> None:
+    """Tell the waiting API process (if any) that the job finished. Best effort: a lost notice only
+    means the request answers 202 and the client fetches the job by its Location."""
+    if not reply_to:
+        return
+    try:
+        producer.publish(
+            {"job_id": job_id, "status": status},
+            exchange="",
+            routing_key=reply_to,
+            correlation_id=job_id,
+            serializer="json",
+            delivery_mode=1,
+            retry=False,
+        )
+    except Exception as e:
+        log.warning("could not notify %s of job %s: %s", reply_to, job_id, e)

@@ -1,0 +1,139 @@
+"""The resize workflow: submit a job (API side) and run it (worker side)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from collections.abc import Callable
+from typing import Any
+
+from amqp.exceptions import AMQPError, MessageNacked
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from kombu.exceptions import KombuError
+
+import celeryconfig
+from resizer import imaging
+from resizer.jobs import (
+    Job,
+    job_create,
+    job_fail,
+    job_input,
+    job_load,
+    job_release_idempotency,
+    job_start,
+    job_succeed,
+)
+from resizer.notify import job_notify
+from resizer.staging import StagingError, StagingNotFound, staging_store
+
+log = logging.getLogger(__name__)
+
+# Every failure to hand a job to the broker (down, unreachable, nacked, confirm timed out).
+PUBLISH_ERRORS = (KombuError, AMQPError, MessageNacked, OSError, TimeoutError)
+
+
+class QueueUnavailable(Exception):
+    """The job could not be handed to the queue; nothing was accepted."""
+
+
+def engine_limits() -> imaging.Limits:
+    return imaging.Limits(max_input_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_INPUT_PIXELS)
+
+
+def job_submit(
+    *,
+    customer_id: str,
+    key_id: str,
+    request_id: str,
+    params: imaging.Params,
+    input_facts: imaging.ImageFacts,
+    data: bytes,
+    idempotency_key: str | None,
+    reply_to: str | None,
+    before_publish: Callable[[str], None] | None = None,
+) -> tuple[Job, bool]:
+    """Stage the upload and publish the job (confirmed by the broker). Returns (job, created).
+    `before_publish(job_id)` runs just before the publish, so a waiter cannot miss the completion."""
+    from resizer.tasks import resize
+
+    store = staging_store()
+    job_params = {k: v for k, v in asdict(params).items() if k != "accept"}
+    job, created = job_create(
+        store,
+        customer_id=customer_id,
+        key_id=key_id,
+        request_id=request_id,
+        params=job_params,
+        input_facts={k: getattr(input_facts, k) for k in ("format", "width", "height", "bytes", "frames")},
+        data=data,
+        idempotency_key=idempotency_key,
+    )
+    if not created:
+        return job, False
+    if before_publish is not None:
+        before_publish(job.id)
+    try:
+        resize.apply_async(
+            args=[job.id],
+            task_id=job.id,
+            reply_to=reply_to,
+            confirm_timeout=celeryconfig.PUBLISH_TIMEOUT_SECONDS,
+            timeout=celeryconfig.PUBLISH_TIMEOUT_SECONDS,
+        )
+    except PUBLISH_ERRORS as e:
+        log.warning("job %s not accepted by the broker: %s", job.id, e)
+        job_fail(store, job, status=503, code="queue_unavailable", detail="The job queue did not accept the job.")
+        if idempotency_key is not None:
+            job_release_idempotency(store, customer_id=customer_id, idempotency_key=idempotency_key)
+        raise QueueUnavailable(str(e)) from e
+    return job, True
+
+
+def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
+    """Run one delivery of a job. Safe to repeat: a finished job is only re-announced."""
+    store = staging_store()
+    job = job_load(store, job_id)
+    if job is None:
+        log.warning("job %s has no document (expired or never staged); dropping its message", job_id)
+        return None
+    if job.finished:
+        job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
+        return job
+    if job.attempts >= celeryconfig.JOB_MAX_ATTEMPTS:
+        # Every earlier delivery died mid-task (a worker killed by the image or by its limits).
+        job_fail(store, job, status=422, code="processing_failed",
+                 detail=f"The image stopped the worker {job.attempts} times and was given up on.")
+        job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
+        return job
+    job_start(store, job)
+    try:
+        data = job_input(store, job)
+        result = imaging.resize(data, imaging.Params(**job.params), engine_limits())
+    except imaging.ImageError as e:
+        job_fail(store, job, status=e.status, code=e.code, detail=e.message)
+    except SoftTimeLimitExceeded:
+        job_fail(store, job, status=422, code="processing_timeout",
+                 detail="The image took longer to process than the time limit allows.")
+    except MemoryError:
+        job_fail(store, job, status=422, code="image_too_complex",
+                 detail="The image needs more memory to process than a worker may use.")
+    except StagingNotFound:
+        job_fail(store, job, status=500, code="input_lost", detail="The uploaded image was lost before processing.")
+    except StagingError:
+        raise  # the store is away: the task requeues the job for another try
+    except Exception:
+        log.exception("job %s failed on a bug", job.id)
+        job_fail(store, job, status=500, code="internal_error", detail="The job failed on a server error.")
+    else:
+        out = result.output
+        job_succeed(
+            store,
+            job,
+            data=result.data,
+            output={"format": out.format, "width": out.width, "height": out.height, "bytes": out.bytes,
+                    "frames": out.frames, "content_type": result.content_type},
+            cpu_seconds=result.cpu_seconds,
+            result_ttl_seconds=settings.RESULT_TTL_SECONDS,
+        )
+    job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
+    return job

@@ -1,0 +1,24 @@
+"""Celery tasks: a thin interface over resizer.services and resizer.jobs."""
+from __future__ import annotations
+
+from celery import shared_task
+from celery.exceptions import Reject
+from django.conf import settings
+
+from resizer import jobs, services
+from resizer.staging import StagingError, staging_store
+
+
+@shared_task(name="resizer.tasks.resize", bind=True)
+def resize(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    try:
+        with self.app.producer_or_acquire() as producer:
+            services.job_run(job_id=job_id, reply_to=self.request.reply_to, producer=producer)
+    except StagingError as e:
+        # Back to the queue: the delivery limit bounds how often a store outage can repeat this.
+        raise Reject(str(e), requeue=True) from e
+
+
+@shared_task(name="resizer.tasks.staging_sweep")
+def staging_sweep() -> dict[str, int]:
+    return jobs.staging_sweep(staging_store(), job_retention_seconds=settings.JOB_RETENTION_SECONDS)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole stack on this host, in the foreground: the API under gunicorn, a Celery worker and
+# Celery beat. Ctrl-C (or TERM) stops all three cleanly; if one dies, the others are stopped too.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p var
+
+pids=()
+stop() {
+  trap - INT TERM
+  echo "run: stopping..." >&2
+  kill -TERM "${pids[@]}" 2>/dev/null
+  wait "${pids[@]}" 2>/dev/null
+  echo "run: stopped" >&2
+  exit 0
+}
+trap stop INT TERM
+
+.venv/bin/gunicorn -c controlplane/gunicorn.conf.py &
+pids+=($!)
+.venv/bin/celery -A controlplane worker --loglevel "${LOG_LEVEL:-INFO}" \
+  --concurrency "${WORKER_CONCURRENCY:-$(nproc)}" --hostname "worker@%h" &
+pids+=($!)
+.venv/bin/celery -A controlplane beat --loglevel "${LOG_LEVEL:-INFO}" &
+pids+=($!)
+
+wait -n "${pids[@]}"
+echo "run: a process exited; stopping the rest" >&2
+stop

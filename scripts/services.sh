@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Make sure PostgreSQL and RabbitMQ are installed and running on this host, and that our database
+# exists. Installs them with apt-get when missing, starts them when stopped, otherwise uses the
+# running ones. Idempotent: safe to run before every `make run` and `make test`.
+set -euo pipefail
+
+PGHOST=${PGHOST:-127.0.0.1}
+PGPORT=${PGPORT:-5432}
+DB_NAME=${DB_NAME:-resizer}
+apt_updated=""
+
+say() { echo "services: $*" >&2; }
+
+apt_install() {
+  if [[ $(id -u) -ne 0 ]]; then
+    say "need to install $* but not root; install it, or run as root"; exit 1
+  fi
+  [[ -n $apt_updated ]] || { apt-get update -qq; apt_updated=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_port() { # host port seconds what
+  for _ in $(seq 1 "$(($3 * 5))"); do port_open "$1" "$2" && return 0; sleep 0.2; done
+  say "$4 did not open $1:$2 within $3 s"; return 1
+}
+
+ensure_postgres() {
+  local installed_now=""
+  if ! command -v pg_ctlcluster >/dev/null; then
+    say "installing PostgreSQL"; apt_install postgresql; installed_now=1
+  fi
+  if ! port_open "$PGHOST" "$PGPORT"; then
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    say "starting PostgreSQL $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    wait_port "$PGHOST" "$PGPORT" 30 PostgreSQL
+  fi
+  if [[ -n $installed_now ]]; then
+    # A fresh Debian cluster asks TCP clients for a password: give ours the one DATABASE_URL uses.
+    su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\""
+  fi
+  if ! psql "postgres://postgres:postgres@$PGHOST:$PGPORT/postgres" -tAc \
+      "SELECT 1 FROM pg_database WHERE datname='$DB_NAME'" | grep -q 1; then
+    say "creating database $DB_NAME"
+    psql "postgres://postgres:postgres@$PGHOST:$PGPORT/postgres" -qc "CREATE DATABASE $DB_NAME"
+  fi
+}
+
+ensure_rabbitmq() {
+  if ! command -v rabbitmq-server >/dev/null; then
+    say "installing RabbitMQ"; apt_install rabbitmq-server
+  fi
+  if ! port_open 127.0.0.1 5672; then
+    say "starting RabbitMQ"
+    rabbitmq-server -detached
+    wait_port 127.0.0.1 5672 90 RabbitMQ
+  fi
+}
+
+ensure_postgres
+ensure_rabbitmq
+say "PostgreSQL on $PGHOST:$PGPORT (database $DB_NAME) and RabbitMQ on 127.0.0.1:5672 are up"

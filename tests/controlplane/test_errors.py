@@ -1,0 +1,96 @@
+"""Every refusal is problem+json with a stable code; bad input never gets a 5xx."""
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import pytest
+
+from tests.conftest import corpus, make_image
+
+pytestmark = pytest.mark.django_db
+
+
+def resize(api, data: bytes, query: str = "width=100", **extra):
+    return api.post(f"/v1/resize?{query}", data=data, content_type="application/octet-stream", **extra)
+
+
+def assert_problem(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.content[:300]
+    assert response["Content-Type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["code"] == code
+    assert body["type"].endswith(code) and body["title"] and body["detail"]
+    return body
+
+
+@pytest.mark.parametrize("query,code", [
+    ("", "invalid_parameter"),
+    ("width=0", "invalid_parameter"),
+    ("width=8193", "invalid_parameter"),
+    ("width=abc", "invalid_parameter"),
+    ("width=-5", "invalid_parameter"),
+    ("width=10&height=1.5", "invalid_parameter"),
+    ("width=10&fit=stretch", "invalid_parameter"),
+    ("width=10&format=bmp", "invalid_parameter"),
+    ("width=10&quality=0", "invalid_parameter"),
+    ("width=10&quality=101", "invalid_parameter"),
+    ("width=10&gravity=up", "invalid_parameter"),
+    ("width=10&enlarge=maybe", "invalid_parameter"),
+    ("width=10&background=notacolour", "invalid_parameter"),
+    ("widht=10", "unknown_parameter"),
+])
+def test_bad_parameters_are_400(api, query, code):
+    assert_problem(resize(api, make_image(), query), 400, code)
+
+
+def test_empty_body_is_400(api):
+    assert_problem(resize(api, b""), 400, "empty_body")
+
+
+def test_body_over_the_limit_is_413_from_content_length(api, settings):
+    settings.MAX_UPLOAD_BYTES = 1000
+    body = assert_problem(resize(api, make_image(size=(300, 300)) + b"\0" * 1000), 413, "payload_too_large")
+    assert body["limit_bytes"] == 1000
+
+
+@pytest.mark.parametrize("data", [
+    os.urandom(4096),
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+    b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n",
+    b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>",
+    b"8BPS" + b"\0" * 100,
+])
+def test_not_an_image_we_open_is_415(api, data):
+    assert_problem(resize(api, data), 415, "unsupported_media_type")
+
+
+def test_an_ico_file_is_415(api):
+    assert_problem(resize(api, make_image("ICO", (32, 32))), 415, "unsupported_media_type")
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def test_declared_pixels_over_the_limit_are_422_before_decoding(api):
+    # A valid little PNG whose header claims 100000 x 100000 (10 gigapixels): decoding it would
+    # need 30 GB; the header check must refuse it first.
+    body = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
+    assert_problem(resize(api, body), 422, "image_too_large")
+
+
+def test_corrupt_header_is_422(api):
+    data = bytearray(corpus("coffee.png"))
+    data[20] ^= 0xFF  # inside IHDR: the CRC no longer matches
+    assert_problem(resize(api, bytes(data)), 422, "corrupt_image")
+
+
+def test_unknown_route_is_404_problem(api):
+    assert_problem(api.get("/v1/nothing-here"), 404, "not_found")
+
+
+def test_wrong_method_is_405_problem(api):
+    assert_problem(api.get("/v1/resize"), 405, "method_not_allowed")

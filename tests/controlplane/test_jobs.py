@@ -1,0 +1,61 @@
+"""GET /v1/jobs/{id} and /result: ownership, states and expiry (jobs staged directly, no worker)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from identity.services import api_key_create, customer_create
+from resizer.jobs import job_create, job_fail, job_load, job_save, job_succeed
+from resizer.staging import staging_store
+from tests.conftest import make_image
+
+pytestmark = pytest.mark.django_db
+
+
+def staged_job(customer_id: str):
+    job, _ = job_create(staging_store(), customer_id=customer_id, key_id="k", request_id="r",
+                        params={"width": 10}, input_facts={"format": "jpeg"}, data=make_image())
+    return job
+
+
+def test_queued_job_result_is_409(api, customer_key):
+    job = staged_job(str(customer_key[0].id))
+    body = api.get(f"/v1/jobs/{job.id}").json()
+    assert body["status"] == "queued" and body["id"] == job.id and body["output"] is None
+    response = api.get(f"/v1/jobs/{job.id}/result")
+    assert response.status_code == 409 and response.json()["code"] == "job_not_finished"
+
+
+def test_another_customers_job_is_404_not_403(api):
+    other = customer_create(name="other")
+    job = staged_job(str(other.id))
+    for path in (f"/v1/jobs/{job.id}", f"/v1/jobs/{job.id}/result"):
+        response = api.get(path)
+        assert response.status_code == 404 and response.json()["code"] == "job_not_found"
+    # ... and exactly what an id that never existed gets
+    assert api.get("/v1/jobs/" + "f" * 32).json()["code"] == "job_not_found"
+    assert api.get("/v1/jobs/not-a-uuid").json()["code"] == "job_not_found"
+
+
+def test_expired_result_is_410(api, customer_key):
+    store = staging_store()
+    job = staged_job(str(customer_key[0].id))
+    job_succeed(store, job, data=b"img", output={"format": "jpeg", "width": 1, "height": 1, "bytes": 3,
+                                                 "frames": 1, "content_type": "image/jpeg"},
+                cpu_seconds=0.01, result_ttl_seconds=600)
+    assert api.get(f"/v1/jobs/{job.id}/result").status_code == 200
+    job.result_expires_at = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+    job_save(store, job)
+    response = api.get(f"/v1/jobs/{job.id}/result")
+    assert response.status_code == 410 and response.json()["code"] == "result_expired"
+
+
+def test_failed_job_result_is_409_with_the_error(api, customer_key):
+    store = staging_store()
+    job = staged_job(str(customer_key[0].id))
+    job_fail(store, job, status=422, code="corrupt_image", detail="broken")
+    response = api.get(f"/v1/jobs/{job.id}/result")
+    assert response.status_code == 409
+    assert response.json()["job_error"]["code"] == "corrupt_image"
+    assert job_load(store, job.id).error["code"] == "corrupt_image"

@@ -1,0 +1,172 @@
+"""POST /v1/resize end to end: API in-process, job on the real quorum queue, a real Celery worker."""
+from __future__ import annotations
+
+import io
+import uuid
+
+import pytest
+from PIL import Image
+
+from tests.conftest import corpus, make_image
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("worker")]
+
+
+def resize(api, data: bytes, query: str = "width=100", **headers):
+    return api.post(f"/v1/resize?{query}", data=data, content_type="application/octet-stream", **headers)
+
+
+def opened(response) -> Image.Image:
+    return Image.open(io.BytesIO(response.content))
+
+
+def test_sync_resize_returns_the_image_with_location_and_request_id(api):
+    response = resize(api, corpus("photo-256k-0.jpg"), "width=256&height=256", HTTP_X_REQUEST_ID="req-123")
+    assert response.status_code == 200, response.content[:300]
+    assert response["Content-Type"] == "image/jpeg"
+    assert response["X-Request-Id"] == "req-123"
+    assert response["Location"].startswith("/v1/jobs/")
+    image = opened(response)
+    assert image.format == "JPEG" and image.size == (256, 192)
+    assert not image.getexif(), "metadata must be stripped"
+
+
+# (fit, width, height) for the 1280x960 corpus photo -> expected size, as sharp defines each fit.
+FITS = [
+    ("inside", 400, 400, (400, 300)),
+    ("cover", 400, 400, (400, 400)),
+    ("contain", 400, 400, (400, 400)),
+    ("fill", 400, 100, (400, 100)),
+    ("outside", 400, 400, (533, 400)),
+    ("inside", 2000, 2000, (1280, 960)),  # no upscaling unless enlarge=true
+]
+
+
+@pytest.mark.parametrize("fit,width,height,expected", FITS)
+def test_every_fit_mode_gives_its_defined_dimensions(api, fit, width, height, expected):
+    response = resize(api, corpus("photo-256k-1.jpg"), f"width={width}&height={height}&fit={fit}")
+    assert response.status_code == 200, response.content[:300]
+    assert opened(response).size == expected
+
+
+def test_height_only_keeps_aspect(api):
+    response = resize(api, corpus("photo-256k-2.jpg"), "height=96")
+    assert opened(response).size == (128, 96)
+
+
+@pytest.mark.parametrize("fmt,pil,content_type", [
+    ("png", "PNG", "image/png"), ("webp", "WEBP", "image/webp"), ("avif", "AVIF", "image/avif"),
+    ("gif", "GIF", "image/gif"), ("jpeg", "JPEG", "image/jpeg"),
+])
+def test_output_formats(api, fmt, pil, content_type):
+    response = resize(api, corpus("rocket.webp"), f"width=120&format={fmt}&quality=70")
+    assert response.status_code == 200, response.content[:300]
+    assert response["Content-Type"] == content_type
+    assert opened(response).format == pil
+
+
+def test_format_is_sniffed_from_bytes_not_the_label(api):
+    response = api.post("/v1/resize?width=50", data=corpus("coffee.png"), content_type="image/jpeg")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "image/png"
+
+
+def test_format_auto_follows_accept_and_varies(api):
+    response = resize(api, corpus("chelsea.jpg"), "width=64&format=auto", HTTP_ACCEPT="image/webp,*/*")
+    assert response["Content-Type"] == "image/webp"
+    assert "Accept" in response["Vary"]
+    response = resize(api, corpus("chelsea.jpg"), "width=64&format=auto", HTTP_ACCEPT="*/*")
+    assert response["Content-Type"] == "image/jpeg"
+
+
+def test_exif_orientation_is_applied(api):
+    response = resize(api, corpus("rocket-exif-orientation-6.jpg"), "width=200&height=200")
+    width, height = opened(response).size
+    assert width > height, "stored sideways with orientation 6: upright it is landscape"
+
+
+def test_multipart_upload(api):
+    upload = io.BytesIO(corpus("coffee.jpg"))
+    upload.name = "coffee.jpg"
+    response = api.post("/v1/resize?width=60", data={"image": upload})
+    assert response.status_code == 200, response.content[:300]
+    assert opened(response).width == 60
+
+
+def test_multipart_without_image_field(api):
+    upload = io.BytesIO(corpus("coffee.jpg"))
+    upload.name = "coffee.jpg"
+    response = api.post("/v1/resize?width=60", data={"file": upload})
+    assert response.status_code == 400 and response.json()["code"] == "missing_image"
+
+
+def test_respond_async_then_job_then_result(api):
+    response = resize(api, corpus("photo-256k-3.jpg"), "width=300&format=png", HTTP_PREFER="respond-async")
+    assert response.status_code == 202
+    location = response["Location"]
+    job = response.json()
+    assert location == f"/v1/jobs/{job['id']}"
+    assert job["status"] in ("queued", "running", "succeeded")
+    assert job["params"]["width"] == 300 and job["params"]["format"] == "png"
+    job = wait_finished(api, location)
+    assert job["status"] == "succeeded"
+    assert job["input"] == {"format": "jpeg", "width": 1280, "height": 960,
+                            "bytes": len(corpus("photo-256k-3.jpg")), "frames": 1}
+    assert job["output"]["width"] == 300 and job["output"]["height"] == 225 and job["output"]["format"] == "png"
+    for stamp in ("created_at", "started_at", "finished_at", "result_expires_at"):
+        assert job[stamp]
+    result = api.get(f"{location}/result")
+    assert result.status_code == 200 and result["Content-Type"] == "image/png"
+    assert len(result.content) == job["output"]["bytes"]
+
+
+def wait_finished(api, location: str, timeout: float = 20.0) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.get(location).json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job at {location} did not finish")
+
+
+def test_idempotency_key_returns_the_same_job(api):
+    key = uuid.uuid4().hex
+    first = resize(api, corpus("coffee.jpg"), "width=80", HTTP_IDEMPOTENCY_KEY=key)
+    second = resize(api, corpus("coffee.jpg"), "width=80", HTTP_IDEMPOTENCY_KEY=key)
+    assert first.status_code == second.status_code == 200
+    assert first["Location"] == second["Location"]
+    assert first.content == second.content
+    third = resize(api, corpus("coffee.jpg"), "width=80")
+    assert third["Location"] != first["Location"]
+
+
+def test_idempotency_key_reused_for_another_request_is_422(api):
+    key = uuid.uuid4().hex
+    assert resize(api, corpus("coffee.jpg"), "width=80", HTTP_IDEMPOTENCY_KEY=key).status_code == 200
+    response = resize(api, corpus("coffee.jpg"), "width=81", HTTP_IDEMPOTENCY_KEY=key)
+    assert response.status_code == 422 and response.json()["code"] == "idempotency_key_reused"
+
+
+def test_sync_wait_bound_answers_202_with_location(api, settings):
+    settings.SYNC_WAIT_SECONDS = 0.0
+    response = resize(api, corpus("photo-900k.jpg"), "width=2000&format=png")
+    assert response.status_code == 202
+    assert response["Location"] == f"/v1/jobs/{response.json()['id']}"
+    assert wait_finished(api, response["Location"])["status"] == "succeeded"
+
+
+def test_a_corrupt_image_that_passes_the_header_check_fails_as_its_job(api):
+    data = corpus("photo-256k-0.jpg")
+    truncated = data[: len(data) // 3]
+    response = resize(api, truncated, "width=100")
+    assert response.status_code == 422
+    body = response.json()
+    assert body["code"] == "corrupt_image"
+    assert response["Location"].startswith("/v1/jobs/")
+    job = api.get(response["Location"]).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "corrupt_image"
+    result = api.get(response["Location"] + "/result")
+    assert result.status_code == 409 and result.json()["code"] == "job_failed"

@@ -1,0 +1,54 @@
+"""healthz, readyz, the OpenAPI document, its docs page and /metrics."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.django_db
+
+
+def test_healthz(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_ready_when_everything_answers(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.content
+    assert response.json()["checks"] == {"database": "ok", "broker": "ok", "staging": "ok"}
+
+
+def test_readyz_503_names_the_broker_when_it_is_unreachable(client, monkeypatch):
+    from controlplane.celery import app
+
+    # A port nothing listens on: the same answer as a stopped broker, without stopping the shared one.
+    monkeypatch.setattr(app.conf, "broker_url", "amqp://guest:guest@127.0.0.1:1//")
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["code"] == "not_ready" and body["checks"]["broker"].startswith("unavailable")
+    assert body["checks"]["database"] == "ok"
+
+
+def test_openapi_document_lists_the_endpoints(client):
+    response = client.get("/v1/openapi.json")
+    assert response.status_code == 200
+    document = json.loads(response.content)
+    assert document["openapi"].startswith("3.")
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    paths = document["paths"]
+    assert {"/v1/resize", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result"} <= set(paths)
+    names = {p["name"] for p in paths["/v1/resize"]["post"]["parameters"]}
+    assert {"width", "height", "fit", "format", "quality"} <= names
+
+
+def test_docs_page(client):
+    response = client.get("/v1/docs")
+    assert response.status_code == 200 and b"swagger" in response.content.lower()
+
+
+def test_metrics(client):
+    client.get("/healthz")
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert b"django_http_requests_total_by_method_total" in response.content

@@ -1,0 +1,83 @@
+"""The staging store and job documents: atomic writes, create-if-absent, idempotency, sweeping."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from resizer.jobs import (IdempotencyConflict, job_create, job_load, job_result, job_succeed, output_key,
+                          staging_sweep)
+from resizer.staging import DirectoryStore, StagingNotFound
+
+
+@pytest.fixture
+def store(tmp_path):
+    return DirectoryStore(tmp_path / "staging")
+
+
+def test_put_get_delete(store):
+    store.put("a/b", b"1")
+    store.put("a/b", b"2")
+    assert store.get("a/b") == b"2"
+    assert store.delete("a/b") is True
+    assert store.delete("a/b") is False
+    with pytest.raises(StagingNotFound):
+        store.get("a/b")
+
+
+def test_keys_cannot_escape_the_root(store):
+    for key in ("../x", "/etc/passwd", "a/../../x", ""):
+        with pytest.raises(ValueError):
+            store.put(key, b"")
+
+
+def test_put_new_has_exactly_one_winner_under_contention(store):
+    wins = []
+    barrier = threading.Barrier(8)
+
+    def contend(i: int) -> None:
+        barrier.wait()
+        if store.put_new("slot", str(i).encode()):
+            wins.append(i)
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert store.get("slot") == str(wins[0]).encode()
+
+
+def _create(store, data=b"img", params=None, key=None, customer="c1"):
+    return job_create(store, customer_id=customer, key_id="k", request_id="r", params=params or {"width": 1},
+                      input_facts={}, data=data, idempotency_key=key)
+
+
+def test_idempotency_same_request_same_job_different_request_conflicts(store):
+    first, created = _create(store, key="K")
+    again, created_again = _create(store, key="K")
+    assert created and not created_again and again.id == first.id
+    other_customer, created_other = _create(store, key="K", customer="c2")
+    assert created_other and other_customer.id != first.id
+    with pytest.raises(IdempotencyConflict):
+        _create(store, key="K", params={"width": 2})
+    # the loser's staged files were removed: only the two real jobs remain
+    assert len(list(store.scan("jobs", depth=2))) == 2
+
+
+def test_sweep_drops_expired_results_then_old_jobs(store):
+    job, _ = _create(store)
+    job_succeed(store, job, data=b"out", output={}, cpu_seconds=0.0, result_ttl_seconds=1)
+    assert staging_sweep(store, job_retention_seconds=3600)["results"] == 0
+    time.sleep(1.1)
+    assert staging_sweep(store, job_retention_seconds=3600)["results"] == 1
+    with pytest.raises(StagingNotFound):
+        job_result(store, job)
+    assert job_load(store, job.id) is not None  # the document stays (GET says 410, not 404)
+    old = time.time() - 7200
+    os.utime(store.root / output_key(job.id).rsplit("/", 1)[0], (old, old))
+    assert staging_sweep(store, job_retention_seconds=3600)["jobs"] == 1
+    assert job_load(store, job.id) is None
