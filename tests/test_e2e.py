@@ -110,3 +110,32 @@ def test_declared_length_over_the_limit_is_refused_at_once(server, key):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b"payload_too_large" in reply
+
+
+def test_broker_away_answers_503_at_once_and_readyz_says_why(live_db_env, key):
+    """A gunicorn whose broker is a port nothing listens on: the same as a stopped RabbitMQ, without
+    stopping the one other tests share (the chaos suite stops the real one)."""
+    port = _free_port()
+    env = {**live_db_env, "API_BIND": f"127.0.0.1:{port}", "API_WORKERS": "1",
+           "BROKER_URL": f"amqp://guest:guest@127.0.0.1:{_free_port()}//"}
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c",
+                             "controlplane/gunicorn.conf.py"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                httpx.get(f"{base}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
+            response = http.post("/v1/resize?width=50", content=corpus("coffee.jpg"))
+            assert response.status_code == 503 and response.json()["code"] == "queue_unavailable"
+            assert response.headers["retry-after"]
+            ready = http.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["broker"].startswith("unavailable")
+            assert ready.json()["checks"]["database"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -94,3 +94,26 @@ def test_unknown_route_is_404_problem(api):
 
 def test_wrong_method_is_405_problem(api):
     assert_problem(api.get("/v1/resize"), 405, "method_not_allowed")
+
+
+def test_malformed_multipart_is_400(api):
+    response = api.post("/v1/resize?width=10", data=b"--x\r\ngarbage", content_type="multipart/form-data")
+    assert_problem(response, 400, "malformed_multipart")
+
+
+def test_overlong_idempotency_key_is_400(api):
+    assert_problem(resize(api, make_image(), HTTP_IDEMPOTENCY_KEY="k" * 256), 400, "invalid_idempotency_key")
+
+
+def test_staging_store_away_is_503_with_retry_after(api, settings):
+    settings.STAGING_URL = "file:///proc/no-staging-here"
+    body = assert_problem(resize(api, make_image()), 503, "staging_unavailable")
+    assert body["detail"]
+
+
+def test_server_error_is_problem_json(rf):
+    from controlplane.errors import handler500
+
+    response = handler500(rf.get("/"))
+    assert response.status_code == 500 and response["Content-Type"] == "application/problem+json"
+    assert b'"code": "internal_error"' in response.content

@@ -170,3 +170,8 @@ def test_a_corrupt_image_that_passes_the_header_check_fails_as_its_job(api):
     assert job["status"] == "failed" and job["error"]["code"] == "corrupt_image"
     result = api.get(response["Location"] + "/result")
     assert result.status_code == 409 and result.json()["code"] == "job_failed"
+
+
+def test_output_over_the_pixel_limit_is_422(api):
+    response = resize(api, corpus("coffee.jpg"), "width=8192&height=8192&fit=fill")
+    assert response.status_code == 422 and response.json()["code"] == "output_too_large"

@@ -1,9 +1,13 @@
 """job_run, the worker side of a job, against the real staging store and a real broker producer."""
 from __future__ import annotations
 
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+
 import celeryconfig
 from controlplane.celery import app
-from resizer.jobs import FAILED, SUCCEEDED, job_create, job_load, job_save
+from resizer import imaging
+from resizer.jobs import FAILED, SUCCEEDED, input_key, job_create, job_load, job_save
 from resizer.services import job_run
 from resizer.staging import staging_store
 from tests.conftest import corpus
@@ -34,3 +38,27 @@ def test_a_job_whose_deliveries_kept_dying_is_failed_not_retried_forever():
         job_run(job_id=job.id, reply_to=None, producer=producer)
     failed = job_load(staging_store(), job.id)
     assert failed.status == FAILED and failed.error["code"] == "processing_failed"
+
+
+@pytest.mark.parametrize("raised,code", [
+    (SoftTimeLimitExceeded(), "processing_timeout"),   # what Celery raises at the soft time limit
+    (MemoryError(), "image_too_complex"),              # what the worker's memory bound produces
+    (RuntimeError("a bug"), "internal_error"),
+])
+def test_job_run_turns_worker_side_failures_into_job_errors(monkeypatch, raised, code):
+    def explode(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(imaging, "resize", explode)
+    job = _job(corpus("coffee.jpg"))
+    with app.producer_or_acquire() as producer:
+        done = job_run(job_id=job.id, reply_to=None, producer=producer)
+    assert done.status == FAILED and done.error["code"] == code and done.error["detail"]
+
+
+def test_lost_input_fails_the_job():
+    job = _job(corpus("coffee.jpg"))
+    staging_store().delete(input_key(job.id))
+    with app.producer_or_acquire() as producer:
+        done = job_run(job_id=job.id, reply_to=None, producer=producer)
+    assert done.status == FAILED and done.error["code"] == "input_lost"

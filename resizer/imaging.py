@@ -1,0 +1,668 @@
+"""The image engine: bytes in, resized bytes out, with every limit checked before pixels are decoded.
+
+Pure functions with no Django or Celery inside; the API calls validate()/probe(), the workers resize().
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from PIL import AvifImagePlugin, Image, ImageCms, ImageFile, UnidentifiedImageError
+
+# A truncated upload must fail as CorruptImage instead of being silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# One conversion per core: libavif's own decoder threads would oversubscribe the worker pool and
+# escape cpu_seconds (which counts this thread only).
+AvifImagePlugin.DEFAULT_MAX_THREADS = 1
+# Pillow's own bomb guard (Image.MAX_IMAGE_PIXELS, ~89 MP warning / ~179 MP error) is left on as a
+# process-wide backstop. Limits.max_pixels (50 MP by default) is checked as soon as the header is
+# read, so with the defaults ours trips first; Pillow's error is mapped to the same ImageTooLarge.
+# Raise Image.MAX_IMAGE_PIXELS too if you ever raise max_pixels above ~179 MP.
+
+FITS = ("inside", "cover", "contain", "fill", "outside")
+FORMATS = ("jpeg", "png", "webp", "avif", "gif")
+GRAVITIES = (
+    "center", "north", "northeast", "east", "southeast", "south", "southwest", "west", "northwest", "entropy",
+)
+MAX_SIDE = 8192  # largest width or height a client may ask for
+
+CONTENT_TYPES = {
+    "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "avif": "image/avif", "gif": "image/gif",
+}
+
+# Encoder settings, from bench/bench_imaging.py --encoders (table in docs/imaging-notes.md). The
+# service pays per CPU-second, so nothing that costs a multiple of the encode for a few percent:
+# jpeg: q80 4:2:0. optimize (two-pass Huffman) is 2x the encode time for 0.7% fewer bytes at
+#   800x600 (2.7% at 256x192); progressive is 5x for 4%. Both off.
+# png: zlib level 6: on a flat graphic (what PNG output is for) 38% smaller than level 3 for 1.5x
+#   the time; level 9 takes 2.5x longer again for 6%.
+# webp: method 4 (libwebp's default): 15% smaller than method 0; method 6 is 2.4x slower for 5%.
+# avif: speed 8: 3x faster than libavif's default 6 for 3.5% more bytes; speed 10 is 4x faster
+#   again but 11% bigger. One encoder thread, for the same reason as the decoder above.
+# gif: Pillow's defaults. `quality` applies to jpeg, webp and avif only.
+ENCODER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "jpeg": {"quality": 80, "optimize": False, "progressive": False, "subsampling": "4:2:0"},
+    "png": {"compress_level": 6, "optimize": False},
+    "webp": {"quality": 80, "method": 4},
+    "avif": {"quality": 60, "speed": 8, "max_threads": 1},
+    "gif": {},
+}
+_LOSSY = ("jpeg", "webp", "avif")
+_ALPHA_OUTPUTS = ("png", "webp", "avif", "gif")
+_ANIMATED_OUTPUTS = ("gif", "webp")
+_ANIMATED_INPUTS = ("gif", "webp", "png", "avif")
+# Largest side each encoder accepts (libjpeg 65500, libwebp 16383, GIF's 16-bit fields).
+_ENCODER_MAX_SIDE = {"jpeg": 65_500, "webp": 16_383, "gif": 65_535, "avif": 65_536, "png": 2**31 - 1}
+
+# Pillow plugin ids we allow, and our names for them. Everything else (EPS and PDF shell out to
+# Ghostscript; SVG, PSD, ICO, FITS, ... are attack surface we do not need) is never tried.
+_DECODERS = ["JPEG", "PNG", "WEBP", "GIF", "AVIF", "TIFF", "BMP"]
+_FORMAT_NAMES = {
+    "JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "AVIF": "avif",
+    "TIFF": "tiff", "BMP": "bmp",
+}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+# How the shrinking is split, for speed at no loss of quality. Measured against a full-decode
+# Lanczos reference (bench/bench_imaging.py); Pillow's thumbnail() is the bar to beat.
+# 1. JPEG shrink-on-load: libjpeg decodes at 1/2, 1/4 or 1/8 scale (the cheapest way to shrink),
+#    but only while the DCT-scaled image stays at least this many times the target, so the final
+#    filter still has real anti-aliasing to do. At 1.0 (libvips' fastShrinkOnLoad) PSNR fell up to
+#    0.5 dB below thumbnail()'s (256 px from 1280: -0.16 dB); from 1.5 on it was above it at every
+#    size tried.
+JPEG_DRAFT_HEADROOM = 1.5
+# 2. Other formats: Image.reduce (a box filter) first, by whole factors that leave at least this
+#    much for the resampler (Pillow's reducing_gap; thumbnail() uses the same 2.0).
+REDUCING_GAP = 2.0
+# 3. The resample: Lanczos when 1 or 2 made the image smaller first, so the final pass is cheap;
+#    bicubic (as thumbnail() uses) when it runs on the full-size decode, where it is the dominant
+#    cost and Lanczos is ~1.3x slower for ~0.3 dB (see _resample).
+
+# What Pillow's decoders raise on bad bytes (RuntimeError: the AVIF plugin's decode failures).
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, TypeError, ZeroDivisionError,
+    KeyError, OverflowError, RuntimeError,
+)
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_GRAVITY_XY = {
+    "center": (0.5, 0.5), "entropy": (0.5, 0.5), "north": (0.5, 0.0), "northeast": (1.0, 0.0),
+    "east": (1.0, 0.5), "southeast": (1.0, 1.0), "south": (0.5, 1.0), "southwest": (0.0, 1.0),
+    "west": (0.0, 0.5), "northwest": (0.0, 0.0),
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    width: int | None = None
+    height: int | None = None
+    fit: str = "inside"
+    format: str | None = None  # None = same as input; "auto" = pick from `accept`
+    quality: int | None = None  # None = per-format default
+    gravity: str = "center"  # cover crop position; contain placement
+    background: str | None = None  # "#rrggbb", "rrggbb" or "rrggbbaa"
+    enlarge: bool = False  # inside/outside never upscale unless True
+    accept: tuple[str, ...] = ()  # output formats the client accepts, for format="auto"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_frames: int = 300
+    max_animation_pixels: int = 200_000_000
+    max_output_pixels: int = 50_000_000
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    format: str
+    width: int  # as stored: before EXIF orientation is applied
+    height: int
+    bytes: int
+    frames: int = 1
+    mode: str = ""
+    has_alpha: bool = False
+
+
+@dataclass(frozen=True)
+class Result:
+    data: bytes
+    content_type: str
+    input: ImageFacts
+    output: ImageFacts  # width/height of the upright output
+    cpu_seconds: float
+
+
+class ImageError(Exception):
+    """Base of every error the engine raises for bad input; carries what the API needs."""
+
+    status: int = 422
+    code: str = "image_error"
+
+    def __init__(self, message: str) -> None:
+        # The message reaches the customer as the problem's `detail`: always a sentence.
+        message = message[:1].upper() + message[1:]
+        if not message.endswith((".", "?", "!")):
+            message += "."
+        super().__init__(message)
+        self.message = message
+
+
+class UnsupportedImage(ImageError):
+    status, code = 415, "unsupported_media_type"
+
+
+class CorruptImage(ImageError):
+    status, code = 422, "corrupt_image"
+
+
+class ImageTooLarge(ImageError):
+    status, code = 422, "image_too_large"
+
+
+class InputTooLarge(ImageError):
+    status, code = 413, "payload_too_large"
+
+
+class OutputTooLarge(ImageError):
+    status, code = 422, "output_too_large"
+
+
+class InvalidParameters(ImageError):
+    status, code = 400, "invalid_parameter"
+
+
+# --- parameters ---------------------------------------------------------------------------------
+
+
+def _format_name(value: str) -> str:
+    name = value.strip().lower().removeprefix("image/")
+    return "jpeg" if name == "jpg" else name
+
+
+def _parse_background(value: str) -> tuple[int, int, int, int]:
+    digits = value.removeprefix("#")
+    if len(digits) not in (6, 8) or any(c not in "0123456789abcdefABCDEF" for c in digits):
+        raise InvalidParameters("background must be a hex colour: rrggbb or rrggbbaa, optionally with '#'")
+    r, g, b = (int(digits[i:i + 2], 16) for i in (0, 2, 4))
+    return r, g, b, int(digits[6:8], 16) if len(digits) == 8 else 255
+
+
+def validate(params: Params) -> None:
+    """Raise InvalidParameters unless `params` describe a resize we can do."""
+    for name in ("width", "height"):
+        value = getattr(params, name)
+        if value is not None and (type(value) is not int or not 1 <= value <= MAX_SIDE):
+            raise InvalidParameters(f"{name} must be an integer from 1 to {MAX_SIDE}")
+    if params.width is None and params.height is None:
+        raise InvalidParameters("width or height is required")
+    if params.fit not in FITS:
+        raise InvalidParameters(f"fit must be one of {', '.join(FITS)}")
+    if params.gravity not in GRAVITIES:
+        raise InvalidParameters(f"gravity must be one of {', '.join(GRAVITIES)}")
+    if params.format is not None and (
+        not isinstance(params.format, str) or _format_name(params.format) not in (*FORMATS, "auto")
+    ):
+        raise InvalidParameters(f"format must be one of {', '.join(FORMATS)} or auto")
+    if params.quality is not None and (type(params.quality) is not int or not 1 <= params.quality <= 100):
+        raise InvalidParameters("quality must be an integer from 1 to 100")
+    if params.background is not None:
+        if not isinstance(params.background, str):
+            raise InvalidParameters("background must be a hex colour")
+        _parse_background(params.background)
+    if not isinstance(params.enlarge, bool):
+        raise InvalidParameters("enlarge must be a boolean")
+    if not isinstance(params.accept, (tuple, list)) or not all(isinstance(a, str) for a in params.accept):
+        raise InvalidParameters("accept must be a list of format names")
+
+
+def output_format(params: Params, facts: ImageFacts) -> str:
+    """Resolve format None (same as input) or "auto" (best the client accepts) to one of FORMATS."""
+    wanted = _format_name(params.format) if params.format else None
+    if wanted in FORMATS:
+        return wanted
+    if wanted == "auto":
+        accepted = {_format_name(a) for a in params.accept}
+        if facts.frames > 1 and facts.format in _ANIMATED_INPUTS:
+            # Our AVIF output is a still: prefer WebP, or else the input's format, to keep the motion.
+            if "webp" in accepted:
+                return "webp"
+        elif "avif" in accepted:
+            return "avif"
+        elif "webp" in accepted:
+            return "webp"
+    if facts.format in FORMATS:
+        return facts.format
+    return "png" if facts.has_alpha else "jpeg"
+
+
+def target_size(src_w: int, src_h: int, params: Params) -> tuple[int, int]:
+    """Output width and height for an upright src_w x src_h source, per sharp's fit semantics.
+
+    Pass upright dimensions (after EXIF orientation), which are not always what probe() reports.
+    With both sides given: cover, contain and fill give exactly width x height; inside scales to fit
+    within the box, outside to cover it, both keeping the aspect ratio and, unless enlarge, never
+    above the source size. With one side given the other follows from the aspect ratio, except for
+    fill, which like sharp leaves the unspecified side at the source size. No side is ever 0.
+    """
+    w, h = params.width, params.height
+    if w is None and h is None:
+        raise InvalidParameters("width or height is required")
+    if params.fit == "fill" or (w and h and params.fit in ("cover", "contain")):
+        return w or src_w, h or src_h
+    if w and h:
+        scale = (min if params.fit == "inside" else max)(w / src_w, h / src_h)
+    else:
+        scale = w / src_w if w else h / src_h  # type: ignore[operator]
+    if not params.enlarge and params.fit in ("inside", "outside") and scale > 1:
+        return src_w, src_h
+    # The side that defines the scale comes out exact; only the derived side is rounded.
+    out_w = w if w and scale == w / src_w else max(1, round(src_w * scale))
+    out_h = h if h and scale == h / src_h else max(1, round(src_h * scale))
+    return out_w, out_h
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _decoding() -> Iterator[None]:
+    """Map whatever a decoder throws at hostile bytes onto our errors (MemoryError passes)."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(f"image too large: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise CorruptImage(f"corrupt or truncated image: {e}") from e
+    except Warning as e:  # only raised where warnings are errors (e.g. strict test settings)
+        raise CorruptImage(f"suspicious image data: {e}") from e
+
+
+def _looks_like_ours(head: bytes) -> bool:
+    """Magic numbers of the formats we decode: when Pillow can't parse these, the file is broken."""
+    return (
+        head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM"))
+        or head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"))
+        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+        or (head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"))
+    )
+
+
+def _png_crc_error(data: bytes) -> str | None:
+    """Pillow checks CRCs only on the chunks before the pixels; a flipped bit in IDAT would decode
+    as silent garbage, so every chunk is checked here (a few ms for the largest allowed input)."""
+    view, pos = memoryview(data), 8
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length
+        if end > len(data):
+            return None  # truncated: the decoder reports that
+        if zlib.crc32(view[pos + 4:end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
+            return f"bad CRC in PNG chunk {kind.decode('latin-1')!r} at byte {pos}"
+        if kind == b"IEND":
+            break
+        pos = end
+    return None
+
+
+def _open(data: bytes, limits: Limits) -> tuple[ImageFile.ImageFile, ImageFacts]:
+    if not data:
+        raise CorruptImage("empty body")
+    if len(data) > limits.max_input_bytes:
+        raise InputTooLarge(f"input is {len(data)} bytes; the limit is {limits.max_input_bytes}")
+    with _decoding():
+        try:
+            im = Image.open(io.BytesIO(data), formats=_DECODERS)
+        except UnidentifiedImageError as e:
+            if _looks_like_ours(data[:16]):
+                raise CorruptImage("unreadable image header") from e
+            raise UnsupportedImage("not a JPEG, PNG, WebP, GIF, AVIF, TIFF or BMP image") from e
+        fmt = _FORMAT_NAMES[im.format or ""]
+        width, height = im.size
+        if width < 1 or height < 1:
+            raise CorruptImage(f"image declares a size of {width}x{height}")
+        if width * height > limits.max_pixels:
+            raise ImageTooLarge(f"image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
+        # TIFF pages are not an animation and only the first is ever decoded, so they are not
+        # counted (counting walks every IFD in Python).
+        frames = 1 if fmt == "tiff" else max(1, int(getattr(im, "n_frames", 1)))
+        if frames > limits.max_frames:
+            raise ImageTooLarge(f"image has {frames} frames; the limit is {limits.max_frames}")
+        if frames > 1 and frames * width * height > limits.max_animation_pixels:
+            raise ImageTooLarge(
+                f"animation is {frames} frames of {width}x{height}; the limit is "
+                f"{limits.max_animation_pixels} pixels in all"
+            )
+        if fmt == "png" and (crc_error := _png_crc_error(data)):
+            raise CorruptImage(crc_error)
+        if fmt == "gif" and not data.rstrip(b"\x00").endswith(b";"):
+            # Pillow reads a cut GIF up to the cut and counts the frames it found, so without its
+            # trailer byte a truncated file would pass for a shorter one.
+            raise CorruptImage("truncated GIF: no trailer")
+        has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+    facts = ImageFacts(fmt, width, height, len(data), frames, im.mode, has_alpha)
+    return im, facts
+
+
+def probe(data: bytes, limits: Limits = Limits()) -> ImageFacts:
+    """Read the header only and check the limits; width and height are as stored (see target_size)."""
+    return _open(data, limits)[1]
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except _DECODE_ERRORS:
+        return 1  # a broken EXIF block is not worth failing the picture for
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _working_mode(im: Image.Image) -> Image.Image:
+    """A mode Pillow can resample properly: L, LA, RGB, RGBA or CMYK (palette resizes as nearest)."""
+    mode = im.mode
+    if mode in ("L", "RGB") and "transparency" in im.info:
+        return im.convert(mode[0] + "A" if mode == "L" else "RGBA")
+    if mode in ("L", "LA", "RGB", "RGBA", "CMYK"):
+        return im
+    if mode in ("P", "PA"):
+        return im.convert("RGBA" if mode == "PA" or "transparency" in im.info else "RGB")
+    if mode in ("RGBa", "La"):
+        return im.convert(mode.upper())
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # 16-bit samples become 8-bit by v/256; a plain convert("L") would clip them to white.
+        im = im.convert("F" if mode == "F" else "I")
+        high = im.getextrema()[1]
+        if isinstance(high, (int, float)) and high > 255:
+            im = im.point(lambda v: v / 256)
+        return im.convert("L")
+    if mode == "1":
+        return im.convert("L")
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise UnsupportedImage(f"unsupported colour mode {mode}") from e
+
+
+@lru_cache(maxsize=32)
+def _to_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if mode != "CMYK" and ImageCms.getProfileDescription(profile).strip().lower().startswith("srgb"):
+            return None
+        # NOCACHE: lcms' one-pixel cache is not safe when worker threads share a cached transform.
+        return ImageCms.buildTransform(
+            profile, _SRGB, mode, "RGBA" if mode == "RGBA" else "RGB", flags=ImageCms.Flags.NOCACHE,
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None  # like sharp: an unusable embedded profile is ignored, not fatal
+
+
+def _srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    if icc and im.mode in ("RGB", "RGBA", "CMYK"):
+        transform = _to_srgb_transform(icc, im.mode)
+        if transform is not None:
+            im = ImageCms.applyTransform(im, transform) or im
+    return im.convert("RGB") if im.mode == "CMYK" else im
+
+
+# --- geometry -----------------------------------------------------------------------------------
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    canvas: tuple[int, int]  # output size
+    size: tuple[int, int]  # size the source window is resampled to
+    window: tuple[float, float]  # size of the source region used, in upright source pixels
+    offset: tuple[int, int]  # where the resampled image sits on the canvas (contain)
+
+
+def _layout(src_w: int, src_h: int, params: Params) -> _Layout:
+    canvas = target_size(src_w, src_h, params)
+    cw, ch = canvas
+    if params.width and params.height and params.fit == "cover":
+        scale = max(cw / src_w, ch / src_h)
+        return _Layout(canvas, canvas, (min(src_w, cw / scale), min(src_h, ch / scale)), (0, 0))
+    if params.width and params.height and params.fit == "contain":
+        scale = min(cw / src_w, ch / src_h)
+        size = (min(cw, max(1, round(src_w * scale))), min(ch, max(1, round(src_h * scale))))
+        gx, gy = _GRAVITY_XY[params.gravity]
+        return _Layout(canvas, size, (src_w, src_h), (int(gx * (cw - size[0])), int(gy * (ch - size[1]))))
+    return _Layout(canvas, canvas, (src_w, src_h), (0, 0))
+
+
+def _transpose_box(box: Box, size: tuple[int, int], method: Image.Transpose) -> Box:
+    """Where `box` of an image of `size` lands after im.transpose(method)."""
+    w, h = size
+    x0, y0, x1, y1 = box
+    maps = {
+        Image.Transpose.FLIP_LEFT_RIGHT: lambda x, y: (w - x, y),
+        Image.Transpose.FLIP_TOP_BOTTOM: lambda x, y: (x, h - y),
+        Image.Transpose.ROTATE_180: lambda x, y: (w - x, h - y),
+        Image.Transpose.ROTATE_90: lambda x, y: (y, w - x),
+        Image.Transpose.ROTATE_270: lambda x, y: (h - y, x),
+        Image.Transpose.TRANSPOSE: lambda x, y: (y, x),
+        Image.Transpose.TRANSVERSE: lambda x, y: (h - y, w - x),
+    }
+    (ax, ay), (bx, by) = maps[method](x0, y0), maps[method](x1, y1)
+    return min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)
+
+
+def _entropy_position(im: Image.Image, valid: Box, window: tuple[float, float], steps: int = 10) -> tuple[float, float]:
+    """Fractional (x, y) position of the crop window with the most detail (histogram entropy).
+
+    A simple stand-in for sharp's entropy strategy: slide the window along the axis being cropped,
+    scored on a small greyscale copy; ties go to the most central candidate.
+    """
+    vw, vh = valid[2] - valid[0], valid[3] - valid[1]
+    thumb_scale = min(1.0, 256 / max(vw, vh))
+    tw, th = max(1, round(vw * thumb_scale)), max(1, round(vh * thumb_scale))
+    thumb = im.resize((tw, th), Image.Resampling.BILINEAR, box=valid, reducing_gap=2.0)
+    thumb = thumb.convert("RGB").convert("L") if thumb.mode not in ("L", "RGB") else thumb.convert("L")
+    ww, wh = max(1, round(window[0] / vw * tw)), max(1, round(window[1] / vh * th))
+    slack_x, slack_y = tw - ww, th - wh
+    best: tuple[float, float, float] | None = None  # (entropy, -distance from centre, fraction)
+    for i in range(steps + 1):
+        f = i / steps
+        x, y = round(f * slack_x), round(f * slack_y)
+        score = (thumb.crop((x, y, x + ww, y + wh)).entropy(), -abs(f - 0.5), f)
+        if best is None or score[:2] > best[:2]:
+            best = score
+    f = best[2] if best else 0.5
+    return (f if slack_x > 0 else 0.5), (f if slack_y > 0 else 0.5)
+
+
+def _resample(im: Image.Image, size: tuple[int, int], box: Box, drafted: bool) -> Image.Image:
+    if size == im.size and box == (0, 0, im.width, im.height):
+        return im
+    # The whole factors Image.resize will reduce() by before resampling.
+    reduces = any(int((box[i + 2] - box[i]) / size[i] / REDUCING_GAP) > 1 for i in (0, 1))
+    resample = Image.Resampling.LANCZOS if drafted or reduces else Image.Resampling.BICUBIC
+    return im.resize(size, resample, box=box, reducing_gap=REDUCING_GAP)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _finish(im: Image.Image, layout: _Layout, fmt: str, background: tuple[int, int, int, int] | None) -> Image.Image:
+    """Pad (contain), flatten alpha if the format has none, and pick a mode the encoder takes."""
+    alpha_out = fmt in _ALPHA_OUTPUTS
+    if im.size != layout.canvas:
+        fill = background or ((0, 0, 0, 0) if alpha_out else (255, 255, 255, 255))
+        if alpha_out and (fill[3] < 255 or im.mode in ("RGBA", "LA")):
+            canvas, im = Image.new("RGBA", layout.canvas, fill), im.convert("RGBA")
+        elif im.mode in ("L", "LA") and fill[0] == fill[1] == fill[2]:
+            canvas, im = Image.new("L", layout.canvas, fill[0]), _flatten(im, fill)
+        else:
+            canvas, im = Image.new("RGB", layout.canvas, fill[:3]), _flatten(im, fill).convert("RGB")
+        canvas.paste(im, layout.offset)
+        im = canvas
+    if not alpha_out and im.mode in ("RGBA", "LA"):
+        im = _flatten(im, background or (255, 255, 255, 255))
+    if fmt in ("webp", "avif") and im.mode in ("L", "LA"):
+        im = im.convert("RGBA" if im.mode == "LA" else "RGB")
+    return im
+
+
+def _flatten(im: Image.Image, colour: tuple[int, int, int, int]) -> Image.Image:
+    if im.mode not in ("RGBA", "LA"):
+        return im
+    grey = im.mode == "LA" and colour[0] == colour[1] == colour[2]
+    base = Image.new("L" if grey else "RGB", im.size, colour[0] if grey else colour[:3])
+    base.paste(im.convert("L" if grey else "RGB"), mask=im.getchannel("A"))
+    return base
+
+
+def _lowest(band: Image.Image) -> float:
+    low = band.getextrema()[0]
+    return low if isinstance(low, (int, float)) else 0
+
+
+def _gif_frame(im: Image.Image) -> Image.Image:
+    """Palette image for GIF; alpha becomes one transparent index (GIF has no partial alpha)."""
+    if im.mode not in ("RGBA", "LA"):
+        return im if im.mode in ("L", "P") else im.convert("RGB").quantize(256)
+    rgba = im.convert("RGBA")
+    clear = rgba.getchannel("A").point(lambda a: 255 if a < 128 else 0)
+    frame = rgba.convert("RGB").quantize(255)
+    if clear.getbbox():
+        palette = (frame.getpalette() or [])[: 255 * 3]
+        frame.putpalette(palette + [0] * (768 - len(palette)))
+        frame.paste(255, mask=clear)
+        frame.info["transparency"] = 255
+    return frame
+
+
+def _encode(
+    frames: list[Image.Image], fmt: str, quality: int | None, durations: list[int], loop: int | None,
+) -> tuple[bytes, Image.Image]:
+    """Encoded bytes, and the first frame as it was handed to the encoder."""
+    options = dict(ENCODER_DEFAULTS[fmt])
+    if quality is not None and fmt in _LOSSY:
+        options["quality"] = quality
+    if fmt == "gif":
+        frames = [_gif_frame(f) for f in frames]
+    for frame in frames:
+        # Resampled images inherit the source's info, and some encoders write comment, icc_profile
+        # or exif straight from it: start clean so no metadata reaches the output.
+        frame.info = {"transparency": frame.info["transparency"]} if "transparency" in frame.info else {}
+    if len(frames) > 1:
+        options.update(save_all=True, append_images=frames[1:], duration=durations)
+        if fmt == "gif":
+            options["disposal"] = 2  # each frame is complete; clear before drawing the next one
+            if loop is not None:
+                options["loop"] = loop
+        else:
+            options["loop"] = 1 if loop is None else loop  # no loop extension in a GIF means play once
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt.upper(), **options)
+    data = buf.getvalue()
+    if fmt == "webp" and len(frames) > 1 and frames[0].mode == "RGBA" and data[12:16] == b"VP8X":
+        # libwebp trims transparent borders off animation frames and then, seeing only opaque
+        # pixels, leaves VP8X's alpha flag clear, so decoders treat the uncovered (transparent)
+        # canvas as opaque. The spec says the flag is set if any frame has transparency: set it.
+        data = data[:20] + bytes([data[20] | 0x10]) + data[21:]
+    return data, frames[0]
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+
+
+def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
+    """Decode, orient, fit, convert to sRGB, strip metadata and encode one image."""
+    started = time.thread_time()
+    validate(params)
+    im, facts = _open(data, limits)
+    fmt = output_format(params, facts)
+    animate = facts.frames > 1 and fmt in _ANIMATED_OUTPUTS and facts.format in _ANIMATED_INPUTS
+    background = _parse_background(params.background) if params.background else None
+    with _decoding():
+        if facts.format == "png":
+            im.load()  # a PNG's eXIf chunk may follow the pixels, and Pillow reads it only by decoding
+        orientation = _orientation(im)
+        upright = (facts.height, facts.width) if orientation >= 5 else (facts.width, facts.height)
+        layout = _layout(*upright, params)
+        count = facts.frames if animate else 1
+        if layout.canvas[0] * layout.canvas[1] * count > limits.max_output_pixels:
+            raise OutputTooLarge(
+                f"output would be {layout.canvas[0]}x{layout.canvas[1]}"
+                + (f" x {count} frames" if count > 1 else "")
+                + f"; the limit is {limits.max_output_pixels} pixels"
+            )
+        if max(layout.canvas) > _ENCODER_MAX_SIDE[fmt]:
+            raise OutputTooLarge(f"{fmt} images can be at most {_ENCODER_MAX_SIDE[fmt]} pixels on a side")
+
+        draft = 1
+        if facts.format == "jpeg":
+            shrink = min(layout.window[0] / layout.size[0], layout.window[1] / layout.size[1])
+            draft = next((s for s in (8, 4, 2) if s * JPEG_DRAFT_HEADROOM <= shrink), 1)
+            if draft > 1:
+                im.draft(None, (facts.width // draft, facts.height // draft))
+                if im.size != (math.ceil(facts.width / draft), math.ceil(facts.height / draft)):
+                    draft = 1  # the plugin declined (e.g. multi-tile file): decode in full
+
+        frames: list[Image.Image] = []
+        durations: list[int] = []
+        position: tuple[float, float] | None = None
+        icc: Any = None
+        loop: Any = None
+        for index in range(count):
+            if index:
+                im.seek(index)
+                if im.size[0] * im.size[1] > limits.max_pixels:
+                    raise ImageTooLarge(f"frame {index} is {im.size[0]}x{im.size[1]} pixels")
+            im.load()
+            if index == 0:
+                icc, loop = im.info.get("icc_profile"), im.info.get("loop")
+            durations.append(int(im.info.get("duration") or 0))
+            frame = _working_mode(im)
+            if frame is im and animate:
+                frame = im.copy()  # the next seek() overwrites im in place
+            if frame.size != (math.ceil(facts.width / draft), math.ceil(facts.height / draft)):
+                # GIF frames may grow the canvas; browsers clip them to the logical screen.
+                frame = frame.crop((0, 0, facts.width, facts.height))
+            # A DCT-scaled decode holds width/draft real pixels: its last column and row are partial.
+            valid: Box = (0, 0, facts.width / draft, facts.height / draft)
+            if orientation in _TRANSPOSE:
+                valid = _transpose_box(valid, frame.size, _TRANSPOSE[orientation])
+                frame = frame.transpose(_TRANSPOSE[orientation])
+            box = valid
+            if layout.window != upright:  # cover: place the crop window by gravity
+                scale = (valid[2] - valid[0]) / upright[0]
+                window = (layout.window[0] * scale, layout.window[1] * scale)
+                slack = (valid[2] - valid[0] - window[0], valid[3] - valid[1] - window[1])
+                if position is None:
+                    position = (_entropy_position(frame, valid, window) if params.gravity == "entropy"
+                                else _GRAVITY_XY[params.gravity])
+                x0, y0 = valid[0] + position[0] * slack[0], valid[1] + position[1] * slack[1]
+                box = (x0, y0, x0 + window[0], y0 + window[1])
+            frame = _srgb(_resample(frame, layout.size, box, draft > 1), icc if isinstance(icc, bytes) else None)
+            frames.append(_finish(frame, layout, fmt, background))
+        if animate:
+            # One mode for every frame; RGBA only if some frame really is transparent somewhere.
+            clear = any(f.mode in ("RGBA", "LA") and _lowest(f.getchannel("A")) < 255 for f in frames)
+            frames = [f.convert("RGBA" if clear else "RGB") for f in frames]
+
+    try:
+        out, first = _encode(frames, fmt, params.quality, durations, loop if isinstance(loop, int) else None)
+    except (OSError, ValueError) as e:
+        raise CorruptImage(f"could not encode the image as {fmt}: {e}") from e
+    has_alpha = first.mode in _ALPHA_MODES or "transparency" in first.info
+    output = ImageFacts(fmt, first.width, first.height, len(out), len(frames), first.mode, has_alpha)
+    return Result(out, CONTENT_TYPES[fmt], facts, output, time.thread_time() - started)

@@ -1,0 +1,702 @@
+"""Tests of the image engine alone: plain pytest, no Django, no database.
+
+Run: .venv/bin/python -m pytest tests/resizer/test_imaging.py
+ or, with no Django at all: .venv/bin/python -m pytest tests/resizer/test_imaging.py -p no:django --noconftest
+"""
+from __future__ import annotations
+
+import io
+import random
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from PIL import EpsImagePlugin, Image, ImageChops, ImageDraw, ImageFile, ImageStat
+
+from resizer.imaging import (
+    FITS,
+    FORMATS,
+    CorruptImage,
+    ImageError,
+    ImageFacts,
+    ImageTooLarge,
+    InputTooLarge,
+    InvalidParameters,
+    Limits,
+    OutputTooLarge,
+    Params,
+    UnsupportedImage,
+    output_format,
+    probe,
+    resize,
+    target_size,
+    validate,
+)
+
+CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
+
+
+def corpus(name: str) -> bytes:
+    return (CORPUS / name).read_bytes()
+
+
+def encode(im: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+def mean(im: Image.Image, mode: str = "RGB") -> list[float]:
+    return ImageStat.Stat(im.convert(mode)).mean
+
+
+def close(a: list[float], b: list[float], tolerance: float) -> bool:
+    return all(abs(x - y) <= tolerance for x, y in zip(a, b, strict=True))
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose IHDR (with a correct CRC) claims width x height, followed by a tiny IDAT."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" + b"\x00" * 30)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def gif_with_frames(count: int) -> bytes:
+    """A valid 1x1 GIF with `count` frames, written by hand (Pillow would merge identical frames)."""
+    head = b"GIF89a" + struct.pack("<HH", 1, 1) + bytes([0x80, 0, 0]) + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"\x21\xf9\x04\x00\x01\x00\x00\x00" + b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1) + b"\x00"
+    frame += b"\x02\x02\x44\x01\x00"
+    return head + frame * count + b"\x3b"
+
+
+@pytest.fixture(autouse=True)
+def _strict_loading():
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+# --- target_size: fit semantics ----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("src", "params", "expected"),
+    [
+        ((1280, 960), Params(width=800, height=800, fit="inside"), (800, 600)),
+        ((1280, 960), Params(width=800, height=800, fit="outside"), (1067, 800)),
+        ((1280, 960), Params(width=800, height=800, fit="cover"), (800, 800)),
+        ((1280, 960), Params(width=800, height=800, fit="contain"), (800, 800)),
+        ((1280, 960), Params(width=300, height=100, fit="fill"), (300, 100)),
+        ((1280, 960), Params(width=640), (640, 480)),
+        ((1280, 960), Params(height=480, fit="cover"), (640, 480)),  # one side: the box follows the aspect
+        ((1280, 960), Params(width=640, fit="fill"), (640, 960)),  # sharp: fill leaves the other side alone
+        ((100, 50), Params(width=400, height=400, fit="inside"), (100, 50)),  # no enlargement by default
+        ((100, 50), Params(width=400, height=400, fit="outside"), (100, 50)),
+        ((100, 50), Params(width=400, height=400, fit="inside", enlarge=True), (400, 200)),
+        ((100, 50), Params(width=400, height=400, fit="outside", enlarge=True), (800, 400)),
+        ((100, 50), Params(width=400, height=400, fit="cover"), (400, 400)),  # cover/contain/fill: always the box
+        ((20000, 1), Params(width=100), (100, 1)),  # never 0
+        ((1, 20000), Params(width=100), (1, 20000)),  # would be 100x2000000: not enlarged
+        ((1, 20000), Params(width=100, enlarge=True), (100, 2_000_000)),
+    ],
+)
+def test_target_size_table(src, params, expected):
+    assert target_size(*src, params) == expected
+
+
+dims = st.integers(min_value=1, max_value=20_000)
+box_side = st.integers(min_value=1, max_value=8192)
+
+
+@settings(max_examples=400, deadline=None)
+@given(sw=dims, sh=dims, w=st.none() | box_side, h=st.none() | box_side, fit=st.sampled_from(FITS),
+       enlarge=st.booleans())
+def test_target_size_follows_the_definitions(sw, sh, w, h, fit, enlarge):
+    assume(w is not None or h is not None)
+    ow, oh = target_size(sw, sh, Params(width=w, height=h, fit=fit, enlarge=enlarge))
+    assert ow >= 1 and oh >= 1
+    if fit == "fill":
+        assert (ow, oh) == (w or sw, h or sh)
+        return
+    if w and h and fit in ("cover", "contain"):
+        assert (ow, oh) == (w, h)
+        return
+    # Aspect-keeping fits: find the scale the definition asks for.
+    if w and h:
+        scale = min(w / sw, h / sh) if fit == "inside" else max(w / sw, h / sh)
+    else:
+        scale = w / sw if w else h / sh
+    if fit in ("inside", "outside") and not enlarge and scale > 1:
+        assert (ow, oh) == (sw, sh)
+        return
+    # Each side is the scaled source side, rounded, and at least 1; the side that set the scale is exact.
+    for out, src in ((ow, sw), (oh, sh)):
+        ideal = src * scale
+        assert abs(out - ideal) <= 0.5 + 1e-9 or (out == 1 and ideal < 1)
+    if w and h and fit == "inside":
+        assert ow <= w and oh <= h and (ow == w or oh == h)
+    if w and h and fit == "outside":
+        assert ow >= w and oh >= h and (ow == w or oh == h)
+    if not (w and h):
+        assert ow == w if w else oh == h
+    if fit in ("inside", "outside") and not enlarge:
+        assert ow <= sw and oh <= sh
+
+
+# --- real resizes: fits, gravity ---------------------------------------------------------------
+
+@pytest.mark.parametrize("fit", FITS)
+def test_real_resize_matches_target_size(fit):
+    params = Params(width=300, height=200, fit=fit, format="png")
+    result = resize(corpus("photo-256k-0.jpg"), params)
+    out = decode(result.data)
+    assert out.size == target_size(1280, 960, params) == (result.output.width, result.output.height)
+    assert result.content_type == "image/png" and out.format == "PNG"
+    assert result.cpu_seconds > 0
+
+
+def test_contain_pads_transparent_for_png_and_white_for_jpeg():
+    wide = encode(Image.new("RGB", (200, 100), (200, 30, 30)), "PNG")
+    png = decode(resize(wide, Params(width=100, height=100, fit="contain", format="png")).data).convert("RGBA")
+    assert png.size == (100, 100)
+    assert png.getpixel((50, 2))[3] == 0 and png.getpixel((50, 97))[3] == 0  # centred: bands above and below
+    assert png.getpixel((50, 50)) == (200, 30, 30, 255)
+    jpg = decode(resize(wide, Params(width=100, height=100, fit="contain", format="jpeg")).data)
+    assert close(list(jpg.getpixel((50, 2))), [255, 255, 255], 3)
+    blue = decode(resize(wide, Params(width=100, height=100, fit="contain", format="png", background="#0000ff")).data)
+    assert blue.convert("RGB").getpixel((50, 2)) == (0, 0, 255)
+    # Like sharp, gravity also places a contained image: north puts the band at the top.
+    top = decode(resize(wide, Params(width=100, height=100, fit="contain", gravity="north", format="png")).data)
+    assert top.convert("RGBA").getpixel((50, 2))[3] == 255 and top.convert("RGBA").getpixel((50, 97))[3] == 0
+
+
+def halves(size: tuple[int, int], first: tuple[int, int, int], second: tuple[int, int, int], vertical: bool) -> bytes:
+    im = Image.new("RGB", size, first)
+    w, h = size
+    ImageDraw.Draw(im).rectangle((0, h // 2, w, h) if vertical else (w // 2, 0, w, h), fill=second)
+    return encode(im, "PNG")
+
+
+@pytest.mark.parametrize(
+    ("gravity", "expected"),
+    [("north", (255, 0, 0)), ("south", (0, 0, 255)), ("center", None), ("northwest", (255, 0, 0))],
+)
+def test_cover_crops_by_gravity(gravity, expected):
+    tall = halves((100, 300), (255, 0, 0), (0, 0, 255), vertical=True)  # red on top, blue below
+    out = decode(resize(tall, Params(width=100, height=100, fit="cover", gravity=gravity, format="png")).data)
+    assert out.size == (100, 100)
+    if expected:
+        assert close(mean(out), list(expected), 2)
+    else:  # centre: half red, half blue
+        assert close(mean(out), [127.5, 0, 127.5], 3)
+
+
+def test_cover_entropy_picks_the_detailed_side():
+    rng = random.Random(7)
+    im = Image.new("L", (400, 100), 128)
+    noise = Image.frombytes("L", (100, 100), bytes(rng.randrange(256) for _ in range(100 * 100)))
+    im.paste(noise, (300, 0))  # all the detail at the right edge
+    out = decode(resize(encode(im, "PNG"), Params(width=100, height=100, fit="cover", gravity="entropy")).data)
+    flat = decode(resize(encode(im, "PNG"), Params(width=100, height=100, fit="cover", gravity="center")).data)
+    assert ImageStat.Stat(out).stddev[0] > 40  # the noise was kept
+    assert ImageStat.Stat(flat).stddev[0] < 1  # whereas the middle is flat
+
+
+def test_sliver_images():
+    tall = encode(Image.new("RGB", (1, 20000), (9, 9, 9)), "PNG")
+    assert resize(tall, Params(width=100)).output.width == 1  # not enlarged: stays 1x20000
+    assert (resize(tall, Params(width=100)).output.height) == 20000
+    with pytest.raises(OutputTooLarge):  # 100 x 2,000,000 when enlarging
+        resize(tall, Params(width=100, enlarge=True))
+    with pytest.raises(OutputTooLarge):  # WebP cannot hold 20000 pixels on a side
+        resize(tall, Params(width=100, format="webp"))
+    wide = encode(Image.new("RGB", (20000, 1), (9, 9, 9)), "PNG")
+    result = resize(wide, Params(width=100))
+    assert (result.output.width, result.output.height) == (100, 1)
+    assert decode(result.data).size == (100, 1)
+
+
+# --- formats -----------------------------------------------------------------------------------
+
+def small_photo() -> Image.Image:
+    return decode(corpus("chelsea.jpg")).resize((120, 80))
+
+
+@pytest.mark.parametrize("source", ["JPEG", "PNG", "WEBP", "AVIF", "GIF", "TIFF", "BMP"])
+@pytest.mark.parametrize("target", FORMATS)
+def test_every_input_format_to_every_output_format(source, target):
+    data = encode(small_photo(), source)
+    result = resize(data, Params(width=60, format=target))
+    out = decode(result.data)
+    assert out.format.lower() == target and out.size == (60, 40)
+    assert result.input.format == source.lower() and result.output.format == target
+    # The picture survives the trip (GIF's palette and lossy codecs allow some slack).
+    assert close(mean(out), mean(small_photo().resize((60, 40))), 12)
+
+
+def test_format_none_keeps_the_input_format_and_picks_one_for_tiff_and_bmp():
+    assert decode(resize(encode(small_photo(), "WEBP"), Params(width=30)).data).format == "WEBP"
+    assert decode(resize(encode(small_photo(), "TIFF"), Params(width=30)).data).format == "JPEG"
+    assert decode(resize(encode(small_photo().convert("RGBA"), "TIFF"), Params(width=30)).data).format == "PNG"
+    assert decode(resize(encode(small_photo(), "BMP"), Params(width=30)).data).format == "JPEG"
+
+
+def facts(fmt: str, frames: int = 1, alpha: bool = False) -> ImageFacts:
+    return ImageFacts(format=fmt, width=10, height=10, bytes=100, frames=frames, has_alpha=alpha)
+
+
+@pytest.mark.parametrize(
+    ("params", "input_facts", "expected"),
+    [
+        (Params(width=1, format="auto", accept=("avif", "webp")), facts("jpeg"), "avif"),
+        (Params(width=1, format="auto", accept=("webp",)), facts("png", alpha=True), "webp"),
+        (Params(width=1, format="auto", accept=("image/webp", "image/avif")), facts("jpeg"), "avif"),
+        (Params(width=1, format="auto"), facts("jpeg"), "jpeg"),
+        (Params(width=1, format="auto"), facts("tiff", alpha=True), "png"),
+        (Params(width=1, format="auto"), facts("bmp"), "jpeg"),
+        (Params(width=1, format="auto", accept=("avif", "webp")), facts("gif", frames=12), "webp"),
+        (Params(width=1, format="auto", accept=("avif",)), facts("gif", frames=12), "gif"),  # keep the motion
+        (Params(width=1, format="auto", accept=("avif",)), facts("gif"), "avif"),  # a still GIF is a still
+        (Params(width=1), facts("gif", frames=3), "gif"),
+        (Params(width=1, format="jpg"), facts("png"), "jpeg"),
+        (Params(width=1, format="webp", accept=("avif",)), facts("png"), "webp"),
+    ],
+)
+def test_output_format(params, input_facts, expected):
+    validate(params)
+    assert output_format(params, input_facts) == expected
+
+
+def test_alpha_is_flattened_onto_white_or_the_background_for_jpeg_and_kept_for_png():
+    im = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    ImageDraw.Draw(im).rectangle((0, 0, 19, 39), fill=(0, 200, 0, 255))
+    data = encode(im, "PNG")
+    white = decode(resize(data, Params(width=40, format="jpeg")).data)
+    assert white.mode == "RGB"
+    assert close(list(white.getpixel((35, 20))), [255, 255, 255], 3)
+    assert close(list(white.getpixel((5, 20))), [0, 200, 0], 6)
+    red = decode(resize(data, Params(width=40, format="jpeg", background="ff0000")).data)
+    assert close(list(red.getpixel((35, 20))), [255, 0, 0], 6)
+    for fmt in ("png", "webp", "avif"):
+        kept = decode(resize(data, Params(width=40, format=fmt)).data).convert("RGBA")
+        assert kept.getpixel((35, 20))[3] < 10 and kept.getpixel((5, 20))[3] > 245
+    gif = decode(resize(data, Params(width=40, format="gif")).data)
+    assert "transparency" in gif.info and gif.convert("RGBA").getpixel((35, 20))[3] == 0
+
+
+# --- animation ---------------------------------------------------------------------------------
+
+def frames_of(data: bytes) -> list[Image.Image]:
+    im = Image.open(io.BytesIO(data))
+    out = []
+    for i in range(getattr(im, "n_frames", 1)):
+        im.seek(i)
+        out.append(im.convert("RGB"))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["gif", "webp"])
+def test_animation_is_kept_for_gif_and_webp(fmt):
+    source = corpus("chelsea-animated.gif")
+    src = Image.open(io.BytesIO(source))
+    durations = []
+    for i in range(src.n_frames):
+        src.seek(i)
+        durations.append(src.info["duration"])
+    result = resize(source, Params(width=112, format=fmt))
+    out = Image.open(io.BytesIO(result.data))
+    assert out.n_frames == 12 == result.output.frames
+    assert out.size == (112, 75)
+    out_durations = []
+    for i in range(out.n_frames):
+        out.seek(i)
+        out.load()  # WebP fills in the duration when the frame is decoded
+        out_durations.append(out.info["duration"])
+    assert out_durations == durations
+    assert out.info.get("loop") == src.info.get("loop")
+    # Frame by frame, each output frame is its own input frame, resized.
+    for mine, theirs in zip(frames_of(result.data), frames_of(source), strict=True):
+        expected = theirs.resize((112, 75), Image.Resampling.LANCZOS)
+        assert ImageStat.Stat(ImageChops.difference(mine, expected)).mean[0] < 12
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "avif"])
+def test_animation_becomes_its_first_frame_otherwise(fmt):
+    source = corpus("chelsea-animated.gif")
+    result = resize(source, Params(width=112, format=fmt))
+    out = Image.open(io.BytesIO(result.data))
+    assert getattr(out, "n_frames", 1) == 1 and result.output.frames == 1
+    first = frames_of(source)[0].resize((112, 75))
+    assert ImageStat.Stat(ImageChops.difference(out.convert("RGB"), first)).mean[0] < 10
+
+
+@pytest.mark.parametrize("fmt", ["gif", "webp"])
+def test_transparent_animation_keeps_transparency(fmt):
+    frames = []
+    for x in (0, 20):
+        im = Image.new("RGBA", (40, 20), (0, 0, 0, 0))
+        ImageDraw.Draw(im).rectangle((x, 0, x + 19, 19), fill=(250, 0, 0, 255))
+        frames.append(im)
+    apng = encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=50)
+    out = frames_of_rgba(resize(apng, Params(width=40, format=fmt)).data)
+    assert len(out) == 2
+    assert out[0].getpixel((5, 10))[3] == 255 and out[0].getpixel((35, 10))[3] == 0
+    assert out[1].getpixel((5, 10))[3] == 0 and out[1].getpixel((35, 10))[3] == 255
+
+
+def frames_of_rgba(data: bytes) -> list[Image.Image]:
+    im = Image.open(io.BytesIO(data))
+    out = []
+    for i in range(im.n_frames):
+        im.seek(i)
+        im.load()
+        out.append(im.convert("RGBA"))
+    return out
+
+
+# --- orientation, metadata, colour -------------------------------------------------------------
+
+def test_exif_orientation_is_applied():
+    rotated = corpus("rocket-exif-orientation-6.jpg")
+    assert probe(rotated).width == 427 and probe(rotated).height == 640  # probe: as stored
+    for params in (Params(width=320), Params(width=100, height=100, fit="cover"), Params(width=320, format="png")):
+        result = resize(rotated, params)
+        out = decode(result.data).convert("RGB")
+        reference = decode(resize(corpus("rocket.jpg"), params).data).convert("RGB")
+        assert out.size == reference.size and out.width >= out.height  # upright is landscape
+        assert ImageStat.Stat(ImageChops.difference(out, reference)).mean[0] < 6
+
+
+def test_exif_orientation_with_draft_decoding():
+    """Orientation 6 plus a DCT-scaled decode (1/4 here): geometry and picture still right."""
+    big = decode(corpus("photo-900k.jpg"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = encode(big.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=90, exif=exif.tobytes())
+    result = resize(stored, Params(width=320, height=320, fit="inside", format="png"))
+    out = decode(result.data).convert("RGB")
+    assert out.size == (320, 240)
+    expected = big.resize((320, 240), Image.Resampling.LANCZOS)
+    assert ImageStat.Stat(ImageChops.difference(out, expected)).mean[0] < 4
+
+
+def test_metadata_is_stripped():
+    source = corpus("rocket-exif-orientation-6.jpg")
+    assert "exif" in Image.open(io.BytesIO(source)).info and "comment" in Image.open(io.BytesIO(source)).info
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    exif[0x010F] = "ACME camera"
+    gps = {1: "N", 2: (52.0, 22.0, 0.0)}
+    exif[0x8825] = gps
+    tagged = encode(decode(source), "JPEG", exif=exif.tobytes(), comment=b"secret", xmp=b"<x:xmpmeta>secret</x:xmpmeta>",
+                    icc_profile=decode(corpus("chelsea-alpha.png")).info["icc_profile"])
+    for data in (source, tagged, corpus("chelsea-alpha.png")):
+        for fmt in FORMATS:
+            out_bytes = resize(data, Params(width=50, format=fmt)).data
+            out = Image.open(io.BytesIO(out_bytes))
+            assert not out.getexif(), fmt
+            assert not {"exif", "comment", "icc_profile", "xmp", "XML:com.adobe.xmp"} & set(out.info), (fmt, out.info)
+            assert b"secret" not in out_bytes and b"ACME" not in out_bytes
+
+
+def test_unusable_embedded_profile_is_ignored():
+    photo = small_photo()
+    tagged = encode(photo, "JPEG", quality=95, icc_profile=b"not an icc profile at all")
+    assert Image.open(io.BytesIO(tagged)).info["icc_profile"]
+    out = decode(resize(tagged, Params(width=60, format="png")).data)
+    assert "icc_profile" not in out.info
+    assert close(mean(out), mean(photo.resize((60, 40))), 3)
+
+
+def test_cmyk_jpeg_comes_out_in_the_right_colours():
+    result = resize(corpus("coffee-cmyk.jpg"), Params(width=300))
+    assert result.input.mode == "CMYK"
+    out = decode(result.data)
+    assert out.mode == "RGB"
+    expected = decode(corpus("coffee.jpg")).resize((300, 200))
+    assert close(mean(out), mean(expected), 4)
+    # An inverted-CMYK mistake would turn the brown coffee blue-ish: make sure that can fail.
+    assert not close(mean(ImageChops.invert(out)), mean(expected), 4)
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    result = resize(corpus("retina-16bit.png"), Params(width=300, format="png"))
+    assert result.input.mode == "I;16"
+    out = decode(result.data)
+    expected = decode(corpus("retina.jpg")).convert("L").resize((300, 300))
+    assert abs(mean(out, "L")[0] - mean(expected, "L")[0]) < 6  # ~90; clipping gives ~250
+
+
+def test_grey_and_progressive_jpeg_inputs():
+    grey = resize(corpus("astronaut-gray.jpg"), Params(width=128))
+    assert grey.output.mode == "L" and decode(grey.data).size == (128, 128)
+    progressive = decode(resize(corpus("hubble-progressive.jpg"), Params(width=250)).data)
+    baseline = decode(resize(corpus("hubble_deep_field.jpg"), Params(width=250)).data)
+    assert progressive.size == baseline.size == (250, 218)
+    assert ImageStat.Stat(ImageChops.difference(progressive, baseline)).mean[0] < 4
+
+
+def test_output_colour_matches_a_plain_lanczos_resize():
+    """The fast path (draft + reduce) must look like the slow one."""
+    data = corpus("photo-256k-1.jpg")
+    for box in ((256, 256), (100, 100), (800, 800)):
+        out = decode(resize(data, Params(width=box[0], height=box[1], format="png")).data).convert("RGB")
+        reference = decode(data).resize(out.size, Image.Resampling.LANCZOS)
+        assert ImageStat.Stat(ImageChops.difference(out, reference)).mean[0] < 3, box
+
+
+# --- hostile input -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("photo-256k-0.jpg", ImageFacts("jpeg", 1280, 960, 257973, 1, "RGB", False)),
+        ("chelsea-alpha.png", ImageFacts("png", 451, 300, 252336, 1, "RGBA", True)),
+        ("chelsea-animated.gif", ImageFacts("gif", 225, 150, 321077, 12, "P", False)),
+        ("retina-16bit.png", ImageFacts("png", 1411, 1411, 632325, 1, "I;16", False)),
+        ("coffee-cmyk.jpg", ImageFacts("jpeg", 600, 400, 189531, 1, "CMYK", False)),
+        ("rocket.webp", ImageFacts("webp", 640, 427, 23634, 1, "RGB", False)),
+    ],
+)
+def test_probe_reads_only_the_header(monkeypatch, name, expected):
+    data = corpus(name)
+    _refuse_decoding(monkeypatch)
+    assert probe(data) == expected
+
+
+def test_large_jpeg_reductions_decode_at_reduced_scale(monkeypatch):
+    """The speed path: ask libjpeg for a DCT-scaled decode that stays >= 1.5x the target."""
+    from PIL import JpegImagePlugin
+
+    asked = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        asked.append(size)
+        return real_draft(self, mode, size)
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    photo = corpus("photo-256k-0.jpg")  # 1280x960
+    resize(photo, Params(width=256, height=256))  # shrink 5: 1/4 would leave 1.25x, so 1/2: 640x480
+    resize(photo, Params(width=100, height=100))  # shrink 12.8: 1/8 scale, 160x120
+    resize(photo, Params(width=800, height=800))  # shrink 1.6: full decode
+    assert asked == [(640, 480), (160, 120)]
+
+
+def test_empty_and_random_bytes():
+    with pytest.raises(CorruptImage):
+        resize(b"", Params(width=10))
+    with pytest.raises(UnsupportedImage) as info:
+        resize(random.Random(1).randbytes(5000), Params(width=10))
+    assert info.value.status == 415 and info.value.code == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("name", ["photo-256k-0.jpg", "coffee.png", "rocket.webp", "chelsea-animated.gif"])
+@pytest.mark.parametrize("keep", [0.5, 0.9, 40])
+def test_truncated_files_are_corrupt(name, keep):
+    data = corpus(name)
+    cut = data[: int(len(data) * keep)] if keep < 1 else data[:keep]
+    with pytest.raises(CorruptImage) as info:
+        resize(cut, Params(width=64, format="png"))
+    assert info.value.status == 422
+
+
+def test_png_with_broken_crcs_is_corrupt():
+    data = encode(Image.new("RGB", (64, 48), (10, 200, 30)), "PNG")
+    header = bytearray(data)
+    header[8 + 8 + 13] ^= 0xFF  # IHDR's CRC
+    with pytest.raises(CorruptImage):
+        probe(bytes(header))
+    idat = data.index(b"IDAT")
+    length = struct.unpack(">I", data[idat - 4:idat])[0]
+    pixels = bytearray(data)
+    pixels[idat + 4 + length] ^= 0x01  # IDAT's CRC: Pillow alone would not notice
+    assert decode(bytes(pixels)).size == (64, 48)
+    with pytest.raises(CorruptImage):
+        resize(bytes(pixels), Params(width=10))
+
+
+def _refuse_decoding(monkeypatch):
+    def load(self):
+        raise AssertionError("pixels were decoded")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+@pytest.mark.parametrize("size", [(100_000, 100_000), (8000, 8000)])
+def test_huge_declared_png_is_refused_without_decoding(monkeypatch, size):
+    data = png_declaring(*size)
+    _refuse_decoding(monkeypatch)
+    started = time.process_time()
+    for call in (lambda: probe(data), lambda: resize(data, Params(width=100))):
+        with pytest.raises(ImageTooLarge) as info:
+            call()
+        assert info.value.status == 422 and info.value.code == "image_too_large"
+    assert time.process_time() - started < 1
+
+
+def test_pixel_frame_and_byte_limits():
+    photo = corpus("photo-256k-0.jpg")
+    with pytest.raises(ImageTooLarge):
+        probe(photo, Limits(max_pixels=1280 * 960 - 1))
+    assert probe(photo, Limits(max_pixels=1280 * 960)).width == 1280
+    with pytest.raises(InputTooLarge) as info:
+        probe(photo, Limits(max_input_bytes=len(photo) - 1))
+    assert info.value.status == 413
+    animated = corpus("chelsea-animated.gif")
+    assert probe(animated).frames == 12
+    with pytest.raises(ImageTooLarge):
+        probe(animated, Limits(max_frames=11))
+    with pytest.raises(ImageTooLarge):
+        probe(animated, Limits(max_animation_pixels=12 * 225 * 150 - 1))
+    with pytest.raises(OutputTooLarge):
+        resize(animated, Params(width=200, format="gif"), Limits(max_output_pixels=200 * 133 * 12 - 1))
+    assert resize(animated, Params(width=200, format="jpeg"), Limits(max_output_pixels=200 * 133)).output.frames == 1
+    with pytest.raises(OutputTooLarge):
+        resize(photo, Params(width=8000, height=8000, fit="fill"))
+
+
+def test_gif_with_too_many_frames():
+    data = gif_with_frames(301)
+    with pytest.raises(ImageTooLarge):
+        probe(data)
+    assert probe(gif_with_frames(300)).frames == 300
+
+
+def ico_bytes() -> bytes:
+    return encode(Image.new("RGB", (32, 32), (1, 2, 3)), "ICO")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n",
+        b"8BPS\x00\x01" + b"\x00" * 40,
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        b"SIMPLE  =                    T" + b" " * 50,
+        "ico",
+    ],
+    ids=["eps", "pdf", "psd", "svg", "fits", "ico"],
+)
+def test_formats_we_do_not_open(data):
+    if data == "ico":
+        data = ico_bytes()
+        assert Image.open(io.BytesIO(data)).format == "ICO"  # a real image, just not one we take
+    with pytest.raises(UnsupportedImage):
+        probe(data)
+    with pytest.raises(UnsupportedImage):
+        resize(data, Params(width=10))
+
+
+def test_eps_is_never_handed_to_pillow(monkeypatch):
+    data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    assert EpsImagePlugin._accept(data)  # Pillow would try it, and Ghostscript behind it
+
+    def boom(*args, **kwargs):
+        raise AssertionError("EPS plugin used")
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", boom)
+    with pytest.raises(UnsupportedImage):
+        resize(data, Params(width=10))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        Params(), Params(width=0), Params(width=8193), Params(height=-1), Params(width=True), Params(width=1.5),
+        Params(width=10, fit="stretch"), Params(width=10, format="bmp"), Params(width=10, gravity="up"),
+        Params(width=10, background="red"), Params(width=10, background="#12345"), Params(width=10, quality=0),
+        Params(width=10, quality=101), Params(width=10, accept="webp"),
+    ],
+)
+def test_bad_parameters(params):
+    with pytest.raises(InvalidParameters) as info:
+        validate(params)
+    assert info.value.status == 400 and info.value.code == "invalid_parameter"
+    with pytest.raises(InvalidParameters):
+        resize(corpus("chelsea.jpg"), params)
+
+
+def test_good_parameters():
+    for params in (Params(width=1), Params(height=8192), Params(width=5, background="#00ff0080", quality=1),
+                   Params(width=5, format="auto", accept=("avif",)), Params(width=5, gravity="entropy", fit="cover")):
+        validate(params)
+
+
+def test_quality_changes_lossy_output():
+    photo = corpus("photo-256k-2.jpg")
+    for fmt in ("jpeg", "webp", "avif"):
+        low = resize(photo, Params(width=400, format=fmt, quality=20)).data
+        high = resize(photo, Params(width=400, format=fmt, quality=95)).data
+        assert len(low) < len(high), fmt
+
+
+# --- fuzzing -----------------------------------------------------------------------------------
+
+def _seeds() -> list[bytes]:
+    base = small_photo().resize((64, 48))
+    frames = [base, base.rotate(90), base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return [
+        encode(base, "JPEG", quality=70),
+        encode(base, "JPEG", quality=70, progressive=True, exif=exif.tobytes()),
+        encode(base.convert("CMYK"), "JPEG"),
+        encode(base.convert("L"), "JPEG"),
+        encode(base.convert("L").convert("I;16"), "PNG"),
+        encode(base, "AVIF", quality=50),
+        encode(base.convert("RGBA"), "PNG"),
+        encode(base, "GIF", save_all=True, append_images=frames[1:], duration=40, loop=0),
+        encode(base, "WEBP", quality=60),
+        encode(base, "WEBP", save_all=True, append_images=frames[1:], duration=40),
+        encode(base, "PNG", save_all=True, append_images=frames[1:]),  # APNG
+        encode(base, "BMP"),
+        encode(base, "TIFF"),
+    ]
+
+
+SEEDS = _seeds()
+FUZZ_LIMITS = Limits(max_pixels=2_000_000, max_animation_pixels=4_000_000, max_output_pixels=2_000_000)
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "header"]))
+        pos = draw(st.integers(0, max(0, len(data) - 1)))
+        if kind == "flip" and data:
+            data[pos] ^= draw(st.integers(1, 255))
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        elif kind == "delete":
+            del data[pos:pos + draw(st.integers(1, 64))]
+        elif kind == "truncate":
+            del data[pos:]
+        elif kind == "header" and len(data) > 40:  # the bytes that hold sizes and counts
+            data[draw(st.integers(0, 40))] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=mutated(), fmt=st.sampled_from((None, *FORMATS)))
+def test_fuzzed_inputs_raise_only_image_errors(data, fmt):
+    try:
+        probe(data, FUZZ_LIMITS)
+    except ImageError:
+        pass
+    try:
+        result = resize(data, Params(width=32, height=32, fit="cover", format=fmt), FUZZ_LIMITS)
+    except ImageError as e:
+        assert e.status in (413, 415, 422) and e.message
+    else:
+        assert decode(result.data).size == (32, 32)
