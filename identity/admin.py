@@ -1,19 +1,154 @@
-from django.contrib import admin
+"""Django admin, the operators' tool. Writes go through identity.services (audited, propagated)."""
+from __future__ import annotations
 
-from identity.models import ApiKey, Customer
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
+
+from identity import services
+from identity.models import ApiKey, AuditEvent, Customer, Plan
+
+
+def _actor(request: HttpRequest) -> str:
+    return f"staff:{request.user.get_username()}"
+
+
+@admin.register(Plan)
+class PlanAdmin(admin.ModelAdmin):
+    list_display = ("name", "rate_per_second", "burst", "monthly_quota")
 
 
 class ApiKeyInline(admin.TabularInline):
     model = ApiKey
-    fields = ("name", "prefix", "created_at", "revoked_at")
-    readonly_fields = ("prefix", "created_at")
+    fields = ("name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")
+    readonly_fields = fields
     extra = 0
     can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # keys are issued by the "issue a new key" action: the secret is shown once
+
+
+class AuditInline(admin.TabularInline):
+    model = AuditEvent
+    fields = ("at", "actor", "action", "details")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    max_num = 0
+    verbose_name_plural = "audit trail (newest first)"
 
 
 @admin.register(Customer)
 class CustomerAdmin(admin.ModelAdmin):
-    list_display = ("name", "status", "created_at")
-    list_filter = ("status",)
-    search_fields = ("name",)
-    inlines = [ApiKeyInline]
+    list_display = ("name", "status", "plan", "created_at")
+    list_filter = ("status", "plan")
+    search_fields = ("name", "id")
+    readonly_fields = ("id", "status", "created_at", "recent_requests", "usage_this_month")
+    fields = ("id", "name", "plan", "status", "created_at", "usage_this_month", "recent_requests")
+    inlines = [ApiKeyInline, AuditInline]
+    actions = ["suspend", "activate", "issue_key"]
+
+    @admin.display(description="recent requests (from metering)")
+    def recent_requests(self, obj: Customer) -> str:
+        from metering.selectors import recent_requests
+
+        rows = recent_requests(customer_id=obj.pk)
+        if not rows:
+            return "none recorded yet"
+        return format_html(
+            "<table><tr><th>finished</th><th>job</th><th>params</th><th>outcome</th><th>in</th><th>out</th>"
+            "<th>cpu s</th></tr>{}</table>",
+            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", (
+                (r.event_time.strftime("%Y-%m-%d %H:%M:%S"), r.id, r.params or "", r.outcome + (f" ({r.error_code})" if r.error_code else ""),
+                 f"{r.input_format} {r.input_width}x{r.input_height} {r.input_bytes} B",
+                 f"{r.output_format} {r.output_width}x{r.output_height} {r.output_bytes} B" if r.output_bytes else "-",
+                 r.cpu_seconds) for r in rows)))
+
+    @admin.display(description="usage this month (rolled up)")
+    def usage_this_month(self, obj: Customer) -> str:
+        from datetime import date, timedelta
+
+        from metering.selectors import period_totals
+
+        start = date.today().replace(day=1)
+        totals = period_totals(customer_id=obj.pk, start=start, end=(start + timedelta(days=32)).replace(day=1))
+        return ", ".join(f"{k}: {v}" for k, v in totals.items()) or "none"
+
+    def save_model(self, request: HttpRequest, obj: Customer, form: Any, change: bool) -> None:
+        if change:
+            fresh = Customer.objects.get(pk=obj.pk)
+            services.customer_update(customer=fresh, actor=_actor(request), name=obj.name, plan=obj.plan)
+        else:
+            created = services.customer_create(name=obj.name, plan=obj.plan, actor=_actor(request))
+            obj.pk, obj.created_at = created.pk, created.created_at
+
+    def delete_model(self, request: HttpRequest, obj: Customer) -> None:
+        services.customer_delete(customer=obj, actor=_actor(request))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Customer]) -> None:
+        for customer in queryset:
+            services.customer_delete(customer=customer, actor=_actor(request))
+
+    @admin.action(description="Suspend the selected customers")
+    def suspend(self, request: HttpRequest, queryset: QuerySet[Customer]) -> None:
+        for customer in queryset:
+            services.customer_suspend(customer=customer, actor=_actor(request))
+        self.message_user(request, f"Suspended {queryset.count()} customer(s); in effect within seconds.")
+
+    @admin.action(description="Activate the selected customers")
+    def activate(self, request: HttpRequest, queryset: QuerySet[Customer]) -> None:
+        for customer in queryset:
+            services.customer_activate(customer=customer, actor=_actor(request))
+        self.message_user(request, f"Activated {queryset.count()} customer(s).")
+
+    @admin.action(description="Issue a new API key (the secret is shown once)")
+    def issue_key(self, request: HttpRequest, queryset: QuerySet[Customer]) -> None:
+        for customer in queryset:
+            _, secret = services.api_key_create(customer=customer, name="admin-issued", actor=_actor(request))
+            self.message_user(request, f"New key for {customer.name} (copy it now, it is not shown again): {secret}",
+                              level=messages.WARNING)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ("prefix", "customer", "name", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")
+    list_filter = ("revoked_at",)
+    search_fields = ("prefix", "customer__name")
+    readonly_fields = ("id", "customer", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at",
+                       "last_used_at")
+    exclude = ("secret_hash",)
+    actions = ["revoke"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # revoke instead: the audit trail keeps the key's history
+
+    @admin.action(description="Revoke the selected keys")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for key in queryset.select_related("customer"):
+            services.api_key_revoke(api_key=key, actor=_actor(request))
+        self.message_user(request, f"Revoked {queryset.count()} key(s); in effect within seconds.")
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    list_display = ("at", "actor", "action", "customer")
+    list_filter = ("action",)
+    search_fields = ("actor", "customer__name")
+    readonly_fields = ("at", "actor", "action", "customer", "details")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -1,28 +1,94 @@
-"""DRF authentication: `Authorization: Bearer <key>` -> Principal, or 401."""
+"""DRF glue for the data plane: Bearer-key authentication, scopes, per-customer rate limits and
+monthly quotas, all answered from the process's credential cache (identity/dataplane.py)."""
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from rest_framework import authentication, exceptions
+from rest_framework import authentication, exceptions, permissions, throttling
 from rest_framework.request import Request
 
-from identity.selectors import Principal, principal_for_key
+from controlplane.errors import ApiError
+from identity.dataplane import AuthFailed, AuthUnavailable, Principal, credential_cache
+
+if TYPE_CHECKING:  # DRF imports this module while rest_framework.views is still loading
+    from rest_framework.views import APIView
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[Principal, None] | None:
         header = request.META.get("HTTP_AUTHORIZATION", "")
         if not header:
-            return None  # -> NotAuthenticated (401) from the IsAuthenticated permission
+            return None  # -> NotAuthenticated (401) from the permission check
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        if scheme.lower() != "bearer":
+            return None  # perhaps Basic, for the staff-only management API
+        if not key.strip():
             raise exceptions.AuthenticationFailed("Send the API key as `Authorization: Bearer <key>`.")
-        principal = principal_for_key(key=key.strip())
-        if principal is None:
-            raise exceptions.AuthenticationFailed("The API key is not valid, or it was revoked.")
-        return principal, None
+        try:
+            return credential_cache().authenticate(key.strip()), None
+        except AuthFailed as e:
+            if e.code == "customer_suspended":
+                raise ApiError(403, e.code, e.detail) from e
+            raise exceptions.AuthenticationFailed(e.detail) from e
+        except AuthUnavailable as e:
+            raise ApiError(503, "auth_unavailable", "Credentials cannot be checked right now; retry shortly.",
+                           headers={"Retry-After": "5"}) from e
 
     def authenticate_header(self, request: Request) -> str:
         return 'Bearer realm="resizer"'
+
+
+class HasScope(permissions.BasePermission):
+    """Authenticated, and the key carries the view's `required_scope` (staff users pass for `admin`)."""
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        user = request.user
+        if user is None or not getattr(user, "is_authenticated", False):
+            raise exceptions.NotAuthenticated("Send an API key as `Authorization: Bearer <key>`.")
+        scope = getattr(view, "required_scope", None)
+        if scope is None:
+            return True
+        if isinstance(user, Principal):
+            if scope in user.scopes:
+                return True
+            raise ApiError(403, "insufficient_scope", f"This API key lacks the {scope!r} scope.",
+                           extra={"required_scope": scope})
+        if scope == "admin" and getattr(user, "is_staff", False):
+            return True
+        raise ApiError(403, "forbidden", "Only staff may do this.")
+
+
+class CustomerRateThrottle(throttling.BaseThrottle):
+    """The customer's requests per second with a burst, shared across every API process."""
+
+    def allow_request(self, request: Request, view: APIView) -> bool:
+        user = request.user
+        if not isinstance(user, Principal):
+            return True
+        wait = credential_cache().admit(user)
+        if wait > 0:
+            raise ApiError(429, "rate_limited", f"Too many requests: this account allows {user.rate_per_second:g} "
+                           f"a second (bursts of {user.burst}).", headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+        return True
+
+
+def monthly_quota_charge(principal: object) -> None:
+    """Count one image against the customer's monthly quota, or refuse with 429 when it is used up.
+    Called by the resize view once the request is valid, so refused requests cost nothing."""
+    if not isinstance(principal, Principal) or credential_cache().charge_quota(principal):
+        return
+    now = datetime.now(timezone.utc)
+    next_month = (now.replace(day=1) + timedelta(days=32)).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    raise ApiError(429, "quota_exceeded", f"The monthly quota of {principal.monthly_quota} images is used up.",
+                   headers={"Retry-After": str(int((next_month - now).total_seconds()) + 1)})
+
+
+def monthly_quota_refund(principal: object) -> None:
+    """Give back a charge for a request that made no new job (an idempotent replay, a 503)."""
+    if isinstance(principal, Principal):
+        credential_cache().refund_quota(principal)
 
 
 class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):

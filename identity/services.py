@@ -1,26 +1,98 @@
-"""Writes of the management plane: customers and keys."""
+"""Every write of the management plane. Each one appends to the change feed (which the data plane
+follows) and to the audit trail, in the same transaction, so neither can be forgotten."""
 from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
 
 from identity.keys import key_generate, key_hash
-from identity.models import ApiKey, Customer
+from identity.models import DEFAULT_SCOPES, SCOPES, ApiKey, AuditEvent, Change, Customer, Plan
+
+
+def _record(*, actor: str, action: str, customer: Customer | None, details: dict[str, Any]) -> None:
+    AuditEvent.objects.create(actor=actor, action=action, customer=customer, details=details)
+    if customer is not None:
+        Change.objects.create(customer_id=customer.id)
 
 
 @transaction.atomic
-def customer_create(*, name: str) -> Customer:
-    return Customer.objects.create(name=name)
+def customer_create(*, name: str, plan: Plan | None = None, actor: str = "system") -> Customer:
+    customer = Customer.objects.create(name=name, plan=plan)
+    _record(actor=actor, action="customer.create", customer=customer,
+            details={"name": name, "plan": plan.name if plan else None})
+    return customer
 
 
-def api_key_create(*, customer: Customer, name: str = "default") -> tuple[ApiKey, str]:
+@transaction.atomic
+def customer_update(*, customer: Customer, actor: str, name: str | None = None, status: str | None = None,
+                    plan: Plan | None | str = "unchanged") -> Customer:
+    changes: dict[str, Any] = {}
+    if name is not None and name != customer.name:
+        changes["name"] = [customer.name, name]
+        customer.name = name
+    if status is not None and status != customer.status:
+        if status not in Customer.Status.values:
+            raise ValueError(f"status must be one of {', '.join(Customer.Status.values)}")
+        changes["status"] = [customer.status, status]
+        customer.status = status
+    if plan != "unchanged" and plan != customer.plan:
+        assert not isinstance(plan, str)
+        changes["plan"] = [customer.plan.name if customer.plan else None, plan.name if plan else None]
+        customer.plan = plan
+    if changes:
+        customer.save()
+        action = "customer.update"
+        if set(changes) == {"status"}:
+            action = "customer.suspend" if status == Customer.Status.SUSPENDED else "customer.activate"
+        _record(actor=actor, action=action, customer=customer, details=changes)
+    return customer
+
+
+def customer_suspend(*, customer: Customer, actor: str) -> Customer:
+    return customer_update(customer=customer, actor=actor, status=Customer.Status.SUSPENDED)
+
+
+def customer_activate(*, customer: Customer, actor: str) -> Customer:
+    return customer_update(customer=customer, actor=actor, status=Customer.Status.ACTIVE)
+
+
+@transaction.atomic
+def customer_delete(*, customer: Customer, actor: str) -> None:
+    _record(actor=actor, action="customer.delete", customer=customer, details={"name": customer.name})
+    customer.delete()
+
+
+@transaction.atomic
+def api_key_create(*, customer: Customer, name: str = "default", scopes: list[str] | None = None,
+                   expires_at: datetime | None = None, actor: str = "system") -> tuple[ApiKey, str]:
     """Issue a key; returns the row and the secret key, which exists only in this return value."""
+    scopes = list(DEFAULT_SCOPES if scopes is None else scopes)
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise ValueError(f"unknown scope {unknown[0]!r}; scopes are {', '.join(SCOPES)}")
     prefix, key = key_generate()
-    api_key = ApiKey.objects.create(customer=customer, name=name, prefix=prefix, secret_hash=key_hash(key))
+    api_key = ApiKey.objects.create(customer=customer, name=name, prefix=prefix, secret_hash=key_hash(key),
+                                    scopes=scopes, expires_at=expires_at)
+    _record(actor=actor, action="key.issue", customer=customer,
+            details={"key_id": str(api_key.id), "prefix": prefix, "name": name, "scopes": scopes,
+                     "expires_at": expires_at.isoformat() if expires_at else None})
     return api_key, key
 
 
-def api_key_revoke(*, api_key: ApiKey) -> None:
+@transaction.atomic
+def api_key_revoke(*, api_key: ApiKey, actor: str = "system") -> ApiKey:
     if api_key.revoked_at is None:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
+        _record(actor=actor, action="key.revoke", customer=api_key.customer,
+                details={"key_id": str(api_key.id), "prefix": api_key.prefix})
+    return api_key
+
+
+def api_keys_touch(*, last_used: dict[str, datetime]) -> None:
+    """Record when keys were last used (batched by the data plane; not audited, not a change)."""
+    for key_id, at in last_used.items():
+        ApiKey.objects.filter(pk=key_id).exclude(last_used_at__gte=at).update(last_used_at=at)

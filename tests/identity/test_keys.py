@@ -1,16 +1,19 @@
-"""API keys: issued once, stored hashed, verified in constant time, refused when wrong or revoked."""
+"""API keys and the data plane's answers: issued once, stored hashed, refused when wrong, revoked,
+expired, out of scope or suspended; no database query on the request path."""
 from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
+from identity.dataplane import AuthFailed
 from identity.keys import key_hash, key_prefix
-from identity.models import ApiKey, Customer
-from identity.selectors import principal_for_key
-from identity.services import api_key_create, api_key_revoke, customer_create
-from tests.conftest import ROOT
+from identity.models import ApiKey, AuditEvent, Customer
+from identity.services import api_key_create, api_key_revoke, customer_create, customer_suspend
+from tests.conftest import ROOT, make_image
 
 pytestmark = pytest.mark.django_db
 
@@ -22,33 +25,52 @@ def test_key_is_stored_as_prefix_and_hmac_never_in_clear():
     assert key.startswith(f"rsz_{row.prefix}_")
     assert row.secret_hash == key_hash(key)
     assert key not in (row.secret_hash, row.prefix, row.name)
-
-
-def test_principal_for_valid_wrong_and_malformed_keys():
-    customer = customer_create(name="acme")
-    api_key, key = api_key_create(customer=customer)
-    principal = principal_for_key(key=key)
-    assert principal is not None
-    assert (principal.customer_id, principal.key_id) == (str(customer.id), str(api_key.id))
-    tampered = key[:-1] + ("A" if key[-1] != "A" else "B")
-    assert principal_for_key(key=tampered) is None
-    assert principal_for_key(key="not-a-key") is None
     assert key_prefix("rsz_short_x") is None
 
 
-def test_revoked_key_and_suspended_customer_are_refused():
+def test_cache_authenticates_valid_and_refuses_wrong_keys(credentials):
     customer = customer_create(name="acme")
     api_key, key = api_key_create(customer=customer)
-    _, other_key = api_key_create(customer=customer, name="second")
-    api_key_revoke(api_key=api_key)
-    assert principal_for_key(key=key) is None
-    assert principal_for_key(key=other_key) is not None
-    Customer.objects.filter(pk=customer.pk).update(status=Customer.Status.SUSPENDED)
-    assert principal_for_key(key=other_key) is None
+    credentials.sync(full=True)
+    principal = credentials.authenticate(key)
+    assert (principal.customer_id, principal.key_id) == (str(customer.id), str(api_key.id))
+    assert principal.scopes == {"resize", "jobs", "usage"}
+    tampered = key[:-1] + ("A" if key[-1] != "A" else "B")
+    for wrong in (tampered, "not-a-key", "rsz_aaaaaaaaaaaa_" + "x" * 43):
+        with pytest.raises(AuthFailed):
+            credentials.authenticate(wrong)
 
 
-@pytest.mark.parametrize("header", [None, "Bearer ", "Basic dXNlcjpwYXNz", "Bearer rsz_wrongwrongwr_" + "x" * 43])
-def test_missing_or_wrong_key_is_401_problem(client, header):
+def test_revocation_and_suspension_reach_the_cache_through_the_change_feed(credentials):
+    customer = customer_create(name="acme")
+    first, first_key = api_key_create(customer=customer)
+    _, second_key = api_key_create(customer=customer, name="second")
+    credentials.sync(full=True)
+    api_key_revoke(api_key=first, actor="staff:ops")
+    credentials.sync(full=False)  # incremental: only the feed
+    with pytest.raises(AuthFailed):
+        credentials.authenticate(first_key)
+    assert credentials.authenticate(second_key)
+    customer_suspend(customer=customer, actor="staff:ops")
+    credentials.sync(full=False)
+    with pytest.raises(AuthFailed) as refused:
+        credentials.authenticate(second_key)
+    assert refused.value.code == "customer_suspended"
+    assert list(AuditEvent.objects.filter(customer=customer).values_list("action", "actor")) == [
+        ("customer.suspend", "staff:ops"), ("key.revoke", "staff:ops"), ("key.issue", "system"),
+        ("key.issue", "system"), ("customer.create", "system")]
+
+
+def test_expired_key_is_refused(credentials):
+    customer = customer_create(name="acme")
+    _, key = api_key_create(customer=customer, expires_at=timezone.now() - timedelta(seconds=1))
+    credentials.sync(full=True)
+    with pytest.raises(AuthFailed, match="expired"):
+        credentials.authenticate(key)
+
+
+@pytest.mark.parametrize("header", [None, "Bearer ", "Bearer rsz_wrongwrongwr_" + "x" * 43, "Token abc"])
+def test_missing_or_wrong_key_is_401_problem(client, credentials, header):
     extra = {"HTTP_AUTHORIZATION": header} if header is not None else {}
     response = client.get("/v1/jobs/" + "0" * 32, **extra)
     assert response.status_code == 401
@@ -58,16 +80,50 @@ def test_missing_or_wrong_key_is_401_problem(client, header):
     assert response["WWW-Authenticate"].startswith("Bearer")
 
 
+def test_suspended_customer_gets_403(client, credentials):
+    customer = customer_create(name="acme")
+    _, key = api_key_create(customer=customer)
+    customer_suspend(customer=customer, actor="test")
+    credentials.sync(full=True)
+    response = client.get("/v1/jobs/" + "0" * 32, HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert response.status_code == 403 and response.json()["code"] == "customer_suspended"
+
+
+def test_a_key_without_the_scope_is_403(client, credentials):
+    customer = customer_create(name="acme")
+    _, key = api_key_create(customer=customer, scopes=["jobs"])
+    credentials.sync(full=True)
+    response = client.post("/v1/resize?width=10", data=make_image(), content_type="image/jpeg",
+                           HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert response.status_code == 403 and response.json()["code"] == "insufficient_scope"
+    assert client.get("/v1/jobs/" + "0" * 32, HTTP_AUTHORIZATION=f"Bearer {key}").status_code == 404
+
+
+def test_the_request_path_runs_no_database_query_for_authentication(api, django_assert_num_queries):
+    with django_assert_num_queries(0):
+        response = api.get("/v1/jobs/" + "0" * 32)
+    assert response.status_code == 404  # authenticated (not 401), and no query was made
+
+
+def test_last_used_is_recorded_off_the_request_path(api, customer_key, credentials):
+    key_row = ApiKey.objects.get(customer=customer_key[0])
+    assert key_row.last_used_at is None
+    api.get("/v1/jobs/" + "0" * 32)
+    credentials.sync(full=False)
+    key_row.refresh_from_db()
+    assert key_row.last_used_at is not None
+
+
 @pytest.mark.django_db(transaction=True)
-def test_create_customer_command_prints_a_working_key_last():
+def test_create_customer_command_prints_a_working_key_last(credentials):
     out = subprocess.run(
         [sys.executable, "manage.py", "create_customer", "Command Co"],
         cwd=ROOT, capture_output=True, text=True, check=True,
         env=_env_for_test_database(),
     ).stdout
     key = out.strip().splitlines()[-1]
-    principal = principal_for_key(key=key)
-    assert principal is not None
+    credentials.sync(full=True)
+    principal = credentials.authenticate(key)
     assert Customer.objects.get(pk=principal.customer_id).name == "Command Co"
 
 

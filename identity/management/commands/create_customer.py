@@ -18,7 +18,7 @@ class Command(BaseCommand):
     def handle(self, *args: object, name: str, reuse: bool, **options: object) -> None:
         customer = Customer.objects.filter(name=name).order_by("created_at").first() if reuse else None
         if customer is None:
-            customer = customer_create(name=name)
-        _, key = api_key_create(customer=customer)
+            customer = customer_create(name=name, actor="command")
+        _, key = api_key_create(customer=customer, actor="command")
         self.stdout.write(f"customer {customer.id} ({customer.name}); a new API key (shown once):")
         self.stdout.write(key)

@@ -1,0 +1,376 @@
+"""The data plane: every request is authenticated, rate-limited and quota-checked from memory.
+
+Each API process keeps a snapshot of the credentials (prefix -> hash, scopes, expiry, customer
+status, plan limits) and follows the management plane's change feed on a background thread:
+incrementally every AUTH_POLL_SECONDS, in full every AUTH_RESYNC_SECONDS. Nothing here touches the
+database on the request path. When Postgres is away the last good snapshot keeps serving for up to
+AUTH_MAX_STALENESS_SECONDS (it is also kept on disk, for a process restarted during an outage).
+See docs/adr/0003-identity-planes.md.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from identity.keys import key_hash, key_prefix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller of one request: a customer acting through one of its keys."""
+
+    customer_id: str
+    key_id: str
+    key_prefix: str
+    scopes: frozenset[str]
+    rate_per_second: float
+    burst: int
+    monthly_quota: int | None
+    is_authenticated: bool = True
+    is_staff: bool = False
+
+
+@dataclass(frozen=True)
+class Credential:
+    key_id: str
+    customer_id: str
+    secret_hash: str
+    scopes: tuple[str, ...]
+    expires_at: float | None
+    customer_active: bool
+    rate_per_second: float
+    burst: int
+    monthly_quota: int | None
+
+
+class AuthFailed(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+class AuthUnavailable(Exception):
+    """No snapshot fresh enough to trust: the node cannot decide who is calling."""
+
+
+_CREDENTIALS_SQL = """
+SELECT k.prefix, k.id, k.customer_id, k.secret_hash, k.scopes, k.expires_at,
+       c.status, p.rate_per_second, p.burst, p.monthly_quota, p.id IS NOT NULL
+FROM identity_apikey k
+JOIN identity_customer c ON c.id = k.customer_id
+LEFT JOIN identity_plan p ON p.id = c.plan_id
+WHERE k.revoked_at IS NULL
+"""
+
+
+def _credential(row: tuple[Any, ...]) -> tuple[str, Credential]:
+    prefix, key_id, customer_id, secret_hash, scopes, expires_at, status, rate, burst, quota, has_plan = row
+    if isinstance(scopes, str):
+        scopes = json.loads(scopes)
+    if not has_plan:
+        rate, burst, quota = (settings.DEFAULT_PLAN_RATE_PER_SECOND, settings.DEFAULT_PLAN_BURST,
+                              settings.DEFAULT_PLAN_MONTHLY_QUOTA)
+    return prefix, Credential(
+        key_id=str(key_id), customer_id=str(customer_id), secret_hash=secret_hash, scopes=tuple(scopes),
+        expires_at=expires_at.timestamp() if expires_at else None, customer_active=status == "active",
+        rate_per_second=float(rate), burst=int(burst), monthly_quota=quota,
+    )
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+@dataclass
+class CredentialCache:
+    poll_seconds: float
+    resync_seconds: float
+    max_staleness_seconds: float
+    snapshot_path: Path | None
+    background: bool = True  # False: the caller drives sync() (tests inside one transaction)
+    process_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    def __post_init__(self) -> None:
+        self._by_prefix: dict[str, Credential] = {}
+        self._prefixes_of: dict[str, set[str]] = {}
+        self._last_change_id = 0
+        self.synced_at: float | None = None  # wall time of the last successful sync
+        self.version = 0  # the highest change-feed id applied
+        self.processes = 1  # API processes sharing each customer's rate limit
+        self._lock = threading.Lock()
+        # Set once the first sync from Postgres has been tried: until then a snapshot read from
+        # disk is not served (it may be older than what Postgres would give in a moment).
+        self._first_sync = threading.Event()
+        self._buckets: dict[str, _Bucket] = {}
+        self._quota_used: dict[str, int] = {}  # customer -> admitted this month, all processes
+        self._quota_pending: dict[str, int] = {}  # customer -> admitted here, not yet flushed
+        self._quota_month = _month()
+        self._last_used: dict[str, datetime] = {}
+        self._last_full = 0.0
+        self._load_file()
+        if self.background:
+            threading.Thread(target=self._run, name="identity-dataplane", daemon=True).start()
+
+    # --- the request path (memory only) ---------------------------------------------------------
+
+    def authenticate(self, key: str) -> Principal:
+        if self.background and not self._first_sync.is_set():
+            self._first_sync.wait(settings.AUTH_FIRST_SYNC_WAIT_SECONDS)
+        if self.synced_at is None or time.time() - self.synced_at > self.max_staleness_seconds:
+            raise AuthUnavailable()
+        prefix = key_prefix(key)
+        credential = self._by_prefix.get(prefix) if prefix else None
+        # The hash is computed even for unknown prefixes, so timing does not tell them apart.
+        presented = key_hash(key)
+        if credential is None or not hmac.compare_digest(presented, credential.secret_hash):
+            raise AuthFailed("unauthorized", "The API key is not valid, or it was revoked.")
+        if credential.expires_at is not None and time.time() >= credential.expires_at:
+            raise AuthFailed("unauthorized", "The API key has expired.")
+        if not credential.customer_active:
+            raise AuthFailed("customer_suspended", "This customer account is suspended.")
+        self._last_used[credential.key_id] = datetime.now(timezone.utc)
+        return Principal(customer_id=credential.customer_id, key_id=credential.key_id, key_prefix=prefix or "",
+                         scopes=frozenset(credential.scopes), rate_per_second=credential.rate_per_second,
+                         burst=credential.burst, monthly_quota=credential.monthly_quota)
+
+    def admit(self, principal: Principal) -> float:
+        """Take a token from the customer's bucket; 0 when admitted, else seconds until one is there.
+        Each of the `processes` API processes holds an equal share of the customer's rate."""
+        share = max(1, self.processes)
+        rate = principal.rate_per_second / share
+        capacity = max(1.0, principal.burst / share)
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._buckets.get(principal.customer_id)
+            if bucket is None:
+                bucket = self._buckets[principal.customer_id] = _Bucket(capacity, now)
+            bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated) * rate)
+            bucket.updated = now
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return 0.0
+            return (1.0 - bucket.tokens) / rate if rate > 0 else 3600.0
+
+    def charge_quota(self, principal: Principal) -> bool:
+        """Count one image against the monthly quota; False (and nothing counted) when it is used up."""
+        if principal.monthly_quota is None:
+            return True
+        with self._lock:
+            self._roll_month()
+            used = self._quota_used.get(principal.customer_id, 0) + self._quota_pending.get(principal.customer_id, 0)
+            if used >= principal.monthly_quota:
+                return False
+            self._quota_pending[principal.customer_id] = self._quota_pending.get(principal.customer_id, 0) + 1
+            return True
+
+    def refund_quota(self, principal: Principal) -> None:
+        if principal.monthly_quota is None:
+            return
+        with self._lock:
+            self._quota_pending[principal.customer_id] = self._quota_pending.get(principal.customer_id, 0) - 1
+
+    def age(self) -> float | None:
+        return None if self.synced_at is None else time.time() - self.synced_at
+
+    # --- the background thread (the only code here that talks to Postgres) -----------------------
+
+    def sync(self, *, full: bool) -> None:
+        """One round: follow the feed (or reload everything), heartbeat, flush counters."""
+        if full:
+            self._sync_full()
+            self._last_full = time.monotonic()
+        else:
+            self._sync_changes()
+        self._heartbeat_and_flush()
+        self.synced_at = time.time()
+        self._first_sync.set()
+
+    def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.sync(full=self.synced_at is None or started - self._last_full >= self.resync_seconds)
+            except Exception as e:
+                age = self.age()
+                log.warning("identity snapshot not refreshed (%s: %s); serving the one from %s s ago",
+                            type(e).__name__, e, "never" if age is None else f"{age:.0f}")
+                connection.close()
+                self._first_sync.set()  # serve the snapshot from disk, if there is one fresh enough
+            time.sleep(max(0.05, self.poll_seconds - (time.monotonic() - started)))
+
+    def _sync_full(self) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT coalesce(max(id), 0) FROM identity_change")
+            version = cursor.fetchone()[0]
+            cursor.execute(_CREDENTIALS_SQL)
+            by_prefix = dict(_credential(row) for row in cursor.fetchall())
+        prefixes_of: dict[str, set[str]] = {}
+        for prefix, credential in by_prefix.items():
+            prefixes_of.setdefault(credential.customer_id, set()).add(prefix)
+        with self._lock:
+            self._by_prefix, self._prefixes_of = by_prefix, prefixes_of
+            self._last_change_id = self.version = version
+        self._save_file()
+
+    def _sync_changes(self) -> None:
+        # Feed ids can commit out of order (a lower id may appear after a higher one was read):
+        # changes of the last AUTH_FEED_LOOKBACK_SECONDS are always re-applied, which is idempotent.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT customer_id, max(id) FROM identity_change WHERE id > %s OR created_at > now() - %s * interval '1 second'"
+                " GROUP BY customer_id",
+                [self._last_change_id, settings.AUTH_FEED_LOOKBACK_SECONDS],
+            )
+            changed = cursor.fetchall()
+            if not changed:
+                return
+            customers = [row[0] for row in changed]
+            cursor.execute(_CREDENTIALS_SQL + " AND k.customer_id = ANY(%s)", [customers])
+            fresh = [_credential(row) for row in cursor.fetchall()]
+        with self._lock:
+            by_prefix = dict(self._by_prefix)
+            for customer_id in customers:
+                for prefix in self._prefixes_of.pop(str(customer_id), set()):
+                    by_prefix.pop(prefix, None)
+            for prefix, credential in fresh:
+                by_prefix[prefix] = credential
+                self._prefixes_of.setdefault(credential.customer_id, set()).add(prefix)
+            self._by_prefix = by_prefix
+            self._last_change_id = self.version = max(self._last_change_id, *(row[1] for row in changed))
+
+    def _heartbeat_and_flush(self) -> None:
+        from identity.services import api_keys_touch
+
+        now = datetime.now(timezone.utc)
+        with self._lock:
+            pending, self._quota_pending = self._quota_pending, {}
+            last_used, self._last_used = self._last_used, {}
+            month = self._quota_month
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(
+                    "INSERT INTO identity_apiprocess (name, seen_at) VALUES (%s, %s)"
+                    " ON CONFLICT (name) DO UPDATE SET seen_at = EXCLUDED.seen_at", [self.process_name, now])
+                cursor.execute("DELETE FROM identity_apiprocess WHERE seen_at < now() - %s * interval '1 second'",
+                               [settings.AUTH_PROCESS_EXPIRY_SECONDS * 10])
+                cursor.execute("SELECT count(*) FROM identity_apiprocess WHERE seen_at > now() - %s * interval '1 second'",
+                               [settings.AUTH_PROCESS_EXPIRY_SECONDS])
+                processes = cursor.fetchone()[0]
+                for customer_id, delta in pending.items():
+                    cursor.execute(
+                        "INSERT INTO identity_quotausage (customer_id, month, used) VALUES (%s, %s, %s)"
+                        " ON CONFLICT (customer_id, month) DO UPDATE SET used = identity_quotausage.used + EXCLUDED.used",
+                        [customer_id, month, delta])
+                cursor.execute("SELECT customer_id, used FROM identity_quotausage WHERE month = %s", [month])
+                used = {str(c): u for c, u in cursor.fetchall()}
+                api_keys_touch(last_used=last_used)
+        except Exception:
+            with self._lock:  # not flushed: count it again next time
+                for customer_id, delta in pending.items():
+                    self._quota_pending[customer_id] = self._quota_pending.get(customer_id, 0) + delta
+                for key_id, at in last_used.items():
+                    self._last_used.setdefault(key_id, at)
+            raise
+        with self._lock:
+            self.processes = max(1, processes)
+            if month == self._quota_month:
+                self._quota_used = used
+
+    def _roll_month(self) -> None:
+        month = _month()
+        if month != self._quota_month:
+            self._quota_month, self._quota_used, self._quota_pending = month, {}, {}
+
+    # --- the on-disk copy, for a process that starts while Postgres is away ----------------------
+
+    def _save_file(self) -> None:
+        if self.snapshot_path is None:
+            return
+        document = {"synced_at": time.time(), "version": self.version, "database": _database_identity(),
+                    "credentials": {p: asdict(c) for p, c in self._by_prefix.items()}}
+        tmp = self.snapshot_path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+            # Hashes only (no key can be rebuilt from them), but still nobody else's to read.
+            tmp.touch(mode=0o600)
+            tmp.write_text(json.dumps(document))
+            os.replace(tmp, self.snapshot_path)
+        except OSError as e:
+            log.warning("identity snapshot not saved to %s: %s", self.snapshot_path, e)
+
+    def _load_file(self) -> None:
+        if self.snapshot_path is None or not self.snapshot_path.exists():
+            return
+        try:
+            document = json.loads(self.snapshot_path.read_text())
+            if document.get("database") != _database_identity():
+                return  # another database's credentials (a different deployment sharing the path)
+            by_prefix = {p: Credential(**{**c, "scopes": tuple(c["scopes"])}) for p, c in document["credentials"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("identity snapshot file %s unreadable: %s", self.snapshot_path, e)
+            return
+        self._by_prefix = by_prefix
+        for prefix, credential in by_prefix.items():
+            self._prefixes_of.setdefault(credential.customer_id, set()).add(prefix)
+        self.synced_at, self.version = document["synced_at"], document["version"]
+        self._last_change_id = self.version
+
+
+def _database_identity() -> str:
+    db = settings.DATABASES["default"]
+    return f"{db.get('HOST')}:{db.get('PORT')}/{db.get('NAME')}"
+
+
+def _month() -> date:
+    return datetime.now(timezone.utc).date().replace(day=1)
+
+
+_cache: CredentialCache | None = None
+_cache_pid: int | None = None
+_cache_lock = threading.Lock()
+
+
+def credential_cache() -> CredentialCache:
+    """The process's cache, started lazily after fork (threads do not survive a fork)."""
+    global _cache, _cache_pid
+    with _cache_lock:
+        if _cache is None or _cache_pid != os.getpid():
+            path = settings.AUTH_SNAPSHOT_PATH
+            _cache = CredentialCache(
+                poll_seconds=settings.AUTH_POLL_SECONDS,
+                resync_seconds=settings.AUTH_RESYNC_SECONDS,
+                max_staleness_seconds=settings.AUTH_MAX_STALENESS_SECONDS,
+                snapshot_path=Path(path) if path else None,
+                background=settings.AUTH_SYNC_IN_BACKGROUND,
+            )
+            _cache_pid = os.getpid()
+        return _cache
+
+
+def credential_cache_if_started() -> CredentialCache | None:
+    """This process's cache if something already needed it; never starts one (for metrics)."""
+    with _cache_lock:
+        return _cache if _cache_pid == os.getpid() else None
+
+
+def credential_cache_reset() -> None:
+    """Forget the process's cache (tests that change the database under it)."""
+    global _cache
+    with _cache_lock:
+        _cache = None

@@ -1,0 +1,136 @@
+"""The management API (/v1/admin) and Django admin: staff or admin-scoped keys only; every write
+audited and visible to the data plane."""
+from __future__ import annotations
+
+import base64
+
+import pytest
+from django.contrib.auth.models import User
+
+from identity.models import ApiKey, AuditEvent, Customer, Plan
+from identity.services import api_key_create, customer_create
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff(client):
+    User.objects.create_user("ops", password="pw", is_staff=True, is_superuser=True)
+    token = base64.b64encode(b"ops:pw").decode()
+    client.defaults["HTTP_AUTHORIZATION"] = f"Basic {token}"
+    return client
+
+
+def test_customer_and_key_lifecycle_as_staff(staff, credentials):
+    Plan.objects.create(name="pro", rate_per_second=100, burst=200, monthly_quota=1_000_000)
+    created = staff.post("/v1/admin/customers", {"name": "Acme", "plan": "pro"}, content_type="application/json")
+    assert created.status_code == 201, created.content
+    customer = created.json()
+    assert customer["plan"] == "pro" and customer["status"] == "active"
+    issued = staff.post(f"/v1/admin/customers/{customer['id']}/keys", {"name": "web", "scopes": ["resize"]},
+                        content_type="application/json")
+    assert issued.status_code == 201
+    body = issued.json()
+    assert body["key"].startswith(f"rsz_{body['prefix']}_") and body["scopes"] == ["resize"]
+    listed = staff.get(f"/v1/admin/customers/{customer['id']}/keys").json()["keys"]
+    assert [k["id"] for k in listed] == [body["id"]] and "key" not in listed[0]
+    credentials.sync(full=False)
+    assert credentials.authenticate(body["key"]).scopes == {"resize"}
+
+    suspended = staff.patch(f"/v1/admin/customers/{customer['id']}", {"status": "suspended"},
+                            content_type="application/json")
+    assert suspended.json()["status"] == "suspended"
+    revoked = staff.delete(f"/v1/admin/keys/{body['id']}")
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+    audit = staff.get(f"/v1/admin/customers/{customer['id']}/audit").json()["events"]
+    assert [e["action"] for e in audit] == ["key.revoke", "customer.suspend", "key.issue", "customer.create"]
+    assert {e["actor"] for e in audit} == {"staff:ops"}
+    assert staff.delete(f"/v1/admin/customers/{customer['id']}").status_code == 204
+    assert not Customer.objects.filter(pk=customer["id"]).exists()
+    assert AuditEvent.objects.filter(action="customer.delete", actor="staff:ops").exists()
+
+
+def test_admin_scoped_key_works_and_ordinary_keys_do_not(client, credentials):
+    owner = customer_create(name="ops-bot")
+    _, admin_key = api_key_create(customer=owner, scopes=["admin"])
+    _, plain_key = api_key_create(customer=owner)
+    credentials.sync(full=True)
+    ok = client.get("/v1/admin/customers", HTTP_AUTHORIZATION=f"Bearer {admin_key}")
+    assert ok.status_code == 200 and any(c["name"] == "ops-bot" for c in ok.json()["customers"])
+    refused = client.get("/v1/admin/customers", HTTP_AUTHORIZATION=f"Bearer {plain_key}")
+    assert refused.status_code == 403 and refused.json()["code"] == "insufficient_scope"
+    created = client.post("/v1/admin/customers", {"name": "made-by-bot"}, content_type="application/json",
+                          HTTP_AUTHORIZATION=f"Bearer {admin_key}")
+    assert AuditEvent.objects.get(action="customer.create", customer_id=created.json()["id"]).actor.startswith("key:")
+
+
+def test_non_staff_user_and_anonymous_are_refused(client, credentials):
+    User.objects.create_user("someone", password="pw")
+    token = base64.b64encode(b"someone:pw").decode()
+    assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=f"Basic {token}").json()["code"] == "forbidden"
+    assert client.get("/v1/admin/customers").status_code == 401
+
+
+@pytest.mark.parametrize("path,body,code", [
+    ("/v1/admin/customers", {}, "invalid_parameter"),
+    ("/v1/admin/customers", {"name": "x", "plan": "no-such-plan"}, "unknown_plan"),
+    ("/v1/admin/customers", {"name": "x", "status": "deleted"}, "invalid_parameter"),
+])
+def test_bad_management_input_is_400(staff, credentials, path, body, code):
+    response = staff.post(path, body, content_type="application/json")
+    assert response.status_code == 400 and response.json()["code"] == code
+
+
+def test_unknown_customer_and_key_are_404(staff, credentials):
+    assert staff.get("/v1/admin/customers/not-a-uuid").json()["code"] == "customer_not_found"
+    assert staff.delete("/v1/admin/keys/00000000-0000-0000-0000-000000000000").json()["code"] == "key_not_found"
+    bad_scope = staff.post(f"/v1/admin/customers/{customer_create(name='c').id}/keys", {"scopes": ["root"]},
+                           content_type="application/json")
+    assert bad_scope.status_code == 400
+
+
+def test_django_admin_actions_go_through_the_services(client):
+    admin_user = User.objects.create_superuser("root", password="pw")
+    client.force_login(admin_user)
+    customer = customer_create(name="in-admin")
+    api_key, _ = api_key_create(customer=customer)
+    response = client.post("/admin/identity/customer/", {"action": "issue_key", "_selected_action": [customer.pk]},
+                           follow=True)
+    shown = [str(m) for m in response.context["messages"]]
+    assert any("rsz_" in m and "not shown again" in m for m in shown)
+    client.post("/admin/identity/customer/", {"action": "suspend", "_selected_action": [customer.pk]})
+    client.post("/admin/identity/apikey/", {"action": "revoke", "_selected_action": [api_key.pk]})
+    customer.refresh_from_db()
+    assert customer.status == "suspended"
+    assert ApiKey.objects.get(pk=api_key.pk).revoked_at is not None
+    actions = set(AuditEvent.objects.filter(customer=customer, actor="staff:root").values_list("action", flat=True))
+    assert actions == {"key.issue", "customer.suspend", "key.revoke"}
+    assert client.get(f"/admin/identity/customer/{customer.pk}/change/").status_code == 200
+
+
+def test_a_customer_with_billing_records_cannot_be_deleted(staff, credentials):
+    from datetime import date
+
+    from metering.models import BillingPeriod
+
+    customer = customer_create(name="billed")
+    BillingPeriod.objects.create(customer=customer, start=date(2026, 10, 1), end=date(2026, 11, 1))
+    response = staff.delete(f"/v1/admin/customers/{customer.id}")
+    assert response.status_code == 409 and response.json()["code"] == "customer_has_billing"
+    assert Customer.objects.filter(pk=customer.pk).exists()
+
+
+def test_customer_page_shows_recent_requests_with_their_parameters(client):
+    from datetime import datetime, timezone
+
+    from metering.models import UsageRecord
+
+    client.force_login(User.objects.create_superuser("root", password="pw"))
+    customer = customer_create(name="busy")
+    UsageRecord.objects.create(id="6f1d7c0e-0000-4000-8000-000000000001", customer_id=customer.id,
+                               event_time=datetime.now(timezone.utc), outcome="succeeded", input_format="jpeg",
+                               input_width=1280, input_height=960, input_bytes=262144, output_format="webp",
+                               output_width=256, output_height=192, output_bytes=9000,
+                               params={"width": 256, "fit": "cover"})
+    page = client.get(f"/admin/identity/customer/{customer.pk}/change/").content.decode()
+    assert "6f1d7c0e-0000-4000-8000-000000000001" in page and "cover" in page and "webp 256x192" in page

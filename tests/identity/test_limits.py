@@ -1,0 +1,51 @@
+"""Per-customer rate limits and monthly quotas, answered from the data plane (429 + Retry-After)."""
+from __future__ import annotations
+
+import pytest
+
+from identity.models import Plan
+from identity.services import api_key_create, customer_create
+from tests.conftest import make_image
+
+pytestmark = pytest.mark.django_db
+
+
+def _client_for(client, credentials, **plan):
+    customer = customer_create(name="limited", plan=Plan.objects.create(name="p", **plan))
+    _, key = api_key_create(customer=customer)
+    credentials.sync(full=True)
+    client.defaults["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    return client
+
+
+def test_rate_limit_allows_the_burst_then_429(client, credentials):
+    api = _client_for(client, credentials, rate_per_second=0.5, burst=3)
+    statuses = [api.get("/v1/jobs/" + "0" * 32).status_code for _ in range(5)]
+    assert statuses == [404, 404, 404, 429, 429]
+    limited = api.get("/v1/jobs/" + "0" * 32)
+    assert limited.json()["code"] == "rate_limited" and int(limited["Retry-After"]) >= 1
+
+
+def test_one_customer_flooding_does_not_limit_another(client, credentials):
+    flooder = customer_create(name="flooder", plan=Plan.objects.create(name="tiny", rate_per_second=0.1, burst=1))
+    _, flood_key = api_key_create(customer=flooder)
+    _, calm_key = api_key_create(customer=customer_create(name="calm"))
+    credentials.sync(full=True)
+    for _ in range(5):
+        client.get("/v1/jobs/" + "0" * 32, HTTP_AUTHORIZATION=f"Bearer {flood_key}")
+    assert client.get("/v1/jobs/" + "0" * 32, HTTP_AUTHORIZATION=f"Bearer {flood_key}").status_code == 429
+    assert client.get("/v1/jobs/" + "0" * 32, HTTP_AUTHORIZATION=f"Bearer {calm_key}").status_code == 404
+
+
+def test_monthly_quota_counts_images_and_refuses_past_it(client, credentials):
+    api = _client_for(client, credentials, rate_per_second=100, burst=100, monthly_quota=2)
+    send = lambda: api.post("/v1/resize?width=8", data=make_image(), content_type="image/jpeg",  # noqa: E731
+                            HTTP_PREFER="respond-async")
+    bad = api.post("/v1/resize?width=0", data=make_image(), content_type="image/jpeg")
+    assert bad.status_code == 400  # a refused request costs no quota
+    assert [send().status_code for _ in range(2)] == [202, 202]
+    over = send()
+    assert over.status_code == 429 and over.json()["code"] == "quota_exceeded"
+    assert int(over["Retry-After"]) > 0
+    credentials.sync(full=False)  # flushed to Postgres and read back: still over
+    assert send().status_code == 429
