@@ -1,0 +1,42 @@
+"""`manage.py billing_report --period 2026-11 [--customer ID|NAME]`: the billing report as CSV."""
+from __future__ import annotations
+
+import csv
+from datetime import date
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from metering import selectors
+from metering.models import BillingPeriod
+
+
+class Command(BaseCommand):
+    help = "Print billing reports (invoice lines, adjustments, totals) as CSV, for one month."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--period", required=True, help="the month, YYYY-MM")
+        parser.add_argument("--customer", help="a customer id or exact name; default every customer")
+
+    def handle(self, *args: object, period: str, customer: str | None, **options: object) -> None:
+        try:
+            start = date.fromisoformat(f"{period}-01")
+        except ValueError:
+            raise CommandError("--period must be YYYY-MM") from None
+        periods = BillingPeriod.objects.filter(start=start).select_related("customer").order_by("customer__name")
+        if customer:
+            by_id = periods.filter(customer__id=customer) if _is_uuid(customer) else periods.none()
+            periods = by_id if by_id.exists() else periods.filter(customer__name=customer)
+        writer = csv.writer(self.stdout)
+        writer.writerow(selectors.REPORT_HEADER)
+        for p in periods:
+            writer.writerows(selectors.billing_report_rows(period=p))
+
+
+def _is_uuid(value: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,368 @@
+"""Metering's writes: emit a job's usage record to the local spool, ship the spool, roll raw records
+up per hour and day, move billing periods to finalized invoices, and archive old raw records."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import threading
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.db import connection, connections, transaction
+from psycopg.conninfo import make_conninfo
+
+from metering import pricing, selectors
+from metering.archive import archive_store
+from metering.models import Adjustment, ArchiveFile, BillingPeriod, InvoiceLine, Watermark
+from metering.spool import COLUMNS, Shipper, ShipperThread, Spool
+
+if TYPE_CHECKING:
+    from resizer.jobs import Job
+
+log = logging.getLogger(__name__)
+
+# pg_advisory locks: the rollup and billing share one (billing must see every rollup it is told
+# about); the archiver has its own.
+AGGREGATION_LOCK = 0x6D65_7465_0001
+ARCHIVE_LOCK = 0x6D65_7465_0002
+
+
+# --- usage records --------------------------------------------------------------------------------
+
+def _megapixels(facts: dict[str, Any]) -> str | None:
+    if not facts.get("width") or not facts.get("height"):
+        return None
+    # Every frame is processed, so an animation counts each frame's pixels.
+    pixels = int(facts["width"]) * int(facts["height"]) * max(1, int(facts.get("frames") or 1))
+    return str(Decimal(pixels) / pricing.MEGA)
+
+
+def _seconds_between(start: str | None, end: str | None) -> str | None:
+    if not start or not end:
+        return None
+    t0 = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    t1 = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    return str(round(max(0.0, (t1 - t0).total_seconds()), 6))
+
+
+def usage_record(job: Job) -> dict[str, Any]:
+    """A finished job's usage record. Deterministic: a redelivered job yields the same record."""
+    inp = job.input or {}
+    out = job.output or {}
+    return {
+        "id": job.id,
+        "customer_id": job.customer_id,
+        "key_id": job.key_id,
+        "request_id": job.request_id,
+        "event_time": job.finished_at,
+        "outcome": job.status,
+        "error_code": (job.error or {}).get("code", ""),
+        "attempts": job.attempts,
+        "input_format": inp.get("format"),
+        "input_width": inp.get("width"),
+        "input_height": inp.get("height"),
+        "input_bytes": inp.get("bytes"),
+        "input_megapixels": _megapixels(inp),
+        "output_format": out.get("format"),
+        "output_width": out.get("width"),
+        "output_height": out.get("height"),
+        "output_bytes": out.get("bytes"),
+        "output_megapixels": _megapixels(out),
+        "cpu_seconds": None if job.cpu_seconds is None else str(job.cpu_seconds),
+        "wall_seconds": _seconds_between(job.started_at, job.finished_at),
+        "params": job.params,
+    }
+
+
+_spool: Spool | None = None
+_spool_guard = threading.Lock()
+
+
+def local_spool() -> Spool:
+    """This process's spool writer, and its shipper thread (started lazily, so a prefork child
+    starts its own after the fork)."""
+    global _spool
+    with _spool_guard:
+        if _spool is None or _spool.pid != os.getpid():
+            _spool = Spool(Path(settings.METERING_SPOOL_DIR), segment_records=settings.METERING_BATCH_RECORDS)
+            if settings.METERING_SHIPPER:
+                shipper = Shipper(Path(settings.METERING_SPOOL_DIR), batch_records=settings.METERING_BATCH_RECORDS)
+                ShipperThread(shipper, conninfo=staging_conninfo, interval=settings.METERING_FLUSH_SECONDS,
+                              wake=_spool.rotated)
+        return _spool
+
+
+def usage_record_emit(*, job: Job) -> None:
+    """Make a finished job's usage record durable on local disk. Raises SpoolError (a StagingError:
+    the task requeues the job) rather than let the job be announced without it."""
+    local_spool().append(usage_record(job))
+
+
+def staging_conninfo() -> str:
+    """The staging table's database: METERING_DATABASE_URL, else Django's (the test database in tests)."""
+    if settings.METERING_DATABASE_URL:
+        return settings.METERING_DATABASE_URL
+    s = connections["default"].settings_dict
+    return make_conninfo("", host=s["HOST"] or None, port=str(s["PORT"]) if s["PORT"] else None,
+                         dbname=s["NAME"], user=s["USER"] or None, password=s["PASSWORD"] or None)
+
+
+def usage_ship(*, directory: Path | None = None, conninfo: str | None = None) -> int:
+    """Ship a spool directory once (what the shipper thread does every tick). Raises ShipError."""
+    shipper = Shipper(Path(directory or settings.METERING_SPOOL_DIR), batch_records=settings.METERING_BATCH_RECORDS)
+    try:
+        return shipper.ship(conninfo=conninfo or staging_conninfo())
+    finally:
+        shipper.close()
+
+
+# --- rollups --------------------------------------------------------------------------------------
+
+_SUMS = ("images", "failed_images", "input_bytes", "input_megapixels", "output_bytes", "output_megapixels",
+         "cpu_seconds", "wall_seconds")
+_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in _SUMS)
+_CHANGED = f"({', '.join('r.' + c for c in _SUMS)}) IS DISTINCT FROM ({', '.join('EXCLUDED.' + c for c in _SUMS)})"
+_ON_CONFLICT = (f"ON CONFLICT (customer_id, granularity, window_start) DO UPDATE SET {_SET}, "
+                f"updated_at = EXCLUDED.updated_at WHERE {_CHANGED}")
+_INTO = f"INSERT INTO metering_usagerollup AS r (customer_id, granularity, window_start, {', '.join(_SUMS)}, updated_at)"
+
+# Recompute, whole, every hour window that a record received since `since` falls in.
+_HOURLY_SQL = f"""
+WITH touched AS (
+    SELECT DISTINCT customer_id, date_trunc('hour', event_time) AS window_start
+    FROM metering_usagerecord
+    WHERE received_at >= %(since)s AND event_time >= %(horizon)s
+)
+{_INTO}
+SELECT t.customer_id, 'hour', t.window_start,
+       count(*) FILTER (WHERE u.outcome = 'succeeded'),
+       count(*) FILTER (WHERE u.outcome <> 'succeeded'),
+       coalesce(sum(u.input_bytes) FILTER (WHERE u.outcome = 'succeeded'), 0),
+       coalesce(sum(u.input_megapixels) FILTER (WHERE u.outcome = 'succeeded'), 0),
+       coalesce(sum(u.output_bytes) FILTER (WHERE u.outcome = 'succeeded'), 0),
+       coalesce(sum(u.output_megapixels) FILTER (WHERE u.outcome = 'succeeded'), 0),
+       coalesce(sum(u.cpu_seconds) FILTER (WHERE u.outcome = 'succeeded'), 0),
+       coalesce(sum(u.wall_seconds) FILTER (WHERE u.outcome = 'succeeded'), 0),
+       %(run_at)s
+FROM touched t
+JOIN metering_usagerecord u ON u.customer_id = t.customer_id
+     AND u.event_time >= t.window_start AND u.event_time < t.window_start + interval '1 hour'
+GROUP BY t.customer_id, t.window_start
+{_ON_CONFLICT}
+"""
+
+# Recompute every day whose hours changed in this run, from its hours.
+_DAILY_SQL = f"""
+WITH touched AS (
+    SELECT DISTINCT customer_id, date_trunc('day', window_start) AS window_start
+    FROM metering_usagerollup
+    WHERE granularity = 'hour' AND updated_at = %(run_at)s
+)
+{_INTO}
+SELECT t.customer_id, 'day', t.window_start, {', '.join(f'sum(h.{c})' for c in _SUMS)}, %(run_at)s
+FROM touched t
+JOIN metering_usagerollup h ON h.customer_id = t.customer_id AND h.granularity = 'hour'
+     AND h.window_start >= t.window_start AND h.window_start < t.window_start + interval '1 day'
+GROUP BY t.customer_id, t.window_start
+{_ON_CONFLICT}
+"""
+
+
+def _locked_clock(cursor: Any, key: int) -> datetime:
+    """Take a transaction-scoped advisory lock, then read the clock: work done under the lock is
+    stamped later than everything committed before it."""
+    cursor.execute("SET LOCAL TIME ZONE 'UTC'")
+    cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])
+    cursor.execute("SELECT clock_timestamp()")
+    return cursor.fetchone()[0]
+
+
+def usage_rollup() -> dict[str, Any]:
+    """Roll raw records up per customer per hour and day. Recomputes whole windows (never adds), so
+    a second or concurrent run writes nothing new; the watermark minus a look-back finds the
+    windows that late records landed in."""
+    lookback = timedelta(seconds=settings.METERING_LOOKBACK_SECONDS)
+    with transaction.atomic(), connection.cursor() as cursor:
+        run_at = _locked_clock(cursor, AGGREGATION_LOCK)
+        mark = Watermark.objects.filter(name="rollup").first()
+        since = mark.value - lookback if mark else datetime.min.replace(tzinfo=timezone.utc)
+        # Older windows may have left for the archive; never recompute them from what is left.
+        horizon = run_at - timedelta(days=settings.METERING_ARCHIVE_AFTER_DAYS - 1)
+        cursor.execute(_HOURLY_SQL, {"since": since, "horizon": horizon, "run_at": run_at})
+        hours = cursor.rowcount
+        cursor.execute(_DAILY_SQL, {"run_at": run_at})
+        days = cursor.rowcount
+        Watermark.objects.update_or_create(name="rollup", defaults={"value": run_at})
+    return {"hours": hours, "days": days, "watermark": run_at.isoformat()}
+
+
+# --- billing --------------------------------------------------------------------------------------
+
+_OPEN_PERIODS_SQL = """
+INSERT INTO metering_billingperiod (customer_id, start, "end", status, currency)
+SELECT DISTINCT r.customer_id, date_trunc('month', r.window_start)::date,
+       (date_trunc('month', r.window_start) + interval '1 month')::date, 'open', ''
+FROM metering_usagerollup r JOIN identity_customer c ON c.id = r.customer_id
+WHERE r.granularity = 'day' AND r.updated_at >= %(since)s
+ON CONFLICT (customer_id, start) DO NOTHING
+"""
+
+# Finalized periods with a day whose numbers changed since the period was last reconciled.
+_TO_RECONCILE_SQL = """
+SELECT DISTINCT p.id FROM metering_usagerollup r
+JOIN metering_billingperiod p ON p.customer_id = r.customer_id
+     AND r.window_start >= p.start AND r.window_start < p."end"
+WHERE r.granularity = 'day' AND r.updated_at >= %(since)s
+  AND p.status = 'finalized' AND r.updated_at > p.reconciled_at
+"""
+
+
+def billing_run(*, today: date | None = None) -> dict[str, int]:
+    """Open a period for every customer month with usage; move periods past their end to grace and
+    past their grace to finalized (invoice lines); append adjustments for usage that reached a
+    finalized period later. Every step is idempotent; runs are serialized with the rollup."""
+    counts = {"opened": 0, "grace": 0, "finalized": 0, "adjusted": 0}
+    with transaction.atomic(), connection.cursor() as cursor:
+        run_at = _locked_clock(cursor, AGGREGATION_LOCK)
+        today = today or run_at.date()
+        mark = Watermark.objects.filter(name="billing").first()
+        since = mark.value if mark else datetime.min.replace(tzinfo=timezone.utc)
+        cursor.execute(_OPEN_PERIODS_SQL, {"since": since})
+        counts["opened"] = cursor.rowcount
+        counts["grace"] = BillingPeriod.objects.filter(status=BillingPeriod.Status.OPEN, end__lte=today).update(
+            status=BillingPeriod.Status.GRACE)
+        due = today - timedelta(days=settings.BILLING_GRACE_DAYS)
+        for period in BillingPeriod.objects.filter(status=BillingPeriod.Status.GRACE, end__lte=due):
+            billing_period_finalize(period=period, at=run_at)
+            counts["finalized"] += 1
+        cursor.execute(_TO_RECONCILE_SQL, {"since": since})
+        for (period_id,) in cursor.fetchall():
+            counts["adjusted"] += billing_period_reconcile(period=BillingPeriod.objects.get(pk=period_id), at=run_at)
+        Watermark.objects.update_or_create(name="billing", defaults={"value": run_at})
+    return counts
+
+
+def billing_period_finalize(*, period: BillingPeriod, at: datetime) -> BillingPeriod:
+    """Price the period's usage with the plan in force on its first day, write one invoice line per
+    axis, and freeze the tiers used. Call under the aggregation lock."""
+    plan, snapshot = selectors.price_plan_for(customer_id=period.customer_id, on=period.start)
+    quantities = pricing.quantities(selectors.period_totals(customer_id=period.customer_id,
+                                                            start=period.start, end=period.end))
+    InvoiceLine.objects.bulk_create([
+        InvoiceLine(period=period, axis=axis, quantity=quantity,
+                    amount_micros=pricing.amount_micros(snapshot["tiers"].get(axis, []), quantity))
+        for axis, quantity in quantities.items()
+    ])
+    period.status = BillingPeriod.Status.FINALIZED
+    period.plan = plan
+    period.currency = snapshot["currency"]
+    period.price_snapshot = snapshot
+    period.finalized_at = period.reconciled_at = at
+    period.save(update_fields=["status", "plan", "currency", "price_snapshot", "finalized_at", "reconciled_at"])
+    return period
+
+
+def billing_period_reconcile(*, period: BillingPeriod, at: datetime) -> int:
+    """Append a late-usage adjustment per axis where the period's usage now differs from what was
+    billed (lines plus earlier late-usage adjustments). Returns how many were appended."""
+    billed = selectors.period_billed(period=period)
+    quantities = pricing.quantities(selectors.period_totals(customer_id=period.customer_id,
+                                                            start=period.start, end=period.end))
+    tiers = (period.price_snapshot or {}).get("tiers", {})
+    appended = 0
+    for axis, quantity in quantities.items():
+        billed_quantity, billed_amount = billed.get(axis, (Decimal(0), 0))
+        delta_quantity = quantity - billed_quantity
+        delta_amount = pricing.amount_micros(tiers.get(axis, []), quantity) - billed_amount
+        if delta_quantity or delta_amount:
+            Adjustment.objects.create(period=period, kind=Adjustment.Kind.LATE_USAGE, axis=axis,
+                                      quantity=delta_quantity, amount_micros=delta_amount,
+                                      reason=f"usage recorded after finalization, found {at:%Y-%m-%d %H:%M} UTC")
+            appended += 1
+    period.reconciled_at = at
+    period.save(update_fields=["reconciled_at"])
+    return appended
+
+
+def adjustment_create(*, period: BillingPeriod, amount_micros: int, reason: str, by: str) -> Adjustment:
+    """An operator's correction (a credit is negative) to a finalized period: appended, never an edit."""
+    if period.status != BillingPeriod.Status.FINALIZED:
+        raise ValueError("only a finalized period takes adjustments; an open one is still being computed")
+    return Adjustment.objects.create(period=period, kind=Adjustment.Kind.MANUAL, amount_micros=amount_micros,
+                                     reason=reason, created_by=by)
+
+
+# --- archive --------------------------------------------------------------------------------------
+
+class ArchiveVerifyError(Exception):
+    """What was read back from the archive is not what was written; the rows stay."""
+
+
+_ARCHIVE_GROUPS_SQL = """
+SELECT customer_id, (event_time AT TIME ZONE 'UTC')::date AS day FROM metering_usagerecord
+WHERE event_time < %(cutoff)s GROUP BY 1, 2 ORDER BY 2, 1 LIMIT %(limit)s
+"""
+_ARCHIVE_ROWS_SQL = f"""
+SELECT {', '.join(COLUMNS)}, received_at FROM metering_usagerecord
+WHERE customer_id = %(customer_id)s AND event_time >= %(start)s AND event_time < %(end)s ORDER BY id
+"""
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    if value is None or isinstance(value, (int, str, dict, list)):
+        return value
+    return str(value)  # UUID, Decimal: exact as text
+
+
+def usage_archive(*, now: datetime | None = None, max_files: int = 10_000) -> dict[str, int]:
+    """Export raw records of whole UTC days older than METERING_ARCHIVE_AFTER_DAYS, one gzip'd JSON
+    lines file per customer and day; read each file back and check its count and SHA-256 before
+    the rows are deleted, in the same transaction that indexes the file."""
+    now = now or datetime.now(timezone.utc)
+    cutoff_day = (now - timedelta(days=settings.METERING_ARCHIVE_AFTER_DAYS)).date()
+    cutoff = selectors.midnight(cutoff_day)
+    done = {"files": 0, "records": 0}
+    store = archive_store()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [ARCHIVE_LOCK])
+        if not cursor.fetchone()[0]:
+            return done  # another archiver is at work
+        try:
+            cursor.execute(_ARCHIVE_GROUPS_SQL, {"cutoff": cutoff, "limit": max_files})
+            for customer_id, day in cursor.fetchall():
+                done["records"] += _archive_day(cursor, store, customer_id=customer_id, day=day)
+                done["files"] += 1
+        finally:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [ARCHIVE_LOCK])
+    return done
+
+
+def _archive_day(cursor: Any, store: Any, *, customer_id: Any, day: date) -> int:
+    start = selectors.midnight(day)
+    cursor.execute(_ARCHIVE_ROWS_SQL, {"customer_id": customer_id, "start": start, "end": start + timedelta(days=1)})
+    names = [*COLUMNS, "received_at"]
+    rows = cursor.fetchall()
+    body = b"".join(
+        json.dumps({n: _jsonable(v) for n, v in zip(names, row)}, separators=(",", ":")).encode() + b"\n"
+        for row in rows
+    )
+    digest = hashlib.sha256(body).hexdigest()
+    # Named by content: re-running after a crash rewrites the same file, not a second copy.
+    key = f"usage/{customer_id}/{day:%Y/%m/%d}/{digest[:16]}.jsonl.gz"
+    store.put(key, gzip.compress(body, mtime=0))
+    back = gzip.decompress(store.get(key))
+    if hashlib.sha256(back).hexdigest() != digest or back.count(b"\n") != len(rows):
+        raise ArchiveVerifyError(f"archive file {key} does not read back as written")
+    with transaction.atomic():
+        ArchiveFile.objects.get_or_create(key=key, defaults={"customer_id": customer_id, "day": day,
+                                                             "records": len(rows), "sha256": digest})
+        cursor.execute("DELETE FROM metering_usagerecord WHERE id = ANY(%s)", [[row[0] for row in rows]])
+    return len(rows)

@@ -1,0 +1,101 @@
+"""GET /v1/usage: a customer's own usage per hour or day, read from the rollups."""
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+from django.http import HttpResponse, JsonResponse
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from controlplane.errors import ApiError
+from metering import selectors
+
+STEP = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+# The widest range one request may ask for, per granularity.
+MAX_RANGE = {"hour": timedelta(days=31), "day": timedelta(days=366)}
+DEFAULT_RANGE = {"hour": timedelta(hours=24), "day": timedelta(days=30)}
+_PARAMS = ("from", "to", "granularity")
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _instant(name: str, raw: str) -> datetime:
+    """An ISO 8601 date or date-time; without an offset it is UTC."""
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00")) if "T" in raw else None
+        if value is None:
+            day = date.fromisoformat(raw)
+            value = datetime(day.year, day.month, day.day)
+    except ValueError:
+        raise ApiError(400, "invalid_parameter", f"`{name}` must be an ISO 8601 date or date-time, like "
+                       "2026-11-01 or 2026-11-01T13:00:00Z.", extra={"parameter": name}) from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _floor(t: datetime, granularity: str) -> datetime:
+    t = t.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    return t.replace(hour=0) if granularity == "day" else t
+
+
+def _number(value: Any) -> int | float:
+    return float(value) if isinstance(value, Decimal) else int(value or 0)
+
+
+class UsageView(APIView):
+    required_scope = "usage"
+
+    @extend_schema(
+        operation_id="usage",
+        summary="Your usage per hour or day",
+        description=(
+            "Usage windows whose start lies in [from, to), `from` rounded down to the window. Billed "
+            "axes count succeeded jobs; `failed_images` counts failures, which are free. Numbers come "
+            "from the rollups: `as_of` says up to when records are included."
+        ),
+        parameters=[
+            OpenApiParameter("from", str, description="ISO 8601 date or date-time (UTC if no offset); "
+                             "default: `to` minus 24 hours (hour) or 30 days (day)"),
+            OpenApiParameter("to", str, description="exclusive; default now"),
+            OpenApiParameter("granularity", str, enum=list(STEP), description="default day"),
+        ],
+        responses={200: OpenApiResponse(description="windows and totals, JSON"), 400: OpenApiResponse(
+            description="problem+json: invalid_parameter, unknown_parameter or range_too_large")},
+    )
+    def get(self, request: Request) -> HttpResponse:
+        query = request.query_params
+        unknown = sorted(set(query) - set(_PARAMS))
+        if unknown:
+            raise ApiError(400, "unknown_parameter", f"Unknown parameter `{unknown[0]}`; use from, to and granularity.",
+                           extra={"parameter": unknown[0]})
+        granularity = query.get("granularity") or "day"
+        if granularity not in STEP:
+            raise ApiError(400, "invalid_parameter", "`granularity` must be `hour` or `day`.",
+                           extra={"parameter": "granularity"})
+        end = _instant("to", query["to"]) if query.get("to") else datetime.now(timezone.utc)
+        start = _instant("from", query["from"]) if query.get("from") else end - DEFAULT_RANGE[granularity]
+        start = _floor(start, granularity)
+        if start >= end:
+            raise ApiError(400, "invalid_parameter", "`from` must be before `to`.", extra={"parameter": "from"})
+        if end - start > MAX_RANGE[granularity]:
+            raise ApiError(400, "range_too_large", f"At most {MAX_RANGE[granularity].days} days of {granularity}ly "
+                           "windows per request.", extra={"parameter": "from"})
+        windows = selectors.usage_windows(customer_id=request.user.customer_id, granularity=granularity,
+                                          start=start, end=end)
+        totals = {field: sum(_number(w[field]) for w in windows) for field in selectors.USAGE_FIELDS}
+        as_of = selectors.usage_as_of()
+        response = JsonResponse({
+            "granularity": granularity,
+            "from": _iso(start),
+            "to": _iso(end),
+            "as_of": _iso(as_of) if as_of else None,
+            "windows": [{"start": _iso(w["window_start"]), **{f: _number(w[f]) for f in selectors.USAGE_FIELDS}}
+                        for w in windows],
+            "totals": {f: round(v, 6) if isinstance(v, float) else v for f, v in totals.items()},
+        })
+        response["Cache-Control"] = "private, no-store"
+        return response

@@ -1,0 +1,139 @@
+"""Billing: graduated prices in integer micro-units, periods open -> grace -> finalized, late usage
+as appended adjustments (once), and the report in admin, as CSV and as a management command."""
+from __future__ import annotations
+
+import csv
+import io
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from django.core.management import call_command
+
+from metering import pricing, services
+from metering.models import Adjustment, BillingPeriod, CustomerPricePlan, PricePlan, PriceTier
+from tests.metering.conftest import insert, usage
+
+pytestmark = pytest.mark.django_db
+
+START = datetime.now(timezone.utc).date().replace(day=1)
+END = (START + timedelta(days=32)).replace(day=1)
+AT = datetime(START.year, START.month, START.day, 1, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("tiers,quantity,micros", [
+    ([["3", 100], [None, 50]], Decimal(5), 3 * 100 + 2 * 50),
+    ([["3", 100], [None, 50]], Decimal("2.5"), 250),
+    ([["3", 100], ["10", 70], [None, 50]], Decimal(12), 300 + 7 * 70 + 2 * 50),
+    ([["10", 7]], Decimal(12), 70),          # past the last bounded tier: free
+    ([], Decimal(1000), 0),                  # an axis the plan does not charge
+    ([[None, 1]], Decimal("0.0000005"), 0),  # half a micro rounds to even
+    ([[None, 3]], Decimal("0.5"), 2),
+])
+def test_graduated_tiers_in_exact_micro_units(tiers, quantity, micros):
+    assert pricing.amount_micros(tiers, quantity) == micros
+
+
+@pytest.fixture
+def tiny_plan(customer):
+    plan = PricePlan.objects.create(name="tiny")
+    PriceTier.objects.create(plan=plan, axis="images", up_to=3, unit_price_micros=1000)
+    PriceTier.objects.create(plan=plan, axis="images", up_to=None, unit_price_micros=500)
+    PriceTier.objects.create(plan=plan, axis="cpu_seconds", up_to=None, unit_price_micros=2000)
+    CustomerPricePlan.objects.create(customer=customer, plan=plan, effective_from=START)
+    return plan
+
+
+def _report(customer) -> list[list[str]]:
+    out = io.StringIO()
+    call_command("billing_report", period=f"{START:%Y-%m}", customer=str(customer.id), stdout=out)
+    return list(csv.reader(io.StringIO(out.getvalue())))
+
+
+def test_a_period_goes_open_grace_finalized_and_late_usage_is_appended(customer, tiny_plan, standard_plan):
+    insert(*[usage(customer.id, at=AT + timedelta(minutes=i)) for i in range(5)])
+    services.usage_rollup()
+    assert services.billing_run(today=START)["opened"] == 1
+    period = BillingPeriod.objects.get(customer=customer, start=START)
+    assert (period.status, period.end) == ("open", END)
+    assert _report(customer)[1][7] == "provisional"
+
+    services.billing_run(today=END)
+    period.refresh_from_db()
+    assert period.status == "grace"
+    insert(usage(customer.id, at=AT))  # arrives during grace: still on the invoice
+    services.usage_rollup()
+    services.billing_run(today=END + timedelta(days=1))
+    period.refresh_from_db()
+    assert period.status == "grace"
+
+    assert services.billing_run(today=END + timedelta(days=3))["finalized"] == 1
+    period.refresh_from_db()
+    lines = {line.axis: (line.quantity, line.amount_micros) for line in period.lines.all()}
+    assert period.status == "finalized" and period.plan == tiny_plan
+    assert lines["images"] == (6, 3 * 1000 + 3 * 500)
+    assert lines["cpu_seconds"] == (Decimal("0.042"), 84)
+    assert lines["input_mb"] == (Decimal("1.5"), 0)  # tiny charges nothing for input
+
+    assert services.billing_run(today=END + timedelta(days=4)) == {"opened": 0, "grace": 0, "finalized": 0,
+                                                                   "adjusted": 0}
+    # Usage that reached the finalized period late: an adjustment, never an edit; once.
+    insert(usage(customer.id, at=AT + timedelta(days=3)))
+    services.usage_rollup()
+    services.billing_run(today=END + timedelta(days=5))
+    services.usage_rollup()
+    services.billing_run(today=END + timedelta(days=6))
+    assert {line.axis: (line.quantity, line.amount_micros) for line in period.lines.all()} == lines
+    late = {a.axis: (a.quantity, a.amount_micros) for a in period.adjustments.all()}
+    assert late["images"] == (1, 500) and late["cpu_seconds"] == (Decimal("0.007"), 14)
+    assert period.adjustments.count() == 4 and all(a.kind == "late_usage" for a in period.adjustments.all())
+
+    rows = _report(customer)
+    assert rows[0][0] == "customer_id" and rows[-1][7] == "total"
+    assert rows[-1][11] == pricing.money(4500 + 84 + 500 + 14)
+
+
+def test_the_default_plan_prices_a_customer_without_one(customer, standard_plan):
+    insert(*[usage(customer.id, at=AT) for _ in range(3)])
+    services.usage_rollup()
+    services.billing_run(today=END + timedelta(days=30))
+    period = BillingPeriod.objects.get(customer=customer, start=START)
+    assert period.plan == standard_plan and period.price_snapshot["plan"] == "standard"
+    assert period.lines.get(axis="images").amount_micros == 3 * 500
+
+
+def test_operators_append_adjustments_to_finalized_periods_only(customer, standard_plan, admin_client):
+    insert(usage(customer.id, at=AT))
+    services.usage_rollup()
+    services.billing_run(today=START)
+    period = BillingPeriod.objects.get(customer=customer, start=START)
+    with pytest.raises(ValueError):
+        services.adjustment_create(period=period, amount_micros=-100, reason="goodwill", by="staff:ann")
+    services.billing_run(today=END + timedelta(days=30))
+    period.refresh_from_db()
+    credit = services.adjustment_create(period=period, amount_micros=-100, reason="goodwill", by="staff:ann")
+    assert credit.kind == Adjustment.Kind.MANUAL
+    assert _report(customer)[-1][11] == pricing.money(period.lines.get(axis="images").amount_micros
+                                                     + sum(line.amount_micros for line in period.lines.exclude(axis="images"))
+                                                     - 100)
+
+    # The same report in Django admin, and as CSV from there.
+    assert admin_client.get("/admin/metering/billingperiod/").status_code == 200
+    page = admin_client.get(f"/admin/metering/billingperiod/{period.pk}/change/")
+    assert page.status_code == 200 and b"goodwill" in page.content
+    exported = admin_client.get(f"/admin/metering/billingperiod/{period.pk}/csv/")
+    assert exported.status_code == 200 and exported["Content-Type"] == "text/csv"
+    rows = list(csv.reader(io.StringIO(exported.content.decode())))
+    assert rows == _report(customer)
+    action = admin_client.post("/admin/metering/billingperiod/", {"action": "export_csv", "_selected_action": [period.pk]})
+    assert action.status_code == 200 and action.content.decode().splitlines()[0].startswith("customer_id,")
+
+
+def test_a_plan_assignment_counts_from_its_date(customer, tiny_plan, standard_plan):
+    next_start = END
+    CustomerPricePlan.objects.create(customer=customer, plan=standard_plan, effective_from=next_start)
+    from metering.selectors import price_plan_for
+
+    assert price_plan_for(customer_id=customer.id, on=START)[0] == tiny_plan
+    assert price_plan_for(customer_id=customer.id, on=next_start)[0] == standard_plan
+    assert price_plan_for(customer_id=customer.id, on=date(2000, 1, 1))[0] == standard_plan

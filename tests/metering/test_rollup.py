@@ -1,0 +1,102 @@
+"""The rollup recomputes whole windows: right sums per hour and day, nothing new when run twice or
+concurrently, late records land in their own (old) window."""
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+
+from metering import services
+from metering.models import UsageRollup
+from tests.metering.conftest import insert, usage
+
+pytestmark = pytest.mark.django_db
+
+# A fixed hour two days ago, well inside the window the rollup still recomputes.
+T0 = (datetime.now(timezone.utc) - timedelta(days=2)).replace(hour=10, minute=0, second=0, microsecond=0)
+
+
+def windows(customer_id, granularity: str = "hour") -> dict[datetime, UsageRollup]:
+    return {w.window_start: w for w in UsageRollup.objects.filter(customer_id=customer_id, granularity=granularity)}
+
+
+def snapshot(customer_id) -> list[dict]:
+    return list(UsageRollup.objects.filter(customer_id=customer_id).order_by("granularity", "window_start").values())
+
+
+def test_each_axis_is_summed_per_hour_and_per_day():
+    customer = uuid.uuid4()
+    insert(usage(customer, at=T0 + timedelta(minutes=10)),
+           usage(customer, at=T0 + timedelta(minutes=20), input_bytes=1000, cpu_seconds="0.5"),
+           usage(customer, at=T0 + timedelta(minutes=70)),
+           usage(customer, at=T0 + timedelta(minutes=5), outcome="failed"))
+    services.usage_rollup()
+    hours = windows(customer)
+    assert set(hours) == {T0, T0 + timedelta(hours=1)}
+    first = hours[T0]
+    assert (first.images, first.failed_images, first.input_bytes) == (2, 1, 251_000)
+    assert (first.cpu_seconds, first.output_megapixels, first.input_megapixels) == (
+        Decimal("0.507"), Decimal("0.04"), Decimal("1.0"))
+    day = windows(customer, "day")[T0.replace(hour=0)]
+    assert (day.images, day.failed_images, day.input_bytes, day.output_bytes) == (3, 1, 501_000, 27_000)
+
+
+def test_a_second_run_changes_nothing():
+    customer = uuid.uuid4()
+    insert(*[usage(customer, at=T0 + timedelta(minutes=i * 7)) for i in range(20)])
+    services.usage_rollup()
+    before = snapshot(customer)
+    services.usage_rollup()
+    assert snapshot(customer) == before  # same numbers, and updated_at untouched
+
+
+def test_a_late_record_is_added_to_its_own_window_only():
+    customer = uuid.uuid4()
+    insert(usage(customer, at=T0 + timedelta(minutes=1)))
+    services.usage_rollup()
+    on_time = snapshot(customer)
+    # A record of a day earlier, received now (a spool shipped after a long outage).
+    insert(usage(customer, at=T0 - timedelta(hours=26)))
+    services.usage_rollup()
+    assert windows(customer)[T0 - timedelta(hours=26)].images == 1
+    assert windows(customer, "day")[(T0 - timedelta(days=1)).replace(hour=0)].images == 1
+    assert [w for w in snapshot(customer) if w["window_start"] >= T0.replace(hour=0)] == on_time
+
+
+def test_records_older_than_the_archive_horizon_are_not_rolled_up(settings):
+    customer = uuid.uuid4()
+    insert(usage(customer, at=datetime.now(timezone.utc) - timedelta(days=settings.METERING_ARCHIVE_AFTER_DAYS)))
+    services.usage_rollup()
+    assert not snapshot(customer)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_runs_agree_with_one_run():
+    customers = [uuid.uuid4() for _ in range(5)]
+    insert(*[usage(c, at=T0 + timedelta(minutes=i)) for c in customers for i in range(0, 300, 3)])
+    errors = []
+
+    def run() -> None:
+        try:
+            services.usage_rollup()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    after_concurrent = [snapshot(c) for c in customers]
+    services.usage_rollup()
+    assert [snapshot(c) for c in customers] == after_concurrent
+    for c in customers:
+        assert sum(w.images for w in windows(c).values()) == 100
+        assert sum(w.images for w in windows(c, "day").values()) == 100

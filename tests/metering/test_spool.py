@@ -1,0 +1,156 @@
+"""The spool and its shipper against the real Postgres: every appended record lands exactly once,
+whether a batch is shipped twice, the staging table is away for a while, or a writer is killed."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from metering.models import UsageRecord
+from metering.services import staging_conninfo
+from metering.spool import Shipper, ShipError, ShipperThread, Spool
+from tests.conftest import ROOT
+from tests.metering.conftest import usage
+
+# The shipper commits on its own connection: these tests need committed, visible rows.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+UNREACHABLE = "host=127.0.0.1 port=1 dbname=resizer user=postgres"  # a Postgres that is not there
+
+
+def count(customer_id) -> int:
+    return UsageRecord.objects.filter(customer_id=customer_id).count()
+
+
+def test_n_records_land_once_even_when_a_batch_is_shipped_twice(spool_dir):
+    customer = uuid.uuid4()
+    spool = Spool(spool_dir, segment_records=40)
+    records = [usage(customer) for _ in range(100)]
+    for record in records:
+        spool.append(record)
+    copy = Path(shutil.copytree(spool_dir, spool_dir.with_name(spool_dir.name + "-copy")))
+    assert len(list(copy.glob("*.jsonl"))) == 3  # rotated at 40 records
+
+    assert Shipper(spool_dir, batch_records=50).ship(conninfo=staging_conninfo()) == 100
+    assert count(customer) == 100 and not list(spool_dir.glob("*.jsonl"))
+    # The same batches again (a shipper that died after its commit, before deleting them): a no-op.
+    assert Shipper(copy, batch_records=1000).ship(conninfo=staging_conninfo()) == 100
+    assert count(customer) == 100
+    row = UsageRecord.objects.get(id=records[0]["id"])
+    assert (row.input_bytes, str(row.output_megapixels), row.outcome) == (250_000, "0.020000", "succeeded")
+
+
+def test_staging_away_keeps_every_record_in_the_spool_until_it_returns(spool_dir):
+    customer = uuid.uuid4()
+    spool = Spool(spool_dir, segment_records=1000)
+    for _ in range(30):
+        spool.append(usage(customer))
+    shipper = Shipper(spool_dir, batch_records=1000)
+    with pytest.raises(ShipError):
+        shipper.ship(conninfo=UNREACHABLE)
+    assert count(customer) == 0 and shipper.pending() == 1
+    for _ in range(20):  # the service keeps appending while the staging table is away
+        spool.append(usage(customer))
+    assert shipper.ship(conninfo=staging_conninfo()) == 50
+    assert count(customer) == 50 and shipper.pending() == 0
+
+
+def test_the_background_shipper_recovers_without_a_restart(spool_dir):
+    customer = uuid.uuid4()
+    database = {"up": False}
+    spool = Spool(spool_dir, segment_records=1000)
+    ShipperThread(Shipper(spool_dir, batch_records=1000), interval=0.05, wake=spool.rotated,
+                  conninfo=lambda: staging_conninfo() if database["up"] else UNREACHABLE)
+    for _ in range(25):
+        spool.append(usage(customer))
+    time.sleep(0.5)  # several failed attempts
+    assert count(customer) == 0
+    database["up"] = True
+    deadline = time.monotonic() + 15  # the thread is backing off: at most ~0.05 * 2^n with jitter
+    while count(customer) < 25 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert count(customer) == 25
+
+
+def test_writers_racing_shippers_lose_and_duplicate_nothing(spool_dir):
+    """Two writer threads (each its own Spool, as two processes would be) against two shippers that
+    keep taking segments from under them."""
+    customer = uuid.uuid4()
+    stop = threading.Event()
+    shipped = []
+
+    def ship_loop() -> None:
+        shipper = Shipper(spool_dir, batch_records=37)
+        while not stop.is_set():
+            shipped.append(shipper.ship(conninfo=staging_conninfo()))
+        shipped.append(shipper.ship(conninfo=staging_conninfo()))
+        shipper.close()
+
+    def write(n: int) -> None:
+        spool = Spool(spool_dir, segment_records=25)
+        for _ in range(n):
+            spool.append(usage(customer))
+
+    shippers = [threading.Thread(target=ship_loop) for _ in range(2)]
+    writers = [threading.Thread(target=write, args=(400,)) for _ in range(2)]
+    for t in shippers + writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in shippers:
+        t.join()
+    Shipper(spool_dir, batch_records=1000).ship(conninfo=staging_conninfo())
+    assert count(customer) == 800
+    assert not list(spool_dir.glob("*.jsonl"))
+
+
+_WRITER = """
+import sys, uuid
+from pathlib import Path
+from metering.spool import Spool
+spool = Spool(Path(sys.argv[1]), segment_records=50)
+while True:
+    record_id = uuid.uuid4().hex
+    spool.append({"id": record_id, "customer_id": sys.argv[2], "event_time": "2026-11-01T10:00:00Z",
+                  "outcome": "succeeded", "input_bytes": 1000})
+    print(record_id, flush=True)  # acknowledged: append() returned, so the record is on disk
+"""
+
+
+def test_a_writer_killed_mid_stream_loses_nothing_it_acknowledged(spool_dir):
+    customer = uuid.uuid4()
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(spool_dir), str(customer)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    acknowledged = []
+    for line in proc.stdout:
+        acknowledged.append(line.strip())
+        if len(acknowledged) == 300:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    acknowledged += [line.strip() for line in proc.stdout if line.strip()]
+    # Its segments are still there, and its dead process holds no lock on them.
+    Shipper(spool_dir, batch_records=1000).ship(conninfo=staging_conninfo())
+    stored = {str(i).replace("-", "") for i in UsageRecord.objects.filter(customer_id=customer).values_list("id", flat=True)}
+    assert set(acknowledged) <= stored
+    assert len(stored) - len(acknowledged) <= 1  # at most the record in flight when it died
+
+
+def test_a_torn_last_line_is_dropped_and_a_bad_record_set_aside(spool_dir):
+    customer = uuid.uuid4()
+    good, bad = usage(customer), {**usage(customer), "customer_id": "not-a-uuid"}
+    import json
+
+    (spool_dir / "dead-1-x-000001.jsonl").write_bytes(
+        (json.dumps(good) + "\n" + json.dumps(bad) + "\n" + json.dumps(usage(customer))[:40]).encode())
+    assert Shipper(spool_dir, batch_records=1000).ship(conninfo=staging_conninfo()) == 1
+    assert count(customer) == 1
+    assert (spool_dir / "rejected" / "dead-1-x-000001.jsonl").read_text().count("not-a-uuid") == 1
