@@ -1,0 +1,366 @@
+"""The API tier's Prometheus metrics and the one /metrics that sums every process of a server.
+
+What is measured here, and why (docs/OPERATIONS.md has what to watch; docs/adr/0005 the numbers):
+- every POST /v1/resize: its duration (a bucket at the 0.5 s SLO), its outcome (yield = served /
+  (served + shed + error)) and, when refused for capacity or plan limits, why (admissions shed);
+- the stages of a resize as the code names them: auth, upload, admission, staging, enqueue, queue_wait,
+  processing, result_return;
+- at scrape time, shared state no request touches: the resize queue's depth and consumers (a
+  passive declare on the broker), the oldest usage record not yet shipped (the metering spool),
+  and the age of the oldest identity snapshot among this server's processes.
+
+Under gunicorn every process writes its values to PROMETHEUS_MULTIPROC_DIR (controlplane/metrics_dir.py)
+and /metrics sums them; in one process (tests, runserver) the default registry serves. No label
+ever carries a customer id: labels are outcomes, stages and error codes, all bounded sets.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+log = logging.getLogger("controlplane.access")
+
+# Request latency: fine around the 0.5 s SLO (p99 for inputs under 1 MB), coarse past it.
+REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A stage is a slice of a request: from half a millisecond (auth from memory) to the sync wait.
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# The SLO covers images under 1 MB; larger inputs are measured under their own label.
+SLO_INPUT_BYTES = 1_000_000
+
+RESIZE_REQUEST_SECONDS = Histogram(
+    "resizer_resize_request_duration_seconds",
+    "POST /v1/resize, from the request's arrival at Django to its response, by outcome and input size.",
+    ["outcome", "input_size"], buckets=REQUEST_BUCKETS,
+)
+RESIZE_REQUESTS = Counter(
+    "resizer_resize_requests", "POST /v1/resize answers by outcome and stable code (ok, accepted, or the error code).",
+    ["outcome", "code"],
+)
+STAGE_SECONDS = Histogram(
+    "resizer_resize_stage_duration_seconds",
+    "Time a resize request spent in each stage: auth, upload, admission, staging, enqueue, queue_wait, "
+    "processing, result_return.",
+    ["stage"], buckets=STAGE_BUCKETS,
+)
+ADMISSIONS_SHED = Counter(
+    "resizer_admissions_shed",
+    "Resize requests refused before any work (429 plan limits, 503 dependency away or overload), by code.",
+    ["reason"],
+)
+AUTH_SYNCED_NAME = "resizer_auth_snapshot_synced_timestamp_seconds"
+AUTH_AGE_NAME = "resizer_auth_snapshot_age_seconds"
+
+OUTCOMES = ("served", "client_error", "limited", "shed", "error")
+STAGES = ("auth", "upload", "admission", "staging", "enqueue", "queue_wait", "processing", "result_return")
+_CODE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+
+
+def outcome_of(status: int) -> str:
+    """served: 2xx (an image, or 202 for a job accepted); limited: 429 (the customer's plan);
+    shed: 503 (a dependency away, or overload); error: other 5xx; client_error: other 4xx."""
+    if status < 400:
+        return "served"
+    if status == 429:
+        return "limited"
+    if status == 503:
+        return "shed"
+    if status >= 500:
+        return "error"
+    return "client_error"
+
+
+# --- the stages of one request ------------------------------------------------------------------
+
+class StageClock:
+    """Laps through a request: each lap(stage) records the time since the previous lap."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        STAGE_SECONDS.labels(stage).observe(now - self._last)
+        self._last = now
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def job_stages_observe(job: Any) -> None:
+    """The stages the job document timed (wall clocks of the API and worker hosts): queue_wait
+    (created -> started), processing (started -> finished), result_return (finished -> now)."""
+    created, started, finished = (_parse_time(job.created_at), _parse_time(job.started_at),
+                                  _parse_time(job.finished_at))
+    if created and started:
+        STAGE_SECONDS.labels("queue_wait").observe(max(0.0, (started - created).total_seconds()))
+    if started and finished:
+        STAGE_SECONDS.labels("processing").observe(max(0.0, (finished - started).total_seconds()))
+    if finished:
+        STAGE_SECONDS.labels("result_return").observe(
+            max(0.0, (datetime.now(timezone.utc) - finished).total_seconds()))
+
+
+# --- every resize request's duration and outcome ------------------------------------------------
+
+def _problem_code(response: HttpResponse) -> str:
+    try:
+        code = json.loads(response.content).get("code", "")
+    except (ValueError, AttributeError):
+        code = ""
+    return code if isinstance(code, str) and _CODE.match(code) else "other"
+
+
+class ResizeMetricsMiddleware:
+    """Times every POST /v1/resize and counts its outcome; logs one line per request."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        started = time.perf_counter()
+        response = self.get_response(request)
+        match = getattr(request, "resolver_match", None)
+        if request.method != "POST" or match is None or match.url_name != "resize":
+            return response
+        elapsed = time.perf_counter() - started
+        status = response.status_code
+        outcome = outcome_of(status)
+        code = ("accepted" if status == 202 else "ok") if status < 400 else _problem_code(response)
+        input_bytes = getattr(request, "resize_input_bytes", None)
+        if input_bytes is None:
+            try:
+                input_bytes = int(request.META.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                input_bytes = 0
+        RESIZE_REQUEST_SECONDS.labels(outcome, "lt_1mb" if input_bytes < SLO_INPUT_BYTES else "ge_1mb").observe(elapsed)
+        RESIZE_REQUESTS.labels(outcome, code).inc()
+        if status in (429, 503):
+            ADMISSIONS_SHED.labels(code).inc()
+        location = response.get("Location", "")
+        job_id = location.rsplit("/", 1)[-1] if location.startswith("/v1/jobs/") else None
+        log.info("resize answered", extra={
+            "status": status, "outcome": outcome, "code": code, "duration_ms": round(elapsed * 1000, 2),
+            "input_bytes": input_bytes, "job_id": job_id,
+        })
+        return response
+
+
+# --- the identity snapshot's age, per process ---------------------------------------------------
+
+_auth_gauge: Gauge | None = None
+_auth_gauge_lock = threading.Lock()
+
+
+def _auth_synced_gauge() -> Gauge:
+    """Created on first use, so only processes that authenticate (the API) export it."""
+    global _auth_gauge
+    with _auth_gauge_lock:
+        if _auth_gauge is None:
+            _auth_gauge = Gauge(AUTH_SYNCED_NAME, "When the oldest identity snapshot among this server's live "
+                                "processes was last synced from Postgres (Unix time).",
+                                multiprocess_mode="livemin")
+        return _auth_gauge
+
+
+def auth_snapshot_record() -> None:
+    """Copy this process's snapshot time into its gauge. Never starts the cache: a process starts it
+    on its first authenticated request (and one that never authenticated has no snapshot to age)."""
+    from identity import dataplane
+
+    cache = dataplane.credential_cache_if_started()
+    if cache is not None and cache.synced_at is not None:
+        _auth_synced_gauge().set(cache.synced_at)
+
+
+def process_gauges_start(interval: float = 5.0) -> None:
+    """In each API process (gunicorn's post_worker_init): export the usual series at 0 from the start
+    (a counter first seen at 5 hides its first 5 from rate()), and keep the process's snapshot time
+    current even when it serves nothing, so an idle process does not look stale."""
+    RESIZE_REQUEST_SECONDS.labels("served", "lt_1mb")
+    for outcome, code in (("served", "ok"), ("served", "accepted"), ("shed", "queue_unavailable"),
+                          ("error", "internal_error")):
+        RESIZE_REQUESTS.labels(outcome, code)
+
+    def run() -> None:
+        while True:
+            try:
+                auth_snapshot_record()
+            except Exception as e:  # never let metrics take a process down
+                logging.getLogger(__name__).debug("auth snapshot gauge not updated: %s", e)
+            time.sleep(interval)
+
+    threading.Thread(target=run, name="metrics-process-gauges", daemon=True).start()
+
+
+class _WithAuthAge:
+    """Passes a collector's families through and adds the oldest snapshot's age, derived at scrape
+    time from the per-process sync times (so it keeps growing while nothing syncs)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        oldest: float | None = None
+        for family in self.inner.collect():
+            if family.name == AUTH_SYNCED_NAME:
+                values = [s.value for s in family.samples if s.value > 0]
+                oldest = min(values) if values else None
+            yield family
+        if oldest is not None:
+            yield GaugeMetricFamily(AUTH_AGE_NAME, "Age of the oldest identity snapshot among this server's "
+                                    "processes; past AUTH_MAX_STALENESS_SECONDS authentication answers 503.",
+                                    value=max(0.0, time.time() - oldest))
+
+
+# --- shared state, read at scrape time ----------------------------------------------------------
+
+class QueueCollector:
+    """The resize queue's ready messages and consumers, and its dead-letter queue's, from a passive
+    declare (works on any broker; production also scrapes the rabbitmq_prometheus plugin). Cached
+    for a few seconds so several scrapers cost the broker one probe."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._values: dict[str, tuple[int, int]] = {}
+        self._up = 0
+
+    def _probe(self) -> None:
+        import celeryconfig
+        from controlplane.celery import app
+
+        values: dict[str, tuple[int, int]] = {}
+        try:
+            with app.connection_for_read() as connection:
+                connection.ensure_connection(max_retries=1, timeout=2)
+                channel = connection.channel()
+                for name in (celeryconfig.resize_queue.name, celeryconfig.dead_letter_queue.name):
+                    try:
+                        _, ready, consumers = channel.queue_declare(queue=name, passive=True)
+                        values[name] = (ready, consumers)
+                    except Exception:  # not declared yet (404 closes the channel)
+                        channel = connection.channel()
+            self._values, self._up = values, 1
+        except Exception as e:
+            logging.getLogger(__name__).debug("queue probe failed: %s", e)
+            self._values, self._up = {}, 0
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            if time.monotonic() - self._at > self.ttl:
+                self._probe()
+                self._at = time.monotonic()
+            values, up = dict(self._values), self._up
+        ready = GaugeMetricFamily("resizer_queue_messages_ready", "Messages waiting in the queue for a worker.",
+                                  labels=["queue"])
+        consumers = GaugeMetricFamily("resizer_queue_consumers", "Consumers (worker processes) on the queue.",
+                                      labels=["queue"])
+        for name, (r, c) in sorted(values.items()):
+            ready.add_metric([name], r)
+            consumers.add_metric([name], c)
+        yield ready
+        yield consumers
+        yield GaugeMetricFamily("resizer_broker_up", "1 when the broker answered the last queue probe.", value=up)
+
+
+_SPOOL_SCAN_LIMIT = 10_000
+
+
+def _first_record_time(path: Path) -> float | None:
+    """When the segment's first record was written (its event_time), else None (empty segment)."""
+    try:
+        with open(path, "rb") as f:
+            line = f.readline(65536)
+    except OSError:
+        return None
+    if not line.endswith(b"\n"):
+        return None  # empty, or its first record is being written
+    try:
+        event = _parse_time(json.loads(line).get("event_time"))
+    except (ValueError, AttributeError):
+        event = None
+    if event is not None:
+        return event.timestamp()
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+class SpoolCollector:
+    """Metering lag on this host: the age of the oldest usage record still in the local spool (not
+    yet shipped to the staging table), and how many segment files wait."""
+
+    def __init__(self, directory: Callable[[], str]) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterator[Metric]:
+        directory = Path(self.directory())
+        try:
+            segments = sorted(directory.glob("*.jsonl"))
+        except OSError:
+            segments = []
+        times = [t for t in (_first_record_time(p) for p in segments[:_SPOOL_SCAN_LIMIT]) if t is not None]
+        age = max(0.0, time.time() - min(times)) if times else 0.0
+        yield GaugeMetricFamily("resizer_metering_spool_oldest_record_age_seconds",
+                                "Age of the oldest usage record in this host's spool not yet shipped (0: none).",
+                                value=age)
+        yield GaugeMetricFamily("resizer_metering_spool_segments", "Spool segment files waiting to be shipped.",
+                                value=len(segments))
+
+
+class CollectorGroup:
+    """Several collectors as one (what generate_latest and a registry need: a collect())."""
+
+    def __init__(self, collectors: Iterable[Any]) -> None:
+        self.collectors = list(collectors)
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self.collectors:
+            yield from collector.collect()
+
+
+def process_registry() -> Any:
+    """This server's metrics: every process's (summed through the multiprocess directory) or, in a
+    single process, the default registry."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+    return prometheus_client.REGISTRY
+
+
+_queue_collector = QueueCollector()
+_spool_collector = SpoolCollector(lambda: settings.METERING_SPOOL_DIR)
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """GET /metrics: this API server's metrics (all its processes), plus the shared state above."""
+    try:
+        auth_snapshot_record()
+    except Exception as e:
+        logging.getLogger(__name__).debug("auth snapshot gauge not updated: %s", e)
+    collectors = CollectorGroup([_WithAuthAge(process_registry()), _queue_collector, _spool_collector])
+    return HttpResponse(prometheus_client.generate_latest(collectors),  # type: ignore[arg-type]
+                        content_type=prometheus_client.CONTENT_TYPE_LATEST)
