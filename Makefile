@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export DJANGO_SETTINGS_MODULE := controlplane.settings
 
-.PHONY: run test services venv migrate bench clean
+.PHONY: run test chaos services venv migrate bench clean topology topology-start topology-stop
 
 venv: .venv/.installed
 .venv/.installed: requirements.txt
@@ -25,6 +25,22 @@ run: migrate
 # The whole suite, against the real PostgreSQL and the real RabbitMQ.
 test: venv services
 	$(PY) -m pytest
+
+# Tests that stop and start the machine's real PostgreSQL/RabbitMQ (never part of `make test`).
+chaos: venv services
+	$(PY) -m pytest -m chaos -s
+
+# The production shape of docker/compose.yml as processes on loopback: a 3-node RabbitMQ cluster,
+# 2 API servers behind HAProxy, 2 workers, beat, Prometheus. `topology` runs in the foreground
+# (Ctrl-C stops it); `topology-start` / `topology-stop` in the background.
+topology: venv services
+	$(PY) scripts/topology.py run
+
+topology-start: venv services
+	$(PY) scripts/topology.py start
+
+topology-stop:
+	$(PY) scripts/topology.py stop
 
 bench: venv services
 	$(PY) bench/bench_imaging.py

@@ -76,6 +76,9 @@ worker_prefetch_multiplier = 1
 worker_detect_quorum_queues = True
 task_soft_time_limit = env_int("TASK_SOFT_TIME_LIMIT", 20, minimum=1)
 task_time_limit = env_int("TASK_TIME_LIMIT", 30, minimum=2)
+# Each worker child's address space (RLIMIT_AS), MiB; 0 = unbounded. Sized for the 50 MP input limit:
+# decoding and resizing one such image needs ~0.6 GiB on top of the ~0.12 GiB a child maps at rest.
+WORKER_MAX_ADDRESS_SPACE_MIB = env_int("WORKER_MAX_ADDRESS_SPACE_MIB", 2048, minimum=0)
 # A worker child that grew past this (KiB) is replaced after its task: one huge image can't ratchet memory.
 worker_max_memory_per_child = env_int("WORKER_MAX_MEMORY_KIB", 1_000_000, minimum=1)
 worker_hijack_root_logger = False
@@ -96,5 +99,20 @@ beat_schedule = {
         "task": "resizer.tasks.staging_sweep",
         "schedule": env_float("STAGING_SWEEP_SECONDS", 60.0),
     },
+    # Metering (docs/adr/0004): each run recomputes whole windows, so a repeated run is harmless.
+    "usage-rollup": {
+        "task": "metering.tasks.usage_rollup",
+        "schedule": env_float("USAGE_ROLLUP_SECONDS", 60.0),
+    },
+    "billing-run": {
+        "task": "metering.tasks.billing_run",
+        "schedule": env_float("BILLING_RUN_SECONDS", 300.0),
+    },
+    "usage-archive": {
+        "task": "metering.tasks.usage_archive",
+        "schedule": env_float("USAGE_ARCHIVE_SECONDS", 3600.0),
+    },
 }
+# Task modules outside the autodiscovered `resizer` package.
+imports = ("metering.tasks",)
 beat_schedule_filename = env_str("BEAT_SCHEDULE_FILE", "var/celerybeat-schedule")

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import (before_task_publish, task_postrun, task_prerun, worker_init, worker_process_init,
+                            worker_process_shutdown, worker_ready, worker_shutdown)
 
 import celeryconfig
+from controlplane import logs, metrics_dir
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
+if "worker" in sys.argv[1:]:
+    # A worker's pool children write their metrics to files the main process exports: this must
+    # happen before anything imports prometheus_client (docs/adr/0005-observability.md).
+    metrics_dir.prepare("worker")
 
 app = Celery("resizer")
 app.config_from_object("celeryconfig")
@@ -26,3 +33,42 @@ def declare_topology(connection) -> None:
 def _declare_on_worker_ready(sender, **_: object) -> None:
     with sender.app.connection_for_write() as connection:
         declare_topology(connection)
+
+
+@worker_process_init.connect
+def _bound_worker_memory(**_: object) -> None:
+    """Cap each worker child's address space, so one image cannot exhaust the host: past the cap
+    an allocation fails with MemoryError, which fails that job (`image_too_complex`) and nothing else."""
+    import resource
+
+    limit = celeryconfig.WORKER_MAX_ADDRESS_SPACE_MIB * 2**20
+    if limit > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+# --- observability (docs/adr/0005-observability.md) ---------------------------------------------
+before_task_publish.connect(logs.task_headers_add)  # the request id rides in the message headers
+task_prerun.connect(logs.task_context_set)
+task_postrun.connect(logs.task_context_clear)
+
+
+@worker_init.connect
+def _export_worker_metrics(**_: object) -> None:
+    from django.conf import settings
+
+    from resizer.metrics import exporter_start
+
+    exporter_start(settings.WORKER_METRICS_BIND)
+
+
+@worker_process_shutdown.connect
+def _worker_child_metrics_dead(pid: int | None = None, **_: object) -> None:
+    if os.environ.get(metrics_dir.ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())
+
+
+@worker_shutdown.connect
+def _worker_metrics_cleanup(**_: object) -> None:
+    metrics_dir.cleanup()

@@ -5,7 +5,6 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import exceptions
-from rest_framework.views import exception_handler as drf_exception_handler
 
 PROBLEM_TYPE_BASE = "https://docs.resizer.example/problems/"
 TITLES = {
@@ -73,6 +72,8 @@ _DRF_CODES: dict[type[exceptions.APIException], str] = {
 def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse | None:
     if isinstance(exc, ApiError):
         return problem(exc.status_code, exc.code, str(exc.detail), headers=exc.headers, extra=exc.extra)
+    from rest_framework.views import exception_handler as drf_exception_handler  # DRF imports us first
+
     response = drf_exception_handler(exc, context)
     if response is None:
         return None  # not an API error: Django's 500 handler answers (also problem+json)

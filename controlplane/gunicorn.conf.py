@@ -15,4 +15,38 @@ limit_request_line = 8190
 limit_request_fields = 100
 limit_request_field_size = 8190
 accesslog = "-" if os.environ.get("API_ACCESS_LOG", "false").lower() == "true" else None
+if os.environ.get("LOG_FORMAT", "json") == "json":  # gunicorn's own lines as JSON too (controlplane/logs.py)
+    logconfig_dict = {
+        "formatters": {"json": {"()": "controlplane.logs.json_formatter"}},
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "loggers": {name: {"level": "INFO", "handlers": ["console"], "propagate": False, "qualname": name}
+                    for name in ("gunicorn.error", "gunicorn.access")},
+    }
 wsgi_app = "controlplane.wsgi:application"
+
+
+# --- metrics: one /metrics for all workers (docs/adr/0005-observability.md) ----------------------
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """A fresh multiprocess directory for this start, before any worker imports prometheus_client."""
+    from controlplane import metrics_dir
+
+    metrics_dir.prepare("api")
+
+
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    from controlplane.metrics import process_gauges_start
+
+    process_gauges_start()
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    """A dead worker's counters stay summed; its live gauges (the snapshot time) go."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):  # type: ignore[no-untyped-def]
+    from controlplane import metrics_dir
+
+    metrics_dir.cleanup()

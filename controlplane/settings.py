@@ -30,11 +30,14 @@ INSTALLED_APPS = [
     "django_prometheus",
     "identity",
     "resizer",
+    "metering",
 ]
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "controlplane.middleware.RequestIdMiddleware",
+    "controlplane.logs.RequestLogContextMiddleware",
+    "controlplane.metrics.ResizeMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -101,7 +104,8 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = MAX_UPLOAD_BYTES
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["identity.authentication.ApiKeyAuthentication"],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PERMISSION_CLASSES": ["identity.authentication.HasScope"],
+    "DEFAULT_THROTTLE_CLASSES": ["identity.authentication.CustomerRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": [],
     "EXCEPTION_HANDLER": "controlplane.errors.exception_handler",
@@ -117,12 +121,62 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
 }
 
+# --- identity: the data plane's snapshot of the management plane (docs/adr/0003) ---------------
+# How often each API process follows the change feed: the propagation bound is about this plus
+# one query (published bound: 5 s).
+AUTH_POLL_SECONDS = env_float("AUTH_POLL_SECONDS", 1.0)
+# Changes this recent are re-read every poll: feed ids can commit out of order.
+AUTH_FEED_LOOKBACK_SECONDS = env_int("AUTH_FEED_LOOKBACK_SECONDS", 30, minimum=1)
+AUTH_RESYNC_SECONDS = env_float("AUTH_RESYNC_SECONDS", 300.0)
+# With Postgres away, a snapshot this old is still trusted; past it the node answers 503.
+AUTH_MAX_STALENESS_SECONDS = env_float("AUTH_MAX_STALENESS_SECONDS", 900.0)
+AUTH_FIRST_SYNC_WAIT_SECONDS = env_float("AUTH_FIRST_SYNC_WAIT_SECONDS", 5.0)
+# An API process not heard from for this long no longer holds a share of the rate limits.
+AUTH_PROCESS_EXPIRY_SECONDS = env_int("AUTH_PROCESS_EXPIRY_SECONDS", 15, minimum=1)
+AUTH_SNAPSHOT_PATH = env_str("AUTH_SNAPSHOT_PATH", str(BASE_DIR / "var" / "identity-snapshot.json"))
+AUTH_SYNC_IN_BACKGROUND = True  # tests drive the sync themselves
+# Limits of customers without a plan.
+DEFAULT_PLAN_RATE_PER_SECOND = env_float("DEFAULT_PLAN_RATE_PER_SECOND", 50.0)
+DEFAULT_PLAN_BURST = env_int("DEFAULT_PLAN_BURST", 100, minimum=1)
+DEFAULT_PLAN_MONTHLY_QUOTA = env_int("DEFAULT_PLAN_MONTHLY_QUOTA", 0, minimum=0) or None  # 0 = unlimited
+
+# --- metering and billing (docs/adr/0004) ---------------------------------------------------------
+# Usage records are fsynced here before a job is announced, then shipped to Postgres in batches.
+METERING_SPOOL_DIR = env_str("METERING_SPOOL_DIR", str(BASE_DIR / "var" / "spool" / "usage"))
+# The staging table's database; empty = the default database above.
+METERING_DATABASE_URL = env_str("METERING_DATABASE_URL", "")
+# A process ships its spool on this period, or sooner when this many records are waiting.
+METERING_FLUSH_SECONDS = env_float("METERING_FLUSH_SECONDS", 1.0)
+METERING_BATCH_RECORDS = env_int("METERING_BATCH_RECORDS", 1000, minimum=1)
+# A shipper thread in every process that emits records (off: ship with `manage.py metering_run ship`).
+METERING_SHIPPER = env_bool("METERING_SHIPPER", True)
+# The rollup re-reads records received this long before its watermark (commits land out of order).
+METERING_LOOKBACK_SECONDS = env_int("METERING_LOOKBACK_SECONDS", 300, minimum=0)
+# Raw records older than this are archived and leave the staging table; the rollup ignores records
+# whose event is older than this minus a day, so it never recomputes a window that was archived.
+METERING_ARCHIVE_AFTER_DAYS = env_int("METERING_ARCHIVE_AFTER_DAYS", 62, minimum=2)
+METERING_ARCHIVE_URL = env_str("METERING_ARCHIVE_URL", f"file://{BASE_DIR / 'var' / 'archive'}")
+# A billing period stays in grace (late usage still lands on its invoice) this long after it ends.
+BILLING_GRACE_DAYS = env_int("BILLING_GRACE_DAYS", 3, minimum=0)
+
 # The broker, queue, publish and attempt settings live in celeryconfig.py (one place for the queue).
+
+# --- observability (docs/adr/0005-observability.md, docs/OPERATIONS.md) ----------------------------
+# Each Celery worker's main process serves its pool's metrics here (host:port; empty or port 0: off).
+WORKER_METRICS_BIND = env_str("WORKER_METRICS_BIND", "127.0.0.1:9808")
+# json: one JSON object a line with the request id (and job id) of the work being done; plain: for people.
+LOG_FORMAT = env_str("LOG_FORMAT", "json")
+if LOG_FORMAT not in ("json", "plain"):
+    raise ValueError(f"environment variable LOG_FORMAT={LOG_FORMAT!r} is not json or plain")
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "controlplane.logs.ContextFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "controlplane.logs.json_formatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }

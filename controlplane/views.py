@@ -14,9 +14,12 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from controlplane import metrics
 from controlplane.celery import app as celery_app
 from controlplane.errors import ApiError, problem
 from controlplane.parsing import parse_params, read_upload
+from identity.authentication import monthly_quota_charge, monthly_quota_refund
+from identity.dataplane import credential_cache
 from resizer import imaging
 from resizer.jobs import FAILED, SUCCEEDED, IdempotencyConflict, Job, job_load, job_result
 from resizer.notify import job_waiter
@@ -110,6 +113,13 @@ def _job_outcome(job: Job, vary: bool = False) -> HttpResponse:
 
 
 class ResizeView(APIView):
+    required_scope = "resize"
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        clock = metrics.StageClock()
+        super().initial(request, *args, **kwargs)  # authentication, scope, rate limit
+        clock.lap("auth")
+
     @extend_schema(
         operation_id="resize",
         summary="Resize an image",
@@ -141,14 +151,17 @@ class ResizeView(APIView):
         },
     )
     def post(self, request: Request) -> HttpResponse:
+        clock = metrics.StageClock()
         django_request: HttpRequest = request._request
         params = parse_params(request.query_params.dict(), request.headers.get("Accept", ""))
         data = read_upload(django_request, settings.MAX_UPLOAD_BYTES)
+        django_request.resize_input_bytes = len(data)  # type: ignore[attr-defined]
         try:
             facts = imaging.probe(data, engine_limits())
             params = _with_format(params, imaging.output_format(params, facts))
         except imaging.ImageError as e:
             raise ApiError(e.status, e.code, e.message) from e
+        clock.lap("upload")
         vary = request.query_params.get("format") == "auto"
         respond_async = "respond-async" in request.headers.get("Prefer", "").lower()
         waiter = None
@@ -159,6 +172,15 @@ class ResizeView(APIView):
         idempotency_key = request.headers.get("Idempotency-Key") or None
         if idempotency_key is not None and len(idempotency_key) > 255:
             raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be at most 255 characters.")
+        monthly_quota_charge(request.user)
+        clock.lap("admission")
+
+        def before_publish(job_id: str) -> None:
+            clock.lap("staging")
+            if waiter is not None:
+                waiter.expect(job_id)
+
+        created = False
         try:
             job, created = job_submit(
                 customer_id=request.user.customer_id,
@@ -169,7 +191,7 @@ class ResizeView(APIView):
                 data=data,
                 idempotency_key=idempotency_key,
                 reply_to=waiter.queue_name if waiter is not None else None,
-                before_publish=waiter.expect if waiter is not None else None,
+                before_publish=before_publish,
             )
         except IdempotencyConflict as e:
             raise ApiError(422, "idempotency_key_reused",
@@ -180,6 +202,11 @@ class ResizeView(APIView):
         except StagingError as e:
             raise ApiError(503, "staging_unavailable", "The upload could not be staged; retry shortly.",
                            headers={"Retry-After": "2"}) from e
+        finally:
+            if not created:
+                monthly_quota_refund(request.user)
+        if created:
+            clock.lap("enqueue")
         if respond_async:
             return _accepted(job, vary)
         if created and waiter is not None:
@@ -188,7 +215,10 @@ class ResizeView(APIView):
             _wait_polling(job.id, settings.SYNC_WAIT_SECONDS)
         current = job_load(staging_store(), job.id) or job
         if current.finished:
-            return _job_outcome(current, vary)
+            response = _job_outcome(current, vary)
+            if created:
+                metrics.job_stages_observe(current)
+            return response
         return _accepted(current, vary)
 
 
@@ -209,6 +239,8 @@ def _wait_polling(job_id: str, timeout: float) -> None:
 
 
 class JobView(APIView):
+    required_scope = "jobs"
+
     @extend_schema(operation_id="job", summary="A job's status, parameters and facts",
                    responses={200: JOB_SCHEMA, 404: PROBLEM})
     def get(self, request: Request, job_id: str) -> HttpResponse:
@@ -219,6 +251,8 @@ class JobView(APIView):
 
 
 class JobResultView(APIView):
+    required_scope = "jobs"
+
     @extend_schema(operation_id="job_result", summary="A finished job's image",
                    responses={(200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY), 404: PROBLEM,
                               409: PROBLEM, 410: PROBLEM})
@@ -240,7 +274,9 @@ def healthz(request: HttpRequest) -> HttpResponse:
 
 
 def readyz(request: HttpRequest) -> HttpResponse:
-    """Ready to serve: the database, the broker and the staging store answer now."""
+    """Ready to serve resizes: the broker and the staging store answer, and the identity snapshot
+    is fresh enough to trust. A database outage alone is `degraded` (200): this node still
+    authenticates from its snapshot and resizes, so a load balancer must keep sending it traffic."""
     checks: dict[str, str] = {}
     try:
         connection.ensure_connection()
@@ -249,7 +285,7 @@ def readyz(request: HttpRequest) -> HttpResponse:
         checks["database"] = "ok"
     except Exception as e:
         connection.close_if_unusable_or_obsolete()
-        checks["database"] = f"unavailable: {type(e).__name__}"
+        checks["database"] = f"degraded: {type(e).__name__}"
     try:
         with celery_app.connection_for_write() as broker:
             broker.ensure_connection(max_retries=1, timeout=2)
@@ -261,8 +297,19 @@ def readyz(request: HttpRequest) -> HttpResponse:
         checks["staging"] = "ok"
     except Exception as e:
         checks["staging"] = f"unavailable: {type(e).__name__}"
-    failing = sorted(name for name, state in checks.items() if state != "ok")
+    age = credential_cache().age()
+    if age is None:
+        checks["identity"] = "unavailable: no snapshot yet"
+    elif age > settings.AUTH_MAX_STALENESS_SECONDS:
+        checks["identity"] = f"unavailable: snapshot {age:.0f} s old"
+    elif age > 3 * settings.AUTH_POLL_SECONDS + 2:
+        # Degraded, still serving: authentication runs on the last good snapshot.
+        checks["identity"] = f"degraded: snapshot {age:.0f} s old"
+    else:
+        checks["identity"] = "ok"
+    failing = sorted(name for name, state in checks.items() if state.startswith("unavailable"))
     if failing:
         return problem(503, "not_ready", f"Not ready: {', '.join(failing)} unavailable.",
                        headers={"Retry-After": "5"}, extra={"checks": checks})
-    return JsonResponse({"status": "ready", "checks": checks})
+    status = "degraded" if any(state != "ok" for state in checks.values()) else "ready"
+    return JsonResponse({"status": status, "checks": checks})

@@ -23,6 +23,7 @@ from resizer.jobs import (
     job_start,
     job_succeed,
 )
+from metering.services import usage_record_emit
 from resizer.notify import job_notify
 from resizer.staging import StagingError, StagingNotFound, staging_store
 
@@ -97,12 +98,14 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
         log.warning("job %s has no document (expired or never staged); dropping its message", job_id)
         return None
     if job.finished:
+        usage_record_emit(job=job)  # durable before anyone hears the job finished
         job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
         return job
     if job.attempts >= celeryconfig.JOB_MAX_ATTEMPTS:
         # Every earlier delivery died mid-task (a worker killed by the image or by its limits).
         job_fail(store, job, status=422, code="processing_failed",
                  detail=f"The image stopped the worker {job.attempts} times and was given up on.")
+        usage_record_emit(job=job)  # durable before anyone hears the job finished
         job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
         return job
     job_start(store, job)
@@ -135,5 +138,6 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
             cpu_seconds=result.cpu_seconds,
             result_ttl_seconds=settings.RESULT_TTL_SECONDS,
         )
+    usage_record_emit(job=job)  # durable before anyone hears the job finished
     job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
     return job

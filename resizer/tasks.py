@@ -5,18 +5,22 @@ from celery import shared_task
 from celery.exceptions import Reject
 from django.conf import settings
 
-from resizer import jobs, services
+import celeryconfig
+from resizer import jobs, metrics, services
 from resizer.staging import StagingError, staging_store
 
 
 @shared_task(name="resizer.tasks.resize", bind=True)
 def resize(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    meter = metrics.TaskMeter(celeryconfig.RESIZE_QUEUE)
     try:
         with self.app.producer_or_acquire() as producer:
-            services.job_run(job_id=job_id, reply_to=self.request.reply_to, producer=producer)
+            job = services.job_run(job_id=job_id, reply_to=self.request.reply_to, producer=producer)
     except StagingError as e:
+        meter.finish(None, requeued=True)
         # Back to the queue: the delivery limit bounds how often a store outage can repeat this.
         raise Reject(str(e), requeue=True) from e
+    meter.finish(job)
 
 
 @shared_task(name="resizer.tasks.staging_sweep")

@@ -60,6 +60,29 @@ ensure_rabbitmq() {
   fi
 }
 
+# Tools of the deployment and its checks (docker/, scripts/topology.py, tests/observability/):
+# haproxy (the load balancer), promtool and prometheus, and a compose tool to validate the compose
+# file without an engine. Installed, never started as services.
+ensure_tools() {
+  local missing=()
+  command -v haproxy >/dev/null || missing+=(haproxy)
+  command -v promtool >/dev/null || missing+=(prometheus)
+  if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+    missing+=(docker-compose)
+  fi
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  say "installing ${missing[*]}"
+  local policy=/usr/sbin/policy-rc.d made_policy=""
+  if [[ $(id -u) -eq 0 && ! -e $policy ]]; then
+    # Debian starts a package's daemon on install; we only want the binaries.
+    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; made_policy=1
+  fi
+  apt_install --no-install-recommends "${missing[@]}" || { [[ -n $made_policy ]] && rm -f "$policy"; exit 1; }
+  [[ -n $made_policy ]] && rm -f "$policy"
+  return 0
+}
+
 ensure_postgres
 ensure_rabbitmq
+ensure_tools
 say "PostgreSQL on $PGHOST:$PGPORT (database $DB_NAME) and RabbitMQ on 127.0.0.1:5672 are up"

@@ -23,6 +23,17 @@ os.environ["STAGING_URL"] = f"file://{STAGING_DIR}"
 from django.conf import settings  # noqa: E402
 
 settings.STAGING_URL = os.environ["STAGING_URL"]
+# In-process tests run inside a transaction no other connection can see, so the credential cache
+# syncs when a test says so (from the test's own connection) instead of on its own thread.
+settings.AUTH_SYNC_IN_BACKGROUND = False
+settings.AUTH_SNAPSHOT_PATH = ""
+
+# Usage records: this process spools on its own and ships when a test says so; the worker
+# subprocess has its own spool and ships in the background, to the test database.
+os.environ["METERING_SPOOL_DIR"] = str(STAGING_DIR.parent / f"resizer-spool-{RUN_ID}")
+settings.METERING_SPOOL_DIR = os.environ["METERING_SPOOL_DIR"]
+settings.METERING_SHIPPER = False
+WORKER_SPOOL_DIR = STAGING_DIR.parent / f"resizer-worker-spool-{RUN_ID}"
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -40,6 +51,13 @@ def make_image(fmt: str = "JPEG", size: tuple[int, int] = (64, 48), mode: str = 
     return buf.getvalue()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _run_queues():
+    """Whatever this run declared on the broker is deleted at its end."""
+    yield
+    _delete_queues()
+
+
 def _delete_queues() -> None:
     import celeryconfig
     from controlplane.celery import app
@@ -54,14 +72,19 @@ def _delete_queues() -> None:
 
 
 @pytest.fixture(scope="session")
-def worker():
-    """A real `celery worker` process on this run's quorum queue; yields its log path."""
+def worker(django_db_setup):
+    """A real `celery worker` process on this run's quorum queue; yields its log path. What it
+    writes to Postgres (usage records) lands in the test database."""
+    from tests.processes import database_url_for_tests
+
     log_path = STAGING_DIR.parent / f"resizer-worker-{RUN_ID}.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "--loglevel", "INFO",
          "--concurrency", "2", "--hostname", f"test-{RUN_ID}@%h", "--without-mingle", "--without-gossip"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "DATABASE_URL": database_url_for_tests(),
+             "METERING_SPOOL_DIR": str(WORKER_SPOOL_DIR), "METERING_FLUSH_SECONDS": "0.2"},
     )
     deadline = time.monotonic() + 60
     while b" ready." not in log_path.read_bytes():
@@ -76,16 +99,28 @@ def worker():
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
-    _delete_queues()
 
 
 @pytest.fixture
-def customer_key(db):
-    """(customer, key) of a fresh active customer."""
+def credentials(db):
+    """The process's credential cache, fresh for this test; call .sync(full=True) after writes."""
+    from identity.dataplane import credential_cache, credential_cache_reset
+
+    credential_cache_reset()
+    cache = credential_cache()
+    cache.sync(full=True)
+    yield cache
+    credential_cache_reset()
+
+
+@pytest.fixture
+def customer_key(credentials):
+    """(customer, key) of a fresh active customer, already in the credential cache."""
     from identity.services import api_key_create, customer_create
 
     customer = customer_create(name=f"customer-{uuid.uuid4().hex[:6]}")
     _, key = api_key_create(customer=customer)
+    credentials.sync(full=True)
     return customer, key
 
 

@@ -7,60 +7,30 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from tests.conftest import ROOT, corpus
+from tests.processes import api_server, database_url_for_tests, free_port, wait_authenticated
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("worker")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(live_db_env):
-    port = _free_port()
-    env = {**live_db_env, "API_BIND": f"127.0.0.1:{port}", "API_WORKERS": "2", "MAX_UPLOAD_BYTES": str(2 * 1024 * 1024)}
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c",
-                             "controlplane/gunicorn.conf.py"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"gunicorn did not start: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
-    yield base
-    proc.terminate()
-    proc.wait(20)
-
-
-@pytest.fixture
-def live_db_env():
-    from django.db import connection
-
-    s = connection.settings_dict
-    url = f"postgres://{s['USER']}:{s['PASSWORD'] or ''}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
-    return {**os.environ, "DATABASE_URL": url}
-
-
-@pytest.fixture
-def key(live_db_env):
-    out = subprocess.run([sys.executable, "manage.py", "create_customer", "e2e"], cwd=ROOT, env=live_db_env,
+def key():
+    """A key made by the management command, as a newcomer would make one."""
+    out = subprocess.run([sys.executable, "manage.py", "create_customer", "e2e"], cwd=ROOT,
+                         env={**os.environ, "DATABASE_URL": database_url_for_tests()},
                          capture_output=True, text=True, check=True).stdout
     return out.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def server(key):
+    with api_server(MAX_UPLOAD_BYTES=str(2 * 1024 * 1024)) as base:
+        wait_authenticated(base, key)
+        yield base
 
 
 def test_resize_over_http_raw_multipart_and_chunked(server, key):
@@ -112,23 +82,11 @@ def test_declared_length_over_the_limit_is_refused_at_once(server, key):
     assert b"payload_too_large" in reply
 
 
-def test_broker_away_answers_503_at_once_and_readyz_says_why(live_db_env, key):
+def test_broker_away_answers_503_at_once_and_readyz_says_why(key):
     """A gunicorn whose broker is a port nothing listens on: the same as a stopped RabbitMQ, without
     stopping the one other tests share (the chaos suite stops the real one)."""
-    port = _free_port()
-    env = {**live_db_env, "API_BIND": f"127.0.0.1:{port}", "API_WORKERS": "1",
-           "BROKER_URL": f"amqp://guest:guest@127.0.0.1:{_free_port()}//"}
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c",
-                             "controlplane/gunicorn.conf.py"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                httpx.get(f"{base}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with api_server(API_WORKERS="1", BROKER_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}//") as base:
+        wait_authenticated(base, key)
         with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
             response = http.post("/v1/resize?width=50", content=corpus("coffee.jpg"))
             assert response.status_code == 503 and response.json()["code"] == "queue_unavailable"
@@ -136,6 +94,3 @@ def test_broker_away_answers_503_at_once_and_readyz_says_why(live_db_env, key):
             ready = http.get("/readyz")
             assert ready.status_code == 503 and ready.json()["checks"]["broker"].startswith("unavailable")
             assert ready.json()["checks"]["database"] == "ok"
-    finally:
-        proc.terminate()
-        proc.wait(20)

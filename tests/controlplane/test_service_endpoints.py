@@ -12,13 +12,14 @@ def test_healthz(client):
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
-def test_readyz_ready_when_everything_answers(client):
+def test_readyz_ready_when_everything_answers(client, credentials):
     response = client.get("/readyz")
     assert response.status_code == 200, response.content
-    assert response.json()["checks"] == {"database": "ok", "broker": "ok", "staging": "ok"}
+    assert response.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok", "staging": "ok",
+                                                              "identity": "ok"}}
 
 
-def test_readyz_503_names_the_broker_when_it_is_unreachable(client, monkeypatch):
+def test_readyz_503_names_the_broker_when_it_is_unreachable(client, credentials, monkeypatch):
     from controlplane.celery import app
 
     # A port nothing listens on: the same answer as a stopped broker, without stopping the shared one.

@@ -1,6 +1,8 @@
 """job_run, the worker side of a job, against the real staging store and a real broker producer."""
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -14,7 +16,7 @@ from tests.conftest import corpus
 
 
 def _job(data: bytes):
-    job, _ = job_create(staging_store(), customer_id="c", key_id="k", request_id="r",
+    job, _ = job_create(staging_store(), customer_id=str(uuid.uuid4()), key_id=str(uuid.uuid4()), request_id="r",
                         params={"width": 50, "height": None, "fit": "inside", "format": "jpeg", "quality": None,
                                 "gravity": "center", "background": None, "enlarge": False},
                         input_facts={}, data=data)

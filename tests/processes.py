@@ -1,0 +1,168 @@
+"""Real processes for tests: API servers under gunicorn, and a TCP proxy that can cut the path to a
+dependency (to take Postgres away from one process without stopping the server others share)."""
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from typing import IO, Iterator
+
+import httpx
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def database_url_for_tests(host: str | None = None, port: int | None = None) -> str:
+    """The URL of the database this test run uses (pytest-django's test database)."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    return f"postgres://{s['USER']}:{s['PASSWORD'] or ''}@{host or s['HOST']}:{port or s['PORT']}/{s['NAME']}"
+
+
+def log_tail(log: IO[bytes]) -> str:
+    log.seek(0)
+    return log.read().decode(errors="replace")[-2000:]
+
+
+@contextmanager
+def api_server(**env: str) -> Iterator[str]:
+    """A gunicorn API server on a free loopback port; yields its base URL."""
+    port = free_port()
+    full_env = {**os.environ, "DATABASE_URL": database_url_for_tests(), "API_BIND": f"127.0.0.1:{port}",
+                "API_WORKERS": "2", **env}
+    errors = tempfile.TemporaryFile()  # not a pipe: one nobody drains fills up and blocks the server's logging
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c",
+                             "controlplane/gunicorn.conf.py"], cwd=ROOT, env=full_env,
+                            stdout=subprocess.DEVNULL, stderr=errors)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"gunicorn did not start: {log_tail(errors)}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_authenticated(base: str, key: str, timeout: float = 15.0) -> None:
+    """Until every process of the server knows the key (the data plane follows the feed each second)."""
+    deadline, streak = time.monotonic() + timeout, 0
+    with httpx.Client(base_url=base, timeout=10, headers={"Authorization": f"Bearer {key}"}) as http:
+        while streak < 5:
+            streak = streak + 1 if http.get("/v1/jobs/" + "0" * 32).status_code != 401 else 0
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{base} did not accept the key within {timeout} s")
+            time.sleep(0.05)
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target. `cut()` closes every connection and refuses new ones
+    (the dependency is gone, as far as the clients can tell); `restore()` brings it back."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._listener: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._stop = False
+        self.restore()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            for a, b in self._pairs:
+                for s in (a, b):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    s.close()
+            self._pairs.clear()
+
+    def close(self) -> None:
+        self._stop = True
+        self.cut()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, upstream))
+
+    def _pump(self) -> None:
+        while not self._stop:
+            with self._lock:
+                pairs = list(self._pairs)
+            if not pairs:
+                time.sleep(0.01)
+                continue
+            selector = selectors.DefaultSelector()
+            for a, b in pairs:
+                try:
+                    selector.register(a, selectors.EVENT_READ, b)
+                    selector.register(b, selectors.EVENT_READ, a)
+                except (ValueError, KeyError, OSError):
+                    pass
+            for key, _ in selector.select(timeout=0.05):
+                try:
+                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                    if data:
+                        key.data.sendall(data)
+                        continue
+                except OSError:
+                    pass
+                self._drop(key.fileobj)  # type: ignore[arg-type]
+            selector.close()
+
+    def _drop(self, sock: socket.socket) -> None:
+        with self._lock:
+            for pair in list(self._pairs):
+                if sock in pair:
+                    self._pairs.remove(pair)
+                    for s in pair:
+                        s.close()

@@ -1,0 +1,70 @@
+"""A worker child's memory bound: an image that needs more than the cap fails its own job with
+`image_too_complex`; the worker lives on and serves the next job."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from kombu import Exchange, Queue
+from PIL import Image
+
+from controlplane.celery import app
+from resizer.jobs import job_create, job_load
+from resizer.staging import staging_store
+from tests.conftest import ROOT, STAGING_DIR, corpus
+
+
+def _big_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (10, 120, 200)).save(buf, "PNG", compress_level=1)  # 49 MP, under the limit
+    return buf.getvalue()
+
+
+@pytest.fixture
+def small_worker():
+    """A worker on its own queue whose children may map 250 MiB (~120 at rest): too little for a 49 MP decode."""
+    name = f"test.memory.{uuid.uuid4().hex[:8]}"
+    log_path = STAGING_DIR.parent / f"{name}.log"
+    env = {**os.environ, "RESIZE_QUEUE": name, "WORKER_MAX_ADDRESS_SPACE_MIB": "250"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "controlplane", "worker", "--concurrency", "1",
+                                 "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+                                 "--hostname", f"{name}@%h"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while b" ready." not in log_path.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.2)
+        yield Queue(name, Exchange(name, type="topic"), routing_key=f"{name}.#",
+                    queue_arguments={"x-queue-type": "quorum"}, no_declare=True)
+        proc.terminate()
+        proc.wait(30)
+    with app.connection_for_write() as connection:
+        for queue_name in (name, f"{name}.dead"):
+            Queue(queue_name).bind(connection.default_channel).delete()
+
+
+def _run(queue: Queue, data: bytes, width: int) -> str:
+    job, _ = job_create(staging_store(), customer_id=str(uuid.uuid4()), key_id=str(uuid.uuid4()), request_id="r",
+                        params={"width": width, "height": None, "fit": "inside", "format": "jpeg", "quality": None,
+                                "gravity": "center", "background": None, "enlarge": False},
+                        input_facts={}, data=data)
+    app.send_task("resizer.tasks.resize", args=[job.id], task_id=job.id, exchange=queue.exchange,
+                  routing_key=f"{queue.name}.job")
+    deadline = time.monotonic() + 60
+    while not (current := job_load(staging_store(), job.id)).finished:
+        assert time.monotonic() < deadline, f"job still {current.status}"
+        time.sleep(0.1)
+    return current
+
+
+def test_an_image_over_the_memory_cap_fails_its_job_and_the_worker_goes_on(small_worker):
+    failed = _run(small_worker, _big_png(), 100)
+    assert failed.status == "failed", failed
+    assert failed.error["code"] in ("image_too_complex", "processing_failed")
+    ok = _run(small_worker, corpus("coffee.jpg"), 50)
+    assert ok.status == "succeeded"
