@@ -26,7 +26,8 @@ run: migrate
 test: venv services
 	$(PY) -m pytest
 
-# Tests that stop and start the machine's real PostgreSQL/RabbitMQ (never part of `make test`).
+# The slow chaos suite (never part of `make test`): stops and starts the machine's PostgreSQL and the
+# loopback topology's RabbitMQ nodes under load, and holds an overload (docs/RELIABILITY.md).
 chaos: venv services
 	$(PY) -m pytest -m chaos -s
 

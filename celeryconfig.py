@@ -14,6 +14,10 @@ from controlplane.env import env_float, env_int, env_str
 broker_url = env_str("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 broker_connection_timeout = env_float("BROKER_CONNECTION_TIMEOUT", 2.0)
 broker_connection_retry_on_startup = True
+# A worker retries the broker for as long as it is away (a restart would change nothing), and sooner
+# than Celery's default (controlplane/celery.py, WorkerConsumer).
+broker_connection_max_retries = None
+worker_consumer = "controlplane.celery:WorkerConsumer"
 broker_heartbeat = 10
 broker_transport_options = {
     # Publisher confirms: apply_async returns only once the quorum queue's leader has the message
@@ -23,6 +27,11 @@ broker_transport_options = {
 
 # Publish + confirm must finish within this or the API answers 503 (the job was not accepted).
 PUBLISH_TIMEOUT_SECONDS = env_float("PUBLISH_TIMEOUT_SECONDS", 5.0)
+# A publish the broker nacks (a quorum queue between leaders for ~0.5 s after its leader's node died)
+# is tried again, up to this many times in all, within the timeout above, with exponential backoff and
+# jitter from PUBLISH_RETRY_BASE_SECONDS. Safe: the job's id is the message's, so a duplicate runs once.
+PUBLISH_ATTEMPTS = env_int("PUBLISH_ATTEMPTS", 5, minimum=1)
+PUBLISH_RETRY_BASE_SECONDS = env_float("PUBLISH_RETRY_BASE_SECONDS", 0.1)
 
 RESIZE_QUEUE = env_str("RESIZE_QUEUE", "resize")
 # Our own attempt budget (the task marks the job failed past it) sits below the broker's delivery
@@ -74,7 +83,9 @@ task_acks_on_failure = True
 task_acks_on_timeout = False
 worker_prefetch_multiplier = 1
 worker_detect_quorum_queues = True
-task_soft_time_limit = env_int("TASK_SOFT_TIME_LIMIT", 20, minimum=1)
+# The worker's own limits apply (the API publishes none). A soft limit of 0 means none: the hard limit
+# then kills the child without warning and the job is redelivered (its attempt budget still holds).
+task_soft_time_limit = env_int("TASK_SOFT_TIME_LIMIT", 20, minimum=0) or None
 task_time_limit = env_int("TASK_TIME_LIMIT", 30, minimum=2)
 # Each worker child's address space (RLIMIT_AS), MiB; 0 = unbounded. Sized for the 50 MP input limit:
 # decoding and resizing one such image needs ~0.6 GiB on top of the ~0.12 GiB a child maps at rest.
@@ -85,7 +96,9 @@ worker_hijack_root_logger = False
 worker_send_task_events = False
 task_send_sent_event = False
 
-# A publish that cannot reach the broker fails fast so the API can answer 503 instead of hanging.
+# A publish that cannot reach the broker fails fast so the API can answer 503 instead of hanging:
+# kombu reconnects (to the next listed node) and retries twice, then gives up. Nacks are retried by
+# resizer.services (PUBLISH_ATTEMPTS above).
 task_publish_retry = True
 task_publish_retry_policy = {
     "max_retries": 2,

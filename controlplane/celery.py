@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 from celery import Celery
 from celery.signals import (before_task_publish, task_postrun, task_prerun, worker_init, worker_process_init,
                             worker_process_shutdown, worker_ready, worker_shutdown)
+from celery.worker.consumer import Consumer
 
 import celeryconfig
 from controlplane import logs, metrics_dir
@@ -16,6 +18,18 @@ if "worker" in sys.argv[1:]:
     # A worker's pool children write their metrics to files the main process exports: this must
     # happen before anything imports prometheus_client (docs/adr/0005-observability.md).
     metrics_dir.prepare("worker")
+
+
+class WorkerConsumer(Consumer):
+    """The worker's broker consumer, reconnecting sooner than Celery's default after the broker was
+    away (2 s, then 2 s more per round of the listed nodes, up to 30 s: jobs accepted as soon as the
+    broker returns would wait that long for a worker). Here: 0.5 s more per round, up to 5 s."""
+
+    def ensure_connected(self, conn):  # type: ignore[no-untyped-def]
+        conn.ensure_connection = partial(conn.ensure_connection, interval_start=0.5, interval_step=0.5,
+                                         interval_max=5)
+        return super().ensure_connected(conn)
+
 
 app = Celery("resizer")
 app.config_from_object("celeryconfig")

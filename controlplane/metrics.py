@@ -32,6 +32,8 @@ from django.http import HttpRequest, HttpResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from resizer.jobs import parse_time
+
 log = logging.getLogger("controlplane.access")
 
 # Request latency: fine around the 0.5 s SLO (p99 for inputs under 1 MB), coarse past it.
@@ -97,20 +99,12 @@ class StageClock:
         self._last = now
 
 
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
 
 def job_stages_observe(job: Any) -> None:
     """The stages the job document timed (wall clocks of the API and worker hosts): queue_wait
     (created -> started), processing (started -> finished), result_return (finished -> now)."""
-    created, started, finished = (_parse_time(job.created_at), _parse_time(job.started_at),
-                                  _parse_time(job.finished_at))
+    created, started, finished = (parse_time(job.created_at), parse_time(job.started_at),
+                                  parse_time(job.finished_at))
     if created and started:
         STAGE_SECONDS.labels("queue_wait").observe(max(0.0, (started - created).total_seconds()))
     if started and finished:
@@ -235,43 +229,18 @@ class _WithAuthAge:
 # --- shared state, read at scrape time ----------------------------------------------------------
 
 class QueueCollector:
-    """The resize queue's ready messages and consumers, and its dead-letter queue's, from a passive
-    declare (works on any broker; production also scrapes the rabbitmq_prometheus plugin). Cached
-    for a few seconds so several scrapers cost the broker one probe."""
-
-    def __init__(self, ttl: float = 5.0) -> None:
-        self.ttl = ttl
-        self._lock = threading.Lock()
-        self._at = 0.0
-        self._values: dict[str, tuple[int, int]] = {}
-        self._up = 0
-
-    def _probe(self) -> None:
-        import celeryconfig
-        from controlplane.celery import app
-
-        values: dict[str, tuple[int, int]] = {}
-        try:
-            with app.connection_for_read() as connection:
-                connection.ensure_connection(max_retries=1, timeout=2)
-                channel = connection.channel()
-                for name in (celeryconfig.resize_queue.name, celeryconfig.dead_letter_queue.name):
-                    try:
-                        _, ready, consumers = channel.queue_declare(queue=name, passive=True)
-                        values[name] = (ready, consumers)
-                    except Exception:  # not declared yet (404 closes the channel)
-                        channel = connection.channel()
-            self._values, self._up = values, 1
-        except Exception as e:
-            logging.getLogger(__name__).debug("queue probe failed: %s", e)
-            self._values, self._up = {}, 0
+    """The resize queue's ready messages and consumers, and its dead-letter queue's, as this process's
+    queue probe last read them (a passive declare every ADMISSION_QUEUE_PROBE_SECONDS, the same
+    reading admission control uses: controlplane/admission.py). Works on any broker; production
+    also scrapes the rabbitmq_prometheus plugin."""
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            if time.monotonic() - self._at > self.ttl:
-                self._probe()
-                self._at = time.monotonic()
-            values, up = dict(self._values), self._up
+        from controlplane.admission import queue_probe
+
+        probe = queue_probe()
+        probe.first.wait(3)  # a process's first scrape: let its probe try once
+        fresh = probe.values()
+        values, up = fresh or {}, int(fresh is not None)
         ready = GaugeMetricFamily("resizer_queue_messages_ready", "Messages waiting in the queue for a worker.",
                                   labels=["queue"])
         consumers = GaugeMetricFamily("resizer_queue_consumers", "Consumers (worker processes) on the queue.",
@@ -297,7 +266,7 @@ def _first_record_time(path: Path) -> float | None:
     if not line.endswith(b"\n"):
         return None  # empty, or its first record is being written
     try:
-        event = _parse_time(json.loads(line).get("event_time"))
+        event = parse_time(json.loads(line).get("event_time"))
     except (ValueError, AttributeError):
         event = None
     if event is not None:

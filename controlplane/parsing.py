@@ -1,6 +1,16 @@
 """Turning an HTTP request into resize parameters and image bytes, with every refusal a clear error."""
 from __future__ import annotations
 
+import heapq
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from django.conf import settings
 from django.http import HttpRequest
 from django.http.multipartparser import MultiPartParserError
 
@@ -77,6 +87,128 @@ def _too_large(limit: int) -> ApiError:
                     extra={"limit_bytes": limit})
 
 
+def _upload_timeout() -> ApiError:
+    return ApiError(408, "upload_timeout", "The image did not arrive in time; send the body without pauses.")
+
+
+class _Cutter:
+    """One thread per process that cuts the reading side of connections whose upload ran past its
+    deadline: a client trickling its body just fast enough to beat every per-read timeout still has
+    its reads end (EOF) at the deadline, and gets its 408."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int]] = []  # a heap of (deadline, ticket)
+        self._socks: dict[int, socket.socket] = {}
+        self._tickets = itertools.count()
+        threading.Thread(target=self._run, name="upload-cutter", daemon=True).start()
+
+    def watch(self, sock: socket.socket, deadline: float) -> int:
+        with self._cond:
+            ticket = next(self._tickets)
+            self._socks[ticket] = sock
+            heapq.heappush(self._due, (deadline, ticket))
+            self._cond.notify()
+            return ticket
+
+    def release(self, ticket: int) -> None:
+        with self._cond:
+            self._socks.pop(ticket, None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._due and self._due[0][1] not in self._socks:
+                    heapq.heappop(self._due)  # released in time
+                if not self._due:
+                    self._cond.wait()
+                    continue
+                deadline, ticket = self._due[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._due)
+                sock = self._socks.pop(ticket)
+                try:
+                    sock.shutdown(socket.SHUT_RD)  # reads now end; the answer can still be written
+                except OSError:
+                    pass
+
+
+_cutter: _Cutter | None = None
+_cutter_pid: int | None = None
+_cutter_lock = threading.Lock()
+
+
+def _upload_cutter() -> _Cutter:
+    global _cutter, _cutter_pid
+    with _cutter_lock:
+        if _cutter is None or _cutter_pid != os.getpid():  # a thread does not survive a fork
+            _cutter, _cutter_pid = _Cutter(), os.getpid()
+        return _cutter
+
+
+class _BodyClock:
+    """Bounds the reads of one body: each may wait UPLOAD_IDLE_TIMEOUT_SECONDS for data (a timeout on
+    the connection's socket, gunicorn's), all of them together UPLOAD_TIMEOUT_SECONDS (the cutter),
+    so a slow client cannot hold a thread for long. Outside gunicorn (tests) there is no socket."""
+
+    def __init__(self, request: HttpRequest) -> None:
+        self.request = request
+        self.sock: socket.socket | None = request.META.get("gunicorn.socket")
+        self.idle = settings.UPLOAD_IDLE_TIMEOUT_SECONDS
+        self.end = time.monotonic() + settings.UPLOAD_TIMEOUT_SECONDS
+
+    def arm(self) -> None:
+        remaining = self.end - time.monotonic()
+        if remaining <= 0:
+            self.request.upload_refused = True  # type: ignore[attr-defined]  # nothing more to read from it
+            raise _upload_timeout()
+        if self.sock is not None:
+            self.sock.settimeout(min(self.idle, remaining))
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        if self.sock is None:
+            yield
+            return
+        previous = self.sock.gettimeout()
+        ticket = _upload_cutter().watch(self.sock, self.end)
+        try:
+            self.arm()
+            yield
+        except OSError as e:  # Django wraps read errors in UnreadablePostError (an OSError)
+            self.request.upload_refused = True  # type: ignore[attr-defined]
+            if isinstance(e, TimeoutError) or isinstance(e.__cause__, TimeoutError) or time.monotonic() >= self.end:
+                raise _upload_timeout() from e
+            raise ApiError(400, "upload_incomplete", "The body ended before it was complete.") from e
+        finally:
+            _upload_cutter().release(ticket)
+            try:
+                self.sock.settimeout(previous)
+            except OSError:
+                pass
+
+
+def _read_chunks(read: Callable[[int], bytes], clock: _BodyClock, limit: int, expected: int | None) -> bytes:
+    """Read a body chunk by chunk (`expected` bytes when known), refusing it past `limit`."""
+    parts, size = [], 0
+    while expected is None or size < expected:
+        clock.arm()
+        chunk = read(_CHUNK if expected is None else min(_CHUNK, expected - size))
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    if expected is not None and size < expected:
+        clock.arm()  # 408 when the deadline cut it
+        raise ApiError(400, "upload_incomplete", "The body ended before it was complete.")
+    return b"".join(parts)
+
+
 def read_upload(request: HttpRequest, limit: int) -> bytes:
     """The image bytes of a raw or multipart body, refusing oversize bodies before reading them."""
     content_length = request.META.get("CONTENT_LENGTH") or ""
@@ -84,29 +216,48 @@ def read_upload(request: HttpRequest, limit: int) -> bytes:
     multipart = request.content_type == "multipart/form-data"
     if declared is not None and declared > limit + (_MULTIPART_SLACK if multipart else 0):
         raise _too_large(limit)
-    if multipart:
-        try:
-            upload = request.FILES.get("image")
-        except MultiPartParserError as e:
-            raise ApiError(400, "malformed_multipart", f"The multipart body could not be parsed: {e}.") from e
-        if upload is None:
-            raise ApiError(400, "missing_image", "The multipart body has no file in the field 'image'.")
-        if upload.size is not None and upload.size > limit:
-            raise _too_large(limit)
-        data = upload.read()
-    elif declared is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
-        # A streamed body: read only up to the limit, then refuse, never buffering the rest.
-        stream = request.META["wsgi.input"]
-        parts, size = [], 0
-        while chunk := stream.read(_CHUNK):
-            size += len(chunk)
-            if size > limit:
+    clock = _BodyClock(request)
+    with clock.reading():
+        if multipart:
+            try:
+                upload = request.FILES.get("image")
+            except MultiPartParserError as e:
+                clock.arm()  # 408 when the deadline cut it
+                raise ApiError(400, "malformed_multipart", f"The multipart body could not be parsed: {e}.") from e
+            if upload is None:
+                raise ApiError(400, "missing_image", "The multipart body has no file in the field 'image'.")
+            if upload.size is not None and upload.size > limit:
                 raise _too_large(limit)
-            parts.append(chunk)
-        data = b"".join(parts)
-    else:
-        data = request.read()
+            data = upload.read()
+        elif declared is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+            # A streamed body: read only up to the limit, then refuse, never buffering (or draining) the rest.
+            request.upload_refused = True  # type: ignore[attr-defined]  # until it is read whole
+            data = _read_chunks(request.META["wsgi.input"].read, clock, limit, None)
+            request.upload_refused = False  # type: ignore[attr-defined]
+        else:
+            data = _read_chunks(request.read, clock, limit, declared or 0)
     if not data:
         raise ApiError(400, "empty_body", "The request has no image: send its bytes as the body "
                        "or as the multipart field 'image'.")
     return data
+
+
+def discard_unread_body(request: HttpRequest, limit: int) -> None:
+    """Read and drop what is left of the body of a request answered before reading it all (refused
+    early, or failed while parsing), when the body is at most `limit` bytes: the client then reads the
+    answer and can reuse its connection. A larger body is left alone; the connection closes after
+    the answer."""
+    content_length = request.META.get("CONTENT_LENGTH") or ""
+    declared = int(content_length) if content_length.isdigit() else None
+    chunked = declared is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if (declared is None and not chunked) or (declared is not None and declared > limit):
+        return
+    if getattr(request, "upload_refused", False):
+        return
+    clock = _BodyClock(request)
+    read = request.META["wsgi.input"].read if chunked else request.read
+    try:
+        with clock.reading():
+            _read_chunks(read, clock, limit, None)  # what is left; reads end at the body's end
+    except Exception:  # over the limit, timed out, the client gone: the connection closes
+        pass

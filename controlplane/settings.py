@@ -102,6 +102,27 @@ STAGING_URL = env_str("STAGING_URL", f"file://{BASE_DIR / 'var' / 'staging'}")
 DATA_UPLOAD_MAX_MEMORY_SIZE = 1 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = MAX_UPLOAD_BYTES
 
+# A body must keep arriving: a read that waits longer than this is 408 (a slow client must not hold a
+# thread), and a whole upload must arrive within UPLOAD_TIMEOUT_SECONDS (25 MB at ~2 Mbit/s).
+UPLOAD_IDLE_TIMEOUT_SECONDS = env_float("UPLOAD_IDLE_TIMEOUT_SECONDS", 10.0)
+UPLOAD_TIMEOUT_SECONDS = env_float("UPLOAD_TIMEOUT_SECONDS", 120.0)
+# A refused request's unread body up to this size is read and discarded, so the client reads its
+# answer and keeps its connection; a larger one is cut (the connection closes).
+REFUSED_BODY_DISCARD_BYTES = env_int("REFUSED_BODY_DISCARD_BYTES", 1024 * 1024, minimum=0)
+
+# --- admission control (controlplane/admission.py, docs/adr/0006-admission-control.md) ------------
+# Resizes one API process works on at once; past it 503 `overloaded`. Below the gunicorn threads
+# (API_THREADS, 16) so a few threads stay free to refuse quickly and to answer /readyz.
+ADMISSION_MAX_IN_FLIGHT = env_int("ADMISSION_MAX_IN_FLIGHT", max(1, env_int("API_THREADS", 16, minimum=1) - 4),
+                                  minimum=1)
+# No customer holds more than this share of a process's slots (at least one); past it 429 `customer_over_share`.
+ADMISSION_CUSTOMER_SHARE = env_float("ADMISSION_CUSTOMER_SHARE", 0.5)
+# Ready jobs in the resize queue past which new resizes are 503 `queue_full` (0: no check). Size it as
+# the workers' drain rate × 0.25 s: a job admitted at the bound still starts within the 0.5 s SLO.
+ADMISSION_MAX_QUEUE_DEPTH = env_int("ADMISSION_MAX_QUEUE_DEPTH", 25, minimum=0)
+# How often each API process reads the queue's depth (off the request path).
+ADMISSION_QUEUE_PROBE_SECONDS = env_float("ADMISSION_QUEUE_PROBE_SECONDS", 0.5)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["identity.authentication.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["identity.authentication.HasScope"],

@@ -14,15 +14,15 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from controlplane import metrics
+from controlplane import admission, metrics
 from controlplane.celery import app as celery_app
 from controlplane.errors import ApiError, problem
-from controlplane.parsing import parse_params, read_upload
+from controlplane.parsing import discard_unread_body, parse_params, read_upload
 from identity.authentication import monthly_quota_charge, monthly_quota_refund
 from identity.dataplane import credential_cache
 from resizer import imaging
 from resizer.jobs import FAILED, SUCCEEDED, IdempotencyConflict, Job, job_load, job_result
-from resizer.notify import job_waiter
+from resizer.notify import JobWaiter, job_waiter
 from resizer.services import QueueUnavailable, engine_limits, job_submit
 from resizer.staging import StagingError, StagingNotFound, staging_store
 
@@ -147,13 +147,31 @@ class ResizeView(APIView):
         responses={
             (200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY, description="the resized image"),
             202: JOB_SCHEMA,
-            **{code: PROBLEM for code in (400, 401, 409, 413, 415, 422, 503)},
+            **{code: PROBLEM for code in (400, 401, 408, 409, 413, 415, 422, 429, 503)},
         },
     )
     def post(self, request: Request) -> HttpResponse:
         clock = metrics.StageClock()
-        django_request: HttpRequest = request._request
         params = parse_params(request.query_params.dict(), request.headers.get("Accept", ""))
+        # Admission before the body is read: a refused request costs no buffering (ADR 0006).
+        slots, customer_id = admission.admission(), request.user.customer_id
+        try:
+            slots.enter(customer_id)
+        except admission.Refused as e:
+            raise ApiError(e.status, e.code, e.detail, headers={"Retry-After": str(e.retry_after)}) from e
+        try:
+            return self._resize(request, params, clock)
+        finally:
+            slots.leave(customer_id)
+
+    def handle_exception(self, exc: Exception) -> HttpResponse:
+        # Refused before its body was read (401, 429, 503...): read and discard a small body, so the
+        # client gets to read the answer and may reuse its connection.
+        discard_unread_body(self.request._request, settings.REFUSED_BODY_DISCARD_BYTES)
+        return super().handle_exception(exc)
+
+    def _resize(self, request: Request, params: imaging.Params, clock: metrics.StageClock) -> HttpResponse:
+        django_request: HttpRequest = request._request
         data = read_upload(django_request, settings.MAX_UPLOAD_BYTES)
         django_request.resize_input_bytes = len(data)  # type: ignore[attr-defined]
         try:
@@ -167,7 +185,7 @@ class ResizeView(APIView):
         waiter = None
         if not respond_async:
             waiter = job_waiter()
-            if not waiter.ready.wait(0.5):
+            if not waiter.usable():
                 waiter = None  # no reply queue (broker trouble): fall back to re-reading the job
         idempotency_key = request.headers.get("Idempotency-Key") or None
         if idempotency_key is not None and len(idempotency_key) > 255:
@@ -209,10 +227,7 @@ class ResizeView(APIView):
             clock.lap("enqueue")
         if respond_async:
             return _accepted(job, vary)
-        if created and waiter is not None:
-            waiter.wait(job.id, settings.SYNC_WAIT_SECONDS)
-        else:
-            _wait_polling(job.id, settings.SYNC_WAIT_SECONDS)
+        _wait_finished(job.id, waiter if created else None, settings.SYNC_WAIT_SECONDS)
         current = job_load(staging_store(), job.id) or job
         if current.finished:
             response = _job_outcome(current, vary)
@@ -224,6 +239,26 @@ class ResizeView(APIView):
 
 def _with_format(params: imaging.Params, output_format: str) -> imaging.Params:
     return replace(params, format=output_format, accept=())
+
+
+def _wait_finished(job_id: str, waiter: JobWaiter | None, timeout: float) -> None:
+    """Wait for the job's completion notice. A notice can be lost on the way (the worker's broker
+    node died before it was sent, or this process's reply queue went with its node), so the job is
+    also re-read each second, and polled once the waiter says it lost its broker."""
+    deadline = time.monotonic() + timeout
+    if waiter is not None:
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                if waiter.wait(job_id, min(remaining, 1.0)):
+                    break
+                job = job_load(staging_store(), job_id)
+                if job is None or job.finished:
+                    return
+        finally:
+            waiter.forget(job_id)
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        _wait_polling(job_id, remaining)
 
 
 def _wait_polling(job_id: str, timeout: float) -> None:

@@ -21,6 +21,7 @@ from metering import pricing, selectors
 from metering.archive import archive_store
 from metering.models import Adjustment, ArchiveFile, BillingPeriod, InvoiceLine, Watermark
 from metering.spool import COLUMNS, Shipper, ShipperThread, Spool
+from resizer.jobs import parse_time
 
 if TYPE_CHECKING:
     from resizer.jobs import Job
@@ -44,10 +45,9 @@ def _megapixels(facts: dict[str, Any]) -> str | None:
 
 
 def _seconds_between(start: str | None, end: str | None) -> str | None:
-    if not start or not end:
+    t0, t1 = parse_time(start), parse_time(end)
+    if t0 is None or t1 is None:
         return None
-    t0 = datetime.fromisoformat(start.replace("Z", "+00:00"))
-    t1 = datetime.fromisoformat(end.replace("Z", "+00:00"))
     return str(round(max(0.0, (t1 - t0).total_seconds()), 6))
 
 

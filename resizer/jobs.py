@@ -27,6 +27,16 @@ def _iso(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t else None
 
 
+def parse_time(value: str | None) -> datetime | None:
+    """A job document's timestamp (ISO 8601, UTC, `Z`) as a datetime; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 @dataclass
 class Job:
     id: str
@@ -50,9 +60,8 @@ class Job:
         return self.status in FINISHED
 
     def result_expired(self, now: datetime | None = None) -> bool:
-        if self.result_expires_at is None:
-            return False
-        return (now or _now()) >= datetime.fromisoformat(self.result_expires_at.replace("Z", "+00:00"))
+        expires = parse_time(self.result_expires_at)
+        return expires is not None and (now or _now()) >= expires
 
 
 def _prefix(job_id: str) -> str:

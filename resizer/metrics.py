@@ -14,6 +14,8 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
+from resizer.jobs import parse_time
+
 log = logging.getLogger(__name__)
 
 TASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
@@ -36,14 +38,6 @@ JOB_QUEUE_WAIT = Histogram("resizer_job_queue_wait_seconds",
 JOBS_FAILED = Counter("resizer_jobs_failed", "Jobs that finished failed, by their stable error code.", ["code"])
 
 
-def _time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
 
 class TaskMeter:
     """Measures one delivery: create before running the job, then finish() with what job_run returned."""
@@ -62,13 +56,13 @@ class TaskMeter:
         elif job is None:
             status = "dropped"
         else:
-            finished = _time(job.finished_at)
+            finished = parse_time(job.finished_at)
             # A job finished before this delivery began was only announced again.
             status = job.status if finished is not None and finished >= self._started_at else "replayed"
         TASK_SECONDS.labels(status).observe(wall)
         TASK_CPU_SECONDS.labels(status).observe(cpu)
         if status in ("succeeded", "failed"):
-            created, started = _time(job.created_at), _time(job.started_at)
+            created, started = parse_time(job.created_at), parse_time(job.started_at)
             if created and started:
                 JOB_QUEUE_WAIT.labels(self.queue).observe(max(0.0, (started - created).total_seconds()))
             if job.input and job.input.get("bytes") is not None:

@@ -31,8 +31,16 @@ class JobWaiter:
         self._events: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self.ready = threading.Event()  # set while the reply queue is declared and consumed
+        self._connected_once = False
         self._thread = threading.Thread(target=self._run, name="job-waiter", daemon=True)
         self._thread.start()
+
+    def usable(self, startup_wait: float = 0.5) -> bool:
+        """Whether completion notices can reach this process now. Only a waiter that never connected
+        yet (a process's first requests) is waited for: one that lost its broker answers at once."""
+        if self.ready.is_set():
+            return True
+        return not self._connected_once and self.ready.wait(startup_wait)
 
     def expect(self, job_id: str) -> None:
         """Register interest before publishing the job, so a fast completion cannot be missed."""
@@ -42,16 +50,20 @@ class JobWaiter:
             self._events[job_id] = threading.Event()
 
     def wait(self, job_id: str, timeout: float) -> bool:
-        """True when the job's completion arrived within `timeout` seconds."""
+        """True when the job's completion arrived within `timeout` seconds, or when this waiter lost
+        its broker meanwhile (notices sent during the gap are lost: the caller must look at the job)."""
         with self._lock:
             event = self._events.get(job_id)
-        if event is None:
-            return False
-        try:
-            return event.wait(timeout)
-        finally:
-            with self._lock:
-                self._events.pop(job_id, None)
+        return event.wait(timeout) if event is not None else False
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._events.pop(job_id, None)
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            for event in self._events.values():
+                event.set()
 
     def _on_message(self, body: Any, message: Any) -> None:
         job_id = message.properties.get("correlation_id") or (body or {}).get("job_id")
@@ -75,14 +87,16 @@ class JobWaiter:
                     with Consumer(connection, [queue], callbacks=[self._on_message], no_ack=True,
                                   accept=["json"]):
                         self.ready.set()
+                        self._connected_once = True
                         backoff = 0.1
                         while True:
                             try:
                                 connection.drain_events(timeout=1.0)
                             except socket.timeout:
                                 connection.heartbeat_check()
-            except Exception as e:  # broker gone: keep trying; waiters time out meanwhile
+            except Exception as e:  # broker gone: keep trying; the waiting requests look at their jobs meanwhile
                 self.ready.clear()
+                self._wake_all()
                 log.warning("job waiter lost the broker (%s); reconnecting in %.1fs", e, backoff)
                 time.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 5.0)

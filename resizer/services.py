@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import random
+import time
 from dataclasses import asdict
 from collections.abc import Callable
 from typing import Any
@@ -74,13 +76,7 @@ def job_submit(
     if before_publish is not None:
         before_publish(job.id)
     try:
-        resize.apply_async(
-            args=[job.id],
-            task_id=job.id,
-            reply_to=reply_to,
-            confirm_timeout=celeryconfig.PUBLISH_TIMEOUT_SECONDS,
-            timeout=celeryconfig.PUBLISH_TIMEOUT_SECONDS,
-        )
+        _publish(resize, job.id, reply_to)
     except PUBLISH_ERRORS as e:
         log.warning("job %s not accepted by the broker: %s", job.id, e)
         job_fail(store, job, status=503, code="queue_unavailable", detail="The job queue did not accept the job.")
@@ -88,6 +84,45 @@ def job_submit(
             job_release_idempotency(store, customer_id=customer_id, idempotency_key=idempotency_key)
         raise QueueUnavailable(str(e)) from e
     return job, True
+
+
+def _nacked(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, MessageNacked):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _publish(task: Any, job_id: str, reply_to: str | None) -> None:
+    """Hand the job to the broker and wait for its confirm, within PUBLISH_TIMEOUT_SECONDS in all.
+    A nack (the broker up but the queue not taking messages: between leaders) is retried with
+    exponential backoff and jitter; connection failures were already retried over every listed node
+    by kombu, and a confirm that timed out spent the budget, so those raise at once."""
+    deadline = time.monotonic() + celeryconfig.PUBLISH_TIMEOUT_SECONDS
+    for attempt in range(celeryconfig.PUBLISH_ATTEMPTS):
+        remaining = max(0.1, deadline - time.monotonic())
+        try:
+            task.apply_async(
+                args=[job_id],
+                task_id=job_id,
+                reply_to=reply_to,
+                confirm_timeout=remaining,
+                timeout=remaining,
+                # No time limits in the message: the worker that runs the job applies its own
+                # (TASK_TIME_LIMIT, TASK_SOFT_TIME_LIMIT), not whatever the publishing API node has.
+                time_limit=None,
+                soft_time_limit=None,
+            )
+            return
+        except PUBLISH_ERRORS as e:
+            step = celeryconfig.PUBLISH_RETRY_BASE_SECONDS * 2**attempt
+            delay = step / 2 + random.uniform(0, step / 2)  # "equal jitter": spread, yet always some wait
+            if not _nacked(e) or attempt + 1 >= celeryconfig.PUBLISH_ATTEMPTS or \
+                    time.monotonic() + delay >= deadline:
+                raise
+            log.info("job %s nacked by the broker (attempt %d); retrying in %.2f s", job_id, attempt + 1, delay)
+            time.sleep(delay)
 
 
 def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:

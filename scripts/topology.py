@@ -76,6 +76,18 @@ def _wait(what: str, check: Any, timeout: float, procs: Sequence[subprocess.Pope
         time.sleep(0.2)
 
 
+def haproxy_config(lb_port: int, metrics_port: int, api_urls: Sequence[str]) -> str:
+    """The same load balancing as docker/haproxy/haproxy.cfg, on loopback ports, in front of `api_urls`."""
+    servers = "\n".join(f"    server api{i + 1} {url.removeprefix('http://')} check inter 1s fall 2 rise 2"
+                        for i, url in enumerate(api_urls))
+    template = (ROOT / "docker" / "haproxy" / "haproxy.cfg").read_text()
+    return (template.replace("bind :8080", f"bind 127.0.0.1:{lb_port}")
+            .replace("bind :8404", f"bind 127.0.0.1:{metrics_port}")
+            .replace(" resolvers docker", "")  # loopback addresses, nothing to resolve
+            .replace("maxconn 20000", "maxconn 4000")  # within a shell's file descriptor limit
+            .split("    # servers\n")[0] + "    # servers\n" + servers + "\n")
+
+
 @dataclass
 class Process:
     """One process we started: its role, how it was started, where it logs."""
@@ -345,16 +357,8 @@ class Topology:
     # --- the application tier -------------------------------------------------------------------
 
     def _haproxy_config(self) -> str:
-        """The same load balancing as docker/haproxy/haproxy.cfg, on loopback ports."""
         lb_port, metrics_port = int(self.lb_url.rsplit(":", 1)[1]), int(self.lb_metrics_url.split(":")[2].split("/")[0])
-        servers = "\n".join(f"    server api{i + 1} {url.removeprefix('http://')} check inter 1s fall 2 rise 2"
-                            for i, url in enumerate(self.api_urls))
-        template = (ROOT / "docker" / "haproxy" / "haproxy.cfg").read_text()
-        return (template.replace("bind :8080", f"bind 127.0.0.1:{lb_port}")
-                .replace("bind :8404", f"bind 127.0.0.1:{metrics_port}")
-                .replace(" resolvers docker", "")  # loopback addresses, nothing to resolve
-                .replace("maxconn 20000", "maxconn 4000")  # within a shell's file descriptor limit
-                .split("    # servers\n")[0] + "    # servers\n" + servers + "\n")
+        return haproxy_config(lb_port, metrics_port, self.api_urls)
 
     def _prometheus_config(self) -> str:
         """docker/prometheus/prometheus.yml's jobs and rules, pointed at the loopback targets."""

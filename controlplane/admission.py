@@ -1,0 +1,227 @@
+"""Admission control: each API process bounds the resizes it works on and sheds the rest early,
+with a status, a code and Retry-After, so admitted requests stay inside the latency SLO instead of
+queues growing without bound (docs/adr/0006-admission-control.md has the numbers).
+
+Every check reads memory only; the request path never waits on the broker to decide:
+- the resize queue's depth, refreshed off the request path by `QueueProbe` (one thread per
+  process, a passive declare every ADMISSION_QUEUE_PROBE_SECONDS): at ADMISSION_MAX_QUEUE_DEPTH
+  ready jobs a new one would wait longer than the SLO allows, so it is 503 `queue_full`;
+- past half that depth, a customer holding more than ADMISSION_CUSTOMER_SHARE of this process's
+  admissions of the last second, while others are being served, is 429 `customer_over_share`:
+  one customer's flood is the first thing refused, before the queue is full for everyone;
+- the customer's resizes in flight in this process: at max(1, ADMISSION_CUSTOMER_SHARE ×
+  ADMISSION_MAX_IN_FLIGHT), 429 `customer_over_share`;
+- the process's resizes in flight: at ADMISSION_MAX_IN_FLIGHT, 503 `overloaded`. The bound sits
+  below the server's threads, so spare threads keep answering refusals, /readyz and job reads.
+An unknown depth (broker away, probe stale) admits: the publish then decides (503 `queue_unavailable`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """A resize refused before any work: an HTTP status, a stable code, a sentence, a Retry-After."""
+
+    def __init__(self, status: int, code: str, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.retry_after = status, code, detail, retry_after
+
+
+class _RecentAdmissions:
+    """Admissions per customer over about the last `window` seconds: two buckets, the older one
+    weighted by how much of it is still inside the window. Enough to tell a flood from a trickle."""
+
+    def __init__(self, window: float = 1.0) -> None:
+        self.window = window
+        self._start = time.monotonic()
+        self._current: dict[str, int] = {}
+        self._previous: dict[str, int] = {}
+
+    def _roll(self, now: float) -> None:
+        elapsed = now - self._start
+        if elapsed >= 2 * self.window:
+            self._previous, self._current, self._start = {}, {}, now
+        elif elapsed >= self.window:
+            self._previous, self._current, self._start = self._current, {}, self._start + self.window
+
+    def add(self, customer_id: str, now: float) -> None:
+        self._roll(now)
+        self._current[customer_id] = self._current.get(customer_id, 0) + 1
+
+    def share(self, customer_id: str, now: float) -> tuple[float, bool]:
+        """(the customer's share of the window's admissions, whether anyone else was admitted)."""
+        self._roll(now)
+        weight = max(0.0, 1.0 - (now - self._start) / self.window)
+        mine = self._current.get(customer_id, 0) + weight * self._previous.get(customer_id, 0)
+        total = sum(self._current.values()) + weight * sum(self._previous.values())
+        others = total - mine > 0.5
+        return (mine / total if total else 0.0), others
+
+
+class Admission:
+    """One API process's admission state: enter(customer_id) takes a slot for a request's life, leave() gives it back."""
+
+    def __init__(self, *, max_in_flight: int, customer_share: float, max_queue_depth: int,
+                 queue_depth: Callable[[], int | None]) -> None:
+        self.max_in_flight = max_in_flight
+        self.customer_share = customer_share
+        self.customer_slots = max(1, int(customer_share * max_in_flight))
+        self.max_queue_depth = max_queue_depth  # 0: no depth check
+        self._queue_depth = queue_depth
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self._held: dict[str, int] = {}
+        self._recent = _RecentAdmissions()
+
+    def enter(self, customer_id: str) -> None:
+        """Take a slot for the customer, or raise Refused."""
+        depth = self._queue_depth() if self.max_queue_depth else None
+        if depth is not None and depth >= self.max_queue_depth:
+            raise Refused(503, "queue_full", f"The service is at capacity ({depth} jobs waiting); retry shortly.", 1)
+        now = time.monotonic()
+        with self._lock:
+            held = self._held.get(customer_id, 0)
+            if held >= self.customer_slots:
+                raise Refused(429, "customer_over_share", f"This account already has {held} resizes in progress "
+                              "on this server; wait for them before sending more.", 1)
+            if self.in_flight >= self.max_in_flight:
+                raise Refused(503, "overloaded", "The server is at capacity; retry shortly.", 1)
+            if depth is not None and depth >= self.max_queue_depth / 2:
+                share, others = self._recent.share(customer_id, now)
+                if others and share > self.customer_share:
+                    raise Refused(429, "customer_over_share", "The service is busy and this account is sending most "
+                                  "of its work; slow down and retry shortly.", 1)
+            self.in_flight += 1
+            self._held[customer_id] = held + 1
+            self._recent.add(customer_id, now)
+
+    def leave(self, customer_id: str) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            held = self._held.get(customer_id, 0) - 1
+            if held > 0:
+                self._held[customer_id] = held
+            else:
+                self._held.pop(customer_id, None)
+
+
+class QueueProbe:
+    """The ready messages and consumers of some queues, read by a background thread on its own broker
+    connection every `interval` seconds (a passive declare). Readers get the last values, or nothing
+    once they are older than `stale_after` (broker away or slow): they never wait on the broker."""
+
+    def __init__(self, queues: tuple[str, ...], connection_factory: Callable[[], Any], interval: float = 0.5,
+                 stale_after: float | None = None) -> None:
+        self.queues = queues
+        self.interval = interval
+        self.stale_after = stale_after if stale_after is not None else max(2.0, 4 * interval)
+        self._connection_factory = connection_factory
+        self._values: dict[str, tuple[int, int]] = {}
+        self._at = 0.0  # monotonic time of the last successful probe
+        self.first = threading.Event()  # set after the first attempt, successful or not
+        threading.Thread(target=self._run, name="queue-probe", daemon=True).start()
+
+    def values(self) -> dict[str, tuple[int, int]] | None:
+        """{queue: (ready, consumers)} from the last probe, or None when there is no fresh one."""
+        if time.monotonic() - self._at > self.stale_after:
+            return None
+        return dict(self._values)
+
+    def ready(self, queue: str) -> int | None:
+        values = self.values()
+        if values is None or queue not in values:
+            return None
+        return values[queue][0]
+
+    def _run(self) -> None:
+        backoff = self.interval
+        while True:
+            try:
+                with self._connection_factory() as connection:
+                    connection.ensure_connection(max_retries=1, timeout=2)
+                    channel = connection.channel()
+                    while True:
+                        values: dict[str, tuple[int, int]] = {}
+                        for name in self.queues:
+                            try:
+                                _, ready, consumers = channel.queue_declare(queue=name, passive=True)
+                                values[name] = (ready, consumers)
+                            except Exception as e:
+                                if not _is_not_found(e):
+                                    raise
+                                channel = connection.channel()  # not declared yet: a 404 closes the channel
+                        self._values, self._at = values, time.monotonic()
+                        self.first.set()
+                        backoff = self.interval
+                        time.sleep(self.interval)
+            except Exception as e:  # broker away: keep trying, readers see no fresh value meanwhile
+                log.debug("queue probe failed: %s", e)
+                self.first.set()
+                # Exponential backoff with jitter, capped: every API process probes, and they must
+                # not reconnect in step when the broker returns.
+                time.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+
+
+def _is_not_found(error: Exception) -> bool:
+    return getattr(error, "code", None) == 404 or type(error).__name__ == "NotFound"
+
+
+# --- the process's instances (created after fork: threads do not survive one) ---------------------
+
+_lock = threading.Lock()
+_probe: QueueProbe | None = None
+_admission: Admission | None = None
+_pid: int | None = None
+
+
+def queue_probe() -> QueueProbe:
+    """This process's probe of the resize queue and its dead-letter queue (started on first use)."""
+    global _probe, _pid, _admission
+    with _lock:
+        if _probe is None or _pid != os.getpid():
+            import celeryconfig
+            from controlplane.celery import app
+            from django.conf import settings
+
+            def connect() -> Any:
+                # Its own socket timeouts: a broker that accepts but never answers must not hang the probe.
+                return app.connection_for_read(transport_options={"read_timeout": 2, "write_timeout": 2})
+
+            _probe = QueueProbe((celeryconfig.resize_queue.name, celeryconfig.dead_letter_queue.name), connect,
+                                interval=settings.ADMISSION_QUEUE_PROBE_SECONDS)
+            _admission, _pid = None, os.getpid()
+        return _probe
+
+
+def admission() -> Admission:
+    """This process's admission state, sized from settings."""
+    global _admission
+    probe = queue_probe()
+    with _lock:
+        if _admission is None:
+            import celeryconfig
+            from django.conf import settings
+
+            queue = celeryconfig.resize_queue.name
+            _admission = Admission(max_in_flight=settings.ADMISSION_MAX_IN_FLIGHT,
+                                   customer_share=settings.ADMISSION_CUSTOMER_SHARE,
+                                   max_queue_depth=settings.ADMISSION_MAX_QUEUE_DEPTH,
+                                   queue_depth=lambda: probe.ready(queue))
+        return _admission
+
+
+def admission_reset() -> None:
+    """Forget the process's admission state (tests that change the settings)."""
+    global _admission
+    with _lock:
+        _admission = None

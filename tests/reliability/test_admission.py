@@ -1,0 +1,169 @@
+"""Admission control (controlplane/admission.py): the bounds, one at a time, then the queue probe it
+reads against the real broker, then the view answering each refusal as a problem with Retry-After."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from django.conf import settings
+from kombu import Connection, Producer, Queue
+
+from controlplane import admission as admission_module
+from controlplane.admission import Admission, QueueProbe, Refused
+from tests.conftest import corpus
+from tests.processes import free_port
+
+
+def _admission(depth: int | None = None, max_in_flight: int = 4, share: float = 0.5, max_depth: int = 10) -> Admission:
+    return Admission(max_in_flight=max_in_flight, customer_share=share, max_queue_depth=max_depth,
+                     queue_depth=lambda: depth)
+
+
+def _refusal(a: Admission, customer: str) -> tuple[int, str] | None:
+    try:
+        a.enter(customer)
+    except Refused as e:
+        assert e.retry_after >= 1 and e.detail
+        return e.status, e.code
+    return None
+
+
+def test_a_customer_holds_at_most_its_share_of_the_slots_and_others_still_get_in():
+    a = _admission(max_in_flight=4, share=0.5)
+    assert a.customer_slots == 2
+    assert _refusal(a, "flood") is None and _refusal(a, "flood") is None
+    assert _refusal(a, "flood") == (429, "customer_over_share")
+    assert _refusal(a, "other") is None  # the flood did not take the others' room
+    a.leave("flood")
+    assert _refusal(a, "flood") is None  # a slot given back is a slot to take
+
+
+def test_past_the_process_bound_everyone_is_503_overloaded_until_a_slot_frees():
+    a = _admission(max_in_flight=4, share=0.5)
+    for customer in ("a", "a", "b", "b"):
+        assert _refusal(a, customer) is None
+    assert a.in_flight == 4
+    assert _refusal(a, "c") == (503, "overloaded")
+    a.leave("b")
+    assert _refusal(a, "c") is None
+    assert a.in_flight == 4
+
+
+def test_share_is_at_least_one_slot():
+    assert _admission(max_in_flight=1, share=0.1).customer_slots == 1
+
+
+def test_a_full_queue_is_503_queue_full_and_an_unknown_depth_admits():
+    assert _refusal(_admission(depth=10, max_depth=10), "a") == (503, "queue_full")
+    assert _refusal(_admission(depth=9, max_depth=10), "a") is None
+    assert _refusal(_admission(depth=None, max_depth=10), "a") is None  # broker away: the publish decides
+    assert _refusal(_admission(depth=10_000, max_depth=0), "a") is None  # 0: no depth check
+
+
+def test_past_half_the_queue_the_customer_sending_most_of_the_work_is_refused_first():
+    depth = {"now": 0}
+    a = Admission(max_in_flight=100, customer_share=0.5, max_queue_depth=10, queue_depth=lambda: depth["now"])
+    for _ in range(20):
+        a.enter("flood")
+        a.leave("flood")
+    a.enter("quiet")
+    a.leave("quiet")
+    depth["now"] = 5  # half full: the flood (20 of 21 recent admissions) waits, the quiet customer does not
+    assert _refusal(a, "flood") == (429, "customer_over_share")
+    assert _refusal(a, "quiet") is None
+    a.leave("quiet")
+    depth["now"] = 4  # below half: everyone again
+    assert _refusal(a, "flood") is None
+
+
+def test_alone_a_customer_may_fill_the_queue_to_the_bound():
+    a = Admission(max_in_flight=100, customer_share=0.5, max_queue_depth=10, queue_depth=lambda: 8)
+    for _ in range(5):
+        assert _refusal(a, "only") is None  # no one else to protect: only the hard bound applies
+        a.leave("only")
+
+
+# --- the probe, on the real broker -----------------------------------------------------------------
+
+def test_the_probe_reads_a_queues_depth_off_the_request_path_and_goes_stale_without_a_broker():
+    from controlplane.celery import app
+
+    name = f"test.probe.{uuid.uuid4().hex[:8]}"
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        queue = Queue(name, queue_arguments={"x-queue-type": "quorum"}).bind(channel)
+        queue.declare()
+        try:
+            producer = Producer(channel)
+            for i in range(3):
+                producer.publish({"n": i}, routing_key=name)
+            probe = QueueProbe((name, f"{name}.missing"), app.connection_for_read, interval=0.1)
+            deadline = time.monotonic() + 10
+            while probe.ready(name) != 3:
+                assert time.monotonic() < deadline, probe.values()
+                time.sleep(0.05)
+            assert probe.values() == {name: (3, 0)}  # a queue that does not exist is simply absent
+            producer.publish({"n": 3}, routing_key=name)
+            deadline = time.monotonic() + 5
+            while probe.ready(name) != 4:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            queue.delete()
+
+    nowhere = QueueProbe((name,), lambda: Connection(f"amqp://guest:guest@127.0.0.1:{free_port()}//",
+                                                     connect_timeout=1), interval=0.1, stale_after=0.5)
+    assert nowhere.first.wait(10)
+    started = time.monotonic()
+    assert nowhere.values() is None and nowhere.ready(name) is None
+    assert time.monotonic() - started < 0.01  # a reader never waits on the broker
+
+
+# --- the view ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tight_admission(monkeypatch):
+    """This process's admission with two slots, one per customer, and a depth the test sets."""
+    depth: dict[str, int | None] = {"now": None}
+    a = Admission(max_in_flight=2, customer_share=0.5, max_queue_depth=10, queue_depth=lambda: depth["now"])
+    monkeypatch.setattr(admission_module, "admission", lambda: a)
+    return a, depth
+
+
+def test_the_view_answers_each_refusal_as_a_problem_with_retry_after(api, customer_key, tight_admission):
+    a, depth = tight_admission
+    image = corpus("coffee.jpg")
+    customer_id = str(customer_key[0].id)
+
+    a.enter(customer_id)  # this customer already has its one slot
+    response = api.post("/v1/resize?width=50", data=image, content_type="image/jpeg")
+    assert response.status_code == 429 and response.json()["code"] == "customer_over_share"
+    assert response["Retry-After"] == "1" and response["Content-Type"] == "application/problem+json"
+
+    a.leave(customer_id)
+    a.enter("someone-else")
+    a.enter("a-third")  # two other customers hold both slots: the process is full
+    response = api.post("/v1/resize?width=50", data=image, content_type="image/jpeg")
+    assert response.status_code == 503 and response.json()["code"] == "overloaded" and response["Retry-After"]
+    a.leave("someone-else")
+    a.leave("a-third")
+
+    depth["now"] = 10
+    response = api.post("/v1/resize?width=50", data=image, content_type="image/jpeg")
+    assert response.status_code == 503 and response.json()["code"] == "queue_full" and response["Retry-After"]
+    assert a.in_flight == 0  # refusals hold nothing
+
+
+def test_an_admitted_request_gives_its_slot_back_whatever_its_answer(api, tight_admission, worker):
+    a, _ = tight_admission
+    assert api.post("/v1/resize?width=50", data=corpus("coffee.jpg"), content_type="image/jpeg").status_code == 200
+    assert api.post("/v1/resize?width=50", data=b"not an image", content_type="image/jpeg").status_code == 415
+    assert api.post("/v1/resize?width=50", data=b"", content_type="image/jpeg").status_code == 400
+    assert a.in_flight == 0
+
+
+def test_default_bounds_leave_threads_free_and_give_no_customer_more_than_half():
+    assert 1 <= settings.ADMISSION_MAX_IN_FLIGHT < 16
+    assert settings.ADMISSION_CUSTOMER_SHARE == 0.5
+    assert settings.ADMISSION_MAX_QUEUE_DEPTH > 0 and settings.ADMISSION_QUEUE_PROBE_SECONDS <= 1

@@ -1,0 +1,308 @@
+"""Chaos at the HTTP edge (6): huge headers, malformed multipart, slow clients, a body streamed past the
+limit, and schemathesis against our OpenAPI document. Every answer is a 4xx the client can act on,
+never a 5xx, and no client can hold the server's threads for long.
+
+The production edge is HAProxy in front of gunicorn (docker/haproxy/haproxy.cfg): it reads a request's
+headers before passing it on (`timeout http-request`), so a client trickling its headers never reaches
+a gunicorn thread. Bodies are streamed through, so gunicorn bounds their reads itself
+(UPLOAD_IDLE_TIMEOUT_SECONDS, UPLOAD_TIMEOUT_SECONDS)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from identity.models import SCOPES, Plan
+from identity.services import api_key_create, customer_create
+from scripts.topology import haproxy_config
+from tests.conftest import ROOT, corpus
+from tests.processes import api_server, free_port, wait_authenticated
+from tests.reliability.load import percentile
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("worker")]
+
+
+@pytest.fixture
+def key():
+    plan, _ = Plan.objects.get_or_create(name="reliability-unlimited", defaults={"rate_per_second": 10_000,
+                                                                               "burst": 10_000})
+    _, key = api_key_create(customer=customer_create(name=f"edge-{uuid.uuid4().hex[:6]}", plan=plan))
+    return key
+
+
+@pytest.fixture
+def server(key):
+    # Short body bounds, so a slow body is refused within the test's patience.
+    with api_server(MAX_UPLOAD_BYTES=str(2 * 1024 * 1024), UPLOAD_IDLE_TIMEOUT_SECONDS="1",
+                    UPLOAD_TIMEOUT_SECONDS="3") as base:
+        wait_authenticated(base, key)
+        yield base
+
+
+@contextmanager
+def load_balancer(*api_urls: str, http_request_timeout: str = "3s") -> Iterator[str]:
+    """HAProxy with docker/haproxy/haproxy.cfg (as the topology rewrites it for loopback) in front of
+    the given API servers. `timeout http-request` is shortened from 10 s so the test is quick."""
+    if not shutil.which("haproxy"):
+        pytest.skip("haproxy is not installed (scripts/services.sh installs it)")
+    port, metrics_port = free_port(), free_port()
+    config = haproxy_config(port, metrics_port, list(api_urls)).replace(
+        "timeout http-request 10s", f"timeout http-request {http_request_timeout}")
+    directory = Path(tempfile.mkdtemp(prefix="resizer-haproxy-"))
+    (directory / "haproxy.cfg").write_text(config)
+    proc = subprocess.Popen([shutil.which("haproxy") or "haproxy", "-db", "-f", str(directory / "haproxy.cfg")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "haproxy did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _raw(port: int, request: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes, return everything the server answers before closing (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(request)
+        except OSError:
+            pass
+        reply = b""
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+                if b"\r\n\r\n" in reply:  # the status line and headers are all we need
+                    break
+        except OSError:
+            pass
+    return reply
+
+
+def _status(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+# --- huge headers --------------------------------------------------------------------------------------
+
+def test_huge_headers_are_refused_with_a_4xx_not_a_5xx(server, key):
+    with load_balancer(server) as lb:
+        cases = {
+            "one 20 KB header": f"X-Big: {'a' * 20_000}\r\n",
+            "one 9 KB header": f"X-Big: {'a' * 9_000}\r\n",  # over gunicorn's 8190, under HAProxy's buffer
+            "200 headers": "".join(f"X-H{i}: v\r\n" for i in range(200)),
+            "a 10 KB request line": "",
+        }
+        statuses = {}
+        for edge, url in (("gunicorn", server), ("haproxy", lb)):
+            for name, headers in cases.items():
+                target = f"/v1/resize?width=10&x={'a' * 10_000}" if "request line" in name else "/v1/resize?width=10"
+                request = (f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                           f"{headers}Content-Length: 0\r\n\r\n").encode()
+                statuses[(edge, name)] = _status(_raw(_port(url), request))
+    print(f"\nedge, huge headers: {statuses}")
+    assert all(400 <= s < 500 for s in statuses.values()), statuses
+    assert statuses[("gunicorn", "one 9 KB header")] in (400, 431)
+
+
+# --- malformed multipart ---------------------------------------------------------------------------
+
+MALFORMED_MULTIPART = {
+    "no boundary": ("multipart/form-data", b"--x\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc\r\n--x--\r\n"),
+    "boundary never used": ("multipart/form-data; boundary=zzz", b"just some bytes, no parts at all"),
+    "truncated": ("multipart/form-data; boundary=x",
+                  b"--x\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n\xff\xd8\xff"),
+    "part without headers": ("multipart/form-data; boundary=x", b"--x\r\n\r\nabc\r\n--x--\r\n"),
+    "image as a text field": ("multipart/form-data; boundary=x",
+                              b"--x\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc\r\n--x--\r\n"),
+    "binary garbage": ("multipart/form-data; boundary=x", os.urandom(4096)),
+    "10,000 fields": ("multipart/form-data; boundary=x",
+                      b"".join(b"--x\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nv\r\n" % i
+                               for i in range(10_000)) + b"--x--\r\n"),
+    "huge part header": ("multipart/form-data; boundary=x",
+                         b"--x\r\nContent-Disposition: form-data; name=\"image\"; filename=\"" + b"a" * 100_000
+                         + b"\"\r\n\r\nabc\r\n--x--\r\n"),
+    "boundary too long": ("multipart/form-data; boundary=" + "b" * 200, b"--" + b"b" * 200 + b"\r\n\r\n"),
+}
+
+
+def test_malformed_multipart_is_400_with_a_code(server, key):
+    answers = {}
+    with httpx.Client(base_url=server, timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
+        for name, (content_type, body) in MALFORMED_MULTIPART.items():
+            response = http.post("/v1/resize?width=10", content=body, headers={"Content-Type": content_type})
+            answers[name] = (response.status_code, response.json().get("code"))
+        # The connection is still good for a valid request afterwards.
+        ok = http.post("/v1/resize?width=10", files={"image": ("c.jpg", corpus("coffee.jpg"))})
+    print(f"\nedge, malformed multipart: {answers}")
+    assert all(status == 400 and code for status, code in answers.values()), answers
+    assert ok.status_code == 200
+
+
+# --- slow clients ----------------------------------------------------------------------------------
+
+def _slowloris(port: int, stop: threading.Event, closed: list[float], started: float) -> None:
+    """Send a request's headers one byte at a time, forever; note when the other side gives up."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            for byte in b"POST /v1/resize?width=10 HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 10_000:
+                if stop.is_set():
+                    return
+                s.sendall(bytes([byte]))
+                time.sleep(0.25)
+    except OSError:
+        pass
+    closed.append(time.monotonic() - started)
+
+
+def _timed_resizes(url: str, key: str, n: int) -> list[tuple[int, float]]:
+    out = []
+    with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
+        for _ in range(n):
+            started = time.monotonic()
+            status = http.post("/v1/resize?width=64", content=corpus("photo-256k-2.jpg")).status_code
+            out.append((status, time.monotonic() - started))
+    return out
+
+
+def test_slow_headers_behind_the_load_balancer_hold_no_thread(server, key):
+    """More trickling clients than the server has threads (2 processes × 16): the load balancer holds
+    them, never passes them on, and cuts them at `timeout http-request`; everyone else is served."""
+    with load_balancer(server) as lb:
+        stop, closed, started = threading.Event(), [], time.monotonic()
+        clients = [threading.Thread(target=_slowloris, args=(_port(lb), stop, closed, started), daemon=True)
+                   for _ in range(64)]
+        for t in clients:
+            t.start()
+        time.sleep(1)
+        served = _timed_resizes(lb, key, 20)
+        for t in clients:
+            t.join(15)
+        stop.set()
+    latencies = [s for _, s in served]
+    print(f"\nedge, 64 slow-header clients behind HAProxy: 20 resizes {[st for st, _ in served].count(200)}x200, "
+          f"p50 {percentile(latencies, .5) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms; slow clients cut "
+          f"after {min(closed, default=0):.1f}-{max(closed, default=0):.1f} s ({len(closed)} of 64)")
+    assert all(status == 200 for status, _ in served)
+    assert percentile(latencies, 0.99) < 0.5
+    assert len(closed) == 64 and max(closed) < 10  # the 3 s request timeout, not the trickle's 40 minutes
+
+
+def test_a_slow_body_is_cut_and_frees_its_thread(server, key):
+    """Through the load balancer (bodies are streamed to gunicorn): a body that pauses is 408 after
+    the idle bound; one that trickles is 408 at the total bound; neither holds a thread longer."""
+    with load_balancer(server) as lb:
+        port = _port(lb)
+        head = (f"POST /v1/resize?width=10 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                f"Content-Type: image/jpeg\r\nContent-Length: 300000\r\n\r\n").encode()
+        results = {}
+        for name, pace in (("pauses", None), ("trickles", 0.5)):
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(head + b"\xff\xd8" + b"\0" * 10_000)
+                reply = b""
+                s.settimeout(0.5 if pace else 30)
+                while not reply and time.monotonic() - started < 20:
+                    if pace:
+                        try:
+                            s.sendall(b"\0" * 100)
+                        except OSError:
+                            break
+                    try:
+                        reply = s.recv(65536)
+                    except (socket.timeout, TimeoutError):
+                        continue
+                    except OSError:
+                        break
+            results[name] = (_status(reply), round(time.monotonic() - started, 1), reply)
+        served = _timed_resizes(lb, key, 5)
+    print(f"\nedge, slow bodies: " + ", ".join(f"{k}: {v[0]} after {v[1]} s" for k, v in results.items()))
+    for name, (status, seconds, reply) in results.items():
+        assert status == 408 and b"upload_timeout" in reply, (name, reply[:300])
+    assert results["pauses"][1] < 3 and results["trickles"][1] < 6
+    assert all(status == 200 for status, _ in served)
+
+
+def test_a_body_streamed_past_the_limit_through_the_load_balancer_is_refused_early(server, key):
+    sent = 0
+
+    def endless():
+        nonlocal sent
+        chunk = b"\xff" * 65536
+        while sent < 64 * 1024 * 1024:  # 64 MB offered against a 2 MB limit
+            sent += len(chunk)
+            yield chunk
+
+    with load_balancer(server) as lb, httpx.Client(base_url=lb, timeout=30) as http:
+        try:
+            response = http.post("/v1/resize?width=10", content=endless(), headers={"Authorization": f"Bearer {key}"})
+            assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
+        except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+            pass  # cut while still sending: also a refusal
+    print(f"\nedge, streamed body past the limit through HAProxy: refused after {sent / 2**20:.1f} MB offered")
+    # gunicorn reads 2 MB (+ a 64 KB drain); the rest of what was written sits in socket buffers on the
+    # way (client, HAProxy, server side: several MB each on loopback) until the connection is cut.
+    assert sent < 32 * 1024 * 1024
+
+
+def test_refused_requests_leave_their_keep_alive_connection_usable(server, key):
+    """A request refused before its body is read (here 401) has its small body read and dropped, so
+    the next request on the same connection is served."""
+    with httpx.Client(base_url=server, timeout=30) as http:
+        refused = http.post("/v1/resize?width=64", content=corpus("photo-256k-0.jpg"),
+                            headers={"Authorization": "Bearer rsz_nope_nope"})
+        assert refused.status_code == 401
+        ok = http.post("/v1/resize?width=64", content=corpus("photo-256k-0.jpg"),
+                       headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+        assert http.get("/healthz").status_code == 200
+
+
+# --- schemathesis ------------------------------------------------------------------------------------
+
+@pytest.mark.chaos  # not in `make test` yet: schemathesis itself crashed generating cases (see the note)
+def test_schemathesis_finds_no_server_error(server):
+    """Generated requests for every operation of /v1/openapi.json (bounded: examples and time), with
+    a valid key that has every scope (the management API's too): no answer may be a 5xx."""
+    plan = Plan.objects.get(name="reliability-unlimited")
+    _, key = api_key_create(customer=customer_create(name=f"fuzz-{uuid.uuid4().hex[:6]}", plan=plan),
+                            scopes=list(SCOPES))
+    wait_authenticated(server, key)
+    out = Path(tempfile.mkdtemp(prefix="resizer-schemathesis-"))
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server}/v1/openapi.json",
+         "--checks", "not_a_server_error", "-H", f"Authorization: Bearer {key}",
+         "--max-examples", "25", "--max-time", "25", "--workers", "2", "--seed", "7",
+         "--phases", "examples,coverage,fuzzing", "--request-timeout", "15",
+         "--generation-database", "none", "--no-color", "--report", "junit", "--report-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
+    tail = "\n".join(result.stdout.strip().splitlines()[-40:])
+    print(f"\nedge, schemathesis:\n{tail}")
+    shutil.rmtree(out, ignore_errors=True)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
