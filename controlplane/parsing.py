@@ -114,6 +114,9 @@ class _Cutter:
     def release(self, ticket: int) -> None:
         with self._cond:
             self._socks.pop(ticket, None)
+            if len(self._due) > 64 + 2 * len(self._socks):  # mostly released entries: drop them
+                self._due = [entry for entry in self._due if entry[1] in self._socks]
+                heapq.heapify(self._due)
 
     def _run(self) -> None:
         with self._cond:

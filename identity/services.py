@@ -6,10 +6,24 @@ from datetime import datetime
 from typing import Any
 
 from django.db import transaction
+from django.http import Http404
 from django.utils import timezone
 
 from identity.keys import key_generate, key_hash
 from identity.models import DEFAULT_SCOPES, SCOPES, ApiKey, AuditEvent, Change, Customer, Plan
+
+
+class CustomerGone(Http404):
+    """The customer was deleted by a write that committed first (answered as 404)."""
+
+
+def _lock(customer_id: Any) -> None:
+    """Serialize the writes of one customer by taking its row first: a delete racing an update or a
+    key issue would otherwise leave an audit event pointing at a deleted customer, and its commit
+    would fail on the foreign key (a 500 that schemathesis found). The later writer waits, then finds
+    the customer gone."""
+    if not list(Customer.objects.select_for_update().filter(pk=customer_id).values_list("pk", flat=True)):
+        raise CustomerGone(f"There is no customer {customer_id}.")
 
 
 def _record(*, actor: str, action: str, customer: Customer | None, details: dict[str, Any]) -> None:
@@ -29,6 +43,7 @@ def customer_create(*, name: str, plan: Plan | None = None, actor: str = "system
 @transaction.atomic
 def customer_update(*, customer: Customer, actor: str, name: str | None = None, status: str | None = None,
                     plan: Plan | None | str = "unchanged") -> Customer:
+    _lock(customer.pk)
     changes: dict[str, Any] = {}
     if name is not None and name != customer.name:
         changes["name"] = [customer.name, name]
@@ -61,6 +76,7 @@ def customer_activate(*, customer: Customer, actor: str) -> Customer:
 
 @transaction.atomic
 def customer_delete(*, customer: Customer, actor: str) -> None:
+    _lock(customer.pk)
     _record(actor=actor, action="customer.delete", customer=customer, details={"name": customer.name})
     customer.delete()
 
@@ -73,6 +89,7 @@ def api_key_create(*, customer: Customer, name: str = "default", scopes: list[st
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise ValueError(f"unknown scope {unknown[0]!r}; scopes are {', '.join(SCOPES)}")
+    _lock(customer.pk)
     prefix, key = key_generate()
     api_key = ApiKey.objects.create(customer=customer, name=name, prefix=prefix, secret_hash=key_hash(key),
                                     scopes=scopes, expires_at=expires_at)
@@ -84,6 +101,7 @@ def api_key_create(*, customer: Customer, name: str = "default", scopes: list[st
 
 @transaction.atomic
 def api_key_revoke(*, api_key: ApiKey, actor: str = "system") -> ApiKey:
+    _lock(api_key.customer_id)
     if api_key.revoked_at is None:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])

@@ -37,12 +37,12 @@ pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.django_db(transact
 RESULTS = ROOT / "var" / "reliability"
 
 
-@pytest.fixture(scope="module")
-def topo(request, django_db_setup, django_db_blocker):
-    """One topology for the module; its directory (every process's log) is kept when a test failed."""
-    with django_db_blocker.unblock():
-        url = database_url_for_tests()
-    t = Topology(database_url=url, api_servers=2, api_workers=2, workers=2, prometheus=False, keep=True)
+@pytest.fixture
+def topo(request, transactional_db):
+    """A topology of its own for each test, stopped before the test database is flushed (a flush while
+    its processes write can deadlock); its directory (every process's log) is kept when the test failed."""
+    t = Topology(database_url=database_url_for_tests(), api_servers=2, api_workers=2, workers=2,
+                 prometheus=False, keep=True)
     failed_before = request.session.testsfailed
     t.start()
     try:

@@ -285,24 +285,31 @@ def test_refused_requests_leave_their_keep_alive_connection_usable(server, key):
 
 # --- schemathesis ------------------------------------------------------------------------------------
 
-@pytest.mark.chaos  # not in `make test` yet: schemathesis itself crashed generating cases (see the note)
-def test_schemathesis_finds_no_server_error(server):
-    """Generated requests for every operation of /v1/openapi.json (bounded: examples and time), with
-    a valid key that has every scope (the management API's too): no answer may be a 5xx."""
+def test_schemathesis_finds_no_server_error(server, key):
+    """Generated requests for every operation of /v1/openapi.json (bounded: examples and time): the
+    customer API with a customer's key, then the management API with an admin-scoped key of another
+    customer (the fuzzer deletes and suspends what it finds, which must not lock the first pass
+    out). No answer may be a 5xx."""
     plan = Plan.objects.get(name="reliability-unlimited")
-    _, key = api_key_create(customer=customer_create(name=f"fuzz-{uuid.uuid4().hex[:6]}", plan=plan),
-                            scopes=list(SCOPES))
-    wait_authenticated(server, key)
-    out = Path(tempfile.mkdtemp(prefix="resizer-schemathesis-"))
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server}/v1/openapi.json",
-         "--checks", "not_a_server_error", "-H", f"Authorization: Bearer {key}",
-         "--max-examples", "25", "--max-time", "25", "--workers", "2", "--seed", "7",
-         "--phases", "examples,coverage,fuzzing", "--request-timeout", "15",
-         "--generation-database", "none", "--no-color", "--report", "junit", "--report-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
-        env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
-    tail = "\n".join(result.stdout.strip().splitlines()[-40:])
-    print(f"\nedge, schemathesis:\n{tail}")
-    shutil.rmtree(out, ignore_errors=True)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    _, admin_key = api_key_create(customer=customer_create(name=f"fuzz-{uuid.uuid4().hex[:6]}", plan=plan),
+                                  scopes=list(SCOPES))
+    wait_authenticated(server, admin_key)
+    outputs = []
+    for name, auth, selection in (("customer API", key, "--exclude-path-regex"),
+                                  ("management API", admin_key, "--include-path-regex")):
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server}/v1/openapi.json",
+             selection, "^/v1/admin/", "--checks", "not_a_server_error", "-H", f"Authorization: Bearer {auth}",
+             # One worker: with two, schemathesis 4.32's coverage phase now and then fails inside itself
+             # (a KeyError). Two workers found a race between admin writes once: test_admin_races.py.
+             "--max-examples", "25", "--max-time", "12", "--workers", "1", "--seed", "7",
+             "--phases", "examples,coverage,fuzzing", "--request-timeout", "15",
+             "--generation-database", "none", "--no-color"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
+        summary_lines = [line.strip() for line in result.stdout.splitlines()
+                         if "generated" in line or "Selected" in line or "⚠" in line or "❌" in line]
+        print(f"\nedge, schemathesis, {name}: " + "; ".join(summary_lines))
+        outputs.append((name, result))
+    for name, result in outputs:
+        assert result.returncode == 0, (name, result.stdout[-5000:] + result.stderr[-2000:])
