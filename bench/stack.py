@@ -3,7 +3,6 @@ and staging directory, for benchmarks. Uses the running PostgreSQL and RabbitMQ.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,23 +12,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import httpx
+from scripts.topology import free_port, http_ok, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def stack(*, api_workers: int = 2, worker_concurrency: int = 2) -> Iterator[tuple[str, str]]:
     """Yields (base URL, API key). Everything it started is stopped, and its queue deleted, after."""
     run = uuid.uuid4().hex[:8]
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "RESIZE_QUEUE": f"bench.resize.{run}",
@@ -50,16 +43,10 @@ def stack(*, api_workers: int = 2, worker_concurrency: int = 2) -> Iterator[tupl
     ]
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"stack did not start; see {log.name}")
-            time.sleep(0.3)
+        try:
+            wait_until("stack", lambda: http_ok(f"{base}/readyz"), 60, procs)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; see {log.name}") from None
         time.sleep(2)  # the worker declares its queue and starts consuming
         yield base, key
     finally:

@@ -55,7 +55,7 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0) -> bool:
     import urllib.request
 
     try:
@@ -65,7 +65,8 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _wait(what: str, check: Any, timeout: float, procs: Sequence[subprocess.Popen[bytes]] = ()) -> None:
+def wait_until(what: str, check: Any, timeout: float, procs: Sequence[subprocess.Popen[bytes]] = ()) -> None:
+    """Poll `check` until true; RuntimeError when `timeout` passes or one of `procs` exits first."""
     deadline = time.monotonic() + timeout
     while not check():
         dead = [p for p in procs if p.poll() is not None]
@@ -302,7 +303,7 @@ class Topology:
 
     def wait_rabbit_node(self, index: int, timeout: float = 90) -> None:
         node = self.rabbit_nodes[index]
-        _wait(f"RabbitMQ {node.name}", lambda: port_open(node.amqp_port), timeout,
+        wait_until(f"RabbitMQ {node.name}", lambda: port_open(node.amqp_port), timeout,
               [node.process.proc] if node.process and node.process.proc else [])
         self.rabbitmqctl(index, "await_startup", "--timeout", str(int(timeout)))
 
@@ -398,7 +399,7 @@ class Topology:
                 self.start_rabbit_node(i, wait=False)
             for i in range(1, self.rabbit_nodes_count):
                 self.wait_rabbit_node(i)
-            _wait("RabbitMQ cluster", lambda: len(self.cluster_running_nodes()) == self.rabbit_nodes_count, 30)
+            wait_until("RabbitMQ cluster", lambda: len(self.cluster_running_nodes()) == self.rabbit_nodes_count, 30)
 
             logs = self.base / "logs"
             for i in range(self.api_servers):
@@ -445,11 +446,11 @@ class Topology:
 
             app = [p.proc for p in [*self.apis, *self.worker_procs, self.beat] if p.proc]
             for url in self.api_urls:
-                _wait(f"API {url}", lambda url=url: _http_ok(f"{url}/readyz"), 60, app)
+                wait_until(f"API {url}", lambda url=url: http_ok(f"{url}/readyz"), 60, app)
             for url in self.worker_metrics_urls:
-                _wait(f"worker metrics {url}", lambda url=url: _http_ok(url), 60, app)
-            _wait("workers consuming", lambda: self._queue_consumers() >= self.workers, 60, app)
-            _wait(f"load balancer {self.lb_url}", lambda: _http_ok(f"{self.lb_url}/readyz"), 30,
+                wait_until(f"worker metrics {url}", lambda url=url: http_ok(url), 60, app)
+            wait_until("workers consuming", lambda: self._queue_consumers() >= self.workers, 60, app)
+            wait_until(f"load balancer {self.lb_url}", lambda: http_ok(f"{self.lb_url}/readyz"), 30,
                   [self.lb.proc] if self.lb.proc else [])
             self.started_in = time.monotonic() - started
             return self

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import os
 import selectors
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Iterator
 
 import httpx
 
-from tests.conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from scripts.topology import free_port, http_ok, wait_until
+from tests.conftest import ROOT, STAGING_DIR
 
 
 def database_url_for_tests(host: str | None = None, port: int | None = None) -> str:
@@ -49,17 +48,10 @@ def api_server(**env: str) -> Iterator[str]:
                             stdout=subprocess.DEVNULL, stderr=errors)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"gunicorn did not start: {log_tail(errors)}")
-            time.sleep(0.2)
+        try:
+            wait_until(f"gunicorn {base}", lambda: http_ok(f"{base}/healthz"), 30, [proc])
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: {log_tail(errors)}") from None
         yield base
     finally:
         proc.terminate()
@@ -67,6 +59,92 @@ def api_server(**env: str) -> Iterator[str]:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@dataclass
+class Worker:
+    queue: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def children(self) -> list[int]:
+        """The pool's child processes (the ones that run tasks)."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def count(self, needle: str) -> int:
+        return self.log_text().count(needle)
+
+
+@contextmanager
+def own_worker(name: str, *, concurrency: int = 1, **env: str) -> Iterator[Worker]:
+    """A Celery worker of a test's own: its quorum queue `test.<name>.<id>` (and dead-letter queue,
+    deleted afterwards), its own spool, the test database; `env` overrides its settings."""
+    queue = f"test.{name}.{uuid.uuid4().hex[:8]}"
+    log_path = STAGING_DIR.parent / f"{queue}.log"
+    full_env = {**os.environ, "RESIZE_QUEUE": queue, "DATABASE_URL": database_url_for_tests(),
+                "METERING_SPOOL_DIR": str(STAGING_DIR.parent / f"{queue}-spool"), "METERING_FLUSH_SECONDS": "0.2",
+                "WORKER_METRICS_BIND": "", **env}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "controlplane", "worker", "--concurrency", str(concurrency),
+                                 "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+                                 "--hostname", f"{queue}@%h"], cwd=ROOT, env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while b" ready." not in log_path.read_bytes():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.1)
+            yield Worker(queue, proc, log_path)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            delete_queues(queue)
+
+
+def delete_queues(queue: str) -> None:
+    from kombu import Queue
+
+    from controlplane.celery import app
+
+    with app.connection_for_write() as connection:
+        for name in (queue, f"{queue}.dead"):
+            try:
+                Queue(name).bind(connection.channel()).delete()
+            except Exception:
+                pass
+
+
+def stream_past_limit(base: str, key: str) -> int:
+    """Offer 64 MB as a chunked body to a server whose limit is 2 MB; returns the bytes the client
+    managed to send before the server refused (413, or the connection cut: both are refusals)."""
+    sent = 0
+
+    def endless() -> Iterator[bytes]:
+        nonlocal sent
+        chunk = b"\xff" * 65536
+        while sent < 64 * 1024 * 1024:
+            sent += len(chunk)
+            yield chunk
+
+    with httpx.Client(base_url=base, timeout=30) as http:
+        try:
+            response = http.post("/v1/resize?width=10", content=endless(), headers={"Authorization": f"Bearer {key}"})
+            assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
+        except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+            pass
+    return sent
 
 
 def wait_authenticated(base: str, key: str, timeout: float = 15.0) -> None:

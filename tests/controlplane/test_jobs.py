@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from identity.services import api_key_create, customer_create
+from identity.services import customer_create
 from resizer.jobs import job_create, job_fail, job_load, job_save, job_succeed
 from resizer.staging import staging_store
 from tests.conftest import make_image

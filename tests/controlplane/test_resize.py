@@ -7,7 +7,7 @@ import uuid
 import pytest
 from PIL import Image
 
-from tests.conftest import corpus, make_image
+from tests.conftest import corpus
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("worker")]
 

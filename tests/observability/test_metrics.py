@@ -5,15 +5,9 @@ the job's usage record."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -22,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from identity.models import Plan
 from metering.models import UsageRecord
 from identity.services import api_key_create, customer_create
-from tests.conftest import ROOT, STAGING_DIR, corpus
-from tests.processes import api_server, database_url_for_tests, free_port
+from tests.conftest import corpus
+from tests.processes import api_server, free_port, own_worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -59,127 +53,88 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
-@contextmanager
-def celery_worker(**env: str) -> Iterator[Path]:
-    """A real worker (2 pool processes) with its metrics port; yields its log file."""
-    log_path = STAGING_DIR.parent / f"obs-worker-{uuid.uuid4().hex[:6]}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "--loglevel", "INFO", "--concurrency", "2",
-             "--hostname", f"obs-{uuid.uuid4().hex[:6]}@%h", "--without-mingle", "--without-gossip"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "DATABASE_URL": database_url_for_tests(), "METERING_FLUSH_SECONDS": "0.2", **env})
-        try:
-            deadline = time.monotonic() + 60
-            while b" ready." not in log_path.read_bytes():
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(0.2)
-            yield log_path
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _delete_queue(name: str) -> None:
-    from controlplane.celery import app
-
-    with app.connection_for_write() as connection:
-        for queue in (name, f"{name}.dead"):
-            try:
-                connection.channel().queue_delete(queue)
-            except Exception:
-                pass
-
-
 def test_api_and_worker_metrics_move_with_real_resizes(tmp_path):
-    queue = f"test.obs.{uuid.uuid4().hex[:8]}"
     worker_port = free_port()
-    env = {"RESIZE_QUEUE": queue, "METERING_SPOOL_DIR": str(tmp_path / "spool"),
-           "AUTH_SNAPSHOT_PATH": str(tmp_path / "snapshot.json")}
+    env = {"METERING_SPOOL_DIR": str(tmp_path / "spool"), "AUTH_SNAPSHOT_PATH": str(tmp_path / "snapshot.json")}
     customer = customer_create(name="metrics")
     _, key = api_key_create(customer=customer)
     slow = customer_create(name="metrics-limited", plan=Plan.objects.create(name="tiny", rate_per_second=0.01, burst=1))
     _, slow_key = api_key_create(customer=slow)
-    try:
-        with celery_worker(**env, WORKER_METRICS_BIND=f"127.0.0.1:{worker_port}") as worker_log, \
-                api_server(**env) as base:
-            api_metrics, worker_metrics = f"{base}/metrics", f"http://127.0.0.1:{worker_port}/metrics"
-            before_api, before_worker = scrape(api_metrics), scrape(worker_metrics)
-            image = corpus("photo-256k-0.jpg")
-            request_ids = [f"obs-{uuid.uuid4().hex[:12]}" for _ in range(6)]
+    with own_worker("obs", concurrency=2, **env, WORKER_METRICS_BIND=f"127.0.0.1:{worker_port}") as obs_worker, \
+            api_server(**env, RESIZE_QUEUE=obs_worker.queue) as base:
+        queue = obs_worker.queue
+        api_metrics, worker_metrics = f"{base}/metrics", f"http://127.0.0.1:{worker_port}/metrics"
+        before_api, before_worker = scrape(api_metrics), scrape(worker_metrics)
+        image = corpus("photo-256k-0.jpg")
+        request_ids = [f"obs-{uuid.uuid4().hex[:12]}" for _ in range(6)]
 
-            def resize(request_id: str) -> httpx.Response:
-                with httpx.Client(base_url=base, timeout=30) as http:  # a connection each: both processes serve
-                    return http.post("/v1/resize?width=128", content=image, headers={
-                        "Authorization": f"Bearer {key}", "X-Request-Id": request_id})
+        def resize(request_id: str) -> httpx.Response:
+            with httpx.Client(base_url=base, timeout=30) as http:  # a connection each: both processes serve
+                return http.post("/v1/resize?width=128", content=image, headers={
+                    "Authorization": f"Bearer {key}", "X-Request-Id": request_id})
 
-            with ThreadPoolExecutor(3) as pool:
-                responses = list(pool.map(resize, request_ids))
-            assert [r.status_code for r in responses] == [200] * 6, [r.text[:200] for r in responses]
-            # A fresh connection each: a refusal before the body is read closes its connection.
-            corrupt = httpx.post(f"{base}/v1/resize?width=100", content=image[: len(image) // 3], timeout=30,
-                                 headers={"Authorization": f"Bearer {key}"})
-            assert corrupt.status_code == 422 and corrupt.json()["code"] == "corrupt_image"
-            assert httpx.post(f"{base}/v1/resize?width=10", content=image, timeout=30).status_code == 401
-            limited = [httpx.post(f"{base}/v1/resize?width=10", content=image, timeout=30,
-                                  headers={"Authorization": f"Bearer {slow_key}"}).status_code for _ in range(3)]
-            assert 429 in limited, limited
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(resize, request_ids))
+        assert [r.status_code for r in responses] == [200] * 6, [r.text[:200] for r in responses]
+        # A fresh connection each: a refusal before the body is read closes its connection.
+        corrupt = httpx.post(f"{base}/v1/resize?width=100", content=image[: len(image) // 3], timeout=30,
+                             headers={"Authorization": f"Bearer {key}"})
+        assert corrupt.status_code == 422 and corrupt.json()["code"] == "corrupt_image"
+        assert httpx.post(f"{base}/v1/resize?width=10", content=image, timeout=30).status_code == 401
+        limited = [httpx.post(f"{base}/v1/resize?width=10", content=image, timeout=30,
+                              headers={"Authorization": f"Bearer {slow_key}"}).status_code for _ in range(3)]
+        assert 429 in limited, limited
 
-            api, worker = scrape(api_metrics), scrape(worker_metrics)
-            assert API_METRICS <= families(api_metrics)
-            assert WORKER_METRICS <= families(worker_metrics)
+        api, worker = scrape(api_metrics), scrape(worker_metrics)
+        assert API_METRICS <= families(api_metrics)
+        assert WORKER_METRICS <= families(worker_metrics)
 
-            def grew(after: dict, before: dict, name: str, **labels: str) -> float:
-                return value(after, name, **labels) - value(before, name, **labels)
+        def grew(after: dict, before: dict, name: str, **labels: str) -> float:
+            return value(after, name, **labels) - value(before, name, **labels)
 
-            # The API: durations with the SLO bucket, outcomes, stages, shed admissions, summed over processes.
-            served = 6 + limited.count(200)  # each process holds a share of the tiny plan's burst
-            assert grew(api, before_api, "resizer_resize_request_duration_seconds_count", outcome="served") == served
-            assert grew(api, before_api, "resizer_resize_request_duration_seconds_bucket",
-                        outcome="served", input_size="lt_1mb", le="0.5") > 0
-            assert grew(api, before_api, "resizer_resize_requests_total", outcome="served", code="ok") == served
-            assert grew(api, before_api, "resizer_resize_requests_total", outcome="client_error", code="corrupt_image") == 1
-            assert grew(api, before_api, "resizer_resize_requests_total", outcome="client_error", code="unauthorized") == 1
-            assert grew(api, before_api, "resizer_resize_requests_total", outcome="limited",
-                        code="rate_limited") == limited.count(429)
-            assert grew(api, before_api, "resizer_admissions_shed_total", reason="rate_limited") == limited.count(429)
-            for stage in STAGES:
-                assert grew(api, before_api, "resizer_resize_stage_duration_seconds_count", stage=stage) >= 6, stage
-            assert 0 <= value(api, "resizer_auth_snapshot_age_seconds") < 30
-            assert value(api, "resizer_queue_consumers", queue=queue) >= 1
-            assert ("resizer_queue_messages_ready", (("queue", queue),)) in api
-            assert value(api, "resizer_broker_up") == 1
+        # The API: durations with the SLO bucket, outcomes, stages, shed admissions, summed over processes.
+        served = 6 + limited.count(200)  # each process holds a share of the tiny plan's burst
+        assert grew(api, before_api, "resizer_resize_request_duration_seconds_count", outcome="served") == served
+        assert grew(api, before_api, "resizer_resize_request_duration_seconds_bucket",
+                    outcome="served", input_size="lt_1mb", le="0.5") > 0
+        assert grew(api, before_api, "resizer_resize_requests_total", outcome="served", code="ok") == served
+        assert grew(api, before_api, "resizer_resize_requests_total", outcome="client_error", code="corrupt_image") == 1
+        assert grew(api, before_api, "resizer_resize_requests_total", outcome="client_error", code="unauthorized") == 1
+        assert grew(api, before_api, "resizer_resize_requests_total", outcome="limited",
+                    code="rate_limited") == limited.count(429)
+        assert grew(api, before_api, "resizer_admissions_shed_total", reason="rate_limited") == limited.count(429)
+        for stage in STAGES:
+            assert grew(api, before_api, "resizer_resize_stage_duration_seconds_count", stage=stage) >= 6, stage
+        assert 0 <= value(api, "resizer_auth_snapshot_age_seconds") < 30
+        assert value(api, "resizer_queue_consumers", queue=queue) >= 1
+        assert ("resizer_queue_messages_ready", (("queue", queue),)) in api
+        assert value(api, "resizer_broker_up") == 1
 
-            # The worker: durations, CPU, bytes, failures by code, queue wait, over both pool processes.
-            assert grew(worker, before_worker, "resizer_task_duration_seconds_count", status="succeeded") == served
-            assert grew(worker, before_worker, "resizer_task_cpu_seconds_count", status="succeeded") == served
-            assert grew(worker, before_worker, "resizer_task_cpu_seconds_sum", status="succeeded") > 0
-            assert grew(worker, before_worker, "resizer_jobs_failed_total", code="corrupt_image") == 1
-            assert grew(worker, before_worker, "resizer_job_queue_wait_seconds_count", queue=queue) == served + 1
-            assert grew(worker, before_worker, "resizer_job_input_bytes_sum", format="jpeg") >= 6 * len(image)
-            assert grew(worker, before_worker, "resizer_job_output_bytes_count", format="jpeg") == served
-            assert value(worker, "resizer_metering_spool_oldest_record_age_seconds") >= 0
+        # The worker: durations, CPU, bytes, failures by code, queue wait, over both pool processes.
+        assert grew(worker, before_worker, "resizer_task_duration_seconds_count", status="succeeded") == served
+        assert grew(worker, before_worker, "resizer_task_cpu_seconds_count", status="succeeded") == served
+        assert grew(worker, before_worker, "resizer_task_cpu_seconds_sum", status="succeeded") > 0
+        assert grew(worker, before_worker, "resizer_jobs_failed_total", code="corrupt_image") == 1
+        assert grew(worker, before_worker, "resizer_job_queue_wait_seconds_count", queue=queue) == served + 1
+        assert grew(worker, before_worker, "resizer_job_input_bytes_sum", format="jpeg") >= 6 * len(image)
+        assert grew(worker, before_worker, "resizer_job_output_bytes_count", format="jpeg") == served
+        assert value(worker, "resizer_metering_spool_oldest_record_age_seconds") >= 0
 
-            # One request id on the worker's JSON lines for that job (the API echoed it, the job kept it).
-            deadline = time.monotonic() + 5
-            while True:
-                lines = [json.loads(line) for line in worker_log.read_text().splitlines() if line.startswith("{")]
-                mine = [line for line in lines if line.get("request_id") == request_ids[0]]
-                if mine or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            assert mine, lines[-5:]
-            assert {line.get("job_id") for line in mine} == {responses[0].headers["location"].rsplit("/", 1)[-1]}
-            assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
-            # ... and on the job's usage record, once the worker's spool shipped it.
-            job_id = responses[0].headers["location"].rsplit("/", 1)[-1]
-            deadline = time.monotonic() + 10
-            while not UsageRecord.objects.filter(id=uuid.UUID(job_id)).exists():
-                assert time.monotonic() < deadline, "the usage record was not shipped"
-                time.sleep(0.2)
-            assert UsageRecord.objects.get(id=uuid.UUID(job_id)).request_id == request_ids[0]
-    finally:
-        _delete_queue(queue)
+        # One request id on the worker's JSON lines for that job (the API echoed it, the job kept it).
+        deadline = time.monotonic() + 5
+        while True:
+            lines = [json.loads(line) for line in obs_worker.log_text().splitlines() if line.startswith("{")]
+            mine = [line for line in lines if line.get("request_id") == request_ids[0]]
+            if mine or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert mine, lines[-5:]
+        assert {line.get("job_id") for line in mine} == {responses[0].headers["location"].rsplit("/", 1)[-1]}
+        assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+        # ... and on the job's usage record, once the worker's spool shipped it.
+        job_id = responses[0].headers["location"].rsplit("/", 1)[-1]
+        deadline = time.monotonic() + 10
+        while not UsageRecord.objects.filter(id=uuid.UUID(job_id)).exists():
+            assert time.monotonic() < deadline, "the usage record was not shipped"
+            time.sleep(0.2)
+        assert UsageRecord.objects.get(id=uuid.UUID(job_id)).request_id == request_ids[0]

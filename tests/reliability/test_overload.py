@@ -125,7 +125,7 @@ def test_admitted_latency_stays_inside_the_slo_when_offered_more_than_the_worker
     request is admitted and waits in the queue; with it, sized as ADR 0006 says (in flight ≈ drain rate
     × 0.35 s ≈ 4), the excess is refused at once and the admitted stay inside the 0.5 s SLO. Measured
     after a 2 s warm-up (each process's first requests also connect to the broker)."""
-    from tests.reliability.workers import own_worker
+    from tests.processes import own_worker
 
     keys = [_key(f"overload{i}") for i in range(4)]
     image = corpus("photo-900k.jpg")

@@ -20,8 +20,8 @@ from identity.services import api_key_create, customer_create
 from metering.models import UsageRecord
 from resizer.jobs import job_load
 from resizer.staging import staging_store
-from tests.processes import api_server, wait_authenticated
-from tests.reliability.workers import SLOW_QUERY, own_worker, slow_image
+from tests.processes import api_server, own_worker, wait_authenticated
+from tests.reliability.workers import SLOW_QUERY, slow_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

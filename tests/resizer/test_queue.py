@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import time
 
-import pytest
 from kombu import Consumer, Producer, Queue
 
 import celeryconfig

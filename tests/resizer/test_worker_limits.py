@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import time
 import uuid
 
@@ -16,7 +13,8 @@ from PIL import Image
 from controlplane.celery import app
 from resizer.jobs import job_create, job_load
 from resizer.staging import staging_store
-from tests.conftest import ROOT, STAGING_DIR, corpus
+from tests.conftest import corpus
+from tests.processes import own_worker
 
 
 def _big_png() -> bytes:
@@ -27,25 +25,10 @@ def _big_png() -> bytes:
 
 @pytest.fixture
 def small_worker():
-    """A worker on its own queue whose children may map 250 MiB (~120 at rest): too little for a 49 MP decode."""
-    name = f"test.memory.{uuid.uuid4().hex[:8]}"
-    log_path = STAGING_DIR.parent / f"{name}.log"
-    env = {**os.environ, "RESIZE_QUEUE": name, "WORKER_MAX_ADDRESS_SPACE_MIB": "250"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "controlplane", "worker", "--concurrency", "1",
-                                 "--loglevel", "INFO", "--without-mingle", "--without-gossip",
-                                 "--hostname", f"{name}@%h"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while b" ready." not in log_path.read_bytes():
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
-            time.sleep(0.2)
-        yield Queue(name, Exchange(name, type="topic"), routing_key=f"{name}.#",
-                    queue_arguments={"x-queue-type": "quorum"}, no_declare=True)
-        proc.terminate()
-        proc.wait(30)
-    with app.connection_for_write() as connection:
-        for queue_name in (name, f"{name}.dead"):
-            Queue(queue_name).bind(connection.default_channel).delete()
+    """A worker of its own whose child may map 250 MiB (~120 at rest): too little for a 49 MP decode."""
+    with own_worker("memory", WORKER_MAX_ADDRESS_SPACE_MIB="250") as worker:
+        yield Queue(worker.queue, Exchange(worker.queue, type="topic"), routing_key=f"{worker.queue}.#",
+                    no_declare=True)
 
 
 def _run(queue: Queue, data: bytes, width: int) -> str:
