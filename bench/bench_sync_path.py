@@ -109,7 +109,8 @@ def main() -> None:
     rows.append(("engine alone, in-process (wall ms per conversion)", engine, 0))
     confirm = publish_confirm_ms(args.requests)
     rows.append(("publish + confirm to a quorum queue", confirm, 0))
-    with stack() as (base, key):
+    with stack() as running:
+        base, key = running.base, running.keys[0]
         for concurrency in (1, 4):
             latencies, errors = run_http(base, key, datas, args.requests, concurrency)
             rows.append((f"POST /v1/resize sync, concurrency {concurrency}", latencies, errors))

@@ -1,5 +1,5 @@
-"""Start the API (gunicorn) and a Celery worker as real processes on loopback, on a private queue
-and staging directory, for benchmarks. Uses the running PostgreSQL and RabbitMQ."""
+"""Start the API (gunicorn) and a Celery worker as real processes on loopback, on a private queue,
+staging directory and metering spool, for benchmarks. Uses the running PostgreSQL and RabbitMQ."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,22 +19,51 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
+@dataclass(frozen=True)
+class Stack:
+    base: str  # the API's URL
+    keys: list[str]  # one API key per customer
+    api_pid: int  # gunicorn's master (its workers are its children)
+    worker_pid: int  # the Celery worker's main process (its pool processes are its children)
+    log: Path
+
+
+_CUSTOMERS = """
+import sys, django
+django.setup()
+from identity.models import Plan
+from identity.services import api_key_create, customer_create
+plan = Plan.objects.create(name=f"bench-{sys.argv[1]}", rate_per_second=10_000, burst=10_000)
+for i in range(int(sys.argv[2])):
+    print(api_key_create(customer=customer_create(name=f"bench-{sys.argv[1]}-{i}", plan=plan))[1])
+"""
+
+
 @contextmanager
-def stack(*, api_workers: int = 2, worker_concurrency: int = 2) -> Iterator[tuple[str, str]]:
-    """Yields (base URL, API key). Everything it started is stopped, and its queue deleted, after."""
+def stack(*, api_workers: int = 2, worker_concurrency: int = 2, customers: int = 1,
+          env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """The API (gunicorn) and a worker on a private queue, staging directory and spool, with
+    `customers` customers on a plan whose rate limit is out of the way. Everything it started is
+    stopped, and its queues deleted, after."""
     run = uuid.uuid4().hex[:8]
     port = free_port()
+    scratch = Path(tempfile.mkdtemp(prefix=f"bench-{run}-"))
     env = {
         **os.environ,
         "RESIZE_QUEUE": f"bench.resize.{run}",
-        "STAGING_URL": f"file://{tempfile.mkdtemp(prefix=f'bench-staging-{run}-')}",
+        "STAGING_URL": f"file://{scratch / 'staging'}",
+        "METERING_SPOOL_DIR": str(scratch / "spool"),
+        "AUTH_SNAPSHOT_PATH": str(scratch / "auth-snapshot.json"),
         "API_BIND": f"127.0.0.1:{port}",
         "API_WORKERS": str(api_workers),
         "DJANGO_SETTINGS_MODULE": "controlplane.settings",
+        **(env or {}),
     }
-    key = subprocess.run([sys.executable, "manage.py", "create_customer", f"bench-{run}"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    log = open(tempfile.mktemp(prefix=f"bench-{run}-", suffix=".log"), "wb")
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
+    keys = subprocess.run([sys.executable, "-c", _CUSTOMERS, run, str(customers)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True).stdout.split()
+    log_path = scratch / "stack.log"
+    log = open(log_path, "wb")
     procs = [
         subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "controlplane/gunicorn.conf.py"], cwd=ROOT, env=env,
                          stdout=log, stderr=subprocess.STDOUT),
@@ -46,9 +76,9 @@ def stack(*, api_workers: int = 2, worker_concurrency: int = 2) -> Iterator[tupl
         try:
             wait_until("stack", lambda: http_ok(f"{base}/readyz"), 60, procs)
         except RuntimeError as e:
-            raise RuntimeError(f"{e}; see {log.name}") from None
+            raise RuntimeError(f"{e}; see {log_path}") from None
         time.sleep(2)  # the worker declares its queue and starts consuming
-        yield base, key
+        yield Stack(base=base, keys=keys, api_pid=procs[0].pid, worker_pid=procs[1].pid, log=log_path)
     finally:
         for p in procs:
             p.terminate()

@@ -108,7 +108,8 @@ class _Cutter:
             ticket = next(self._tickets)
             self._socks[ticket] = sock
             heapq.heappush(self._due, (deadline, ticket))
-            self._cond.notify()
+            if self._due[0][1] == ticket:  # only an earlier deadline than the one it sleeps on wakes it
+                self._cond.notify()
             return ticket
 
     def release(self, ticket: int) -> None:

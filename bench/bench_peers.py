@@ -1,0 +1,372 @@
+"""This service against the ceiling and against thumbor, on the same machine, images and outputs, in one run.
+
+    .venv/bin/python bench/bench_peers.py            # `make bench-peers`; ~12 minutes
+    .venv/bin/python bench/bench_peers.py --quick    # a smoke run of the harness, ~2 minutes
+
+1. The ceiling: the engine in this process, conversions per CPU-second (one core), times the cores.
+2. thumbor 7.8.0 (bench/thumbor-requirements.txt, installed into bench/.thumbor-venv on first use),
+   one single-process server per core, loading the files from the corpus directory (its cheapest loader; no
+   storage, no result storage: every request is a real conversion).
+3. This service end to end: authenticated POST /v1/resize with the image as the body, through
+   gunicorn, staging, the quorum queue (publisher confirms), the Celery worker, the completion
+   notice, the result read, and the usage record (spool fsync + shipping to Postgres).
+
+Both are driven by bench/loadgen.py in closed loop at increasing concurrency, then this service in
+open loop at 80% of its peak. Outputs: fit inside 800x800 and 256x256, JPEG q85, from
+photo-256k-*.jpg (4 files, ~256 KB, 1280x960) and photo-900k.jpg (~1 MB, 2560x1920). CPU per request
+is read from /proc (psutil) for each component's processes around each step. Results go to
+bench/results/peers-<time>.json, a Markdown report on stdout, and docs/bench/latency-vs-load.png.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
+
+from bench import loadgen  # noqa: E402
+from bench.stack import ROOT, stack  # noqa: E402
+from scripts.topology import free_port, http_ok, wait_until  # noqa: E402
+
+CORPUS = ROOT.parent / "shared" / "corpus"
+SETS = {"256k": [f"photo-256k-{i}.jpg" for i in range(4)], "900k": ["photo-900k.jpg"]}
+SIZES = (800, 256)
+QUALITY = 85
+CORES = psutil.cpu_count()
+THUMBOR_VENV = ROOT / "bench" / ".thumbor-venv"
+RESULTS = ROOT / "bench" / "results"
+PLOT = ROOT / "docs" / "bench" / "latency-vs-load.png"
+BROKER = {"beam.smp", "erl_child_setup", "epmd", "inet_gethost"}
+
+
+# --- CPU by component ---------------------------------------------------------------------------
+def tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def named(names: set[str]) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name"]) if p.info["name"] in names]
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class CpuMeter:
+    """CPU seconds spent by each component's processes between start() and stop(), and the
+    machine's busy seconds (all processes), so `other` is what nobody listed spent."""
+
+    def __init__(self, components: dict[str, Callable[[], list[psutil.Process]]]):
+        self.components = components
+
+    def start(self) -> None:
+        self.procs = {name: find() for name, find in self.components.items()}
+        self.before = {name: cpu_seconds(procs) for name, procs in self.procs.items()}
+        self.machine_before = self._machine()
+
+    def stop(self) -> dict[str, float]:
+        spent = {name: cpu_seconds(procs) - self.before[name] for name, procs in self.procs.items()}
+        spent["machine"] = self._machine() - self.machine_before
+        spent["other"] = spent["machine"] - sum(v for k, v in spent.items() if k != "machine")
+        return spent
+
+    @staticmethod
+    def _machine() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+
+# --- the targets --------------------------------------------------------------------------------
+@dataclass
+class Step:
+    target: str
+    size: int
+    images: str
+    load: str  # "c8" (closed loop, 8 clients) or "r120" (open loop, 120/s)
+    offered: float  # clients, or requests per second
+    seconds: float
+    ok: int
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    statuses: dict[str, int]
+    cpu_ms_per_request: dict[str, float]
+    machine_busy: float  # share of all cores busy
+    p99_ms_by_input: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def run_step(target: str, size: int, images: str, load: str, offered: float, seconds: float,
+             next_request: Callable[[int], loadgen.Request], meter: CpuMeter,
+             scrape: Callable[[], dict] | None = None) -> Step:
+    before = scrape() if scrape else None
+    meter.start()
+    if load == "closed":
+        result = asyncio.run(loadgen.closed_loop(next_request, concurrency=int(offered), seconds=seconds))
+        name = f"c{int(offered)}"
+    else:
+        result = asyncio.run(loadgen.open_loop(next_request, rate=offered, seconds=seconds))
+        name = f"r{offered:.0f}"
+    spent = meter.stop()
+    wall = seconds + 1.0  # the warm-up is measured too: CPU is charged per answered request
+    answered = max(1, result.answered * wall / seconds)
+    ms = lambda v: round(v * 1000, 1)  # noqa: E731
+    step = Step(
+        target=target, size=size, images=images, load=name, offered=offered, seconds=seconds, ok=result.ok,
+        throughput=round(result.throughput, 1),
+        p50_ms=ms(loadgen.percentile(result.latencies, 50)), p99_ms=ms(loadgen.percentile(result.latencies, 99)),
+        p999_ms=ms(loadgen.percentile(result.latencies, 99.9)), max_ms=ms(max(result.latencies, default=0)),
+        statuses={str(k): v for k, v in result.statuses.items()},
+        cpu_ms_per_request={k: round(v * 1000 / answered, 2) for k, v in spent.items() if k != "machine"},
+        machine_busy=round(spent["machine"] / (wall * CORES), 3),
+        p99_ms_by_input={label: ms(loadgen.percentile(v, 99)) for label, v in sorted(result.by_label.items())},
+    )
+    if scrape:
+        step.stages = stage_summary(before, scrape())
+    print(f"  {target:8} {size:4} {images:5} {name:6} ok={step.ok:5} {step.throughput:7.1f}/s p50={step.p50_ms:7.1f} "
+          f"p99={step.p99_ms:7.1f} p99.9={step.p999_ms:7.1f} busy={step.machine_busy:.2f} "
+          f"statuses={step.statuses} cpu/req={step.cpu_ms_per_request}", flush=True)
+    return step
+
+
+def thumbor_url(base: str, size: int, name: str) -> str:
+    return f"{base}/unsafe/fit-in/{size}x{size}/filters:quality({QUALITY})/{name}"
+
+
+THUMBOR_CONF = """
+LOADER = 'thumbor.loaders.file_loader'
+FILE_LOADER_ROOT_PATH = {root!r}
+STORAGE = 'thumbor.storages.no_storage'
+RESULT_STORAGE = None
+QUALITY = {quality}
+PROGRESSIVE_JPEG = False
+RESPECT_ORIENTATION = True
+ALLOW_UNSAFE_URL = True
+"""
+
+
+def thumbor_venv() -> Path:
+    python = THUMBOR_VENV / "bin" / "python"
+    if not python.exists():
+        print("installing thumbor into bench/.thumbor-venv ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(THUMBOR_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(ROOT / "bench" / "thumbor-requirements.txt")],
+                       check=True)
+    return THUMBOR_VENV / "bin" / "thumbor"
+
+
+@contextmanager
+def thumbor(instances: int) -> Iterator[tuple[list[str], list[int]]]:
+    """`instances` single-process thumbor servers on their own loopback ports, as thumbor's docs
+    deploy it (one per core behind a balancer; here the load generator alternates between them, so
+    no balancer's CPU is charged to it). `thumbor --processes N` shares one listening socket, and
+    with keep-alive clients one process took nearly every connection (one core busy of two).
+    Yields (base URLs, pids)."""
+    scratch = Path(tempfile.mkdtemp(prefix="bench-thumbor-"))
+    conf = scratch / "thumbor.conf"
+    conf.write_text(THUMBOR_CONF.format(root=str(CORPUS), quality=QUALITY))
+    log = open(scratch / "thumbor.log", "wb")
+    procs, bases = [], []
+    try:
+        for _ in range(instances):
+            port = free_port()
+            procs.append(subprocess.Popen([str(thumbor_venv()), "-i", "127.0.0.1", "-p", str(port), "-c", str(conf),
+                                           "-l", "error"], stdout=log, stderr=subprocess.STDOUT))
+            bases.append(f"http://127.0.0.1:{port}")
+        for base in bases:
+            wait_until("thumbor", lambda base=base: http_ok(f"{base}/healthcheck"), 60, procs)
+        yield bases, [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(20)
+
+
+# --- the API's own stage timings (its /metrics) -----------------------------------------------------
+def scrape_metrics(url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def stage_summary(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per stage over the step, and the share of enqueues (publish + confirm) under 10 ms."""
+    def grew(name: str, **labels: str) -> float:
+        pick = lambda d: sum(v for (n, ls), v in d.items() if n == name and set(labels.items()) <= set(ls))  # noqa: E731
+        return pick(after) - pick(before)
+
+    out: dict[str, float] = {}
+    for stage in ("auth", "upload", "admission", "staging", "enqueue", "queue_wait", "processing", "result_return"):
+        count = grew("resizer_resize_stage_duration_seconds_count", stage=stage)
+        if count:
+            out[f"{stage}_mean_ms"] = round(grew("resizer_resize_stage_duration_seconds_sum", stage=stage) / count * 1000, 2)
+    count = grew("resizer_resize_stage_duration_seconds_count", stage="enqueue")
+    if count:
+        out["enqueue_share_le_10ms"] = round(grew("resizer_resize_stage_duration_seconds_bucket", stage="enqueue",
+                                                  le="0.01") / count, 4)
+    return out
+
+
+# --- 1. the ceiling -----------------------------------------------------------------------------
+def ceiling(seconds: float) -> dict[str, float]:
+    """Engine conversions per CPU-second, in this process, one core."""
+    import django
+
+    django.setup()
+    from resizer import imaging
+
+    out = {}
+    for size in SIZES:
+        params = imaging.Params(width=size, height=size, fit="inside", format="jpeg", quality=QUALITY)
+        for images, names in SETS.items():
+            datas = [(CORPUS / n).read_bytes() for n in names]
+            imaging.resize(datas[0], params)
+            n, started = 0, time.process_time()
+            while time.process_time() - started < seconds:
+                imaging.resize(datas[n % len(datas)], params)
+                n += 1
+            rate = n / (time.process_time() - started)
+            out[f"{size}/{images}"] = round(rate, 1)
+            print(f"  ceiling  {size:4} {images:5} {rate:7.1f} conversions per CPU-second", flush=True)
+    return out
+
+
+# --- what each target's output looks like -------------------------------------------------------
+def fetch_outputs(get: Callable[[str, int], bytes], sizes: list[int]) -> dict[str, bytes]:
+    """One output per (size, input file), keyed "size/name"."""
+    return {f"{size}/{name}": get(name, size) for size in sizes for names in SETS.values() for name in names}
+
+
+def output_quality(outputs: dict[str, dict[str, bytes]]) -> list[dict]:
+    """PSNR and SSIM of each target's outputs against a Lanczos resize of the full decode (as
+    bench_imaging.py measures the engine), and their size in bytes."""
+    import io
+
+    from PIL import Image
+
+    from bench.bench_imaging import psnr, reference, ssim
+
+    rows = []
+    for target, by_key in outputs.items():
+        for key, data in sorted(by_key.items()):
+            size, name = key.split("/")
+            out = Image.open(io.BytesIO(data))
+            out.load()
+            ref = reference((CORPUS / name).read_bytes(), out.size)
+            rows.append({"target": target, "size": int(size), "input": name, "width": out.width, "height": out.height,
+                         "bytes": len(data), "psnr": round(psnr(out, ref), 2), "ssim": round(ssim(out, ref) or 0, 4)})
+    return rows
+
+
+# --- the run ------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: two load levels, short steps")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per step")
+    parser.add_argument("--levels", default="1,2,4,8,16,32,64,128", help="closed-loop concurrencies")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--only", choices=["thumbor", "service"], help="run one target (and the ceiling)")
+    args = parser.parse_args()
+    levels = [1, 8] if args.quick else [int(x) for x in args.levels.split(",")]
+    seconds = 3.0 if args.quick else args.seconds
+    sizes = [int(x) for x in args.sizes.split(",")]
+    loadgen_proc = lambda: [psutil.Process()]  # noqa: E731
+    steps: list[Step] = []
+    outputs: dict[str, dict[str, bytes]] = {}
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    print("1. the ceiling (engine in-process, one core)", flush=True)
+    ceilings = ceiling(1.0 if args.quick else 3.0)
+
+    if args.only in (None, "thumbor"):
+        print(f"2. thumbor, {CORES} single-process servers, file loader", flush=True)
+        with thumbor(CORES) as (bases, pids):
+            outputs["thumbor"] = fetch_outputs(
+                lambda name, size: httpx.get(thumbor_url(bases[0], size, name), timeout=30).raise_for_status().content,
+                sizes)
+            meter = CpuMeter({"thumbor": lambda: [p for pid in pids for p in tree(pid)], "loadgen": loadgen_proc})
+            for size in sizes:
+                for images in SETS:
+                    names = SETS[images]
+                    # Request i goes to server i mod n: each server gets an equal share of every client.
+                    get = lambda i, size=size, names=names: loadgen.Request(  # noqa: E731
+                        "GET", thumbor_url(bases[i % len(bases)], size, names[(i // len(bases)) % len(names)]),
+                        names[(i // len(bases)) % len(names)])
+                    for c in levels:
+                        steps.append(run_step("thumbor", size, images, "closed", c, seconds, get, meter))
+
+    if args.only in (None, "service"):
+        print(f"3. this service: {CORES} API processes, {CORES} worker processes, RabbitMQ, PostgreSQL", flush=True)
+        with stack(api_workers=CORES, worker_concurrency=CORES, customers=8) as running:
+            outputs["service"] = fetch_outputs(lambda name, size: httpx.post(
+                f"{running.base}/v1/resize?width={size}&height={size}&fit=inside&format=jpeg&quality={QUALITY}",
+                content=(CORPUS / name).read_bytes(), headers={"Authorization": f"Bearer {running.keys[0]}"},
+                timeout=30).raise_for_status().content, sizes)
+            meter = CpuMeter({
+                "api": lambda: tree(running.api_pid), "worker": lambda: tree(running.worker_pid),
+                "broker": lambda: named(BROKER), "postgres": lambda: named({"postgres"}), "loadgen": loadgen_proc,
+            })
+            scrape = lambda: scrape_metrics(f"{running.base}/metrics")  # noqa: E731
+            for size in sizes:
+                query = f"width={size}&height={size}&fit=inside&format=jpeg&quality={QUALITY}"
+                for images in SETS:
+                    bodies = {name: (CORPUS / name).read_bytes() for name in SETS[images]}
+                    make = lambda name, i: loadgen.Request(  # noqa: E731
+                        "POST", f"{running.base}/v1/resize?{query}", name, bodies[name],
+                        {"Authorization": f"Bearer {running.keys[i % len(running.keys)]}",
+                         "Content-Type": "image/jpeg"})
+                    # Rotate customers per request, not per input: every customer sends every image.
+                    rotate = lambda i, images=images, make=make: make(SETS[images][i % len(SETS[images])], i // len(SETS[images]))  # noqa: E731
+                    own: list[Step] = []
+                    for c in levels:
+                        step = run_step("service", size, images, "closed", c, seconds, rotate, meter, scrape)
+                        steps.append(step)
+                        own.append(step)
+                    peak = max(s.throughput for s in own)
+                    steps.append(run_step("service", size, images, "open", round(0.8 * peak), seconds * 2, rotate,
+                                          meter, scrape))
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"peers-{started.replace(':', '')}.json"
+    quality = output_quality(outputs)
+    out.write_text(json.dumps({"started": started, "cores": CORES, "ceiling": ceilings, "quality": quality,
+                               "steps": [asdict(s) for s in steps]}, indent=1))
+    print(f"\nresults: {out}")
+    from bench.report import plot, report
+
+    rows = [asdict(s) for s in steps]
+    plot(rows, PLOT)
+    print(report(ceilings, rows, CORES, quality))
+
+
+if __name__ == "__main__":
+    main()
