@@ -43,8 +43,10 @@ topology-start: venv services
 topology-stop:
 	$(PY) scripts/topology.py stop
 
-bench: venv services
-	$(PY) bench/bench_imaging.py
+# This service against thumbor and the in-process ceiling, on this machine (docs/BENCHMARKS.md; ~12 min).
+# Installs thumbor into bench/.thumbor-venv on first use. The other benchmarks: bench/*.py.
+bench: migrate
+	$(PY) bench/bench_peers.py
 
 clean:
 	rm -rf var .pytest_cache

@@ -1,7 +1,8 @@
 """This service against the ceiling and against thumbor, on the same machine, images and outputs, in one run.
 
-    .venv/bin/python bench/bench_peers.py            # `make bench-peers`; ~12 minutes
+    .venv/bin/python bench/bench_peers.py            # `make bench`; ~14 minutes
     .venv/bin/python bench/bench_peers.py --quick    # a smoke run of the harness, ~2 minutes
+    .venv/bin/python bench/bench_peers.py --only service --sizes 800 --env NAME=VALUE   # A/B of a setting
 
 1. The ceiling: the engine in this process, conversions per CPU-second (one core), times the cores.
 2. thumbor 7.8.0 (bench/thumbor-requirements.txt, installed into bench/.thumbor-venv on first use),
@@ -11,8 +12,9 @@
    gunicorn, staging, the quorum queue (publisher confirms), the Celery worker, the completion
    notice, the result read, and the usage record (spool fsync + shipping to Postgres).
 
-Both are driven by bench/loadgen.py in closed loop at increasing concurrency, then this service in
-open loop at 80% of its peak. Outputs: fit inside 800x800 and 256x256, JPEG q85, from
+Both are driven by bench/loadgen.py in closed loop at increasing concurrency (clients that honor
+Retry-After), then this service with the largest number of clients ignoring Retry-After (a retry
+storm), and in open loop at 80% of its peak. Outputs: fit inside 800x800 and 256x256, JPEG q85, from
 photo-256k-*.jpg (4 files, ~256 KB, 1280x960) and photo-900k.jpg (~1 MB, 2560x1920). CPU per request
 is read from /proc (psutil) for each component's processes around each step. Results go to
 bench/results/peers-<time>.json, a Markdown report on stdout, and docs/bench/latency-vs-load.png.
@@ -104,7 +106,7 @@ class Step:
     target: str
     size: int
     images: str
-    load: str  # "c8" (closed loop, 8 clients) or "r120" (open loop, 120/s)
+    load: str  # "c8" (closed loop, 8 clients honoring Retry-After), "s64" (64 that don't), "r120" (open loop, 120/s)
     offered: float  # clients, or requests per second
     seconds: float
     ok: int
@@ -125,9 +127,10 @@ def run_step(target: str, size: int, images: str, load: str, offered: float, sec
              scrape: Callable[[], dict] | None = None) -> Step:
     before = scrape() if scrape else None
     meter.start()
-    if load == "closed":
-        result = asyncio.run(loadgen.closed_loop(next_request, concurrency=int(offered), seconds=seconds))
-        name = f"c{int(offered)}"
+    if load in ("closed", "storm"):
+        result = asyncio.run(loadgen.closed_loop(next_request, concurrency=int(offered), seconds=seconds,
+                                                 honor_retry_after=load == "closed"))
+        name = f"{load[0]}{int(offered)}"
     else:
         result = asyncio.run(loadgen.open_loop(next_request, rate=offered, seconds=seconds))
         name = f"r{offered:.0f}"
@@ -219,7 +222,8 @@ def scrape_metrics(url: str) -> dict:
 
 
 def stage_summary(before: dict, after: dict) -> dict[str, float]:
-    """Mean ms per stage over the step, and the share of enqueues (publish + confirm) under 10 ms."""
+    """Mean ms per stage over the step, the request thread's CPU ms per request by stage, and the
+    share of enqueues (publish + confirm) under 10 ms."""
     def grew(name: str, **labels: str) -> float:
         pick = lambda d: sum(v for (n, ls), v in d.items() if n == name and set(labels.items()) <= set(ls))  # noqa: E731
         return pick(after) - pick(before)
@@ -229,6 +233,11 @@ def stage_summary(before: dict, after: dict) -> dict[str, float]:
         count = grew("resizer_resize_stage_duration_seconds_count", stage=stage)
         if count:
             out[f"{stage}_mean_ms"] = round(grew("resizer_resize_stage_duration_seconds_sum", stage=stage) / count * 1000, 2)
+    # The request thread's CPU per request, by stage (the rest of the API's CPU is gunicorn's and Django's).
+    served = grew("resizer_resize_requests_total", outcome="served")
+    if served:
+        for stage in ("auth", "upload", "admission", "staging", "enqueue", "respond"):
+            out[f"{stage}_cpu_ms"] = round(grew("resizer_resize_stage_cpu_seconds_total", stage=stage) / served * 1000, 3)
     count = grew("resizer_resize_stage_duration_seconds_count", stage="enqueue")
     if count:
         out["enqueue_share_le_10ms"] = round(grew("resizer_resize_stage_duration_seconds_bucket", stage="enqueue",
@@ -295,6 +304,8 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8,16,32,64,128", help="closed-loop concurrencies")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--only", choices=["thumbor", "service"], help="run one target (and the ceiling)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the service's processes (repeatable), e.g. ADMISSION_TARGET_QUEUE_WAIT_SECONDS=0")
     args = parser.parse_args()
     levels = [1, 8] if args.quick else [int(x) for x in args.levels.split(",")]
     seconds = 3.0 if args.quick else args.seconds
@@ -326,7 +337,8 @@ def main() -> None:
 
     if args.only in (None, "service"):
         print(f"3. this service: {CORES} API processes, {CORES} worker processes, RabbitMQ, PostgreSQL", flush=True)
-        with stack(api_workers=CORES, worker_concurrency=CORES, customers=8) as running:
+        with stack(api_workers=CORES, worker_concurrency=CORES, customers=8,
+                   env=dict(item.split("=", 1) for item in args.env)) as running:
             outputs["service"] = fetch_outputs(lambda name, size: httpx.post(
                 f"{running.base}/v1/resize?width={size}&height={size}&fit=inside&format=jpeg&quality={QUALITY}",
                 content=(CORPUS / name).read_bytes(), headers={"Authorization": f"Bearer {running.keys[0]}"},
@@ -352,13 +364,14 @@ def main() -> None:
                         steps.append(step)
                         own.append(step)
                     peak = max(s.throughput for s in own)
+                    steps.append(run_step("service", size, images, "storm", max(levels), seconds, rotate, meter, scrape))
                     steps.append(run_step("service", size, images, "open", round(0.8 * peak), seconds * 2, rotate,
                                           meter, scrape))
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"peers-{started.replace(':', '')}.json"
     quality = output_quality(outputs)
-    out.write_text(json.dumps({"started": started, "cores": CORES, "ceiling": ceilings, "quality": quality,
+    out.write_text(json.dumps({"started": started, "cores": CORES, "env": args.env, "ceiling": ceilings, "quality": quality,
                                "steps": [asdict(s) for s in steps]}, indent=1))
     print(f"\nresults: {out}")
     from bench.report import plot, report

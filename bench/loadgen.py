@@ -67,13 +67,15 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[int(min(rank, len(ordered))) - 1]
 
 
-async def _send(session: aiohttp.ClientSession, request: Request) -> int | str:
+async def _send(session: aiohttp.ClientSession, request: Request) -> tuple[int | str, float]:
+    """(the status or the exception's name, the answer's Retry-After in seconds or 0)."""
     try:
         async with session.request(request.method, request.url, data=request.body, headers=request.headers) as r:
             await r.read()
-            return r.status
+            retry_after = r.headers.get("Retry-After", "")
+            return r.status, float(retry_after) if retry_after.isdigit() else 0.0
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-        return type(e).__name__
+        return type(e).__name__, 0.0
 
 
 def _session(limit: int, timeout: float) -> aiohttp.ClientSession:
@@ -82,8 +84,10 @@ def _session(limit: int, timeout: float) -> aiohttp.ClientSession:
 
 
 async def closed_loop(next_request: Callable[[int], Request], *, concurrency: int, seconds: float,
-                      warmup: float = 1.0, timeout: float = 30.0) -> Result:
-    """`concurrency` clients on their own keep-alive connections for warmup + seconds."""
+                      warmup: float = 1.0, timeout: float = 30.0, honor_retry_after: bool = True) -> Result:
+    """`concurrency` clients on their own keep-alive connections for warmup + seconds. A client told
+    to come back later (429/503 with Retry-After) waits that long first, as a well-behaved client
+    does; with honor_retry_after=False it asks again at once (a retry storm)."""
     result = Result()
     counter = iter(range(1 << 62))
     async with _session(concurrency, timeout) as session:
@@ -93,10 +97,12 @@ async def closed_loop(next_request: Callable[[int], Request], *, concurrency: in
         async def client() -> None:
             while (sent := time.perf_counter()) < window_end:
                 request = next_request(next(counter))
-                status = await _send(session, request)
+                status, retry_after = await _send(session, request)
                 done = time.perf_counter()
                 if window_start <= done <= window_end:  # answered inside the window
                     result.record(request, status, done - sent)
+                if honor_retry_after and retry_after and status in (429, 503):
+                    await asyncio.sleep(min(retry_after, max(0.0, window_end - done)))
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
     result.seconds = seconds
@@ -116,7 +122,7 @@ async def open_loop(next_request: Callable[[int], Request], *, rate: float, seco
 
         async def one(i: int, planned: float) -> None:
             request = next_request(i)
-            status = await _send(session, request)
+            status, _ = await _send(session, request)
             if planned >= window_start:
                 result.record(request, status, time.perf_counter() - planned)
 

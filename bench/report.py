@@ -76,6 +76,19 @@ def report(ceilings: dict[str, float], steps: list[dict], cores: int, quality: l
                 f"| {_errors(s)} | {s['cpu_ms_per_request'].get('api', float('nan')):.2f} "
                 f"| {st.get('enqueue_share_le_10ms', float('nan')) * 100:.2f}% | {stages} |")
 
+    cpu_stages = ("auth", "upload", "admission", "staging", "enqueue", "respond")
+    open_steps = [s for s in steps if s["target"] == "service" and s["load"].startswith("r")
+                  and f"{cpu_stages[0]}_cpu_ms" in s["stages"]]
+    if open_steps:
+        add("\n### The API's CPU per request at 80% load: its request thread by stage, and the rest\n")
+        add("| output | input | API CPU ms | " + " | ".join(cpu_stages) + " | rest (gunicorn, Django, reply thread) |")
+        add("|---|---|---|" + "---|" * (len(cpu_stages) + 1))
+        for s in open_steps:
+            api = s["cpu_ms_per_request"].get("api", float("nan"))
+            parts = [s["stages"][f"{k}_cpu_ms"] for k in cpu_stages]
+            add(f"| {s['size']}x{s['size']} | {s['images']} | {api:.2f} | " + " | ".join(f"{v:.2f}" for v in parts)
+                + f" | {api - sum(parts):.2f} |")
+
     if quality:
         add("\n### Output quality (against a Lanczos resize of the full decode; mean over the inputs of each set)\n")
         add("| output | input | target | PSNR dB | SSIM | bytes |")
@@ -102,38 +115,61 @@ def report(ceilings: dict[str, float], steps: list[dict], cores: int, quality: l
         need = TARGET_RATE * HEADROOM / per_core
         add(f"| {size}x{size} | {images} | {o['throughput']:.1f} | {per_core:.1f} | {need:,.0f} | {math.ceil(need / cores):,} "
             f"| {math.ceil(need / 16):,} |")
+
+    # By tier, from the CPU each component spent per request at 80% load: in a region the tiers run
+    # on their own machines, and each is sized by its own cost.
+    tiers = ("api", "worker", "broker", "postgres")
+    if open_steps:
+        add(f"\n### Cores by tier for {TARGET_RATE:,} resizes/s with 20% headroom (CPU per request at 80% load)\n")
+        add("| output | input | " + " | ".join(f"{t} ms/req -> cores" for t in tiers) + " | all tiers | per core |")
+        add("|---|---|" + "---|" * (len(tiers) + 2))
+        for s in open_steps:
+            cpu = s["cpu_ms_per_request"]
+            need = {t: TARGET_RATE * HEADROOM * cpu.get(t, 0.0) / 1000 for t in tiers}
+            total = sum(need.values())
+            add(f"| {s['size']}x{s['size']} | {s['images']} | "
+                + " | ".join(f"{cpu.get(t, 0.0):.2f} -> {need[t]:,.0f}" for t in tiers)
+                + f" | {total:,.0f} | {TARGET_RATE / total * HEADROOM:.1f} resizes/s |")
     return "\n".join(lines)
 
 
 def plot(steps: list[dict], path: Path) -> None:
+    """Per (output, input) column: answered and refused per second against the number of clients
+    (top), and p50/p99 latency of the answered (bottom), for both targets."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = sorted({(s["size"], s["images"]) for s in steps}, key=lambda g: (-g[0], g[1]))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False)
+    fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 6.4), squeeze=False, sharex=True)
     colours = {"thumbor": "tab:orange", "service": "tab:blue"}
-    for ax, (size, images) in zip(axes[0], groups):
+    for col, (size, images) in enumerate(groups):
+        top, bottom = axes[0][col], axes[1][col]
         for target, colour in colours.items():
             rows = [s for s in steps if (s["target"], s["size"], s["images"]) == (target, size, images)
-                    and s["load"].startswith("c") and s["ok"]]
+                    and s["load"].startswith("c")]
             if not rows:
                 continue
-            x = [s["throughput"] for s in rows]
-            ax.plot(x, [s["p50_ms"] for s in rows], "-o", color=colour, ms=3, label=f"{target} p50")
-            ax.plot(x, [s["p99_ms"] for s in rows], "--o", color=colour, ms=3, label=f"{target} p99")
-            for s in rows:
-                ax.annotate(s["load"], (s["throughput"], s["p99_ms"]), fontsize=6, color=colour,
-                            xytext=(2, 2), textcoords="offset points")
-        ax.axhline(500, color="grey", lw=0.8, ls=":")
-        ax.set_yscale("log")
-        ax.set_title(f"fit {size}x{size}, {images} inputs", fontsize=9)
-        ax.set_xlabel("answered (200) per second")
-        ax.set_ylabel("latency ms (log)")
-        ax.grid(True, which="both", lw=0.3)
-        ax.legend(fontsize=6)
-    fig.suptitle("Latency versus load, closed loop c1..c128 (labels); dotted: the 500 ms SLO", fontsize=9)
+            clients = [s["offered"] for s in rows]
+            refused = [sum(v for k, v in s["statuses"].items() if k != "200") / s["seconds"] for s in rows]
+            top.plot(clients, [s["throughput"] for s in rows], "-o", color=colour, ms=3, label=f"{target} 200/s")
+            if any(refused):
+                top.plot(clients, refused, ":x", color=colour, ms=3, label=f"{target} refused/s")
+            bottom.plot(clients, [s["p50_ms"] for s in rows], "-o", color=colour, ms=3, label=f"{target} p50")
+            bottom.plot(clients, [s["p99_ms"] for s in rows], "--o", color=colour, ms=3, label=f"{target} p99")
+        top.set_title(f"fit {size}x{size}, {images} inputs", fontsize=9)
+        top.set_ylabel("per second")
+        top.set_ylim(bottom=0)
+        bottom.axhline(500, color="grey", lw=0.8, ls=":")
+        bottom.set_yscale("log")
+        bottom.set_ylabel("latency of the 200s, ms")
+        bottom.set_xlabel("clients (closed loop, honoring Retry-After)")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.grid(True, which="both", lw=0.3)
+            ax.legend(fontsize=6)
+    fig.suptitle("Throughput and latency versus load, one run on 2 cores; dotted line: the 500 ms p99 SLO", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -3,6 +3,12 @@ with a status, a code and Retry-After, so admitted requests stay inside the late
 queues growing without bound (docs/adr/0006-admission-control.md has the numbers).
 
 Every check reads memory only; the request path never waits on the broker to decide:
+- how long jobs wait in the queue, as this process's finished jobs report it: an in-flight limit
+  below ADMISSION_MAX_IN_FLIGHT that drops by a quarter after each ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS
+  in which no job started within ADMISSION_TARGET_QUEUE_WAIT_SECONDS (a standing queue, CoDel's
+  test) and grows by one after each interval in which one did (AIMD); past it 503 `queue_full`.
+  It follows the workers' real drain rate whatever the images cost (a fixed depth bound is right
+  for one image mix only), and keeps admitting as many as keep the workers busy (ADR 0007);
 - the resize queue's depth, refreshed off the request path by `QueueProbe` (one thread per
   process, a passive declare every ADMISSION_QUEUE_PROBE_SECONDS): at ADMISSION_MAX_QUEUE_DEPTH
   ready jobs a new one would wait longer than the SLO allows, so it is 503 `queue_full`;
@@ -67,11 +73,50 @@ class _RecentAdmissions:
         return (mine / total if total else 0.0), others
 
 
+class _WaitLimit:
+    """An in-flight limit that follows the queue wait (AIMD, with CoDel's test for a standing queue).
+    At the end of each `interval`, the shortest queue wait this process's finished jobs reported in
+    it decides: above `target` (not one job started in time: the queue is standing, not a burst)
+    the limit drops by a quarter, so fewer admitted requests shorten the queue; under it, the limit
+    grows by one, up to `ceiling`. Intervals without a report change nothing; two in a row reset
+    the limit to `ceiling` (nothing finished here to judge by)."""
+
+    def __init__(self, target: float, interval: float, ceiling: int, clock: Callable[[], float]) -> None:
+        self.target, self.interval, self.ceiling, self._clock = target, interval, ceiling, clock
+        self._limit = float(ceiling)
+        self._start = clock()
+        self._shortest: float | None = None  # in the current interval
+        self._last_seen = clock()
+        self._lock = threading.Lock()
+
+    def observe(self, wait: float) -> None:
+        with self._lock:
+            self._last_seen = self._roll()
+            self._shortest = wait if self._shortest is None else min(self._shortest, wait)
+
+    def limit(self) -> int:
+        with self._lock:
+            self._roll()
+            return max(1, int(self._limit))
+
+    def _roll(self) -> float:
+        now = self._clock()
+        if now - self._start >= self.interval:
+            if self._shortest is not None:
+                self._limit = max(1.0, self._limit * 0.75) if self._shortest > self.target \
+                    else min(float(self.ceiling), self._limit + 1)
+            elif now - self._last_seen >= 2 * self.interval:
+                self._limit = float(self.ceiling)
+            self._shortest, self._start = None, now
+        return now
+
+
 class Admission:
     """One API process's admission state: enter(customer_id) takes a slot for a request's life, leave() gives it back."""
 
     def __init__(self, *, max_in_flight: int, customer_share: float, max_queue_depth: int,
-                 queue_depth: Callable[[], int | None]) -> None:
+                 queue_depth: Callable[[], int | None], target_queue_wait: float = 0.0,
+                 queue_wait_interval: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_in_flight = max_in_flight
         self.customer_share = customer_share
         self.customer_slots = max(1, int(customer_share * max_in_flight))
@@ -81,9 +126,18 @@ class Admission:
         self.in_flight = 0
         self._held: dict[str, int] = {}
         self._recent = _RecentAdmissions()
+        # 0: no wait check.
+        self._waits = _WaitLimit(target_queue_wait, queue_wait_interval, max_in_flight, clock) \
+            if target_queue_wait > 0 else None
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        """A job this process waited on started after `seconds` in the queue."""
+        if self._waits is not None:
+            self._waits.observe(seconds)
 
     def enter(self, customer_id: str) -> None:
         """Take a slot for the customer, or raise Refused."""
+        limit = self._waits.limit() if self._waits is not None else self.max_in_flight
         depth = self._queue_depth() if self.max_queue_depth else None
         if depth is not None and depth >= self.max_queue_depth:
             raise Refused(503, "queue_full", f"The service is at capacity ({depth} jobs waiting); retry shortly.", 1)
@@ -95,6 +149,9 @@ class Admission:
                               "on this server; wait for them before sending more.", 1)
             if self.in_flight >= self.max_in_flight:
                 raise Refused(503, "overloaded", "The server is at capacity; retry shortly.", 1)
+            if self.in_flight >= limit:
+                raise Refused(503, "queue_full", f"The service is at capacity (jobs wait more than "
+                              f"{self._waits.target * 1000:.0f} ms to start); retry shortly.", 1)  # type: ignore[union-attr]
             if depth is not None and depth >= self.max_queue_depth / 2:
                 share, others = self._recent.share(customer_id, now)
                 if others and share > self.customer_share:
@@ -216,7 +273,9 @@ def admission() -> Admission:
             _admission = Admission(max_in_flight=settings.ADMISSION_MAX_IN_FLIGHT,
                                    customer_share=settings.ADMISSION_CUSTOMER_SHARE,
                                    max_queue_depth=settings.ADMISSION_MAX_QUEUE_DEPTH,
-                                   queue_depth=lambda: probe.ready(queue))
+                                   queue_depth=lambda: probe.ready(queue),
+                                   target_queue_wait=settings.ADMISSION_TARGET_QUEUE_WAIT_SECONDS,
+                                   queue_wait_interval=settings.ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS)
         return _admission
 
 

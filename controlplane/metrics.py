@@ -58,6 +58,13 @@ STAGE_SECONDS = Histogram(
     "processing, result_return.",
     ["stage"], buckets=STAGE_BUCKETS,
 )
+STAGE_CPU_SECONDS = Counter(
+    "resizer_resize_stage_cpu_seconds",
+    "CPU time of the request's own thread in each stage of POST /v1/resize: auth, upload, admission, "
+    "staging, enqueue, and respond (waiting for the result and building the answer). What the API tier "
+    "costs per request beyond this is gunicorn's and Django's (and the reply-queue thread's).",
+    ["stage"],
+)
 ADMISSIONS_SHED = Counter(
     "resizer_admissions_shed",
     "Resize requests refused before any work (429 plan limits, 503 dependency away or overload), by code.",
@@ -88,30 +95,43 @@ def outcome_of(status: int) -> str:
 # --- the stages of one request ------------------------------------------------------------------
 
 class StageClock:
-    """Laps through a request: each lap(stage) records the time since the previous lap."""
+    """Laps through a request: each lap(stage) records the time since the previous lap, and the CPU
+    time this thread spent in it."""
 
     def __init__(self) -> None:
         self._last = time.perf_counter()
+        self._cpu = time.thread_time()
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
         STAGE_SECONDS.labels(stage).observe(now - self._last)
         self._last = now
+        self.cpu_lap(stage)
+
+    def cpu_lap(self, stage: str) -> None:
+        """Only the CPU time since the previous lap (for stages whose wall time is timed elsewhere)."""
+        cpu = time.thread_time()
+        STAGE_CPU_SECONDS.labels(stage).inc(cpu - self._cpu)
+        self._cpu = cpu
 
 
 
-def job_stages_observe(job: Any) -> None:
+def job_stages_observe(job: Any) -> float | None:
     """The stages the job document timed (wall clocks of the API and worker hosts): queue_wait
-    (created -> started), processing (started -> finished), result_return (finished -> now)."""
+    (created -> started), processing (started -> finished), result_return (finished -> now).
+    Returns the queue wait in seconds (None when the document lacks it)."""
     created, started, finished = (parse_time(job.created_at), parse_time(job.started_at),
                                   parse_time(job.finished_at))
+    queue_wait = None
     if created and started:
-        STAGE_SECONDS.labels("queue_wait").observe(max(0.0, (started - created).total_seconds()))
+        queue_wait = max(0.0, (started - created).total_seconds())
+        STAGE_SECONDS.labels("queue_wait").observe(queue_wait)
     if started and finished:
         STAGE_SECONDS.labels("processing").observe(max(0.0, (finished - started).total_seconds()))
     if finished:
         STAGE_SECONDS.labels("result_return").observe(
             max(0.0, (datetime.now(timezone.utc) - finished).total_seconds()))
+    return queue_wait
 
 
 # --- every resize request's duration and outcome ------------------------------------------------

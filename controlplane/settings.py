@@ -120,6 +120,12 @@ ADMISSION_CUSTOMER_SHARE = env_float("ADMISSION_CUSTOMER_SHARE", 0.5)
 # Ready jobs in the resize queue past which new resizes are 503 `queue_full` (0: no check). Size it as
 # the workers' drain rate × 0.25 s: a job admitted at the bound still starts within the 0.5 s SLO.
 ADMISSION_MAX_QUEUE_DEPTH = env_int("ADMISSION_MAX_QUEUE_DEPTH", 25, minimum=0)
+# The in-flight limit that follows the queue wait (ADR 0007): after each interval in which no job this
+# process waited on started within the target, it drops by a quarter; after each in which one did, it
+# grows by one, up to ADMISSION_MAX_IN_FLIGHT. Past it 503 `queue_full` (target 0: no such limit).
+# 0.25 s is half the 0.5 s SLO.
+ADMISSION_TARGET_QUEUE_WAIT_SECONDS = env_float("ADMISSION_TARGET_QUEUE_WAIT_SECONDS", 0.25)
+ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS = env_float("ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS", 0.5)
 # How often each API process reads the queue's depth (off the request path).
 ADMISSION_QUEUE_PROBE_SECONDS = env_float("ADMISSION_QUEUE_PROBE_SECONDS", 0.5)
 

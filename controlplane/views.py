@@ -231,10 +231,12 @@ class ResizeView(APIView):
         current = job_load(staging_store(), job.id) or job
         if current.finished:
             response = _job_outcome(current, vary)
-            if created:
-                metrics.job_stages_observe(current)
-            return response
-        return _accepted(current, vary)
+            if created and (queue_wait := metrics.job_stages_observe(current)) is not None:
+                admission.admission().observe_queue_wait(queue_wait)
+        else:
+            response = _accepted(current, vary)
+        clock.cpu_lap("respond")
+        return response
 
 
 def _with_format(params: imaging.Params, output_format: str) -> imaging.Params:

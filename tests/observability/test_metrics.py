@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 API_METRICS = {
     "resizer_resize_request_duration_seconds", "resizer_resize_requests", "resizer_resize_stage_duration_seconds",
+    "resizer_resize_stage_cpu_seconds",
     "resizer_admissions_shed", "resizer_auth_snapshot_age_seconds", "resizer_queue_messages_ready",
     "resizer_queue_consumers", "resizer_metering_spool_oldest_record_age_seconds", "resizer_metering_spool_segments",
     "django_http_requests_latency_seconds_by_view_method",
@@ -105,6 +106,9 @@ def test_api_and_worker_metrics_move_with_real_resizes(tmp_path):
         assert grew(api, before_api, "resizer_admissions_shed_total", reason="rate_limited") == limited.count(429)
         for stage in STAGES:
             assert grew(api, before_api, "resizer_resize_stage_duration_seconds_count", stage=stage) >= 6, stage
+        # The request thread's CPU by stage: reading and probing the body, and building the answer, cost some.
+        for stage in ("upload", "respond"):
+            assert grew(api, before_api, "resizer_resize_stage_cpu_seconds_total", stage=stage) > 0, stage
         assert 0 <= value(api, "resizer_auth_snapshot_age_seconds") < 30
         assert value(api, "resizer_queue_consumers", queue=queue) >= 1
         assert ("resizer_queue_messages_ready", (("queue", queue),)) in api

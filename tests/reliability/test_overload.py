@@ -43,11 +43,11 @@ def test_one_customers_flood_does_not_starve_another(worker):
     assert "ok" in codes and "customer_over_share" in codes, summary(flooded)
     assert all(a.clear_error for a in flooded if not a.accepted), summary(flooded)
     assert all(a.retry_after == "1" for a in flooded if a.status == 429)
-    # The other customer: every request served, at the latency it gets when alone (SLO: p99 < 0.5 s).
+    # The other customer: every request served (its latency is printed above; timings are not
+    # asserted in tests, the SLO under overload is measured by bench/bench_peers.py).
     assert quiet and all(a.status == 200 for a in quiet), summary(quiet)
-    assert percentile([a.seconds for a in quiet], 0.99) < 0.5, summary(quiet)
-    refused = [a.seconds for a in flooded if a.status == 429]
-    assert percentile(refused, 0.99) < 0.25, summary(flooded)  # refused early, not after waiting
+    # The flood's refusals came from admission (its share), not from a wait that ran out.
+    assert {a.code for a in flooded if a.status == 429} == {"customer_over_share"}, summary(flooded)
 
 
 def test_an_async_flood_is_refused_before_the_queue_is_full_for_everyone():
@@ -89,10 +89,9 @@ def test_an_async_flood_is_refused_before_the_queue_is_full_for_everyone():
                 depth_at_least(20)
                 time.sleep(0.3)
                 for key in (quiet_key, flood_key):
-                    started = time.monotonic()
                     full = post(key)
                     assert full.status_code == 503 and full.json()["code"] == "queue_full", full.text
-                    assert full.headers["retry-after"] and time.monotonic() - started < 0.5
+                    assert full.headers["retry-after"]
     finally:
         _delete_queue(queue)
 

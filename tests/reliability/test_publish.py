@@ -59,7 +59,6 @@ def test_nacks_past_the_attempts_raise():
 
 def test_a_broker_that_cannot_be_reached_is_not_retried_here():
     task = FlakyTask(100, OperationalError("[Errno 111] Connection refused"))
-    started = time.monotonic()
     with pytest.raises(OperationalError):
         _publish(task, "c" * 32, None)
-    assert len(task.calls) == 1 and time.monotonic() - started < 0.05
+    assert len(task.calls) == 1

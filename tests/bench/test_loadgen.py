@@ -1,0 +1,87 @@
+"""The benchmark's load generator counts what it is answered, and behaves as the clients it models."""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import Iterator
+
+import pytest
+from aiohttp import web
+
+from bench import loadgen
+from scripts.topology import free_port
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    """/ok answers 200; /busy answers 503 with Retry-After: 1 (as admission control does)."""
+    port = free_port()
+    app = web.Application()
+    app.router.add_route("*", "/ok", _ok)
+    app.router.add_route("*", "/busy", _busy)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    started = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        started.set()
+        loop.run_forever()
+
+    threading.Thread(target=serve, daemon=True).start()
+    assert started.wait(10)
+    yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(loop.stop)
+
+
+async def _ok(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(body=b"x")
+
+
+async def _busy(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(status=503, headers={"Retry-After": "1"})
+
+
+def test_percentile_is_the_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert loadgen.percentile(values, 50) == 50
+    assert loadgen.percentile(values, 99) == 99
+    assert loadgen.percentile(values, 99.9) == 100
+    assert loadgen.percentile([3.0], 99) == 3
+    assert math.isnan(loadgen.percentile([], 50))
+
+
+def test_closed_loop_counts_every_answer_and_keeps_latencies_of_the_200s_by_input(server):
+    labels = ["a.jpg", "b.jpg"]
+    result = asyncio.run(loadgen.closed_loop(
+        lambda i: loadgen.Request("POST", f"{server}/ok", labels[i % 2], b"body"), concurrency=3, seconds=0.5,
+        warmup=0.1))
+    assert result.ok > 0 and set(result.statuses) == {200}
+    assert len(result.latencies) == result.ok == sum(len(v) for v in result.by_label.values())
+    assert set(result.by_label) == set(labels)
+    assert result.throughput == result.ok / 0.5
+    assert all(latency > 0 for latency in result.latencies)
+
+
+def test_a_client_honoring_retry_after_waits_and_one_that_does_not_asks_again_at_once(server):
+    busy = lambda i: loadgen.Request("GET", f"{server}/busy", "x")  # noqa: E731
+    polite = asyncio.run(loadgen.closed_loop(busy, concurrency=2, seconds=0.6, warmup=0))
+    storm = asyncio.run(loadgen.closed_loop(busy, concurrency=2, seconds=0.6, warmup=0, honor_retry_after=False))
+    # Retry-After (1 s) is longer than the window: each polite client asks once.
+    assert polite.statuses == {503: 2} and polite.ok == 0 and polite.latencies == []
+    assert storm.statuses[503] > 10 * polite.statuses[503]
+
+
+def test_open_loop_sends_on_schedule_whatever_the_answers_and_counts_errors(server):
+    result = asyncio.run(loadgen.open_loop(lambda i: loadgen.Request("GET", f"{server}/ok", "x"), rate=40,
+                                           seconds=0.5, warmup=0.1))
+    assert result.ok > 0 and set(result.statuses) == {200}
+    gone = asyncio.run(loadgen.open_loop(lambda i: loadgen.Request("GET", f"http://127.0.0.1:{free_port()}/", "x"),
+                                         rate=40, seconds=0.3, warmup=0))
+    assert gone.ok == 0 and sum(gone.statuses.values()) > 0
+    assert all(isinstance(k, str) for k in gone.statuses)  # the exception's name, not a status
