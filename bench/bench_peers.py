@@ -17,7 +17,8 @@ Retry-After), then this service with the largest number of clients ignoring Retr
 storm), and in open loop at 80% of its peak. Outputs: fit inside 800x800 and 256x256, JPEG q85, from
 photo-256k-*.jpg (4 files, ~256 KB, 1280x960) and photo-900k.jpg (~1 MB, 2560x1920). CPU per request
 is read from /proc (psutil) for each component's processes around each step. Results go to
-bench/results/peers-<time>.json, a Markdown report on stdout, and docs/bench/latency-vs-load.png.
+bench/results/peers-<time>.json and .png (the latency-versus-load plot), and a Markdown report on
+stdout; `bench/report.py <json> --plot docs/bench/latency-vs-load.png` re-renders a run for the docs.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -304,6 +306,7 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8,16,32,64,128", help="closed-loop concurrencies")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--only", choices=["thumbor", "service"], help="run one target (and the ceiling)")
+    parser.add_argument("--worker-nice", type=int, default=0, help="run the worker at this nice level")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the service's processes (repeatable), e.g. ADMISSION_TARGET_QUEUE_WAIT_SECONDS=0")
     args = parser.parse_args()
@@ -338,7 +341,7 @@ def main() -> None:
     if args.only in (None, "service"):
         print(f"3. this service: {CORES} API processes, {CORES} worker processes, RabbitMQ, PostgreSQL", flush=True)
         with stack(api_workers=CORES, worker_concurrency=CORES, customers=8,
-                   env=dict(item.split("=", 1) for item in args.env)) as running:
+                   env=dict(item.split("=", 1) for item in args.env), worker_nice=args.worker_nice) as running:
             outputs["service"] = fetch_outputs(lambda name, size: httpx.post(
                 f"{running.base}/v1/resize?width={size}&height={size}&fit=inside&format=jpeg&quality={QUALITY}",
                 content=(CORPUS / name).read_bytes(), headers={"Authorization": f"Bearer {running.keys[0]}"},
@@ -377,9 +380,13 @@ def main() -> None:
     from bench.report import plot, report
 
     rows = [asdict(s) for s in steps]
-    plot(rows, PLOT)
+    plot(rows, out.with_suffix(".png"))
+    print(f"plot: {out.with_suffix('.png')}  (docs/BENCHMARKS.md shows {PLOT.relative_to(ROOT)}: "
+          f"bench/report.py {out.relative_to(ROOT)} --plot {PLOT.relative_to(ROOT)})")
     print(report(ceilings, rows, CORES, quality))
 
 
 if __name__ == "__main__":
+    # A TERM (or Ctrl-C) unwinds the context managers, so the servers this started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -99,4 +100,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # A TERM (or Ctrl-C) unwinds the context managers, so the servers this started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

@@ -1,12 +1,11 @@
 """The Markdown report and the latency-versus-load plot of a bench_peers.py run.
 
-    .venv/bin/python bench/report.py bench/results/peers-<time>.json   # re-render a stored run
+    .venv/bin/python bench/report.py bench/results/peers-<time>.json [--plot docs/bench/latency-vs-load.png]
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 TARGET_RATE = 10_000  # resizes per second, the design's region (../shared/MISSION.md)
@@ -176,6 +175,13 @@ def plot(steps: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    run = json.loads(Path(sys.argv[1]).read_text())
-    plot(run["steps"], Path(__file__).resolve().parent.parent / "docs" / "bench" / "latency-vs-load.png")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run", type=Path, help="a bench/results/peers-<time>.json")
+    parser.add_argument("--plot", type=Path, help="also draw the latency-versus-load plot here")
+    args = parser.parse_args()
+    run = json.loads(args.run.read_text())
+    if args.plot:
+        plot(run["steps"], args.plot)
     print(report(run["ceiling"], run["steps"], run["cores"], run.get("quality")))

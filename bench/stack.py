@@ -41,7 +41,7 @@ for i in range(int(sys.argv[2])):
 
 @contextmanager
 def stack(*, api_workers: int = 2, worker_concurrency: int = 2, customers: int = 1,
-          env: dict[str, str] | None = None) -> Iterator[Stack]:
+          env: dict[str, str] | None = None, worker_nice: int = 0) -> Iterator[Stack]:
     """The API (gunicorn) and a worker on a private queue, staging directory and spool, with
     `customers` customers on a plan whose rate limit is out of the way. Everything it started is
     stopped, and its queues deleted, after."""
@@ -67,7 +67,7 @@ def stack(*, api_workers: int = 2, worker_concurrency: int = 2, customers: int =
     procs = [
         subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "controlplane/gunicorn.conf.py"], cwd=ROOT, env=env,
                          stdout=log, stderr=subprocess.STDOUT),
-        subprocess.Popen([str(VENV_BIN / "celery"), "-A", "controlplane", "worker", "--loglevel", "WARNING",
+        subprocess.Popen(["nice", "-n", str(worker_nice), str(VENV_BIN / "celery"), "-A", "controlplane", "worker", "--loglevel", "WARNING",
                           "--concurrency", str(worker_concurrency), "--without-mingle", "--without-gossip",
                           "--hostname", f"bench-{run}@%h"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
     ]

@@ -18,7 +18,9 @@ trap stop INT TERM
 
 .venv/bin/gunicorn -c controlplane/gunicorn.conf.py &
 pids+=($!)
-.venv/bin/celery -A controlplane worker --loglevel "${LOG_LEVEL:-INFO}" \
+# The worker below the API and the broker in CPU priority: on one host they share the cores, and
+# conversions are throughput work while publishing and answering are latency work (ADR 0008).
+nice -n "${WORKER_NICE:-10}" .venv/bin/celery -A controlplane worker --loglevel "${LOG_LEVEL:-INFO}" \
   --concurrency "${WORKER_CONCURRENCY:-$(nproc)}" --hostname "worker@%h" &
 pids+=($!)
 .venv/bin/celery -A controlplane beat --loglevel "${LOG_LEVEL:-INFO}" &
