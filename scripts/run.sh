@@ -18,9 +18,9 @@ trap stop INT TERM
 
 .venv/bin/gunicorn -c controlplane/gunicorn.conf.py &
 pids+=($!)
-# The worker below the API and the broker in CPU priority: on one host they share the cores, and
-# conversions are throughput work while publishing and answering are latency work (ADR 0008).
-nice -n "${WORKER_NICE:-10}" .venv/bin/celery -A controlplane worker --loglevel "${LOG_LEVEL:-INFO}" \
+# WORKER_NICE > 0 puts the worker below the API and the broker in CPU priority on this shared host:
+# faster enqueues, but a retry storm then starves the worker (docs/OPERATIONS.md has both numbers).
+nice -n "${WORKER_NICE:-0}" .venv/bin/celery -A controlplane worker --loglevel "${LOG_LEVEL:-INFO}" \
   --concurrency "${WORKER_CONCURRENCY:-$(nproc)}" --hostname "worker@%h" &
 pids+=($!)
 .venv/bin/celery -A controlplane beat --loglevel "${LOG_LEVEL:-INFO}" &
