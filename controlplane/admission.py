@@ -135,9 +135,13 @@ class Admission:
         if self._waits is not None:
             self._waits.observe(seconds)
 
+    def limit(self) -> int:
+        """The resizes this process admits at once now: the wait-driven limit, or the static bound."""
+        return self._waits.limit() if self._waits is not None else self.max_in_flight
+
     def enter(self, customer_id: str) -> None:
         """Take a slot for the customer, or raise Refused."""
-        limit = self._waits.limit() if self._waits is not None else self.max_in_flight
+        limit = self.limit()
         depth = self._queue_depth() if self.max_queue_depth else None
         if depth is not None and depth >= self.max_queue_depth:
             raise Refused(503, "queue_full", f"The service is at capacity ({depth} jobs waiting); retry shortly.", 1)

@@ -65,6 +65,12 @@ STAGE_CPU_SECONDS = Counter(
     "costs per request beyond this is gunicorn's and Django's (and the reply-queue thread's).",
     ["stage"],
 )
+ADMISSION_LIMIT = Gauge(
+    "resizer_admission_in_flight_limit",
+    "Resizes this server's API processes admit at once: the sum over live processes of each one's "
+    "limit, which follows the queue wait below ADMISSION_MAX_IN_FLIGHT (ADR 0007).",
+    multiprocess_mode="livesum",
+)
 ADMISSIONS_SHED = Counter(
     "resizer_admissions_shed",
     "Resize requests refused before any work (429 plan limits, 503 dependency away or overload), by code.",

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 API_METRICS = {
     "resizer_resize_request_duration_seconds", "resizer_resize_requests", "resizer_resize_stage_duration_seconds",
-    "resizer_resize_stage_cpu_seconds",
+    "resizer_resize_stage_cpu_seconds", "resizer_admission_in_flight_limit",
     "resizer_admissions_shed", "resizer_auth_snapshot_age_seconds", "resizer_queue_messages_ready",
     "resizer_queue_consumers", "resizer_metering_spool_oldest_record_age_seconds", "resizer_metering_spool_segments",
     "django_http_requests_latency_seconds_by_view_method",
@@ -113,6 +113,8 @@ def test_api_and_worker_metrics_move_with_real_resizes(tmp_path):
         assert value(api, "resizer_queue_consumers", queue=queue) >= 1
         assert ("resizer_queue_messages_ready", (("queue", queue),)) in api
         assert value(api, "resizer_broker_up") == 1
+        # Nothing waited long: each process that served a resize admits up to its static bound (12).
+        assert value(api, "resizer_admission_in_flight_limit") in (12, 24)
 
         # The worker: durations, CPU, bytes, failures by code, queue wait, over both pool processes.
         assert grew(worker, before_worker, "resizer_task_duration_seconds_count", status="succeeded") == served

@@ -131,7 +131,8 @@ def test_admitted_latency_stays_inside_the_slo_when_offered_more_than_the_worker
     runs = {}
     with own_worker("overload") as worker:
         for name, bounds in (("without admission control", {"ADMISSION_MAX_IN_FLIGHT": "1000",
-                                                             "ADMISSION_MAX_QUEUE_DEPTH": "0"}),
+                                                             "ADMISSION_MAX_QUEUE_DEPTH": "0",
+                                                             "ADMISSION_TARGET_QUEUE_WAIT_SECONDS": "0"}),
                              ("with admission control", {"ADMISSION_MAX_IN_FLIGHT": "4",
                                                          "ADMISSION_MAX_QUEUE_DEPTH": "3",
                                                          "ADMISSION_QUEUE_PROBE_SECONDS": "0.25"})):
