@@ -232,7 +232,7 @@ def test_a_slow_body_is_cut_and_frees_its_thread(server, key):
                         break
             results[name] = (_status(reply), round(time.monotonic() - started, 1), reply)
         served = _timed_resizes(lb, key, 5)
-    print(f"\nedge, slow bodies: " + ", ".join(f"{k}: {v[0]} after {v[1]} s" for k, v in results.items()))
+    print("\nedge, slow bodies: " + ", ".join(f"{k}: {v[0]} after {v[1]} s" for k, v in results.items()))
     for name, (status, seconds, reply) in results.items():
         assert status == 408 and b"upload_timeout" in reply, (name, reply[:300])
     assert results["pauses"][1] < 3 and results["trickles"][1] < 6

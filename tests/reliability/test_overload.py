@@ -13,7 +13,7 @@ import pytest
 from identity.models import Plan
 from identity.services import api_key_create, customer_create
 from tests.conftest import corpus
-from tests.processes import api_server, wait_authenticated
+from tests.processes import api_server, delete_queues, wait_authenticated
 from tests.reliability.load import Load, percentile, summary
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -93,7 +93,7 @@ def test_an_async_flood_is_refused_before_the_queue_is_full_for_everyone():
                     assert full.status_code == 503 and full.json()["code"] == "queue_full", full.text
                     assert full.headers["retry-after"]
     finally:
-        _delete_queue(queue)
+        delete_queues(queue)
 
 
 def _ready(base: str, queue: str) -> int:
@@ -102,18 +102,6 @@ def _ready(base: str, queue: str) -> int:
 
     return int(value(scrape(f"{base}/metrics"), "resizer_queue_messages_ready", queue=queue) or 0)
 
-
-def _delete_queue(name: str) -> None:
-    from kombu import Queue
-
-    from controlplane.celery import app
-
-    with app.connection_for_write() as connection:
-        for queue_name in (name, f"{name}.dead"):
-            try:
-                Queue(queue_name).bind(connection.channel()).delete()
-            except Exception:
-                pass
 
 
 @pytest.mark.chaos

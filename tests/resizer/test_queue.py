@@ -20,7 +20,7 @@ def _rabbitmqctl_queue(name: str) -> str:
 def test_resize_queue_is_quorum_with_delivery_limit_and_dead_letter(worker):
     line = _rabbitmqctl_queue(celeryconfig.RESIZE_QUEUE)
     assert "\tquorum\t" in line
-    assert f"x-delivery-limit" in line and str(celeryconfig.DELIVERY_LIMIT) in line
+    assert "x-delivery-limit" in line and str(celeryconfig.DELIVERY_LIMIT) in line
     assert f"{celeryconfig.RESIZE_QUEUE}.dlx" in line
     assert "\tquorum\t" in _rabbitmqctl_queue(f"{celeryconfig.RESIZE_QUEUE}.dead")
 
