@@ -308,7 +308,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["thumbor", "service"], help="run one target (and the ceiling)")
     parser.add_argument("--worker-nice", type=int, default=0, help="run the worker at this nice level")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="a setting for the service's processes (repeatable), e.g. ADMISSION_TARGET_QUEUE_WAIT_SECONDS=0")
+                        help="a setting for the service's processes (repeatable), "
+                             "e.g. ADMISSION_TARGET_QUEUE_WAIT_SECONDS=0")
     args = parser.parse_args()
     levels = [1, 8] if args.quick else [int(x) for x in args.levels.split(",")]
     seconds = 3.0 if args.quick else args.seconds
@@ -354,20 +355,22 @@ def main() -> None:
             for size in sizes:
                 query = f"width={size}&height={size}&fit=inside&format=jpeg&quality={QUALITY}"
                 for images in SETS:
-                    bodies = {name: (CORPUS / name).read_bytes() for name in SETS[images]}
-                    make = lambda name, i: loadgen.Request(  # noqa: E731
-                        "POST", f"{running.base}/v1/resize?{query}", name, bodies[name],
-                        {"Authorization": f"Bearer {running.keys[i % len(running.keys)]}",
-                         "Content-Type": "image/jpeg"})
-                    # Rotate customers per request, not per input: every customer sends every image.
-                    rotate = lambda i, images=images, make=make: make(SETS[images][i % len(SETS[images])], i // len(SETS[images]))  # noqa: E731
+                    # Request i carries input i mod n from customer (i div n) mod 8: every customer
+                    # sends every image.
+                    names = SETS[images]
+                    prepared = [loadgen.Request("POST", f"{running.base}/v1/resize?{query}", name,
+                                                (CORPUS / name).read_bytes(),
+                                                {"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"})
+                                for key in running.keys for name in names]
+                    rotate = lambda i, prepared=prepared: prepared[i % len(prepared)]  # noqa: E731
                     own: list[Step] = []
                     for c in levels:
                         step = run_step("service", size, images, "closed", c, seconds, rotate, meter, scrape)
                         steps.append(step)
                         own.append(step)
                     peak = max(s.throughput for s in own)
-                    steps.append(run_step("service", size, images, "storm", max(levels), seconds, rotate, meter, scrape))
+                    steps.append(run_step("service", size, images, "storm", max(levels), seconds, rotate, meter,
+                                          scrape))
                     steps.append(run_step("service", size, images, "open", round(0.8 * peak), seconds * 2, rotate,
                                           meter, scrape))
 

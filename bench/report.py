@@ -112,8 +112,8 @@ def report(ceilings: dict[str, float], steps: list[dict], cores: int, quality: l
             continue
         per_core = o["throughput"] / cores
         need = TARGET_RATE * HEADROOM / per_core
-        add(f"| {size}x{size} | {images} | {o['throughput']:.1f} | {per_core:.1f} | {need:,.0f} | {math.ceil(need / cores):,} "
-            f"| {math.ceil(need / 16):,} |")
+        add(f"| {size}x{size} | {images} | {o['throughput']:.1f} | {per_core:.1f} | {need:,.0f} "
+            f"| {math.ceil(need / cores):,} | {math.ceil(need / 16):,} |")
 
     # By tier, from the CPU each component spent per request at 80% load: in a region the tiers run
     # on their own machines, and each is sized by its own cost.

@@ -67,9 +67,10 @@ def stack(*, api_workers: int = 2, worker_concurrency: int = 2, customers: int =
     procs = [
         subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "controlplane/gunicorn.conf.py"], cwd=ROOT, env=env,
                          stdout=log, stderr=subprocess.STDOUT),
-        subprocess.Popen(["nice", "-n", str(worker_nice), str(VENV_BIN / "celery"), "-A", "controlplane", "worker", "--loglevel", "WARNING",
-                          "--concurrency", str(worker_concurrency), "--without-mingle", "--without-gossip",
-                          "--hostname", f"bench-{run}@%h"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+        subprocess.Popen(["nice", "-n", str(worker_nice), str(VENV_BIN / "celery"), "-A", "controlplane", "worker",
+                          "--loglevel", "WARNING", "--concurrency", str(worker_concurrency), "--without-mingle",
+                          "--without-gossip", "--hostname", f"bench-{run}@%h"],
+                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
     ]
     base = f"http://127.0.0.1:{port}"
     try:
