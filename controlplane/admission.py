@@ -32,6 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+# Background threads draw their jitter from their own generator, never the global one.
+_jitter = random.Random()
 
 
 class Refused(Exception):
@@ -229,7 +231,7 @@ class QueueProbe:
                 self.first.set()
                 # Exponential backoff with jitter, capped: every API process probes, and they must
                 # not reconnect in step when the broker returns.
-                time.sleep(backoff * (0.5 + random.random()))
+                time.sleep(backoff * (0.5 + _jitter.random()))
                 backoff = min(backoff * 2, 5.0)
 
 

@@ -27,6 +27,8 @@ from psycopg.types.json import Jsonb
 from resizer.staging import StagingError
 
 log = logging.getLogger(__name__)
+# Background threads draw their jitter from their own generator, never the global one.
+_jitter = random.Random()
 
 # The staging table's columns in COPY order (received_at is the database's clock, set on insert).
 COLUMNS = (
@@ -380,7 +382,7 @@ class ShipperThread:
                 if not failing:
                     log.warning("%s; retrying with backoff", e)
                 failing = True
-                delay = min(delay * 2, 30.0) * random.uniform(0.8, 1.2)
+                delay = min(delay * 2, 30.0) * _jitter.uniform(0.8, 1.2)
                 continue
             except Exception:
                 log.exception("usage shipper failed")

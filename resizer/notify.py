@@ -19,6 +19,8 @@ from typing import Any
 from kombu import Connection, Consumer, Queue
 
 log = logging.getLogger(__name__)
+# Background threads draw their jitter from their own generator, never the global one.
+_jitter = random.Random()
 
 # Far above the requests one process can have in flight; past it the map only holds leftovers.
 _MAX_EXPECTED = 10_000
@@ -98,7 +100,7 @@ class JobWaiter:
                 self.ready.clear()
                 self._wake_all()
                 log.warning("job waiter lost the broker (%s); reconnecting in %.1fs", e, backoff)
-                time.sleep(backoff * (0.5 + random.random()))
+                time.sleep(backoff * (0.5 + _jitter.random()))
                 backoff = min(backoff * 2, 5.0)
 
 
