@@ -34,7 +34,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "controlplane.metrics.DjangoMetricsBeforeMiddleware",
     "controlplane.middleware.RequestIdMiddleware",
     "controlplane.logs.RequestLogContextMiddleware",
     "controlplane.metrics.ResizeMetricsMiddleware",
@@ -44,7 +44,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
-    "django_prometheus.middleware.PrometheusAfterMiddleware",
+    "controlplane.metrics.DjangoMetricsAfterMiddleware",
 ]
 
 ROOT_URLCONF = "controlplane.urls"

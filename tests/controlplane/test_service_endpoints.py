@@ -50,6 +50,13 @@ def test_docs_page(client):
 
 def test_metrics(client):
     client.get("/healthz")
+    client.post("/v1/resize?width=10", b"x", content_type="image/jpeg")  # 401: no key
     response = client.get("/metrics")
     assert response.status_code == 200
     assert b"django_http_requests_total_by_method_total" in response.content
+    # django-prometheus counts every view but the resize path, which resizer_resize_* measure.
+    lines = response.content.decode().splitlines()
+    by_view = [line for line in lines if line.startswith("django_http_requests_total_by_view_transport_method_total")]
+    assert any('view="healthz"' in line for line in by_view), by_view
+    assert not any('view="resize"' in line for line in by_view), by_view
+    assert any(line.startswith("resizer_resize_requests_total") and 'code="unauthorized"' in line for line in lines)
