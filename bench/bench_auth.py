@@ -16,12 +16,8 @@ import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.loadgen import percentile  # noqa: E402
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def main() -> None:
@@ -83,7 +79,7 @@ def main() -> None:
     print("| authentication | calls | p50 µs | p99 µs | mean µs |")
     print("|---|---|---|---|---|")
     for name, samples in rows:
-        print(f"| {name} | {len(samples)} | {statistics.median(samples):.1f} | {pct(samples, 99):.1f} "
+        print(f"| {name} | {len(samples)} | {statistics.median(samples):.1f} | {percentile(samples, 99):.1f} "
               f"| {statistics.fmean(samples):.1f} |")
     print(f"\nsnapshot memory: {grown / 100_000:.0f} bytes per credential "
           f"({grown / 2**20:.0f} MiB for 100,000 keys)")

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.loadgen import percentile  # noqa: E402
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 
@@ -42,11 +43,6 @@ def _bench_database() -> str:
             c.execute(f'CREATE DATABASE "{name}"')
     os.environ["DATABASE_URL"] = url.rsplit("/", 1)[0] + "/" + name
     return name
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def record(customer: uuid.UUID, at: datetime) -> dict:
@@ -172,7 +168,7 @@ def main() -> None:
     latencies, rate = bench_append(args.append)
     print("| spool append + fsync (one process) | p50 ms | p99 ms | max ms | records/s |")
     print("|---|---|---|---|---|")
-    print(f"| {args.append} records | {statistics.median(latencies):.3f} | {pct(latencies, 99):.3f} "
+    print(f"| {args.append} records | {statistics.median(latencies):.3f} | {percentile(latencies, 99):.3f} "
           f"| {max(latencies):.3f} | {rate:,.0f} |\n")
 
     print(f"| ship {args.ship} spooled records to Postgres, batch size | records/s | the same batches again (all conflicts), records/s |")

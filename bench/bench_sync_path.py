@@ -21,16 +21,12 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.loadgen import percentile  # noqa: E402
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 from bench.stack import ROOT, stack  # noqa: E402
 
 IMAGES = sorted((ROOT.parent / "shared" / "corpus").glob("photo-256k-*.jpg"))
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def engine_ms(datas: list[bytes], n: int) -> list[float]:
@@ -118,8 +114,8 @@ def main() -> None:
     print("| what | p50 ms | p90 ms | p99 ms | max ms | errors |")
     print("|---|---|---|---|---|---|")
     for name, values, errors in rows:
-        print(f"| {name} | {statistics.median(values):.1f} | {pct(values, 90):.1f} | {pct(values, 99):.1f} "
-              f"| {max(values):.1f} | {errors} |")
+        print(f"| {name} | {statistics.median(values):.1f} | {percentile(values, 90):.1f} "
+              f"| {percentile(values, 99):.1f} | {max(values):.1f} | {errors} |")
 
 
 if __name__ == "__main__":

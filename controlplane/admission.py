@@ -24,12 +24,13 @@ An unknown depth (broker away, probe stale) admits: the publish then decides (50
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from controlplane.per_process import PerProcess
 
 log = logging.getLogger(__name__)
 # Background threads draw their jitter from their own generator, never the global one.
@@ -239,54 +240,35 @@ def _is_not_found(error: Exception) -> bool:
     return getattr(error, "code", None) == 404 or type(error).__name__ == "NotFound"
 
 
-# --- the process's instances (created after fork: threads do not survive one) ---------------------
+# --- the process's instances (made after fork: threads do not survive one) -----------------------
 
-_lock = threading.Lock()
-_probe: QueueProbe | None = None
-_admission: Admission | None = None
-_pid: int | None = None
+def _queue_probe() -> QueueProbe:
+    """The probe of the resize queue and its dead-letter queue."""
+    import celeryconfig
+    from controlplane.celery import app
+    from django.conf import settings
 
+    def connect() -> Any:
+        # Its own socket timeouts: a broker that accepts but never answers must not hang the probe.
+        return app.connection_for_read(transport_options={"read_timeout": 2, "write_timeout": 2})
 
-def queue_probe() -> QueueProbe:
-    """This process's probe of the resize queue and its dead-letter queue (started on first use)."""
-    global _probe, _pid, _admission
-    with _lock:
-        if _probe is None or _pid != os.getpid():
-            import celeryconfig
-            from controlplane.celery import app
-            from django.conf import settings
-
-            def connect() -> Any:
-                # Its own socket timeouts: a broker that accepts but never answers must not hang the probe.
-                return app.connection_for_read(transport_options={"read_timeout": 2, "write_timeout": 2})
-
-            _probe = QueueProbe((celeryconfig.resize_queue.name, celeryconfig.dead_letter_queue.name), connect,
-                                interval=settings.ADMISSION_QUEUE_PROBE_SECONDS)
-            _admission, _pid = None, os.getpid()
-        return _probe
+    return QueueProbe((celeryconfig.resize_queue.name, celeryconfig.dead_letter_queue.name), connect,
+                      interval=settings.ADMISSION_QUEUE_PROBE_SECONDS)
 
 
-def admission() -> Admission:
-    """This process's admission state, sized from settings."""
-    global _admission
-    probe = queue_probe()
-    with _lock:
-        if _admission is None:
-            import celeryconfig
-            from django.conf import settings
+def _admission() -> Admission:
+    """The admission state, sized from settings, reading the process's probe."""
+    import celeryconfig
+    from django.conf import settings
 
-            queue = celeryconfig.resize_queue.name
-            _admission = Admission(max_in_flight=settings.ADMISSION_MAX_IN_FLIGHT,
-                                   customer_share=settings.ADMISSION_CUSTOMER_SHARE,
-                                   max_queue_depth=settings.ADMISSION_MAX_QUEUE_DEPTH,
-                                   queue_depth=lambda: probe.ready(queue),
-                                   target_queue_wait=settings.ADMISSION_TARGET_QUEUE_WAIT_SECONDS,
-                                   queue_wait_interval=settings.ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS)
-        return _admission
+    probe, queue = queue_probe(), celeryconfig.resize_queue.name
+    return Admission(max_in_flight=settings.ADMISSION_MAX_IN_FLIGHT,
+                     customer_share=settings.ADMISSION_CUSTOMER_SHARE,
+                     max_queue_depth=settings.ADMISSION_MAX_QUEUE_DEPTH,
+                     queue_depth=lambda: probe.ready(queue),
+                     target_queue_wait=settings.ADMISSION_TARGET_QUEUE_WAIT_SECONDS,
+                     queue_wait_interval=settings.ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS)
 
 
-def admission_reset() -> None:
-    """Forget the process's admission state (tests that change the settings)."""
-    global _admission
-    with _lock:
-        _admission = None
+queue_probe = PerProcess(_queue_probe)
+admission = PerProcess(_admission)

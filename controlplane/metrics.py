@@ -15,6 +15,7 @@ ever carries a customer id: labels are outcomes, stages and error codes, all bou
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,11 +30,12 @@ from typing import Any
 import prometheus_client
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from django.urls import reverse
 from django_prometheus.middleware import PrometheusAfterMiddleware, PrometheusBeforeMiddleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from resizer.jobs import parse_time
+from resizer.jobs import Job, parse_time
 
 log = logging.getLogger("controlplane.access")
 
@@ -123,15 +125,13 @@ class StageClock:
 
 
 
-def job_stages_observe(job: Any) -> float | None:
+def job_stages_observe(job: Job) -> float | None:
     """The stages the job document timed (wall clocks of the API and worker hosts): queue_wait
     (created -> started), processing (started -> finished), result_return (finished -> now).
     Returns the queue wait in seconds (None when the document lacks it)."""
-    created, started, finished = (parse_time(job.created_at), parse_time(job.started_at),
-                                  parse_time(job.finished_at))
-    queue_wait = None
-    if created and started:
-        queue_wait = max(0.0, (started - created).total_seconds())
+    started, finished = parse_time(job.started_at), parse_time(job.finished_at)
+    queue_wait = job.queue_wait()
+    if queue_wait is not None:
         STAGE_SECONDS.labels("queue_wait").observe(queue_wait)
     if started and finished:
         STAGE_SECONDS.labels("processing").observe(max(0.0, (finished - started).total_seconds()))
@@ -156,33 +156,39 @@ def _problem_code(response: HttpResponse) -> str:
 # labelled samples there saves ~190 of the ~1,800 Python calls of a refused resize (cProfile count,
 # docs/BENCHMARKS.md), on the path whose CPU the API tier's budget is about.
 
-def _resize_request(request: HttpRequest) -> bool:
-    return request.path_info == "/v1/resize"
+@functools.cache
+def _resize_path() -> str:
+    return reverse("resize")
+
+
+def _resize_path_request(request: HttpRequest) -> bool:
+    """A request to /v1/resize, known before URL resolution (so the middlewares before it can tell)."""
+    return request.path_info == _resize_path()
 
 
 class DjangoMetricsBeforeMiddleware(PrometheusBeforeMiddleware):
     def process_request(self, request):  # type: ignore[no-untyped-def]
-        return None if _resize_request(request) else super().process_request(request)
+        return None if _resize_path_request(request) else super().process_request(request)
 
     def process_response(self, request, response):  # type: ignore[no-untyped-def]
-        return response if _resize_request(request) else super().process_response(request, response)
+        return response if _resize_path_request(request) else super().process_response(request, response)
 
 
 class DjangoMetricsAfterMiddleware(PrometheusAfterMiddleware):
     def process_request(self, request):  # type: ignore[no-untyped-def]
-        return None if _resize_request(request) else super().process_request(request)
+        return None if _resize_path_request(request) else super().process_request(request)
 
     def process_view(self, request, view_func, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return None if _resize_request(request) else super().process_view(request, view_func, *args, **kwargs)
+        return None if _resize_path_request(request) else super().process_view(request, view_func, *args, **kwargs)
 
     def process_template_response(self, request, response):  # type: ignore[no-untyped-def]
-        return response if _resize_request(request) else super().process_template_response(request, response)
+        return response if _resize_path_request(request) else super().process_template_response(request, response)
 
     def process_response(self, request, response):  # type: ignore[no-untyped-def]
-        return response if _resize_request(request) else super().process_response(request, response)
+        return response if _resize_path_request(request) else super().process_response(request, response)
 
     def process_exception(self, request, exception):  # type: ignore[no-untyped-def]
-        return None if _resize_request(request) else super().process_exception(request, exception)
+        return None if _resize_path_request(request) else super().process_exception(request, exception)
 
 
 class ResizeMetricsMiddleware:
@@ -194,8 +200,7 @@ class ResizeMetricsMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         started = time.perf_counter()
         response = self.get_response(request)
-        match = getattr(request, "resolver_match", None)
-        if request.method != "POST" or match is None or match.url_name != "resize":
+        if request.method != "POST" or not _resize_path_request(request):
             return response
         elapsed = time.perf_counter() - started
         status = response.status_code
@@ -242,7 +247,7 @@ def auth_snapshot_record() -> None:
     on its first authenticated request (and one that never authenticated has no snapshot to age)."""
     from identity import dataplane
 
-    cache = dataplane.credential_cache_if_started()
+    cache = dataplane.credential_cache.if_made()
     if cache is not None and cache.synced_at is not None:
         _auth_synced_gauge().set(cache.synced_at)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import os
 import socket
 import threading
 import time
@@ -15,6 +14,7 @@ from django.http import HttpRequest
 from django.http.multipartparser import MultiPartParserError
 
 from controlplane.errors import ApiError
+from controlplane.per_process import PerProcess
 from resizer import imaging
 
 _INT_RANGES = {"width": (1, 8192), "height": (1, 8192), "quality": (1, 100)}
@@ -140,17 +140,8 @@ class _Cutter:
                     pass
 
 
-_cutter: _Cutter | None = None
-_cutter_pid: int | None = None
-_cutter_lock = threading.Lock()
-
-
-def _upload_cutter() -> _Cutter:
-    global _cutter, _cutter_pid
-    with _cutter_lock:
-        if _cutter is None or _cutter_pid != os.getpid():  # a thread does not survive a fork
-            _cutter, _cutter_pid = _Cutter(), os.getpid()
-        return _cutter
+# One per process: its thread does not survive a fork.
+_upload_cutter = PerProcess(_Cutter)
 
 
 class _BodyClock:

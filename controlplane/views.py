@@ -162,7 +162,7 @@ class ResizeView(APIView):
         finally:
             metrics.ADMISSION_LIMIT.set(slots.limit())
         try:
-            return self._resize(request, params, clock)
+            return self._resize(request, params, clock, slots)
         finally:
             slots.leave(customer_id)
 
@@ -172,7 +172,8 @@ class ResizeView(APIView):
         discard_unread_body(self.request._request, settings.REFUSED_BODY_DISCARD_BYTES)
         return super().handle_exception(exc)
 
-    def _resize(self, request: Request, params: imaging.Params, clock: metrics.StageClock) -> HttpResponse:
+    def _resize(self, request: Request, params: imaging.Params, clock: metrics.StageClock,
+                slots: admission.Admission) -> HttpResponse:
         django_request: HttpRequest = request._request
         data = read_upload(django_request, settings.MAX_UPLOAD_BYTES)
         django_request.resize_input_bytes = len(data)  # type: ignore[attr-defined]
@@ -234,7 +235,7 @@ class ResizeView(APIView):
         if current.finished:
             response = _job_outcome(current, vary)
             if created and (queue_wait := metrics.job_stages_observe(current)) is not None:
-                admission.admission().observe_queue_wait(queue_wait)
+                slots.observe_queue_wait(queue_wait)
         else:
             response = _accepted(current, vary)
         clock.cpu_lap("respond")

@@ -24,6 +24,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 
+from controlplane.per_process import PerProcess
 from identity.keys import key_hash, key_prefix
 
 log = logging.getLogger(__name__)
@@ -341,36 +342,17 @@ def _month() -> date:
     return datetime.now(timezone.utc).date().replace(day=1)
 
 
-_cache: CredentialCache | None = None
-_cache_pid: int | None = None
-_cache_lock = threading.Lock()
+def _credential_cache() -> CredentialCache:
+    path = settings.AUTH_SNAPSHOT_PATH
+    return CredentialCache(
+        poll_seconds=settings.AUTH_POLL_SECONDS,
+        resync_seconds=settings.AUTH_RESYNC_SECONDS,
+        max_staleness_seconds=settings.AUTH_MAX_STALENESS_SECONDS,
+        snapshot_path=Path(path) if path else None,
+        background=settings.AUTH_SYNC_IN_BACKGROUND,
+    )
 
 
-def credential_cache() -> CredentialCache:
-    """The process's cache, started lazily after fork (threads do not survive a fork)."""
-    global _cache, _cache_pid
-    with _cache_lock:
-        if _cache is None or _cache_pid != os.getpid():
-            path = settings.AUTH_SNAPSHOT_PATH
-            _cache = CredentialCache(
-                poll_seconds=settings.AUTH_POLL_SECONDS,
-                resync_seconds=settings.AUTH_RESYNC_SECONDS,
-                max_staleness_seconds=settings.AUTH_MAX_STALENESS_SECONDS,
-                snapshot_path=Path(path) if path else None,
-                background=settings.AUTH_SYNC_IN_BACKGROUND,
-            )
-            _cache_pid = os.getpid()
-        return _cache
-
-
-def credential_cache_if_started() -> CredentialCache | None:
-    """This process's cache if something already needed it; never starts one (for metrics)."""
-    with _cache_lock:
-        return _cache if _cache_pid == os.getpid() else None
-
-
-def credential_cache_reset() -> None:
-    """Forget the process's cache (tests that change the database under it)."""
-    global _cache
-    with _cache_lock:
-        _cache = None
+# The process's cache, started on first use (its poller does not survive a fork). `.if_made()` for
+# metrics (never starts one), `.reset()` for tests that change the database under it.
+credential_cache = PerProcess(_credential_cache)

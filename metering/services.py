@@ -6,8 +6,6 @@ import gzip
 import hashlib
 import json
 import logging
-import os
-import threading
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -17,6 +15,7 @@ from django.conf import settings
 from django.db import connection, connections, transaction
 from psycopg.conninfo import make_conninfo
 
+from controlplane.per_process import PerProcess
 from metering import pricing, selectors
 from metering.archive import archive_store
 from metering.models import Adjustment, ArchiveFile, BillingPeriod, InvoiceLine, Watermark
@@ -80,22 +79,18 @@ def usage_record(job: Job) -> dict[str, Any]:
     }
 
 
-_spool: Spool | None = None
-_spool_guard = threading.Lock()
+def _local_spool() -> Spool:
+    spool = Spool(Path(settings.METERING_SPOOL_DIR), segment_records=settings.METERING_BATCH_RECORDS)
+    if settings.METERING_SHIPPER:
+        shipper = Shipper(Path(settings.METERING_SPOOL_DIR), batch_records=settings.METERING_BATCH_RECORDS)
+        ShipperThread(shipper, conninfo=staging_conninfo, interval=settings.METERING_FLUSH_SECONDS,
+                      wake=spool.rotated)
+    return spool
 
 
-def local_spool() -> Spool:
-    """This process's spool writer, and its shipper thread (started lazily, so a prefork child
-    starts its own after the fork)."""
-    global _spool
-    with _spool_guard:
-        if _spool is None or _spool.pid != os.getpid():
-            _spool = Spool(Path(settings.METERING_SPOOL_DIR), segment_records=settings.METERING_BATCH_RECORDS)
-            if settings.METERING_SHIPPER:
-                shipper = Shipper(Path(settings.METERING_SPOOL_DIR), batch_records=settings.METERING_BATCH_RECORDS)
-                ShipperThread(shipper, conninfo=staging_conninfo, interval=settings.METERING_FLUSH_SECONDS,
-                              wake=_spool.rotated)
-        return _spool
+# This process's spool writer and its shipper thread, started on first use (so a prefork child
+# starts its own after the fork).
+local_spool = PerProcess(_local_spool)
 
 
 def usage_record_emit(*, job: Job) -> None:

@@ -86,8 +86,7 @@ class Spool:
     def __init__(self, directory: Path, *, segment_records: int) -> None:
         self.directory = Path(directory)
         self.segment_records = segment_records
-        self.pid = os.getpid()
-        self._tag = f"{socket.gethostname()}-{self.pid}-{uuid.uuid4().hex[:8]}"
+        self._tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._seq = 0
         self._handle: IO[bytes] | None = None
         self._path: Path | None = None

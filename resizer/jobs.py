@@ -59,6 +59,11 @@ class Job:
     def finished(self) -> bool:
         return self.status in FINISHED
 
+    def queue_wait(self) -> float | None:
+        """Seconds from created (the API host's clock) to started (the worker host's); None before it started."""
+        created, started = parse_time(self.created_at), parse_time(self.started_at)
+        return max(0.0, (started - created).total_seconds()) if created and started else None
+
     def result_expired(self, now: datetime | None = None) -> bool:
         expires = parse_time(self.result_expires_at)
         return expires is not None and (now or _now()) >= expires

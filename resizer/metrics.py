@@ -62,9 +62,8 @@ class TaskMeter:
         TASK_SECONDS.labels(status).observe(wall)
         TASK_CPU_SECONDS.labels(status).observe(cpu)
         if status in ("succeeded", "failed"):
-            created, started = parse_time(job.created_at), parse_time(job.started_at)
-            if created and started:
-                JOB_QUEUE_WAIT.labels(self.queue).observe(max(0.0, (started - created).total_seconds()))
+            if (queue_wait := job.queue_wait()) is not None:
+                JOB_QUEUE_WAIT.labels(self.queue).observe(queue_wait)
             if job.input and job.input.get("bytes") is not None:
                 JOB_INPUT_BYTES.labels(str(job.input.get("format") or "unknown")).observe(job.input["bytes"])
             if job.output and job.output.get("bytes") is not None:

@@ -18,6 +18,8 @@ from typing import Any
 
 from kombu import Connection, Consumer, Queue
 
+from controlplane.per_process import PerProcess
+
 log = logging.getLogger(__name__)
 # Background threads draw their jitter from their own generator, never the global one.
 _jitter = random.Random()
@@ -104,23 +106,17 @@ class JobWaiter:
                 backoff = min(backoff * 2, 5.0)
 
 
-_waiter: JobWaiter | None = None
-_waiter_pid: int | None = None
-_waiter_lock = threading.Lock()
+def _job_waiter() -> JobWaiter:
+    from controlplane.celery import app
+
+    def connect() -> Connection:
+        return app.connection_for_read()
+
+    return JobWaiter(connect)
 
 
-def job_waiter() -> JobWaiter:
-    """The process's waiter, created lazily after fork (a thread does not survive a fork)."""
-    global _waiter, _waiter_pid
-    with _waiter_lock:
-        if _waiter is None or _waiter_pid != os.getpid():
-            from controlplane.celery import app
-
-            def connect() -> Connection:
-                return app.connection_for_read()
-
-            _waiter, _waiter_pid = JobWaiter(connect), os.getpid()
-        return _waiter
+# The process's waiter, made on first use (its consumer thread does not survive a fork).
+job_waiter = PerProcess(_job_waiter)
 
 
 def job_notify(*, producer: Any, reply_to: str | None, job_id: str, status: str) -> None:

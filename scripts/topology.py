@@ -304,7 +304,7 @@ class Topology:
     def wait_rabbit_node(self, index: int, timeout: float = 90) -> None:
         node = self.rabbit_nodes[index]
         wait_until(f"RabbitMQ {node.name}", lambda: port_open(node.amqp_port), timeout,
-              [node.process.proc] if node.process and node.process.proc else [])
+                   [node.process.proc] if node.process and node.process.proc else [])
         self.rabbitmqctl(index, "await_startup", "--timeout", str(int(timeout)))
 
     def stop_rabbit_node(self, index: int, timeout: float = 60) -> int | None:
@@ -451,7 +451,7 @@ class Topology:
                 wait_until(f"worker metrics {url}", lambda url=url: http_ok(url), 60, app)
             wait_until("workers consuming", lambda: self._queue_consumers() >= self.workers, 60, app)
             wait_until(f"load balancer {self.lb_url}", lambda: http_ok(f"{self.lb_url}/readyz"), 30,
-                  [self.lb.proc] if self.lb.proc else [])
+                       [self.lb.proc] if self.lb.proc else [])
             self.started_in = time.monotonic() - started
             return self
         except BaseException:

@@ -104,13 +104,13 @@ def worker(django_db_setup):
 @pytest.fixture
 def credentials(db):
     """The process's credential cache, fresh for this test; call .sync(full=True) after writes."""
-    from identity.dataplane import credential_cache, credential_cache_reset
+    from identity.dataplane import credential_cache
 
-    credential_cache_reset()
+    credential_cache.reset()
     cache = credential_cache()
     cache.sync(full=True)
     yield cache
-    credential_cache_reset()
+    credential_cache.reset()
 
 
 @pytest.fixture

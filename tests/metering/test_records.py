@@ -114,13 +114,13 @@ def test_the_job_is_not_announced_when_its_record_cannot_be_made_durable(custome
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")
     settings.METERING_SPOOL_DIR = str(blocked / "spool")
-    services._spool = None  # the next emit opens a spool in the new place
+    services.local_spool.reset()  # the next emit opens a spool in the new place
     job = _job(str(customer.id))
     try:
         with app.producer_or_acquire() as producer, pytest.raises(StagingError):
             job_run(job_id=job.id, reply_to=None, producer=producer)
     finally:
-        services._spool = None
+        services.local_spool.reset()
     assert job_load(staging_store(), job.id).status == "succeeded"  # the redelivery will announce it
 
 
