@@ -37,12 +37,14 @@ def log_tail(log: IO[bytes]) -> str:
 
 
 @contextmanager
-def api_server(**env: str) -> Iterator[str]:
-    """A gunicorn API server on a free loopback port; yields its base URL."""
+def api_server(log: IO[bytes] | None = None, **env: str) -> Iterator[str]:
+    """A gunicorn API server on a free loopback port; yields its base URL. Its stderr (its log lines)
+    goes to `log` when given."""
     port = free_port()
     full_env = {**os.environ, "DATABASE_URL": database_url_for_tests(), "API_BIND": f"127.0.0.1:{port}",
                 "API_WORKERS": "2", **env}
-    errors = tempfile.TemporaryFile()  # not a pipe: one nobody drains fills up and blocks the server's logging
+    # Not a pipe: one nobody drains fills up and blocks the server's logging.
+    errors = log if log is not None else tempfile.TemporaryFile()
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c",
                              "controlplane/gunicorn.conf.py"], cwd=ROOT, env=full_env,
                             stdout=subprocess.DEVNULL, stderr=errors)
