@@ -6,7 +6,7 @@ import sys
 from functools import partial
 
 from celery import Celery
-from celery.signals import (before_task_publish, task_postrun, task_prerun, worker_init, worker_process_init,
+from celery.signals import (task_postrun, task_prerun, worker_init, worker_process_init,
                             worker_process_shutdown, worker_ready, worker_shutdown)
 from celery.worker.consumer import Consumer
 
@@ -61,7 +61,6 @@ def _bound_worker_memory(**_: object) -> None:
 
 
 # --- observability (docs/adr/0005-observability.md) ---------------------------------------------
-before_task_publish.connect(logs.task_headers_add)  # the request id rides in the message headers
 task_prerun.connect(logs.task_context_set)
 task_postrun.connect(logs.task_context_clear)
 

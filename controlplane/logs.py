@@ -66,10 +66,10 @@ class RequestLogContextMiddleware:
 
 # --- Celery: carry the id in the task message, restore it around the task ------------------------
 
-def task_headers_add(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """before_task_publish: the publishing request's id goes into the message headers."""
+def task_headers_add(headers: dict[str, Any]) -> None:
+    """The publishing request's id into a task message's headers (resizer.services._send)."""
     request_id = request_id_var.get()
-    if headers is not None and request_id is not None:
+    if request_id is not None:
         headers.setdefault(TASK_HEADER, request_id)
 
 

@@ -13,14 +13,14 @@ import celeryconfig
 from resizer.services import _publish
 
 
-class FlakyTask:
-    """Stands in for the Celery task: fails its first publishes with `error`, then accepts."""
+class FlakySend:
+    """Stands in for resizer.services._send: fails its first publishes with `error`, then accepts."""
 
     def __init__(self, failures: int, error: Exception) -> None:
         self.failures, self.error, self.calls = failures, error, []
 
-    def apply_async(self, **options):  # type: ignore[no-untyped-def]
-        self.calls.append((time.monotonic(), options))
+    def __call__(self, job_id: str, reply_to: str | None, timeout: float) -> None:
+        self.calls.append((time.monotonic(), job_id, timeout))
         if len(self.calls) <= self.failures:
             raise self.error
 
@@ -36,29 +36,29 @@ def _nack() -> OperationalError:
 
 
 def test_a_nacked_publish_is_retried_with_growing_jittered_delays():
-    task = FlakyTask(3, _nack())
-    _publish(task, "a" * 32, None)
-    assert len(task.calls) == 4
-    gaps = [b[0] - a[0] for a, b in zip(task.calls, task.calls[1:])]
+    send = FlakySend(3, _nack())
+    _publish(send, "a" * 32, None)
+    assert len(send.calls) == 4
+    gaps = [b[0] - a[0] for a, b in zip(send.calls, send.calls[1:])]
     base = celeryconfig.PUBLISH_RETRY_BASE_SECONDS
     for attempt, gap in enumerate(gaps):
         step = base * 2**attempt
         assert step / 2 <= gap < step + 0.05, gaps
-    options = task.calls[-1][1]
-    assert options["task_id"] == "a" * 32  # the same job each time: a duplicate would run once
-    assert options["time_limit"] is None and options["soft_time_limit"] is None  # the worker's limits apply
-    assert 0 < options["confirm_timeout"] <= celeryconfig.PUBLISH_TIMEOUT_SECONDS
+    assert {job_id for _, job_id, _ in send.calls} == {"a" * 32}  # the same job each time: a duplicate runs once
+    timeouts = [timeout for _, _, timeout in send.calls]
+    assert all(0 < t <= celeryconfig.PUBLISH_TIMEOUT_SECONDS for t in timeouts)
+    assert timeouts == sorted(timeouts, reverse=True)  # one budget for all attempts
 
 
 def test_nacks_past_the_attempts_raise():
-    task = FlakyTask(100, _nack())
+    send = FlakySend(100, _nack())
     with pytest.raises(OperationalError):
-        _publish(task, "b" * 32, None)
-    assert len(task.calls) == celeryconfig.PUBLISH_ATTEMPTS
+        _publish(send, "b" * 32, None)
+    assert len(send.calls) == celeryconfig.PUBLISH_ATTEMPTS
 
 
 def test_a_broker_that_cannot_be_reached_is_not_retried_here():
-    task = FlakyTask(100, OperationalError("[Errno 111] Connection refused"))
+    send = FlakySend(100, OperationalError("[Errno 111] Connection refused"))
     with pytest.raises(OperationalError):
-        _publish(task, "c" * 32, None)
-    assert len(task.calls) == 1
+        _publish(send, "c" * 32, None)
+    assert len(send.calls) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from kombu import Consumer, Producer, Queue
+from kombu import Consumer, Exchange, Producer, Queue
 
 import celeryconfig
 from controlplane.celery import app, declare_topology
@@ -65,3 +65,41 @@ def test_a_message_rejected_past_the_delivery_limit_is_dead_lettered():
             message.ack()
         finally:
             queue.bind(channel).delete()
+
+
+def test_a_job_is_published_as_celerys_task_message_declaring_its_queue(monkeypatch):
+    """resizer.services._send publishes without apply_async: the message must still be the one
+    Celery's worker expects (protocol 2), carry the request id, and declare the queue if it is missing
+    (a message to an exchange with no queue bound would be confirmed and dropped). A private exchange
+    and queue, which do not exist yet, so the test's worker does not take the message."""
+    from controlplane import logs
+    from resizer import services
+
+    name = f"{celeryconfig.RESIZE_QUEUE}.send"
+    exchange = Exchange(name, type="topic", durable=True)
+    queue = Queue(name, exchange, routing_key="#", queue_arguments={"x-queue-type": "quorum"})
+    monkeypatch.setattr(celeryconfig, "resize_exchange", exchange)
+    monkeypatch.setattr(celeryconfig, "resize_queue", queue)
+    token = logs.request_id_var.set("r" * 32)
+    try:
+        services._send("j" * 32, "reply.queue", 5.0)
+    finally:
+        logs.request_id_var.reset(token)
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        try:
+            assert "\tquorum\t" in _rabbitmqctl_queue(name)
+            message = queue.bind(channel).get(accept=["json"])
+            assert message is not None
+            headers, props = message.headers, message.properties
+            assert headers["task"] == "resizer.tasks.resize" and headers["id"] == "j" * 32
+            assert headers["timelimit"] == [None, None]  # the worker's own limits apply
+            assert headers[logs.TASK_HEADER] == "r" * 32
+            assert props["reply_to"] == "reply.queue" and props["correlation_id"] == "j" * 32
+            assert message.delivery_info["routing_key"] == services.RESIZE_ROUTING_KEY
+            args, kwargs, _embed = message.payload
+            assert args == ["j" * 32] and kwargs == {}
+            message.ack()
+        finally:
+            queue.bind(channel).delete()
+            exchange.bind(channel).delete()
