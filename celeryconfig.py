@@ -20,7 +20,7 @@ broker_connection_max_retries = None
 worker_consumer = "controlplane.celery:WorkerConsumer"
 broker_heartbeat = 10
 broker_transport_options = {
-    # Publisher confirms: apply_async returns only once the quorum queue's leader has the message
+    # Publisher confirms: a publish returns only once the quorum queue's leader has the message
     # replicated to a majority, so an accepted job survives the loss of a node.
     "confirm_publish": True,
 }
