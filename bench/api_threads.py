@@ -1,0 +1,100 @@
+"""Where an API process's CPU goes, by thread: the request threads inside the Django application and
+outside it (gunicorn's request handling), the reply thread (completion notices), gunicorn's main
+loop, and the background threads (identity snapshot sync, queue probe, ...).
+
+    .venv/bin/python bench/api_threads.py                       # 256x256 from photo-256k-*, 8 clients, 15 s
+    .venv/bin/python bench/api_threads.py --size 800 --images 900k --concurrency 4
+
+Starts the stack as bench_peers.py does, with gunicorn loading bench/threadcpu.py's wrapper of the
+API (API_WSGI_APP), which writes each process's per-thread CPU (/proc, 10 ms ticks) every second.
+Prints milliseconds of CPU per answered request, summed over the API processes, for one closed-loop step.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
+
+from bench import loadgen  # noqa: E402
+from bench.bench_peers import CORES, CORPUS, QUALITY, SETS, scrape_metrics, stage_summary  # noqa: E402
+from bench.stack import stack  # noqa: E402
+
+
+def snapshot(directory: Path) -> dict[str, dict]:
+    out = {}
+    for path in directory.glob("cpu-*.json"):
+        out[path.name] = json.loads(path.read_text())
+    return out
+
+
+def breakdown(before: dict[str, dict], after: dict[str, dict], answered: int) -> list[tuple[str, float]]:
+    """(what, ms of CPU per answered request), over the processes seen in both snapshots."""
+    totals: dict[str, float] = {}
+
+    def add(name: str, seconds: float) -> None:
+        totals[name] = totals.get(name, 0.0) + seconds
+
+    for name in set(before) & set(after):
+        a, b = before[name], after[name]
+        add("the API processes, all threads", b["process"] - a["process"])
+        for thread, cpu in b["threads"].items():
+            add(thread, cpu - a["threads"].get(thread, 0.0))
+        add("  of which inside the Django application",
+            b["inside_django"]["seconds"] - a["inside_django"]["seconds"])
+    if "request threads" in totals:
+        totals["  of which gunicorn (outside the application)"] = (
+            totals["request threads"] - totals.get("  of which inside the Django application", 0.0))
+    order = ["the API processes, all threads", "request threads", "  of which inside the Django application",
+             "  of which gunicorn (outside the application)"]
+    rows = [(name, totals.pop(name) * 1000 / answered) for name in order if name in totals]
+    rows += sorted(((name, seconds * 1000 / answered) for name, seconds in totals.items()), key=lambda r: -r[1])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--images", choices=list(SETS), default="256k")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="threadcpu-"))
+    env = {"API_WSGI_APP": "bench.threadcpu:application", "THREADCPU_DIR": str(directory)}
+    with stack(api_workers=CORES, worker_concurrency=CORES, customers=8, env=env) as running:
+        query = f"width={args.size}&height={args.size}&fit=inside&format=jpeg&quality={QUALITY}"
+        requests = [loadgen.Request("POST", f"{running.base}/v1/resize?{query}", name, (CORPUS / name).read_bytes(),
+                                    {"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"})
+                    for key in running.keys for name in SETS[args.images]]
+        pick = lambda i: requests[i % len(requests)]  # noqa: E731
+        asyncio.run(loadgen.closed_loop(pick, concurrency=args.concurrency, seconds=3))  # warm-up
+        time.sleep(1.5)  # a fresh report from every process
+        before, metrics_before = snapshot(directory), scrape_metrics(f"{running.base}/metrics")
+        result = asyncio.run(loadgen.closed_loop(pick, concurrency=args.concurrency, seconds=args.seconds))
+        time.sleep(1.5)
+        after, metrics_after = snapshot(directory), scrape_metrics(f"{running.base}/metrics")
+    answered = sum(result.statuses.values())
+    print(f"{args.size}x{args.size} from {args.images}, {args.concurrency} clients: {result.throughput:.1f}/s, "
+          f"statuses {dict(result.statuses)}\n")
+    stages = stage_summary(metrics_before, metrics_after)
+    rows = breakdown(before, after, answered)
+    inside = dict(rows).get("  of which inside the Django application")
+    timed = sum(v for k, v in stages.items() if k.endswith("_cpu_ms"))
+    print("| API CPU | ms per request |\n|---|---|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.2f} |")
+        if inside is not None and name == "  of which inside the Django application":
+            for stage in ("auth", "upload", "admission", "staging", "enqueue", "respond"):
+                print(f"|     the view's stage {stage} | {stages.get(f'{stage}_cpu_ms', 0.0):.2f} |")
+            print(f"|     Django, DRF and middleware (the rest) | {inside - timed:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
