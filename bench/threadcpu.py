@@ -1,5 +1,5 @@
 """The API's WSGI application, timed: gunicorn loads this instead (API_WSGI_APP=bench.threadcpu:application)
-when bench/api_threads.py measures where an API process's CPU goes. Each process writes, every second,
+when bench/cpu_breakdown.py measures where an API process's CPU goes. Each process writes, every second,
 the CPU time of each of its threads (from /proc, by Python thread name) and the CPU its request
 threads spent inside the Django application to THREADCPU_DIR/cpu-<pid>.json."""
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""Where an API process's CPU goes, by thread: the request threads inside the Django application and
-outside it (gunicorn's request handling), the reply thread (completion notices), gunicorn's main
-loop, and the background threads (identity snapshot sync, queue probe, ...).
+"""Where the service's CPU goes per request: the API processes by thread (the request threads inside
+the Django application, by the view's stages, and outside it, i.e. gunicorn's request handling; the
+reply thread that takes completion notices; gunicorn's main loop; the background threads), and the
+Celery worker's main process (consumer and pool) against its pool children (the jobs).
 
-    .venv/bin/python bench/api_threads.py                       # 256x256 from photo-256k-*, 8 clients, 15 s
-    .venv/bin/python bench/api_threads.py --size 800 --images 900k --concurrency 4
+    .venv/bin/python bench/cpu_breakdown.py                     # 256x256 from photo-256k-*, 8 clients, 15 s
+    .venv/bin/python bench/cpu_breakdown.py --size 800 --images 900k --concurrency 4
 
 Starts the stack as bench_peers.py does, with gunicorn loading bench/threadcpu.py's wrapper of the
 API (API_WSGI_APP), which writes each process's per-thread CPU (/proc, 10 ms ticks) every second.
-Prints milliseconds of CPU per answered request, summed over the API processes, for one closed-loop step.
+Prints milliseconds of CPU per answered request for one closed-loop step (psutil for the worker's processes).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
@@ -59,6 +62,17 @@ def breakdown(before: dict[str, dict], after: dict[str, dict], answered: int) ->
     return rows
 
 
+def worker_cpu(main: psutil.Process) -> dict[str, float]:
+    """CPU seconds of the worker's main process and of its pool children (replaced children's
+    CPU is lost: keep WORKER_MAX_MEMORY_KIB high enough that none is replaced during a step)."""
+    def cpu(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    children = {p.pid: cpu(p) for p in main.children(recursive=True)}
+    return {"main": cpu(main), "children": sum(children.values()), "pids": sorted(children)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256)
@@ -76,10 +90,13 @@ def main() -> None:
         pick = lambda i: requests[i % len(requests)]  # noqa: E731
         asyncio.run(loadgen.closed_loop(pick, concurrency=args.concurrency, seconds=3))  # warm-up
         time.sleep(1.5)  # a fresh report from every process
+        worker = psutil.Process(running.worker_pid)
         before, metrics_before = snapshot(directory), scrape_metrics(f"{running.base}/metrics")
+        worker_before = worker_cpu(worker)
         result = asyncio.run(loadgen.closed_loop(pick, concurrency=args.concurrency, seconds=args.seconds))
         time.sleep(1.5)
         after, metrics_after = snapshot(directory), scrape_metrics(f"{running.base}/metrics")
+        worker_after = worker_cpu(worker)
     answered = sum(result.statuses.values())
     print(f"{args.size}x{args.size} from {args.images}, {args.concurrency} clients: {result.throughput:.1f}/s, "
           f"statuses {dict(result.statuses)}\n")
@@ -94,6 +111,12 @@ def main() -> None:
             for stage in ("auth", "upload", "admission", "staging", "enqueue", "respond"):
                 print(f"|     the view's stage {stage} | {stages.get(f'{stage}_cpu_ms', 0.0):.2f} |")
             print(f"|     Django, DRF and middleware (the rest) | {inside - timed:.2f} |")
+    print("\n| worker CPU | ms per request |\n|---|---|")
+    if worker_before["pids"] != worker_after["pids"]:
+        print("| (a pool child was replaced during the step: no numbers) | |")
+    else:
+        for part, label in (("main", "main process (consumer, pool)"), ("children", "pool children (the jobs)")):
+            print(f"| {label} | {(worker_after[part] - worker_before[part]) * 1000 / answered:.2f} |")
 
 
 if __name__ == "__main__":
