@@ -28,7 +28,7 @@ if os.environ.get("LOG_FORMAT", "json") == "json":  # gunicorn's own lines as JS
         "loggers": {name: {"level": "INFO", "handlers": ["console"], "propagate": False, "qualname": name}
                     for name in ("gunicorn.error", "gunicorn.access")},
     }
-# Another WSGI callable only for diagnostics (bench/api_threads.py wraps the API to time it).
+# Another WSGI callable only for diagnostics (bench/cpu_breakdown.py wraps the API to time it).
 wsgi_app = os.environ.get("API_WSGI_APP", "controlplane.wsgi:application")
 
 
