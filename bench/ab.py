@@ -92,10 +92,11 @@ def main() -> None:
     parser.add_argument("a", help="commit A (or . for this checkout)")
     parser.add_argument("b", help="commit B (or . for this checkout)")
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: bench_peers.py's arguments")
-    args = parser.parse_args()
-    bench_args = [a for a in args.bench_args if a != "--"] or ["--only", "service", "--sizes", "256", "--levels", "8",
-                                                                "--seconds", "10"]
+    parser.epilog = "Arguments after -- go to bench_peers.py (default: --only service --sizes 256 --levels 8 --seconds 10)."
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    bench_args = argv[split + 1:] or ["--only", "service", "--sizes", "256", "--levels", "8", "--seconds", "10"]
     trees = {side: checkout(commit) for side, commit in (("A", args.a), ("B", args.b))}
     runs: dict[str, list[dict]] = {"A": [], "B": []}
     try:
