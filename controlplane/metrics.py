@@ -71,7 +71,7 @@ STAGE_CPU_SECONDS = Counter(
 ADMISSION_LIMIT = Gauge(
     "resizer_admission_in_flight_limit",
     "Resizes this server's API processes admit at once: the sum over live processes of each one's "
-    "limit, which follows the queue wait below ADMISSION_MAX_IN_FLIGHT (ADR 0007).",
+    "limit (sampled every 5 s), which follows the queue wait below ADMISSION_MAX_IN_FLIGHT (ADR 0007).",
     multiprocess_mode="livesum",
 )
 ADMISSIONS_SHED = Counter(
@@ -252,10 +252,19 @@ def auth_snapshot_record() -> None:
         _auth_synced_gauge().set(cache.synced_at)
 
 
+def admission_limit_record() -> None:
+    """This process's in-flight limit (the static bound until a request made its admission state)."""
+    from controlplane import admission
+
+    slots = admission.admission.if_made()
+    ADMISSION_LIMIT.set(slots.limit() if slots is not None else settings.ADMISSION_MAX_IN_FLIGHT)
+
+
 def process_gauges_start(interval: float = 5.0) -> None:
     """In each API process (gunicorn's post_worker_init): export the usual series at 0 from the start
-    (a counter first seen at 5 hides its first 5 from rate()), and keep the process's snapshot time
-    current even when it serves nothing, so an idle process does not look stale."""
+    (a counter first seen at 5 hides its first 5 from rate()), keep the process's snapshot time
+    current even when it serves nothing, so an idle process does not look stale, and sample its
+    admission limit (off the request path)."""
     RESIZE_REQUEST_SECONDS.labels("served", "lt_1mb")
     for outcome, code in (("served", "ok"), ("served", "accepted"), ("shed", "queue_unavailable"),
                           ("error", "internal_error")):
@@ -263,10 +272,11 @@ def process_gauges_start(interval: float = 5.0) -> None:
 
     def run() -> None:
         while True:
-            try:
-                auth_snapshot_record()
-            except Exception as e:  # never let metrics take a process down
-                logging.getLogger(__name__).debug("auth snapshot gauge not updated: %s", e)
+            for record in (auth_snapshot_record, admission_limit_record):
+                try:
+                    record()
+                except Exception as e:  # never let metrics take a process down
+                    logging.getLogger(__name__).debug("%s failed: %s", record.__name__, e)
             time.sleep(interval)
 
     threading.Thread(target=run, name="metrics-process-gauges", daemon=True).start()

@@ -159,8 +159,6 @@ class ResizeView(APIView):
             slots.enter(customer_id)
         except admission.Refused as e:
             raise ApiError(e.status, e.code, e.detail, headers={"Retry-After": str(e.retry_after)}) from e
-        finally:
-            metrics.ADMISSION_LIMIT.set(slots.limit())
         try:
             return self._resize(request, params, clock, slots)
         finally:
