@@ -212,6 +212,16 @@ def thumbor(instances: int) -> Iterator[tuple[list[str], list[int]]]:
             p.wait(20)
 
 
+# --- this service's requests ----------------------------------------------------------------------
+def service_requests(base: str, keys: list[str], size: int, images: str) -> list[loadgen.Request]:
+    """POST /v1/resize of every input of the set from every customer: request i carries input
+    i mod n from customer (i div n) mod len(keys). Pick them round-robin."""
+    query = f"width={size}&height={size}&fit=inside&format=jpeg&quality={QUALITY}"
+    return [loadgen.Request("POST", f"{base}/v1/resize?{query}", name, (CORPUS / name).read_bytes(),
+                            {"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"})
+            for key in keys for name in SETS[images]]
+
+
 # --- the API's own stage timings (its /metrics) -----------------------------------------------------
 def scrape_metrics(url: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
@@ -353,15 +363,8 @@ def main() -> None:
             })
             scrape = lambda: scrape_metrics(f"{running.base}/metrics")  # noqa: E731
             for size in sizes:
-                query = f"width={size}&height={size}&fit=inside&format=jpeg&quality={QUALITY}"
                 for images in SETS:
-                    # Request i carries input i mod n from customer (i div n) mod 8: every customer
-                    # sends every image.
-                    names = SETS[images]
-                    prepared = [loadgen.Request("POST", f"{running.base}/v1/resize?{query}", name,
-                                                (CORPUS / name).read_bytes(),
-                                                {"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"})
-                                for key in running.keys for name in names]
+                    prepared = service_requests(running.base, running.keys, size, images)
                     rotate = lambda i, prepared=prepared: prepared[i % len(prepared)]  # noqa: E731
                     own: list[Step] = []
                     for c in levels:

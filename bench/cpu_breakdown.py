@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 from bench import loadgen  # noqa: E402
-from bench.bench_peers import CORES, CORPUS, QUALITY, SETS, scrape_metrics, stage_summary  # noqa: E402
+from bench.bench_peers import CORES, SETS, scrape_metrics, service_requests, stage_summary  # noqa: E402
 from bench.stack import stack  # noqa: E402
 
 
@@ -83,10 +83,7 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="threadcpu-"))
     env = {"API_WSGI_APP": "bench.threadcpu:application", "THREADCPU_DIR": str(directory)}
     with stack(api_workers=CORES, worker_concurrency=CORES, customers=8, env=env) as running:
-        query = f"width={args.size}&height={args.size}&fit=inside&format=jpeg&quality={QUALITY}"
-        requests = [loadgen.Request("POST", f"{running.base}/v1/resize?{query}", name, (CORPUS / name).read_bytes(),
-                                    {"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"})
-                    for key in running.keys for name in SETS[args.images]]
+        requests = service_requests(running.base, running.keys, args.size, args.images)
         pick = lambda i: requests[i % len(requests)]  # noqa: E731
         asyncio.run(loadgen.closed_loop(pick, concurrency=args.concurrency, seconds=3))  # warm-up
         time.sleep(1.5)  # a fresh report from every process

@@ -5,7 +5,8 @@
 Starts the stack as bench_peers.py does, holds a closed-loop load, records each process with
 `py-spy record --format raw` (collapsed stacks; needs ptrace, i.e. root or CAP_SYS_PTRACE), and
 prints, for the API (samples holding the GIL: its threads mostly wait) and for the worker, the
-share of samples spent inside each function (inclusive) and at the top of the stack (self). The raw files stay in bench/results/ for flame graphs.
+share of samples spent inside each function (inclusive) and at the top of the stack (self). The raw
+files stay in bench/results/ for flame graphs.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 from bench import loadgen  # noqa: E402
-from bench.bench_peers import CORES, CORPUS, QUALITY, RESULTS, SETS, tree  # noqa: E402
+from bench.bench_peers import CORES, RESULTS, SETS, service_requests, tree  # noqa: E402
 from bench.stack import VENV_BIN, stack  # noqa: E402
 
 
@@ -62,12 +63,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     with stack(api_workers=CORES, worker_concurrency=CORES, customers=8) as running:
-        query = f"width={args.size}&height={args.size}&fit=inside&format=jpeg&quality={QUALITY}"
-        names = SETS[args.images]
-        bodies = {n: (CORPUS / n).read_bytes() for n in names}
-        requests = [loadgen.Request("POST", f"{running.base}/v1/resize?{query}", n, bodies[n],
-                                    {"Authorization": f"Bearer {running.keys[i % len(running.keys)]}"})
-                    for i, n in enumerate(names * len(running.keys))]
+        requests = service_requests(running.base, running.keys, args.size, args.images)
         result: list[loadgen.Result] = []
         load = threading.Thread(target=lambda: result.append(asyncio.run(loadgen.closed_loop(
             lambda i: requests[i % len(requests)], concurrency=args.concurrency, seconds=args.seconds + 4))))

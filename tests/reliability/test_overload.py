@@ -103,7 +103,6 @@ def _ready(base: str, queue: str) -> int:
     return int(value(scrape(f"{base}/metrics"), "resizer_queue_messages_ready", queue=queue) or 0)
 
 
-
 @pytest.mark.chaos
 def test_admitted_latency_stays_inside_the_slo_when_offered_more_than_the_workers_drain():
     """The same overload twice: 4 customers × 4 clients sending SLO-class images (a 0.9 MB photo to
