@@ -2,8 +2,10 @@
 within minutes, a change worth a few percent shows only as the mean of alternating runs.
 
     .venv/bin/python bench/ab.py efb93c7 . --pairs 3 -- --only service --sizes 256 --levels 8 --seconds 10
+    .venv/bin/python bench/ab.py . . --b-args="--worker-pool solo"     # one commit, two settings
 
-A and B are commits (or `.`: this checkout as it is, uncommitted changes included). Each commit runs
+A and B are commits (or `.`: this checkout as it is, uncommitted changes included); `--a-args` and
+`--b-args` add bench_peers.py arguments to one side only. Each commit runs
 from a worktree next to this checkout (bench_peers.py finds the corpus at ../shared/corpus), sharing
 this checkout's .venv; runs alternate A, B, A, B, ...; the worktrees are removed after. The summary
 is, per load step, each side's mean over its runs of throughput, CPU per request (API, worker,
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from collections import defaultdict
@@ -92,6 +95,8 @@ def main() -> None:
     parser.add_argument("a", help="commit A (or . for this checkout)")
     parser.add_argument("b", help="commit B (or . for this checkout)")
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--a-args", default="", help="bench_peers.py arguments for A only")
+    parser.add_argument("--b-args", default="", help="bench_peers.py arguments for B only")
     parser.epilog = "Arguments after -- go to bench_peers.py (default: --only service --sizes 256 --levels 8 --seconds 10)."
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -103,12 +108,13 @@ def main() -> None:
         for pair in range(args.pairs):
             for side in ("A", "B"):
                 print(f"pair {pair + 1}/{args.pairs}: {side} ({trees[side][0].name})", flush=True)
-                runs[side].append(run(trees[side][0], bench_args))
+                extra = shlex.split(args.a_args if side == "A" else args.b_args)
+                runs[side].append(run(trees[side][0], bench_args + extra))
     finally:
         for tree, made in trees.values():
             if made:
                 git("worktree", "remove", "--force", str(tree))
-    print(f"\nA = {args.a}, B = {args.b}; means over {args.pairs} interleaved runs each\n")
+    print(f"\nA = {args.a} {args.a_args}, B = {args.b} {args.b_args}; means over {args.pairs} interleaved runs each\n")
     print(summary(runs))
 
 

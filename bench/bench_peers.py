@@ -317,6 +317,8 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--only", choices=["thumbor", "service"], help="run one target (and the ceiling)")
     parser.add_argument("--worker-nice", type=int, default=0, help="run the worker at this nice level")
+    parser.add_argument("--worker-pool", choices=["prefork", "solo"], default="prefork",
+                        help="solo: as many single-process workers as cores (an experiment: no time limits)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the service's processes (repeatable), "
                              "e.g. ADMISSION_TARGET_QUEUE_WAIT_SECONDS=0")
@@ -352,7 +354,8 @@ def main() -> None:
     if args.only in (None, "service"):
         print(f"3. this service: {CORES} API processes, {CORES} worker processes, RabbitMQ, PostgreSQL", flush=True)
         with stack(api_workers=CORES, worker_concurrency=CORES, customers=8,
-                   env=dict(item.split("=", 1) for item in args.env), worker_nice=args.worker_nice) as running:
+                   env=dict(item.split("=", 1) for item in args.env), worker_nice=args.worker_nice,
+                   worker_pool=args.worker_pool) as running:
             outputs["service"] = fetch_outputs(lambda name, size: httpx.post(
                 f"{running.base}/v1/resize?width={size}&height={size}&fit=inside&format=jpeg&quality={QUALITY}",
                 content=(CORPUS / name).read_bytes(), headers={"Authorization": f"Bearer {running.keys[0]}"},

@@ -70,10 +70,10 @@ def main() -> None:
         load.start()
         time.sleep(2)
         api = tree(running.api_pid)[1:]  # gunicorn's workers, not its master
-        worker = tree(running.worker_pid)[1:]  # the pool processes
-        files: dict[str, list[Path]] = {"api": [], "worker": []}
+        worker_main, *worker = tree(running.worker_pid)  # Celery's consumer and prefork pool; the pool processes
+        files: dict[str, list[Path]] = {"api": [], "worker": [], "worker-main": []}
         spies = []
-        for role, procs in (("api", api), ("worker", worker)):
+        for role, procs in (("api", api), ("worker", worker), ("worker-main", [worker_main])):
             for p in procs:
                 out = RESULTS / f"profile-{stamp}-{role}-{p.pid}.txt"
                 files[role].append(out)

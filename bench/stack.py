@@ -3,6 +3,8 @@ staging directory and metering spool, for benchmarks. Uses the running PostgreSQ
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,10 +43,11 @@ for i in range(int(sys.argv[2])):
 
 @contextmanager
 def stack(*, api_workers: int = 2, worker_concurrency: int = 2, customers: int = 1,
-          env: dict[str, str] | None = None, worker_nice: int = 0) -> Iterator[Stack]:
+          env: dict[str, str] | None = None, worker_nice: int = 0, worker_pool: str = "prefork") -> Iterator[Stack]:
     """The API (gunicorn) and a worker on a private queue, staging directory and spool, with
     `customers` customers on a plan whose rate limit is out of the way. Everything it started is
-    stopped, and its queues deleted, after."""
+    stopped, and its queues deleted, after. `worker_pool="solo"` runs `worker_concurrency` separate
+    single-process workers instead (`celery worker -P solo`, no time limits: an experiment, ADR 0008)."""
     run = uuid.uuid4().hex[:8]
     port = free_port()
     scratch = Path(tempfile.mkdtemp(prefix=f"bench-{run}-"))
@@ -67,10 +70,7 @@ def stack(*, api_workers: int = 2, worker_concurrency: int = 2, customers: int =
     procs = [
         subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", "controlplane/gunicorn.conf.py"], cwd=ROOT, env=env,
                          stdout=log, stderr=subprocess.STDOUT),
-        subprocess.Popen(["nice", "-n", str(worker_nice), str(VENV_BIN / "celery"), "-A", "controlplane", "worker",
-                          "--loglevel", "WARNING", "--concurrency", str(worker_concurrency), "--without-mingle",
-                          "--without-gossip", "--hostname", f"bench-{run}@%h"],
-                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+        _worker(worker_pool, worker_concurrency, worker_nice, run, env, log),
     ]
     base = f"http://127.0.0.1:{port}"
     try:
@@ -81,6 +81,10 @@ def stack(*, api_workers: int = 2, worker_concurrency: int = 2, customers: int =
         time.sleep(2)  # the worker declares its queue and starts consuming
         yield Stack(base=base, keys=keys, api_pid=procs[0].pid, worker_pid=procs[1].pid, log=log_path)
     finally:
+        try:
+            os.killpg(procs[1].pid, signal.SIGTERM)  # the worker's process group (several, with -P solo)
+        except ProcessLookupError:
+            pass
         for p in procs:
             p.terminate()
         for p in procs:
@@ -89,6 +93,20 @@ def stack(*, api_workers: int = 2, worker_concurrency: int = 2, customers: int =
             except subprocess.TimeoutExpired:
                 p.kill()
         subprocess.run([sys.executable, "-c", _DELETE_QUEUES], cwd=ROOT, env=env, check=False)
+
+
+def _worker(pool: str, concurrency: int, nice: int, run: str, env: dict[str, str], log) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+    """The Celery worker in its own process group: one prefork worker with `concurrency` children, or
+    `concurrency` solo workers under a shell (each with its own metrics port)."""
+    command = [str(VENV_BIN / "celery"), "-A", "controlplane", "worker", "--loglevel", "WARNING", "--without-mingle",
+               "--without-gossip"]
+    if pool == "prefork":
+        argv = ["nice", "-n", str(nice), *command, "--concurrency", str(concurrency), "--hostname", f"bench-{run}@%h"]
+    else:
+        argv = ["nice", "-n", str(nice), "bash", "-c", " & ".join(
+            f"WORKER_METRICS_BIND=127.0.0.1:{free_port()} {shlex.join(command)} -P solo --hostname bench-{run}-{i}@%h"
+            for i in range(concurrency)) + " & wait"]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 _DELETE_QUEUES = """
