@@ -6,6 +6,8 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import exceptions
 
+from resizer.staging import StagingError
+
 PROBLEM_TYPE_BASE = "https://docs.resizer.example/problems/"
 TITLES = {
     400: "Bad Request",
@@ -73,6 +75,9 @@ _DRF_CODES: dict[type[exceptions.APIException], str] = {
 def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse | None:
     if isinstance(exc, ApiError):
         return problem(exc.status_code, exc.code, str(exc.detail), headers=exc.headers, extra=exc.extra)
+    if isinstance(exc, StagingError):  # wherever the store failed: reading a job, waiting, a result
+        return problem(503, "staging_unavailable", "The staging store cannot be read right now; retry shortly.",
+                       headers={"Retry-After": "1"})
     from rest_framework.views import exception_handler as drf_exception_handler  # DRF imports us first
 
     response = drf_exception_handler(exc, context)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from django.conf import settings
 from django.http import HttpRequest
 from django.http.multipartparser import MultiPartParserError
+from rest_framework.negotiation import BaseContentNegotiation
 
 from controlplane.errors import ApiError
 from controlplane.per_process import PerProcess
@@ -24,6 +25,19 @@ PARAMETERS = ("width", "height", "fit", "format", "quality", "gravity", "backgro
 # Room for the multipart envelope (boundaries, part headers) around a file at the size limit.
 _MULTIPART_SLACK = 64 * 1024
 _CHUNK = 256 * 1024
+
+
+class AcceptIsAnInput(BaseContentNegotiation):
+    """DRF's negotiation answers 406 when Accept names no renderer, and our renderer is JSON only:
+    `Accept: image/avif,image/webp` (what a CDN that normalises Accept sends with `format=auto`) or
+    `Accept: image/*` on a result would be refused. Here Accept is an input to `format=auto`, images
+    are answered directly, and JSON (jobs, problems) is the one representation of everything else."""
+
+    def select_parser(self, request, parsers):  # type: ignore[no-untyped-def]
+        return parsers[0] if parsers else None
+
+    def select_renderer(self, request, renderers, format_suffix=None):  # type: ignore[no-untyped-def]
+        return renderers[0], renderers[0].media_type
 
 
 def _bad(name: str, sentence: str) -> ApiError:
@@ -58,7 +72,8 @@ def parse_params(query: dict[str, str], accept_header: str) -> imaging.Params:
     for name, (low, high) in _INT_RANGES.items():
         if name in query:
             raw = query[name]
-            if not raw.isdigit() or not low <= int(raw) <= high:
+            # isdigit() alone passes "²" or "٣" (and int() of 5,000 digits raises): ASCII, 5 digits at most.
+            if not (raw.isascii() and raw.isdigit() and len(raw) <= 5) or not low <= int(raw) <= high:
                 raise _bad(name, f"{name} must be a whole number from {low} to {high}, not {raw!r}.")
             values[name] = int(raw)
     for name, choices in _CHOICES.items():
@@ -204,10 +219,15 @@ def _read_chunks(read: Callable[[int], bytes], clock: _BodyClock, limit: int, ex
     return b"".join(parts)
 
 
+def _declared_length(request: HttpRequest) -> int | None:
+    """The Content-Length when it is a plain ASCII number ("²" passes str.isdigit() but not int())."""
+    content_length = request.META.get("CONTENT_LENGTH") or ""
+    return int(content_length) if content_length.isascii() and content_length.isdigit() else None
+
+
 def read_upload(request: HttpRequest, limit: int) -> bytes:
     """The image bytes of a raw or multipart body, refusing oversize bodies before reading them."""
-    content_length = request.META.get("CONTENT_LENGTH") or ""
-    declared = int(content_length) if content_length.isdigit() else None
+    declared = _declared_length(request)
     multipart = request.content_type == "multipart/form-data"
     if declared is not None and declared > limit + (_MULTIPART_SLACK if multipart else 0):
         raise _too_large(limit)
@@ -242,8 +262,7 @@ def discard_unread_body(request: HttpRequest, limit: int) -> None:
     early, or failed while parsing), when the body is at most `limit` bytes: the client then reads the
     answer and can reuse its connection. A larger body is left alone; the connection closes after
     the answer."""
-    content_length = request.META.get("CONTENT_LENGTH") or ""
-    declared = int(content_length) if content_length.isdigit() else None
+    declared = _declared_length(request)
     chunked = declared is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
     if (declared is None and not chunked) or (declared is not None and declared > limit):
         return

@@ -135,6 +135,7 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_CLASSES": ["identity.authentication.CustomerRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": [],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "controlplane.parsing.AcceptIsAnInput",
     "EXCEPTION_HANDLER": "controlplane.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": None,

@@ -93,8 +93,11 @@ def _job_outcome(job: Job, vary: bool = False) -> HttpResponse:
     """The answer for a finished job: its image, or its error as a problem."""
     if job.status == FAILED:
         error = job.error or {}
+        headers = {"Location": job_location(job)}
+        if error.get("status") == 503:  # an idempotent replay of a job the queue refused: worth a retry
+            headers["Retry-After"] = "2"
         return problem(error.get("status", 422), error.get("code", "job_failed"), error.get("detail", ""),
-                       headers={"Location": job_location(job)}, extra={"job_id": job.id})
+                       headers=headers, extra={"job_id": job.id})
     if job.result_expired():
         raise ApiError(410, "result_expired", "The result was deleted after its retention period.",
                        headers={"Location": job_location(job)})
@@ -194,10 +197,13 @@ class ResizeView(APIView):
         monthly_quota_charge(request.user)
         clock.lap("admission")
 
+        expected: list[str] = []
+
         def before_publish(job_id: str) -> None:
             clock.lap("staging")
             if waiter is not None:
                 waiter.expect(job_id)
+                expected.append(job_id)
 
         created = False
         try:
@@ -224,6 +230,8 @@ class ResizeView(APIView):
         finally:
             if not created:
                 monthly_quota_refund(request.user)
+                for job_id in expected:  # expected, but the job never reached the queue
+                    waiter.forget(job_id)  # type: ignore[union-attr]
         if created:
             clock.lap("enqueue")
         if respond_async:

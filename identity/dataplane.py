@@ -198,9 +198,11 @@ class CredentialCache:
             self._last_full = time.monotonic()
         else:
             self._sync_changes()
-        self._heartbeat_and_flush()
+        # The credentials are fresh now, whatever the flush below does: a flush that fails (its
+        # counts are kept for the next round) must not age the snapshot into 503s for everyone.
         self.synced_at = time.time()
         self._first_sync.set()
+        self._heartbeat_and_flush()
 
     def _run(self) -> None:
         while True:
@@ -209,7 +211,7 @@ class CredentialCache:
                 self.sync(full=self.synced_at is None or started - self._last_full >= self.resync_seconds)
             except Exception as e:
                 age = self.age()
-                log.warning("identity snapshot not refreshed (%s: %s); serving the one from %s s ago",
+                log.warning("identity sync round failed (%s: %s); serving the snapshot from %s s ago",
                             type(e).__name__, e, "never" if age is None else f"{age:.0f}")
                 connection.close()
                 self._first_sync.set()  # serve the snapshot from disk, if there is one fresh enough
@@ -274,10 +276,21 @@ class CredentialCache:
                                [settings.AUTH_PROCESS_EXPIRY_SECONDS])
                 processes = cursor.fetchone()[0]
                 for customer_id, delta in pending.items():
-                    cursor.execute(
-                        "INSERT INTO identity_quotausage (customer_id, month, used) VALUES (%s, %s, %s)"
-                        " ON CONFLICT (customer_id, month) DO UPDATE SET used = identity_quotausage.used + EXCLUDED.used",
-                        [customer_id, month, delta])
+                    if delta > 0:
+                        # Only for a customer that still exists (one deleted meanwhile must not fail
+                        # the whole flush on the foreign key, every second from then on).
+                        cursor.execute(
+                            "INSERT INTO identity_quotausage (customer_id, month, used)"
+                            " SELECT id, %s, %s FROM identity_customer WHERE id = %s"
+                            " ON CONFLICT (customer_id, month) DO UPDATE SET used = identity_quotausage.used + EXCLUDED.used",
+                            [month, delta, customer_id])
+                    elif delta < 0:
+                        # Refunds (a job the queue did not take) can outnumber this flush's charges: the
+                        # charge was flushed already, or belongs to last month. Never below zero, and
+                        # never an INSERT of a negative count (the CHECK would fail the flush for good).
+                        cursor.execute(
+                            "UPDATE identity_quotausage SET used = GREATEST(used + %s, 0)"
+                            " WHERE customer_id = %s AND month = %s", [delta, customer_id, month])
                 cursor.execute("SELECT customer_id, used FROM identity_quotausage WHERE month = %s", [month])
                 used = {str(c): u for c, u in cursor.fetchall()}
                 api_keys_touch(last_used=last_used)

@@ -167,8 +167,9 @@ def job_start(store: StagingStore, job: Job) -> Job:
     return job
 
 
-def job_succeed(store: StagingStore, job: Job, *, data: bytes, output: dict[str, Any], cpu_seconds: float,
-                result_ttl_seconds: int) -> Job:
+def job_mark_succeeded(store: StagingStore, job: Job, *, data: bytes, output: dict[str, Any], cpu_seconds: float,
+                       result_ttl_seconds: int) -> Job:
+    """Store the result and mark the job succeeded, in memory only: `job_finish` makes it visible."""
     store.put(output_key(job.id), data)
     now = _now()
     job.status = SUCCEEDED
@@ -176,18 +177,32 @@ def job_succeed(store: StagingStore, job: Job, *, data: bytes, output: dict[str,
     job.cpu_seconds = round(cpu_seconds, 6)
     job.finished_at = _iso(now)
     job.result_expires_at = _iso(now + timedelta(seconds=result_ttl_seconds))
-    job_save(store, job)
-    store.delete(input_key(job.id))
     return job
 
 
-def job_fail(store: StagingStore, job: Job, *, status: int, code: str, detail: str) -> Job:
+def job_mark_failed(job: Job, *, status: int, code: str, detail: str) -> Job:
+    """Mark the job failed, in memory only: `job_finish` makes it visible."""
     job.status = FAILED
     job.error = {"status": status, "code": code, "detail": detail}
     job.finished_at = _iso(_now())
+    return job
+
+
+def job_finish(store: StagingStore, job: Job) -> Job:
+    """Save a finished job's document (from here on anyone reading it sees it finished) and drop its input."""
     job_save(store, job)
     store.delete(input_key(job.id))
     return job
+
+
+def job_succeed(store: StagingStore, job: Job, *, data: bytes, output: dict[str, Any], cpu_seconds: float,
+                result_ttl_seconds: int) -> Job:
+    return job_finish(store, job_mark_succeeded(store, job, data=data, output=output, cpu_seconds=cpu_seconds,
+                                                result_ttl_seconds=result_ttl_seconds))
+
+
+def job_fail(store: StagingStore, job: Job, *, status: int, code: str, detail: str) -> Job:
+    return job_finish(store, job_mark_failed(job, status=status, code=code, detail=detail))
 
 
 def job_input(store: StagingStore, job: Job) -> bytes:

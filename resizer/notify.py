@@ -55,10 +55,12 @@ class JobWaiter:
 
     def wait(self, job_id: str, timeout: float) -> bool:
         """True when the job's completion arrived within `timeout` seconds, or when this waiter lost
-        its broker meanwhile (notices sent during the gap are lost: the caller must look at the job)."""
+        its broker meanwhile (notices sent during the gap are lost: the caller must look at the job),
+        or when nothing waits for the job here (never expected, or cleared): no notice can wake the
+        caller, who must look at the job (or poll it) instead of asking again at once."""
         with self._lock:
             event = self._events.get(job_id)
-        return event.wait(timeout) if event is not None else False
+        return event.wait(timeout) if event is not None else True
 
     def forget(self, job_id: str) -> None:
         with self._lock:

@@ -20,15 +20,17 @@ from resizer.jobs import (
     Job,
     job_create,
     job_fail,
+    job_finish,
     job_input,
     job_load,
+    job_mark_failed,
+    job_mark_succeeded,
     job_release_idempotency,
     job_start,
-    job_succeed,
 )
 from metering.services import usage_record_emit
 from resizer.notify import job_notify
-from resizer.staging import StagingError, StagingNotFound, staging_store
+from resizer.staging import StagingError, StagingNotFound, StagingStore, staging_store
 
 log = logging.getLogger(__name__)
 
@@ -153,33 +155,31 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
         return job
     if job.attempts >= celeryconfig.JOB_MAX_ATTEMPTS:
         # Every earlier delivery died mid-task (a worker killed by the image or by its limits).
-        job_fail(store, job, status=422, code="processing_failed",
-                 detail=f"The image stopped the worker {job.attempts} times and was given up on.")
-        usage_record_emit(job=job)  # durable before anyone hears the job finished
-        job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
-        return job
+        job_mark_failed(job, status=422, code="processing_failed",
+                        detail=f"The image stopped the worker {job.attempts} times and was given up on.")
+        return _job_finish(store, job, producer=producer, reply_to=reply_to)
     job_start(store, job)
     try:
         data = job_input(store, job)
         result = imaging.resize(data, imaging.Params(**job.params), engine_limits())
     except imaging.ImageError as e:
-        job_fail(store, job, status=e.status, code=e.code, detail=e.message)
+        job_mark_failed(job, status=e.status, code=e.code, detail=e.message)
     except SoftTimeLimitExceeded:
-        job_fail(store, job, status=422, code="processing_timeout",
-                 detail="The image took longer to process than the time limit allows.")
+        job_mark_failed(job, status=422, code="processing_timeout",
+                        detail="The image took longer to process than the time limit allows.")
     except MemoryError:
-        job_fail(store, job, status=422, code="image_too_complex",
-                 detail="The image needs more memory to process than a worker may use.")
+        job_mark_failed(job, status=422, code="image_too_complex",
+                        detail="The image needs more memory to process than a worker may use.")
     except StagingNotFound:
-        job_fail(store, job, status=500, code="input_lost", detail="The uploaded image was lost before processing.")
+        job_mark_failed(job, status=500, code="input_lost", detail="The uploaded image was lost before processing.")
     except StagingError:
         raise  # the store is away: the task requeues the job for another try
     except Exception:
         log.exception("job %s failed on a bug", job.id)
-        job_fail(store, job, status=500, code="internal_error", detail="The job failed on a server error.")
+        job_mark_failed(job, status=500, code="internal_error", detail="The job failed on a server error.")
     else:
         out = result.output
-        job_succeed(
+        job_mark_succeeded(
             store,
             job,
             data=result.data,
@@ -188,6 +188,15 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
             cpu_seconds=result.cpu_seconds,
             result_ttl_seconds=settings.RESULT_TTL_SECONDS,
         )
-    usage_record_emit(job=job)  # durable before anyone hears the job finished
+    return _job_finish(store, job, producer=producer, reply_to=reply_to)
+
+
+def _job_finish(store: StagingStore, job: Job, *, producer: Any, reply_to: str | None) -> Job:
+    """Record, then reveal, then announce a job finished in memory. The usage record is made durable
+    before the document says finished: a waiting request answers as soon as it reads that (it
+    re-reads the document each second), so no image is ever served without its record. A spool that
+    cannot be written raises (a StagingError: the task requeues the job, which runs again)."""
+    usage_record_emit(job=job)
+    job_finish(store, job)
     job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
     return job

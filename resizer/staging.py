@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from functools import lru_cache
@@ -126,7 +127,7 @@ class DirectoryStore:
 
     def check(self) -> None:
         """Raise StagingError unless the store can be written and read back now."""
-        key = f"health/{os.getpid()}"
+        key = f"health/{os.getpid()}-{threading.get_ident()}"  # concurrent checks must not delete each other's
         self.put(key, b"ok")
         if self.get(key) != b"ok":
             raise StagingError("staging read-back mismatch")

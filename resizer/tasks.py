@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from celery import shared_task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from django.conf import settings
 
 import celeryconfig
@@ -16,10 +16,12 @@ def resize(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
     try:
         with self.app.producer_or_acquire() as producer:
             job = services.job_run(job_id=job_id, reply_to=self.request.reply_to, producer=producer)
-    except StagingError as e:
+    except (StagingError, SoftTimeLimitExceeded) as e:
         meter.finish(None, requeued=True)
-        # Back to the queue: the delivery limit bounds how often a store outage can repeat this.
-        raise Reject(str(e), requeue=True) from e
+        # Back to the queue: the delivery limit bounds how often a store outage can repeat this. A soft
+        # time limit lands here only past the conversion (recording or saving the finished job): the
+        # job is not finished yet, so it runs again rather than stay "running" with its message acked.
+        raise Reject(str(e) or type(e).__name__, requeue=True) from e
     meter.finish(job)
 
 

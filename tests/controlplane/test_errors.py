@@ -31,6 +31,9 @@ def assert_problem(response, status: int, code: str) -> dict:
     ("width=8193", "invalid_parameter"),
     ("width=abc", "invalid_parameter"),
     ("width=-5", "invalid_parameter"),
+    ("width=%C2%B2", "invalid_parameter"),  # "²": str.isdigit() says yes, int() raises
+    ("width=%D9%A3", "invalid_parameter"),  # an Arabic-Indic 3: int() would take it
+    ("width=" + "1" * 5000, "invalid_parameter"),  # past int()'s 4,300-digit limit
     ("width=10&height=1.5", "invalid_parameter"),
     ("width=10&fit=stretch", "invalid_parameter"),
     ("width=10&format=bmp", "invalid_parameter"),
@@ -117,3 +120,25 @@ def test_server_error_is_problem_json(rf):
     response = handler500(rf.get("/"))
     assert response.status_code == 500 and response["Content-Type"] == "application/problem+json"
     assert b'"code": "internal_error"' in response.content
+
+
+def test_a_job_the_queue_refused_leaves_no_waiter_behind(api, monkeypatch):
+    """The request expected the job's completion notice before publishing; when the broker refuses
+    the job, the expectation goes too (it leaked before: one per refused job, until the cap cleared
+    every waiting request's at once)."""
+    from amqp.exceptions import MessageNacked
+
+    import celeryconfig
+    from resizer import services
+    from resizer.notify import job_waiter
+
+    def refused(job_id, reply_to, timeout):
+        raise MessageNacked("the queue refused the message")
+
+    monkeypatch.setattr(services, "_send", refused)
+    monkeypatch.setattr(celeryconfig, "PUBLISH_ATTEMPTS", 1)
+    waiter = job_waiter()
+    assert waiter.usable(startup_wait=10)
+    before = len(waiter._events)
+    assert_problem(resize(api, make_image()), 503, "queue_unavailable")
+    assert len(waiter._events) == before

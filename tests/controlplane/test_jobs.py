@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from identity.services import customer_create
-from resizer.jobs import job_create, job_fail, job_load, job_save, job_succeed
+from resizer.jobs import job_create, job_fail, job_load, job_save, job_succeed, output_key
 from resizer.staging import staging_store
 from tests.conftest import make_image
 
@@ -59,3 +59,29 @@ def test_failed_job_result_is_409_with_the_error(api, customer_key):
     assert response.status_code == 409
     assert response.json()["job_error"]["code"] == "corrupt_image"
     assert job_load(store, job.id).error["code"] == "corrupt_image"
+
+
+def test_result_answers_whatever_the_accept_header(api, customer_key):
+    store = staging_store()
+    job = staged_job(str(customer_key[0].id))
+    job_succeed(store, job, data=b"img", output={"format": "jpeg", "width": 1, "height": 1, "bytes": 3,
+                                                 "frames": 1, "content_type": "image/jpeg"},
+                cpu_seconds=0.01, result_ttl_seconds=600)
+    for accept in ("image/*", "image/jpeg", "image/webp"):
+        response = api.get(f"/v1/jobs/{job.id}/result", HTTP_ACCEPT=accept)
+        assert response.status_code == 200 and response.content == b"img", accept
+    assert api.get(f"/v1/jobs/{job.id}", HTTP_ACCEPT="image/*").status_code == 200
+
+
+def test_unreadable_result_is_503_not_500(api, customer_key):
+    store = staging_store()
+    job = staged_job(str(customer_key[0].id))
+    job_succeed(store, job, data=b"img", output={"format": "jpeg", "width": 1, "height": 1, "bytes": 3,
+                                                 "frames": 1, "content_type": "image/jpeg"},
+                cpu_seconds=0.01, result_ttl_seconds=600)
+    output = store.root / output_key(job.id)
+    output.unlink()
+    output.mkdir()  # reading it fails with an I/O error, not "not found"
+    response = api.get(f"/v1/jobs/{job.id}/result")
+    assert response.status_code == 503 and response.json()["code"] == "staging_unavailable"
+    assert response["Retry-After"]

@@ -175,3 +175,19 @@ def test_a_corrupt_image_that_passes_the_header_check_fails_as_its_job(api):
 def test_output_over_the_pixel_limit_is_422(api):
     response = resize(api, corpus("coffee.jpg"), "width=8192&height=8192&fit=fill")
     assert response.status_code == 422 and response.json()["code"] == "output_too_large"
+
+
+@pytest.mark.parametrize("accept,expected", [
+    ("image/avif,image/webp", "image/avif"), ("image/webp", "image/webp"), ("image/*", "image/jpeg"),
+    ("image/png;q=0.9", "image/jpeg"),  # auto keeps the input's format where nothing better is named
+])
+def test_specific_accept_headers_are_answered_not_406(api, accept, expected):
+    """Accept is an input to format=auto, not a renderer choice: naming image types only (a CDN that
+    normalises Accept) must still get the image, in the best format it names."""
+    response = resize(api, corpus("chelsea.jpg"), "width=64&format=auto", HTTP_ACCEPT=accept)
+    assert response.status_code == 200, response.content[:300]
+    assert response["Content-Type"] == expected
+    fixed = resize(api, corpus("chelsea.jpg"), "width=64&format=png", HTTP_ACCEPT=accept)
+    assert fixed.status_code == 200 and fixed["Content-Type"] == "image/png"
+    refused = resize(api, corpus("chelsea.jpg"), "width=0", HTTP_ACCEPT=accept)
+    assert refused.status_code == 400 and refused["Content-Type"] == "application/problem+json"

@@ -49,3 +49,31 @@ def test_monthly_quota_counts_images_and_refuses_past_it(client, credentials):
     assert int(over["Retry-After"]) > 0
     credentials.sync(full=False)  # flushed to Postgres and read back: still over
     assert send().status_code == 429
+
+
+def test_refunds_and_deleted_customers_never_break_the_flush(credentials):
+    """A refund (the queue refused the job) can leave a negative count to flush: after its charge
+    was flushed, or with no row yet this month. A customer can be deleted with counts pending. None
+    of these may fail the flush (it would fail every second, and the snapshot would age into 503s)."""
+    from identity.dataplane import _month
+    from identity.models import QuotaUsage
+
+    plan = Plan.objects.create(name="q", rate_per_second=100, burst=100, monthly_quota=10)
+    kept, gone, fresh = (customer_create(name=n, plan=plan) for n in ("kept", "gone", "fresh"))
+    keys = {c.name: api_key_create(customer=c)[1] for c in (kept, gone, fresh)}
+    credentials.sync(full=True)
+    principals = {name: credentials.authenticate(key) for name, key in keys.items()}
+    assert credentials.charge_quota(principals["kept"])
+    credentials.sync(full=False)  # +1 flushed
+    credentials.refund_quota(principals["kept"])  # -1 pending, its charge already in Postgres
+    credentials.refund_quota(principals["fresh"])  # -1 pending, no row this month
+    assert credentials.charge_quota(principals["gone"])
+    gone.delete()  # +1 pending for a customer that no longer exists
+    synced_before = credentials.synced_at
+    credentials.sync(full=False)
+    assert credentials.synced_at > synced_before
+    used = dict(QuotaUsage.objects.filter(month=_month()).values_list("customer__name", "used"))
+    assert used == {"kept": 0}
+    assert credentials.charge_quota(principals["kept"])  # the counts are right, not stuck
+    credentials.sync(full=False)
+    assert QuotaUsage.objects.get(customer=kept, month=_month()).used == 1

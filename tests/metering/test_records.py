@@ -107,12 +107,15 @@ def test_a_redelivered_job_is_recorded_once(customer):
     assert records[died_mid_task.id].attempts == 2 == job_load(staging_store(), died_mid_task.id).attempts
 
 
-def test_the_job_is_not_announced_when_its_record_cannot_be_made_durable(customer, settings, tmp_path):
-    """An unwritable spool is a StagingError: the task requeues the job instead of announcing it."""
+def test_the_job_is_not_finished_when_its_record_cannot_be_made_durable(customer, settings, tmp_path):
+    """An unwritable spool is a StagingError: the task requeues the job. Its document must not say
+    finished meanwhile (a waiting request would answer with the image, unbilled); the redelivery,
+    once the spool is back, finishes and records it."""
     from resizer.staging import StagingError
 
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")
+    spool_dir = settings.METERING_SPOOL_DIR
     settings.METERING_SPOOL_DIR = str(blocked / "spool")
     services.local_spool.reset()  # the next emit opens a spool in the new place
     job = _job(str(customer.id))
@@ -121,7 +124,14 @@ def test_the_job_is_not_announced_when_its_record_cannot_be_made_durable(custome
             job_run(job_id=job.id, reply_to=None, producer=producer)
     finally:
         services.local_spool.reset()
-    assert job_load(staging_store(), job.id).status == "succeeded"  # the redelivery will announce it
+    assert job_load(staging_store(), job.id).status == "running"
+    settings.METERING_SPOOL_DIR = spool_dir  # the spool is back: the redelivery
+    with app.producer_or_acquire() as producer:
+        job_run(job_id=job.id, reply_to=None, producer=producer)
+    services.local_spool.reset()
+    assert job_load(staging_store(), job.id).status == "succeeded"
+    services.usage_ship()
+    assert UsageRecord.objects.get(id=job.id).outcome == "succeeded"
 
 
 @pytest.mark.usefixtures("worker")

@@ -21,3 +21,10 @@ def test_a_completion_notice_wakes_the_request_waiting_on_its_job() -> None:
     assert not waiter.wait(other, 0.5)  # nobody finished it
     waiter.forget(done)
     waiter.forget(other)
+
+
+def test_waiting_on_a_job_nobody_expects_returns_at_once() -> None:
+    """No event (never expected, or cleared past the cap): no notice can come, so wait() says "look at
+    the job" at once instead of returning False again and again (a caller's busy loop)."""
+    waiter = JobWaiter(app.connection_for_read)
+    assert waiter.wait(uuid.uuid4().hex, 30)
