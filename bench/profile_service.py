@@ -4,9 +4,11 @@
 
 Starts the stack as bench_peers.py does, holds a closed-loop load, records each process with
 `py-spy record --format raw` (collapsed stacks; needs ptrace, i.e. root or CAP_SYS_PTRACE), and
-prints, for the API (samples holding the GIL: its threads mostly wait) and for the worker, the
-share of samples spent inside each function (inclusive) and at the top of the stack (self). The raw
-files stay in bench/results/ for flame graphs.
+prints, for the API (samples holding the GIL: its threads mostly wait), for the worker's pool
+processes and for its main process (Celery's consumer and prefork pool; py-spy counted its epoll
+waits as on-CPU: two thirds of its samples, more than its /proc CPU time allows), the share of
+samples spent inside each function (inclusive) and at the top of the stack (self). The raw files
+stay in bench/results/ for flame graphs.
 """
 from __future__ import annotations
 
