@@ -87,6 +87,12 @@ worker_detect_quorum_queues = True
 # then kills the child without warning and the job is redelivered (its attempt budget still holds).
 task_soft_time_limit = env_int("TASK_SOFT_TIME_LIMIT", 20, minimum=0) or None
 task_time_limit = env_int("TASK_TIME_LIMIT", 30, minimum=2)
+# The beat tasks (rollup, billing, archive, staging sweep) are not resizes: a month's billing run or a
+# rollup after a long beat outage takes minutes in one transaction, and the resize limits above would
+# cut it (rolled back, then again every run, forever). Their own limits, seconds.
+PERIODIC_TASK_SOFT_TIME_LIMIT = env_int("PERIODIC_TASK_SOFT_TIME_LIMIT", 3300, minimum=1)
+PERIODIC_TASK_TIME_LIMIT = env_int("PERIODIC_TASK_TIME_LIMIT", 3600, minimum=2)
+PERIODIC_TASK_LIMITS = {"soft_time_limit": PERIODIC_TASK_SOFT_TIME_LIMIT, "time_limit": PERIODIC_TASK_TIME_LIMIT}
 # Each worker child's address space (RLIMIT_AS), MiB; 0 = unbounded. Sized for the 50 MP input limit:
 # decoding and resizing one such image needs ~0.6 GiB on top of the ~0.12 GiB a child maps at rest.
 WORKER_MAX_ADDRESS_SPACE_MIB = env_int("WORKER_MAX_ADDRESS_SPACE_MIB", 2048, minimum=0)

@@ -25,6 +25,6 @@ def resize(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
     meter.finish(job)
 
 
-@shared_task(name="resizer.tasks.staging_sweep")
+@shared_task(name="resizer.tasks.staging_sweep", **celeryconfig.PERIODIC_TASK_LIMITS)
 def staging_sweep() -> dict[str, int]:
     return jobs.staging_sweep(staging_store(), job_retention_seconds=settings.JOB_RETENTION_SECONDS)

@@ -100,3 +100,22 @@ def test_concurrent_runs_agree_with_one_run():
     for c in customers:
         assert sum(w.images for w in windows(c).values()) == 100
         assert sum(w.images for w in windows(c, "day").values()) == 100
+
+
+def test_beat_tasks_have_their_own_time_limits_not_a_resize_s():
+    """The worker applies a task's own limits when its message carries none (beat's do not): the
+    rollup, billing run, archive and sweep must not inherit the 20 s / 30 s of a resize, which would
+    cut (and roll back) a month's billing run every time it ran."""
+    import celeryconfig
+    import metering.tasks  # noqa: F401  (registers the tasks, as a worker's imports do)
+    import resizer.tasks  # noqa: F401
+    from controlplane.celery import app
+
+    for name in ("metering.tasks.usage_rollup", "metering.tasks.billing_run", "metering.tasks.usage_archive",
+                 "resizer.tasks.staging_sweep"):
+        task = app.tasks[name]
+        assert (task.soft_time_limit, task.time_limit) == (
+            celeryconfig.PERIODIC_TASK_SOFT_TIME_LIMIT, celeryconfig.PERIODIC_TASK_TIME_LIMIT), name
+        assert task.time_limit > celeryconfig.task_time_limit
+    resize = app.tasks["resizer.tasks.resize"]
+    assert resize.time_limit in (None, celeryconfig.task_time_limit)  # None: the worker's configured default
