@@ -44,6 +44,9 @@ def customer_create(*, name: str, plan: Plan | None = None, actor: str = "system
 def customer_update(*, customer: Customer, actor: str, name: str | None = None, status: str | None = None,
                     plan: Plan | None | str = "unchanged") -> Customer:
     _lock(customer.pk)
+    # Compare with the row as it is now, not as the caller read it before the lock: a suspension that
+    # committed meanwhile must not be written back to "active" by a concurrent rename.
+    customer.refresh_from_db(fields=["name", "status", "plan"])
     changes: dict[str, Any] = {}
     if name is not None and name != customer.name:
         changes["name"] = [customer.name, name]
@@ -58,7 +61,7 @@ def customer_update(*, customer: Customer, actor: str, name: str | None = None, 
         changes["plan"] = [customer.plan.name if customer.plan else None, plan.name if plan else None]
         customer.plan = plan
     if changes:
-        customer.save()
+        customer.save(update_fields=list(changes))
         action = "customer.update"
         if set(changes) == {"status"}:
             action = "customer.suspend" if status == Customer.Status.SUSPENDED else "customer.activate"
@@ -102,6 +105,7 @@ def api_key_create(*, customer: Customer, name: str = "default", scopes: list[st
 @transaction.atomic
 def api_key_revoke(*, api_key: ApiKey, actor: str = "system") -> ApiKey:
     _lock(api_key.customer_id)
+    api_key.refresh_from_db(fields=["revoked_at"])  # a revoke that committed meanwhile: nothing to do
     if api_key.revoked_at is None:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])

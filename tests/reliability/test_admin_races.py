@@ -11,7 +11,7 @@ import pytest
 from django.db import connection, transaction
 
 from identity import services
-from identity.models import ApiKey, Customer
+from identity.models import ApiKey, AuditEvent, Customer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -69,3 +69,27 @@ def test_a_key_issued_racing_a_delete_finds_the_customer_gone():
 def test_two_deletes_racing_one_wins_the_other_finds_it_gone():
     error = _race(lambda pk: services.customer_delete(customer=Customer.objects.get(pk=pk), actor="second"))
     assert isinstance(error, services.CustomerGone), error
+
+
+def test_a_rename_read_before_a_suspension_does_not_undo_it():
+    """Two PATCHes at once, a suspension and a rename: the rename read the customer (active) before
+    the suspension committed, then waited for the row. Writing its stale copy back re-activated the
+    customer (and the change feed re-enabled its keys) while the audit trail said suspended."""
+    customer = services.customer_create(name="before")
+    read_by_the_rename = Customer.objects.get(pk=customer.pk)
+    services.customer_suspend(customer=Customer.objects.get(pk=customer.pk), actor="first")
+    services.customer_update(customer=read_by_the_rename, actor="second", name="after")
+    now = Customer.objects.get(pk=customer.pk)
+    assert (now.name, now.status) == ("after", Customer.Status.SUSPENDED)
+    assert [(e.action, e.details) for e in AuditEvent.objects.filter(customer=customer).order_by("at")][1:] == [
+        ("customer.suspend", {"status": ["active", "suspended"]}), ("customer.update", {"name": ["before", "after"]})]
+
+
+def test_a_key_revoked_twice_is_revoked_and_audited_once():
+    customer = services.customer_create(name="keys")
+    api_key, _ = services.api_key_create(customer=customer)
+    stale = ApiKey.objects.get(pk=api_key.pk)
+    first = services.api_key_revoke(api_key=ApiKey.objects.get(pk=api_key.pk), actor="first")
+    services.api_key_revoke(api_key=stale, actor="second")
+    assert ApiKey.objects.get(pk=api_key.pk).revoked_at == first.revoked_at
+    assert AuditEvent.objects.filter(action="key.revoke", customer=customer).count() == 1
