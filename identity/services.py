@@ -80,7 +80,13 @@ def customer_activate(*, customer: Customer, actor: str) -> Customer:
 @transaction.atomic
 def customer_delete(*, customer: Customer, actor: str) -> None:
     _lock(customer.pk)
-    _record(actor=actor, action="customer.delete", customer=customer, details={"name": customer.name})
+    # The customer's events lose their link when it goes (SET_NULL): this last one keeps who it was
+    # and which keys it had, so the trail still answers for it.
+    keys = [{"key_id": str(k.id), "prefix": k.prefix, "revoked": k.revoked_at is not None}
+            for k in ApiKey.objects.filter(customer_id=customer.pk).order_by("created_at")]
+    _record(actor=actor, action="customer.delete", customer=None,
+            details={"customer_id": str(customer.pk), "name": customer.name, "keys": keys})
+    Change.objects.create(customer_id=customer.pk)
     customer.delete()
 
 

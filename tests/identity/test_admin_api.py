@@ -47,7 +47,10 @@ def test_customer_and_key_lifecycle_as_staff(staff, credentials):
     assert {e["actor"] for e in audit} == {"staff:ops"}
     assert staff.delete(f"/v1/admin/customers/{customer['id']}").status_code == 204
     assert not Customer.objects.filter(pk=customer["id"]).exists()
-    assert AuditEvent.objects.filter(action="customer.delete", actor="staff:ops").exists()
+    deleted = AuditEvent.objects.get(action="customer.delete", actor="staff:ops")
+    # The customer's events lost their link with it: the last one says who it was and what keys it had.
+    assert deleted.details == {"customer_id": customer["id"], "name": "Acme",
+                               "keys": [{"key_id": body["id"], "prefix": body["prefix"], "revoked": True}]}
 
 
 def test_admin_scoped_key_works_and_ordinary_keys_do_not(client, credentials):
