@@ -18,6 +18,8 @@ STEP = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 MAX_RANGE = {"hour": timedelta(days=31), "day": timedelta(days=366)}
 DEFAULT_RANGE = {"hour": timedelta(hours=24), "day": timedelta(days=30)}
 _PARAMS = ("from", "to", "granularity")
+_EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime(9999, 1, 1, tzinfo=timezone.utc)
 
 
 def _iso(t: datetime) -> str:
@@ -31,10 +33,14 @@ def _instant(name: str, raw: str) -> datetime:
         if value is None:
             day = date.fromisoformat(raw)
             value = datetime(day.year, day.month, day.day)
-    except ValueError:
+        value = (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    except (ValueError, OverflowError):  # OverflowError: 0001-01-01T00:30+01:00 is before year 1 in UTC
         raise ApiError(400, "invalid_parameter", f"`{name}` must be an ISO 8601 date or date-time, like "
                        "2026-11-01 or 2026-11-01T13:00:00Z.", extra={"parameter": name}) from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if not _EARLIEST <= value <= _LATEST:  # the range arithmetic below stays inside datetime's years
+        raise ApiError(400, "invalid_parameter", f"`{name}` must lie between 1970 and 9999.",
+                       extra={"parameter": name})
+    return value
 
 
 def _floor(t: datetime, granularity: str) -> datetime:

@@ -56,6 +56,9 @@ def test_another_customers_usage_is_not_visible(client, credentials, usage_of_tw
 @pytest.mark.parametrize("query,code", [
     ("granularity=minute", "invalid_parameter"),
     ("from=yesterday", "invalid_parameter"),
+    ("to=0001-01-01", "invalid_parameter"),  # to minus the default range is before year 1
+    ("from=0001-01-01T00:30:00%2B01:00", "invalid_parameter"),  # before year 1 in UTC
+    ("to=9999-12-31T23:30:00-01:00", "invalid_parameter"),  # after year 9999 in UTC
     ("from=2026-11-02&to=2026-11-01", "invalid_parameter"),
     ("granularity=hour&from=2026-01-01&to=2026-03-01", "range_too_large"),
     ("from=2020-01-01&to=2026-01-01", "range_too_large"),
