@@ -104,6 +104,11 @@ def test_compose_has_the_production_shape(compose):
     for name in workers:
         assert services[name]["command"][:4] == ["celery", "-A", "controlplane", "worker"]
         assert not mounts(services[name])["/var/lib/resizer/spool"].startswith("/")  # a named volume, not the container's layer
+        # The archive task runs on any worker and deletes rows once their file reads back: the files
+        # must be on one shared volume, where METERING_ARCHIVE_URL points.
+        archive = services[name]["environment"]["METERING_ARCHIVE_URL"].removeprefix("file://")
+        assert mounts(services[name])[archive] == mounts(services[workers[0]])[archive]
+        assert not mounts(services[name])[archive].startswith("/")
 
     # HAProxy balances exactly the API services, health-checked on /readyz.
     haproxy = (DOCKER / "haproxy" / "haproxy.cfg").read_text()
