@@ -100,7 +100,8 @@ def usage_record_emit(*, job: Job) -> None:
 
 
 def staging_conninfo() -> str:
-    """The staging table's database: METERING_DATABASE_URL, else Django's (the test database in tests)."""
+    """How to reach the staging table: METERING_DATABASE_URL (another way into Django's database, e.g. a
+    pooler: the rollup reads the table through Django's connection), else Django's own settings."""
     if settings.METERING_DATABASE_URL:
         return settings.METERING_DATABASE_URL
     s = connections["default"].settings_dict
