@@ -3,18 +3,25 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export DJANGO_SETTINGS_MODULE := controlplane.settings
 
-.PHONY: run test chaos services venv migrate bench clean topology topology-start topology-stop
+.PHONY: run test chaos services services-core venv migrate bench clean topology topology-start topology-stop
 
 venv: .venv/.installed
 .venv/.installed: requirements.txt
-	test -x $(PY) || python3 -m venv .venv
+	scripts/services.sh --python
+	# pip is the last thing `venv` installs: without it the .venv is a failed attempt, made again.
+	test -x .venv/bin/pip || { rm -rf .venv && python3 -m venv .venv; }
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# PostgreSQL and RabbitMQ, and the deployment tools the tests check (haproxy, promtool, a compose tool).
 services:
 	scripts/services.sh
 
-migrate: venv services
+# PostgreSQL and RabbitMQ only: what `make run` and `make bench` need.
+services-core:
+	scripts/services.sh --no-tools
+
+migrate: venv services-core
 	$(PY) manage.py migrate --noinput -v 0
 
 # The whole stack in the foreground (API on 127.0.0.1:8000, a worker, beat); Ctrl-C stops it.

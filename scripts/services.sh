@@ -2,6 +2,9 @@
 # Make sure PostgreSQL and RabbitMQ are installed and running on this host, and that our database
 # exists. Installs them with apt-get when missing, starts them when stopped, otherwise uses the
 # running ones. Idempotent: safe to run before every `make run` and `make test`.
+#   scripts/services.sh              PostgreSQL, RabbitMQ and the deployment tools (make test)
+#   scripts/services.sh --no-tools   PostgreSQL and RabbitMQ only (make run, make bench)
+#   scripts/services.sh --python     only a python3 that can make virtualenvs (make venv)
 set -euo pipefail
 
 PGHOST=${PGHOST:-127.0.0.1}
@@ -82,7 +85,16 @@ ensure_tools() {
   return 0
 }
 
-ensure_postgres
-ensure_rabbitmq
-ensure_tools
+# Debian's python3 makes no virtualenv without python3-venv (no ensurepip).
+ensure_python() {
+  python3 -c 'import ensurepip, venv' 2>/dev/null && return 0
+  say "installing python3 and python3-venv"; apt_install python3 python3-venv
+}
+
+case "${1:-}" in
+  --python) ensure_python; exit 0 ;;
+  --no-tools) ensure_postgres; ensure_rabbitmq ;;
+  "") ensure_postgres; ensure_rabbitmq; ensure_tools ;;
+  *) say "unknown option $1"; exit 2 ;;
+esac
 say "PostgreSQL on $PGHOST:$PGPORT (database $DB_NAME) and RabbitMQ on 127.0.0.1:5672 are up"
