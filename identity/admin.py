@@ -20,6 +20,9 @@ def _actor(request: HttpRequest) -> str:
 class PlanAdmin(admin.ModelAdmin):
     list_display = ("name", "rate_per_second", "burst", "monthly_quota")
 
+    def save_model(self, request: HttpRequest, obj: Plan, form: Any, change: bool) -> None:
+        services.plan_save(plan=obj, actor=_actor(request))  # audited, and its customers' limits propagate
+
 
 class ApiKeyInline(admin.TabularInline):
     model = ApiKey

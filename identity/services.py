@@ -33,6 +33,21 @@ def _record(*, actor: str, action: str, customer: Customer | None, details: dict
 
 
 @transaction.atomic
+def plan_save(*, plan: Plan, actor: str) -> Plan:
+    """Create or change a plan. Its limits are part of every credential of its customers: each one
+    gets a change-feed row, so the data plane applies new limits within its propagation bound (not
+    at its next full resync, minutes later)."""
+    created = plan.pk is None
+    plan.save()
+    for customer_id in Customer.objects.filter(plan=plan).values_list("pk", flat=True):
+        Change.objects.create(customer_id=customer_id)
+    AuditEvent.objects.create(actor=actor, action="plan.create" if created else "plan.update", customer=None,
+                              details={"plan": plan.name, "rate_per_second": plan.rate_per_second,
+                                       "burst": plan.burst, "monthly_quota": plan.monthly_quota})
+    return plan
+
+
+@transaction.atomic
 def customer_create(*, name: str, plan: Plan | None = None, actor: str = "system") -> Customer:
     customer = Customer.objects.create(name=name, plan=plan)
     _record(actor=actor, action="customer.create", customer=customer,

@@ -137,3 +137,22 @@ def test_customer_page_shows_recent_requests_with_their_parameters(client):
                                params={"width": 256, "fit": "cover"})
     page = client.get(f"/admin/identity/customer/{customer.pk}/change/").content.decode()
     assert "6f1d7c0e-0000-4000-8000-000000000001" in page and "cover" in page and "webp 256x192" in page
+
+
+def test_a_plan_edited_in_admin_reaches_the_data_plane_by_the_feed_and_is_audited(client, credentials):
+    """A plan's limits are part of its customers' credentials: an edit must reach every API process
+    by the change feed (an incremental sync), not at the next full resync minutes later."""
+    client.force_login(User.objects.create_superuser("root", password="pw"))
+    plan = Plan.objects.create(name="basic", rate_per_second=10, burst=20)
+    customer = customer_create(name="on-basic", plan=plan)
+    _, key = api_key_create(customer=customer)
+    credentials.sync(full=True)
+    assert credentials.authenticate(key).rate_per_second == 10
+    response = client.post(f"/admin/identity/plan/{plan.pk}/change/",
+                           {"name": "basic", "rate_per_second": "2", "burst": "5", "monthly_quota": "1000"})
+    assert response.status_code == 302, response.content[:500]
+    credentials.sync(full=False)
+    principal = credentials.authenticate(key)
+    assert (principal.rate_per_second, principal.burst, principal.monthly_quota) == (2, 5, 1000)
+    event = AuditEvent.objects.get(action="plan.update", actor="staff:root")
+    assert event.details == {"plan": "basic", "rate_per_second": 2.0, "burst": 5, "monthly_quota": 1000}
