@@ -57,7 +57,7 @@ ENCODER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _LOSSY = ("jpeg", "webp", "avif")
 _ALPHA_OUTPUTS = ("png", "webp", "avif", "gif")
-_ANIMATED_OUTPUTS = ("gif", "webp")
+_ANIMATED_OUTPUTS = ("gif", "webp", "png")  # png: APNG
 _ANIMATED_INPUTS = ("gif", "webp", "png", "avif")
 # Largest side each encoder accepts (libjpeg 65500, libwebp 16383, GIF's 16-bit fields).
 _ENCODER_MAX_SIDE = {"jpeg": 65_500, "webp": 16_383, "gif": 65_535, "avif": 65_536, "png": 2**31 - 1}
@@ -303,11 +303,22 @@ def _looks_like_ours(head: bytes) -> bool:
     )
 
 
-def _png_crc_error(data: bytes) -> str | None:
+# Pillow decodes run-length BMP (RLE8, RLE4) in Python, ~0.13 s a megapixel whatever the file's
+# size (a 29 KB file can declare 50 MP of one-pixel runs): such files get a smaller pixel limit.
+_BMP_RLE_MAX_PIXELS = 4_000_000
+# A PNG's chunks are walked in Python (here, and by Pillow up to the pixels): millions of empty ones
+# in a 25 MB body would cost seconds of CPU. Real files have tens, or a few thousand IDATs.
+_PNG_MAX_CHUNKS = 100_000
+
+
+def _png_error(data: bytes) -> str | None:
     """Pillow checks CRCs only on the chunks before the pixels; a flipped bit in IDAT would decode
-    as silent garbage, so every chunk is checked here (a few ms for the largest allowed input)."""
+    as silent garbage, so every chunk is checked here (a few ms for the largest allowed input).
+    Run before Pillow opens the file, so a file of countless chunks is refused before its walk."""
     view, pos = memoryview(data), 8
-    while pos + 12 <= len(data):
+    for _ in range(_PNG_MAX_CHUNKS):
+        if pos + 12 > len(data):
+            return None
         length, kind = struct.unpack_from(">I4s", data, pos)
         end = pos + 12 + length
         if end > len(data):
@@ -315,9 +326,24 @@ def _png_crc_error(data: bytes) -> str | None:
         if zlib.crc32(view[pos + 4:end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
             return f"bad CRC in PNG chunk {kind.decode('latin-1')!r} at byte {pos}"
         if kind == b"IEND":
-            break
+            return None
         pos = end
-    return None
+    return f"PNG has more than {_PNG_MAX_CHUNKS} chunks"
+
+
+def _gif_frames(im: ImageFile.ImageFile, cap: int) -> int:
+    """A GIF's frame count, walking at most one frame past `cap`: Pillow's n_frames walks them all
+    in Python, ~5 us each, and a 25 MB GIF of 1x1 frames holds ~2 million (seconds of API CPU).
+    The walk is n_frames' own (Pillow's GIF plugin, pinned in requirements.txt)."""
+    current = im.tell()
+    try:
+        while im.tell() < cap:
+            im._seek(im.tell() + 1, False)  # type: ignore[attr-defined]
+    except EOFError:
+        pass
+    count = im.tell() + 1
+    im.seek(current)
+    return count
 
 
 def _open(data: bytes, limits: Limits) -> tuple[ImageFile.ImageFile, ImageFacts]:
@@ -325,6 +351,8 @@ def _open(data: bytes, limits: Limits) -> tuple[ImageFile.ImageFile, ImageFacts]
         raise CorruptImage("empty body")
     if len(data) > limits.max_input_bytes:
         raise InputTooLarge(f"input is {len(data)} bytes; the limit is {limits.max_input_bytes}")
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and (png_error := _png_error(data)):
+        raise CorruptImage(png_error)
     with _decoding():
         try:
             im = Image.open(io.BytesIO(data), formats=_DECODERS)
@@ -338,18 +366,24 @@ def _open(data: bytes, limits: Limits) -> tuple[ImageFile.ImageFile, ImageFacts]
             raise CorruptImage(f"image declares a size of {width}x{height}")
         if width * height > limits.max_pixels:
             raise ImageTooLarge(f"image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
+        if fmt == "bmp" and im.info.get("compression") in (1, 2) and width * height > _BMP_RLE_MAX_PIXELS:
+            raise ImageTooLarge(f"run-length BMP is {width}x{height} pixels; the limit for that kind is "
+                                f"{_BMP_RLE_MAX_PIXELS} pixels")
         # TIFF pages are not an animation and only the first is ever decoded, so they are not
         # counted (counting walks every IFD in Python).
-        frames = 1 if fmt == "tiff" else max(1, int(getattr(im, "n_frames", 1)))
+        if fmt == "tiff":
+            frames = 1
+        elif fmt == "gif":
+            frames = _gif_frames(im, limits.max_frames)
+        else:
+            frames = max(1, int(getattr(im, "n_frames", 1)))
         if frames > limits.max_frames:
-            raise ImageTooLarge(f"image has {frames} frames; the limit is {limits.max_frames}")
+            raise ImageTooLarge(f"image has more than {limits.max_frames} frames; the limit is {limits.max_frames}")
         if frames > 1 and frames * width * height > limits.max_animation_pixels:
             raise ImageTooLarge(
                 f"animation is {frames} frames of {width}x{height}; the limit is "
                 f"{limits.max_animation_pixels} pixels in all"
             )
-        if fmt == "png" and (crc_error := _png_crc_error(data)):
-            raise CorruptImage(crc_error)
         if fmt == "gif" and not data.rstrip(b"\x00").endswith(b";"):
             # Pillow reads a cut GIF up to the cut and counts the frames it found, so without its
             # trailer byte a truncated file would pass for a shorter one.
@@ -383,8 +417,12 @@ def _working_mode(im: Image.Image) -> Image.Image:
         return im.convert("RGBA" if mode == "PA" or "transparency" in im.info else "RGB")
     if mode in ("RGBa", "La"):
         return im.convert(mode.upper())
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        # 16-bit samples become 8-bit by v/256; a plain convert("L") would clip them to white.
+    if mode.startswith("I;16"):
+        # 16-bit samples become 8-bit by v/256, always: a plain convert("L") clips them to white, and
+        # guessing from the brightest sample would make a dark 16-bit image (all <= 255) white.
+        return im.convert("I").point(lambda v: v / 256).convert("L")
+    if mode in ("I", "F"):
+        # 32-bit samples (TIFF) carry no depth: 0..255 is taken as 8-bit, anything above as 16-bit.
         im = im.convert("F" if mode == "F" else "I")
         high = im.getextrema()[1]
         if isinstance(high, (int, float)) and high > 255:
@@ -622,11 +660,18 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
         position: tuple[float, float] | None = None
         icc: Any = None
         loop: Any = None
+        decoded = 0
         for index in range(count):
             if index:
                 im.seek(index)
                 if im.size[0] * im.size[1] > limits.max_pixels:
                     raise ImageTooLarge(f"frame {index} is {im.size[0]}x{im.size[1]} pixels")
+            # A GIF frame placed past the logical screen grows the canvas Pillow decodes into: the
+            # header's frames x width x height checked in _open does not bound what is decoded.
+            decoded += im.size[0] * im.size[1]
+            if count > 1 and decoded > limits.max_animation_pixels:
+                raise ImageTooLarge(f"the animation's frames decode to more than {limits.max_animation_pixels} "
+                                    f"pixels in all (frame {index} is {im.size[0]}x{im.size[1]})")
             im.load()
             if index == 0:
                 icc, loop = im.info.get("icc_profile"), im.info.get("loop")

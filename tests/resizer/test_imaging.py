@@ -306,8 +306,8 @@ def frames_of(data: bytes) -> list[Image.Image]:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["gif", "webp"])
-def test_animation_is_kept_for_gif_and_webp(fmt):
+@pytest.mark.parametrize("fmt", ["gif", "webp", "png"])
+def test_animation_is_kept_for_gif_webp_and_apng(fmt):
     source = corpus("chelsea-animated.gif")
     src = Image.open(io.BytesIO(source))
     durations = []
@@ -331,7 +331,7 @@ def test_animation_is_kept_for_gif_and_webp(fmt):
         assert ImageStat.Stat(ImageChops.difference(mine, expected)).mean[0] < 12
 
 
-@pytest.mark.parametrize("fmt", ["jpeg", "png", "avif"])
+@pytest.mark.parametrize("fmt", ["jpeg", "avif"])
 def test_animation_becomes_its_first_frame_otherwise(fmt):
     source = corpus("chelsea-animated.gif")
     result = resize(source, Params(width=112, format=fmt))
@@ -341,7 +341,7 @@ def test_animation_becomes_its_first_frame_otherwise(fmt):
     assert ImageStat.Stat(ImageChops.difference(out.convert("RGB"), first)).mean[0] < 10
 
 
-@pytest.mark.parametrize("fmt", ["gif", "webp"])
+@pytest.mark.parametrize("fmt", ["gif", "webp", "png"])
 def test_transparent_animation_keeps_transparency(fmt):
     frames = []
     for x in (0, 20):
@@ -428,6 +428,14 @@ def test_cmyk_jpeg_comes_out_in_the_right_colours():
     assert close(mean(out), mean(expected), 4)
     # An inverted-CMYK mistake would turn the brown coffee blue-ish: make sure that can fail.
     assert not close(mean(ImageChops.invert(out)), mean(expected), 4)
+
+
+def test_a_dark_16_bit_png_stays_dark():
+    """All samples <= 255 of 65535: near black. Guessing the depth from the brightest sample made it
+    white (255 -> 255, while 256 -> 1)."""
+    dark = Image.new("I;16", (20, 20), 255)
+    out = decode(resize(encode(dark, "PNG"), Params(width=10, format="png")).data)
+    assert mean(out, "L")[0] < 2
 
 
 def test_16_bit_png_is_scaled_not_clipped():
@@ -570,6 +578,62 @@ def test_gif_with_too_many_frames():
     with pytest.raises(ImageTooLarge):
         probe(data)
     assert probe(gif_with_frames(300)).frames == 300
+
+
+def test_a_gifs_frames_are_counted_only_up_to_the_limit():
+    """Pillow's n_frames walks every frame in Python (a 25 MB GIF of 1x1 frames holds ~2 million):
+    the count stops one past the limit, which the refusal says."""
+    with pytest.raises(ImageTooLarge, match="more than 10 frames"):
+        probe(gif_with_frames(5000), Limits(max_frames=10))
+
+
+def gif_growing_canvas(offset: int) -> bytes:
+    """Three 10x10 frames on a 10x10 screen, the last two placed at (offset, offset): Pillow grows
+    the canvas it decodes into to (offset + 10) squared, which the header does not say."""
+    frames = [Image.new("P", (10, 10), i) for i in range(3)]
+    for frame in frames:
+        frame.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    data = bytearray(encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, optimize=False))
+    descriptor = b"\x2c" + struct.pack("<HHHH", 0, 0, 10, 10)
+    places = [i for i in range(len(data)) if data[i:i + 9] == descriptor]
+    assert len(places) == 3
+    for at in places[1:]:
+        data[at + 1:at + 5] = struct.pack("<HH", offset, offset)
+    return bytes(data)
+
+
+def test_gif_frames_growing_the_canvas_count_against_the_animation_limit():
+    data = gif_growing_canvas(500)
+    assert probe(data, Limits(max_animation_pixels=1000)).frames == 3  # the header: 3 x 10 x 10
+    with pytest.raises(ImageTooLarge, match="510x510"):
+        resize(data, Params(width=8, format="gif"), Limits(max_animation_pixels=1000))
+    assert resize(data, Params(width=8, format="gif")).output.frames == 3  # within the default limit
+
+
+def rle8_bmp(width: int, height: int) -> bytes:
+    """A run-length (RLE8) BMP: each row one pixel of colour 0, then end-of-line: tiny for any size."""
+    pixels = (b"\x01\x00" + b"\x00\x00") * height + b"\x00\x01"
+    palette = b"\x00\x00\x00\x00" + b"\xff\xff\xff\x00"
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 2, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
+
+
+def test_run_length_bmp_has_a_smaller_pixel_limit():
+    """Pillow decodes RLE BMP in Python, ~0.13 s a megapixel whatever the file's size."""
+    assert resize(rle8_bmp(300, 200), Params(width=30, format="png")).output.width == 30
+    with pytest.raises(ImageTooLarge, match="(?i)run-length BMP"):
+        probe(rle8_bmp(2100, 2000))  # 4.2 MP, in a 16 KB file
+
+
+def test_a_png_of_countless_chunks_is_refused_before_pillow_walks_them():
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    def chunk(kind: bytes, body: bytes = b"") -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"zzZz") * 100_001
+            + chunk(b"IDAT", zlib.compress(b"\x00\x00")) + chunk(b"IEND"))
+    with pytest.raises(CorruptImage, match="chunks"):
+        probe(data)
 
 
 def ico_bytes() -> bytes:
