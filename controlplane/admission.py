@@ -81,8 +81,10 @@ class _WaitLimit:
     At the end of each `interval`, the shortest queue wait this process's finished jobs reported in
     it decides: above `target` (not one job started in time: the queue is standing, not a burst)
     the limit drops by a quarter, so fewer admitted requests shorten the queue; under it, the limit
-    grows by one, up to `ceiling`. Intervals without a report change nothing; two in a row reset
-    the limit to `ceiling` (nothing finished here to judge by)."""
+    grows by one, up to `ceiling`. Intervals without a report change nothing; two in a row with
+    nothing in flight reset the limit to `ceiling` (idle: nothing to judge by). Silence while
+    requests are in flight is no news: with waits of seconds, reports come less than once an
+    interval, and resetting then would let a burst in just when the queue stands (it did)."""
 
     def __init__(self, target: float, interval: float, ceiling: int, clock: Callable[[], float]) -> None:
         self.target, self.interval, self.ceiling, self._clock = target, interval, ceiling, clock
@@ -94,21 +96,22 @@ class _WaitLimit:
 
     def observe(self, wait: float) -> None:
         with self._lock:
-            self._last_seen = self._roll()
+            self._last_seen = self._roll(idle=False)
             self._shortest = wait if self._shortest is None else min(self._shortest, wait)
 
-    def limit(self) -> int:
+    def limit(self, idle: bool) -> int:
+        """`idle`: nothing is in flight in this process now."""
         with self._lock:
-            self._roll()
+            self._roll(idle)
             return max(1, int(self._limit))
 
-    def _roll(self) -> float:
+    def _roll(self, idle: bool) -> float:
         now = self._clock()
         if now - self._start >= self.interval:
             if self._shortest is not None:
                 self._limit = max(1.0, self._limit * 0.75) if self._shortest > self.target \
                     else min(float(self.ceiling), self._limit + 1)
-            elif now - self._last_seen >= 2 * self.interval:
+            elif idle and now - self._last_seen >= 2 * self.interval:
                 self._limit = float(self.ceiling)
             self._shortest, self._start = None, now
         return now
@@ -140,7 +143,7 @@ class Admission:
 
     def limit(self) -> int:
         """The resizes this process admits at once now: the wait-driven limit, or the static bound."""
-        return self._waits.limit() if self._waits is not None else self.max_in_flight
+        return self._waits.limit(idle=self.in_flight == 0) if self._waits is not None else self.max_in_flight
 
     def enter(self, customer_id: str) -> None:
         """Take a slot for the customer, or raise Refused."""

@@ -130,6 +130,23 @@ def test_with_no_finished_jobs_to_judge_by_the_limit_returns_to_the_static_bound
     assert _admitted(a) == 8
 
 
+def test_silence_while_requests_wait_keeps_the_limit_down():
+    """Waits of seconds mean reports come less than once an interval: that silence is the standing
+    queue itself, not idleness. The limit stays down while requests are in flight (it reset to the
+    static bound, letting a burst in just when the queue stood), and resets once nothing is."""
+    a, clock = _waits(max_in_flight=8)
+    for _ in range(3):
+        _interval(a, clock, [3.0])
+    low = _admitted(a)
+    assert low < 8
+    a.enter("waiting")  # a request still waiting on its job
+    clock.now += 2.5  # five intervals without a report
+    assert a.limit() == low
+    a.leave("waiting")
+    clock.now += 1.5
+    assert _admitted(a) == 8
+
+
 def test_a_zero_target_turns_the_wait_check_off():
     a, clock = _waits(target=0.0, max_in_flight=8)
     for _ in range(5):
