@@ -9,7 +9,8 @@ A and B are commits (or `.`: this checkout as it is, uncommitted changes include
 from a worktree next to this checkout (bench_peers.py finds the corpus at ../shared/corpus), sharing
 this checkout's .venv; runs alternate A, B, A, B, ...; the worktrees are removed after. The summary
 is, per load step, each side's mean over its runs of throughput, CPU per request (API, worker,
-broker), the API request thread's CPU in staging and enqueue, and the share of enqueues under 10 ms.
+broker), the API request thread's CPU in staging and enqueue, the share of enqueues under 10 ms, and
+the p99 latency of the answered requests.
 Open-loop steps are matched by kind (their rate is 80% of each run's own peak).
 """
 from __future__ import annotations
@@ -64,6 +65,7 @@ METRICS = {
     "staging ms": lambda s: s.get("stages", {}).get("staging_cpu_ms"),
     "enqueue ms": lambda s: s.get("stages", {}).get("enqueue_cpu_ms"),
     "enqueue <= 10 ms": lambda s: s.get("stages", {}).get("enqueue_share_le_10ms"),
+    "p99 ms": lambda s: s.get("p99_ms"),
 }
 
 
