@@ -7,7 +7,8 @@ within minutes, a change worth a few percent shows only as the mean of alternati
 A and B are commits (or `.`: this checkout as it is, uncommitted changes included); `--a-args` and
 `--b-args` add bench_peers.py arguments to one side only. Each commit runs
 from a worktree next to this checkout (bench_peers.py finds the corpus at ../shared/corpus), sharing
-this checkout's .venv; runs alternate A, B, A, B, ...; the worktrees are removed after. The summary
+this checkout's .venv; runs alternate A, B, A, B, ...; the worktrees are removed after, every run's
+results kept in this checkout's bench/results/ab-<time>.json. The summary
 is, per load step, each side's mean over its runs of throughput, CPU per request (API, worker,
 broker), the API request thread's CPU in staging and enqueue, the share of enqueues under 10 ms, and
 the p99 latency of the answered requests.
@@ -20,6 +21,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -116,7 +118,11 @@ def main() -> None:
         for tree, made in trees.values():
             if made:
                 git("worktree", "remove", "--force", str(tree))
-    print(f"\nA = {args.a} {args.a_args}, B = {args.b} {args.b_args}; means over {args.pairs} interleaved runs each\n")
+    saved = ROOT / "bench" / "results" / f"ab-{time.strftime('%Y-%m-%dT%H%M%S')}.json"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"a": [args.a, args.a_args], "b": [args.b, args.b_args], "runs": runs}))
+    print(f"\nA = {args.a} {args.a_args}, B = {args.b} {args.b_args}; means over {args.pairs} interleaved runs each "
+          f"(every run: {saved})\n")
     print(summary(runs))
 
 
