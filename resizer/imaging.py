@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from PIL import AvifImagePlugin, Image, ImageCms, ImageFile, UnidentifiedImageError
+from PIL import AvifImagePlugin, Image, ImageChops, ImageCms, ImageFile, UnidentifiedImageError
 
 # A truncated upload must fail as CorruptImage instead of being silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -420,7 +420,18 @@ def _working_mode(im: Image.Image) -> Image.Image:
     if mode.startswith("I;16"):
         # 16-bit samples become 8-bit by v/256, always: a plain convert("L") clips them to white, and
         # guessing from the brightest sample would make a dark 16-bit image (all <= 255) white.
-        return im.convert("I").point(lambda v: v / 256).convert("L")
+        grey = im.convert("I")
+        out = grey.point(lambda v: v / 256).convert("L")
+        out.info.pop("transparency", None)  # a 16-bit tRNS value means nothing to an 8-bit image
+        clear = im.info.get("transparency")
+        if isinstance(clear, int):
+            # tRNS names one 16-bit grey as transparent: alpha 0 exactly where v == clear. point() on
+            # 32-bit images takes linear maps only, so |v - clear| is built from two clipped halves.
+            above = grey.point(lambda v: v - clear).convert("L")
+            below = grey.point(lambda v: -v + clear).convert("L")
+            alpha = ImageChops.lighter(above, below).point(lambda d: 255 if d else 0)
+            out = Image.merge("LA", (out, alpha))
+        return out
     if mode in ("I", "F"):
         # 32-bit samples (TIFF) carry no depth: 0..255 is taken as 8-bit, anything above as 16-bit.
         im = im.convert("F" if mode == "F" else "I")

@@ -438,6 +438,18 @@ def test_a_dark_16_bit_png_stays_dark():
     assert mean(out, "L")[0] < 2
 
 
+def test_a_16_bit_grey_png_keeps_its_transparent_grey():
+    """tRNS in a 16-bit grey PNG names one 16-bit value: that grey becomes transparent, nothing else,
+    and no 16-bit tRNS value is carried into the 8-bit output."""
+    im = Image.new("I;16", (4, 1))
+    im.putdata([0, 5000, 4999, 65535])
+    result = resize(encode(im, "PNG", transparency=5000), Params(width=4, format="png"))
+    out = decode(result.data)
+    assert out.mode == "LA" and result.output.has_alpha and "transparency" not in out.info
+    assert [out.getpixel((x, 0))[1] for x in range(4)] == [255, 0, 255, 255]
+    assert [out.getpixel((x, 0))[0] for x in (0, 3)] == [0, 255]
+
+
 def test_16_bit_png_is_scaled_not_clipped():
     result = resize(corpus("retina-16bit.png"), Params(width=300, format="png"))
     assert result.input.mode == "I;16"
