@@ -633,6 +633,17 @@ def _encode(
 # --- the pipeline -------------------------------------------------------------------------------
 
 
+def _output_refusal(layout: _Layout, count: int, fmt: str, limits: Limits) -> str | None:
+    """Why this output cannot be made (too many pixels in all, or a side its encoder cannot write)."""
+    width, height = layout.canvas
+    if width * height * count > limits.max_output_pixels:
+        return (f"output would be {width}x{height}" + (f" x {count} frames" if count > 1 else "")
+                + f"; the limit is {limits.max_output_pixels} pixels")
+    if max(width, height) > _ENCODER_MAX_SIDE[fmt]:
+        return f"{fmt} images can be at most {_ENCODER_MAX_SIDE[fmt]} pixels on a side"
+    return None
+
+
 def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
     """Decode, orient, fit, convert to sRGB, strip metadata and encode one image."""
     started = time.thread_time()
@@ -642,20 +653,20 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
     animate = facts.frames > 1 and fmt in _ANIMATED_OUTPUTS and facts.format in _ANIMATED_INPUTS
     background = _parse_background(params.background) if params.background else None
     with _decoding():
+        count = facts.frames if animate else 1
         if facts.format == "png":
-            im.load()  # a PNG's eXIf chunk may follow the pixels, and Pillow reads it only by decoding
+            # A PNG's eXIf chunk may follow the pixels, and Pillow reads it only by decoding: refuse
+            # an output too large either way up before paying for that decode.
+            refusals = [_output_refusal(_layout(w, h, params), count, fmt, limits)
+                        for w, h in ((facts.width, facts.height), (facts.height, facts.width))]
+            if all(refusals):
+                raise OutputTooLarge(refusals[0])
+            im.load()
         orientation = _orientation(im)
         upright = (facts.height, facts.width) if orientation >= 5 else (facts.width, facts.height)
         layout = _layout(*upright, params)
-        count = facts.frames if animate else 1
-        if layout.canvas[0] * layout.canvas[1] * count > limits.max_output_pixels:
-            raise OutputTooLarge(
-                f"output would be {layout.canvas[0]}x{layout.canvas[1]}"
-                + (f" x {count} frames" if count > 1 else "")
-                + f"; the limit is {limits.max_output_pixels} pixels"
-            )
-        if max(layout.canvas) > _ENCODER_MAX_SIDE[fmt]:
-            raise OutputTooLarge(f"{fmt} images can be at most {_ENCODER_MAX_SIDE[fmt]} pixels on a side")
+        if refusal := _output_refusal(layout, count, fmt, limits):
+            raise OutputTooLarge(refusal)
 
         draft = 1
         if facts.format == "jpeg":

@@ -776,3 +776,20 @@ def test_fuzzed_inputs_raise_only_image_errors(data, fmt):
         assert e.status in (413, 415, 422) and e.message
     else:
         assert decode(result.data).size == (32, 32)
+
+
+def test_a_png_output_too_large_is_refused_before_decoding(monkeypatch):
+    """A PNG is decoded before its orientation is known (its eXIf chunk may follow the pixels): an
+    output too large whichever way up is refused first, without that decode."""
+    from PIL import PngImagePlugin
+
+    big = encode(Image.new("RGB", (3000, 2000)), "PNG")
+    decoded = []
+    original = PngImagePlugin.PngImageFile.load_end
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load_end",
+                        lambda self: (decoded.append(1), original(self))[1])
+    with pytest.raises(OutputTooLarge):
+        resize(big, Params(width=8000, height=8000, fit="fill", format="png"), Limits(max_output_pixels=10_000_000))
+    assert decoded == []
+    assert resize(big, Params(width=300, format="png")).output.width == 300
+    assert decoded == [1]
