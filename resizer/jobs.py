@@ -17,6 +17,7 @@ from resizer.staging import StagingNotFound, StagingStore
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)
+UNFINISHED_RETENTION_FACTOR = 7  # see staging_sweep
 
 
 def _now() -> datetime:
@@ -139,7 +140,11 @@ def job_create(
     if store.put_new(slot, record):
         return job, True
     store.delete(_prefix(job.id))  # lost the race (or a retry): the earlier job stands
-    earlier = json.loads(store.get(slot))
+    try:
+        earlier = json.loads(store.get(slot))
+    except StagingNotFound:  # freed meanwhile (its job never reached the queue, or swept): try again
+        return job_create(store, customer_id=customer_id, key_id=key_id, request_id=request_id,
+                          params=params, input_facts=input_facts, data=data, idempotency_key=idempotency_key)
     if earlier["fingerprint"] != fingerprint:
         raise IdempotencyConflict(idempotency_key)
     existing = job_load(store, earlier["job_id"])
@@ -218,11 +223,14 @@ def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[st
     removed = {"results": 0, "jobs": 0, "idempotency": 0}
     now = _now()
     for prefix, age in store.scan("jobs", depth=2):
-        if age > job_retention_seconds:
+        job = job_load(store, prefix.rsplit("/", 1)[-1])
+        # A job still waiting for a worker (workers away for a day, a dead-letter replay) keeps its
+        # input and document up to UNFINISHED_RETENTION_FACTOR times longer: its message may still come.
+        unfinished = job is not None and not job.finished
+        if age > job_retention_seconds * (UNFINISHED_RETENTION_FACTOR if unfinished else 1):
             store.delete(prefix)
             removed["jobs"] += 1
             continue
-        job = job_load(store, prefix.rsplit("/", 1)[-1])
         if job is not None and job.status == SUCCEEDED and job.result_expired(now):
             removed["results"] += store.delete(output_key(job.id))
     for key, age in store.scan("idempotency", depth=2):

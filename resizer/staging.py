@@ -128,10 +128,12 @@ class DirectoryStore:
     def check(self) -> None:
         """Raise StagingError unless the store can be written and read back now."""
         key = f"health/{os.getpid()}-{threading.get_ident()}"  # concurrent checks must not delete each other's
-        self.put(key, b"ok")
-        if self.get(key) != b"ok":
-            raise StagingError("staging read-back mismatch")
-        self.delete(key)
+        try:
+            self.put(key, b"ok")
+            if self.get(key) != b"ok":
+                raise StagingError("staging read-back mismatch")
+        finally:
+            self.delete(key)  # also after a failed check: probe files must not pile up
 
 
 def store_from_url(url: str) -> DirectoryStore:

@@ -76,3 +76,19 @@ def test_records_stay_when_the_file_does_not_read_back(settings, archive_dir, mo
         services.usage_archive()
     assert UsageRecord.objects.filter(customer_id=customer).count() == 3
     assert not ArchiveFile.objects.filter(customer_id=customer).exists()
+
+
+def test_reading_the_archive_with_bad_input_is_a_clear_command_error(settings, archive_dir):
+    from django.core.management.base import CommandError
+
+    customer = uuid.uuid4()
+    day = old_day(settings, 1)
+    insert(usage(customer, at=day))
+    services.usage_archive()
+    with pytest.raises(CommandError, match="UUID"):
+        call_command("usage_archive_read", customer="abc", day=day.date().isoformat(), stdout=io.StringIO())
+    for path in archive_dir.rglob("*"):
+        if path.is_file():
+            path.unlink()  # the file an ArchiveFile row points at is gone
+    with pytest.raises(CommandError):
+        read_back(customer, day)

@@ -137,3 +137,11 @@ def test_a_plan_assignment_counts_from_its_date(customer, tiny_plan, standard_pl
     assert price_plan_for(customer_id=customer.id, on=START)[0] == tiny_plan
     assert price_plan_for(customer_id=customer.id, on=next_start)[0] == standard_plan
     assert price_plan_for(customer_id=customer.id, on=date(2000, 1, 1))[0] == standard_plan
+
+
+def test_a_report_for_an_unknown_customer_is_an_error_not_an_empty_report(customer):
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="no customer"):
+        call_command("billing_report", period=f"{START:%Y-%m}", customer="nobody-by-this-name", stdout=io.StringIO())
+    assert len(_report(customer)) == 1  # a real customer without a bill this month: the header alone

@@ -81,3 +81,40 @@ def test_sweep_drops_expired_results_then_old_jobs(store):
     os.utime(store.root / output_key(job.id).rsplit("/", 1)[0], (old, old))
     assert staging_sweep(store, job_retention_seconds=3600)["jobs"] == 1
     assert job_load(store, job.id) is None
+
+
+def test_the_sweep_keeps_a_job_still_waiting_for_its_worker_longer(store):
+    """Workers away for a day, or a dead-letter replay: a queued job's message may still come, so its
+    input and document outlive the finished jobs' retention (7x), then go too."""
+    waiting, _ = _create(store)
+    done, _ = _create(store)
+    job_succeed(store, done, data=b"out", output={}, cpu_seconds=0.0, result_ttl_seconds=600)
+    for job, age in ((waiting, 7200), (done, 7200)):
+        old = time.time() - age
+        os.utime(store.root / output_key(job.id).rsplit("/", 1)[0], (old, old))
+    assert staging_sweep(store, job_retention_seconds=3600)["jobs"] == 1
+    assert job_load(store, done.id) is None and job_load(store, waiting.id) is not None
+    old = time.time() - 8 * 3600
+    os.utime(store.root / output_key(waiting.id).rsplit("/", 1)[0], (old, old))
+    assert staging_sweep(store, job_retention_seconds=3600)["jobs"] == 1
+    assert job_load(store, waiting.id) is None
+
+
+class _KeyFreedMeanwhile(DirectoryStore):
+    """The interleaving of two retries on one Idempotency-Key: between this request losing put_new
+    and reading the slot, the other request frees the key (its publish failed)."""
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        won = super().put_new(key, data)
+        if not won and key.startswith("idempotency/") and not getattr(self, "freed", False):
+            self.freed = True
+            self.delete(key)
+        return won
+
+
+def test_an_idempotency_key_freed_between_the_race_and_the_read_makes_a_fresh_job(tmp_path):
+    store = _KeyFreedMeanwhile(tmp_path / "staging")
+    first, _ = _create(store, key="K")
+    second, created = _create(store, key="K")  # raised StagingNotFound (a 500) before
+    assert created and second.id != first.id and store.freed
+    assert job_load(store, second.id) is not None

@@ -24,6 +24,12 @@ class Command(BaseCommand):
             raise CommandError("--period must be YYYY-MM") from None
         periods = BillingPeriod.objects.filter(start=start).select_related("customer").order_by("customer__name")
         if customer:
+            from identity.models import Customer
+
+            known = (_is_uuid(customer) and Customer.objects.filter(pk=customer).exists()) or \
+                Customer.objects.filter(name=customer).exists()
+            if not known:  # not "no bill this month": an empty report would read as that
+                raise CommandError(f"There is no customer {customer!r} (an id or an exact name).")
             by_id = periods.filter(customer__id=customer) if _is_uuid(customer) else periods.none()
             periods = by_id if by_id.exists() else periods.filter(customer__name=customer)
         writer = csv.writer(self.stdout)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import date
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -18,7 +19,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: object, customer: str, day: str, **options: object) -> None:
         try:
+            uuid.UUID(customer)
+        except ValueError:
+            raise CommandError(f"--customer must be a customer id (a UUID), not {customer!r}") from None
+        try:
             for record in selectors.archived_records(customer_id=customer, day=date.fromisoformat(day)):
                 self.stdout.write(json.dumps(record, separators=(",", ":")))
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # OSError: the archive file is missing or not gzip
             raise CommandError(str(e)) from e
