@@ -99,9 +99,8 @@ def customer_delete(*, customer: Customer, actor: str) -> None:
     # and which keys it had, so the trail still answers for it.
     keys = [{"key_id": str(k.id), "prefix": k.prefix, "revoked": k.revoked_at is not None}
             for k in ApiKey.objects.filter(customer_id=customer.pk).order_by("created_at")]
-    _record(actor=actor, action="customer.delete", customer=None,
+    _record(actor=actor, action="customer.delete", customer=customer,
             details={"customer_id": str(customer.pk), "name": customer.name, "keys": keys})
-    Change.objects.create(customer_id=customer.pk)
     customer.delete()
 
 

@@ -157,7 +157,7 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
         # Every earlier delivery died mid-task (a worker killed by the image or by its limits).
         job_mark_failed(job, status=422, code="processing_failed",
                         detail=f"The image stopped the worker {job.attempts} times and was given up on.")
-        return _job_finish(store, job, producer=producer, reply_to=reply_to)
+        return _job_conclude(store, job, producer=producer, reply_to=reply_to)
     job_start(store, job)
     try:
         data = job_input(store, job)
@@ -188,10 +188,10 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
             cpu_seconds=result.cpu_seconds,
             result_ttl_seconds=settings.RESULT_TTL_SECONDS,
         )
-    return _job_finish(store, job, producer=producer, reply_to=reply_to)
+    return _job_conclude(store, job, producer=producer, reply_to=reply_to)
 
 
-def _job_finish(store: StagingStore, job: Job, *, producer: Any, reply_to: str | None) -> Job:
+def _job_conclude(store: StagingStore, job: Job, *, producer: Any, reply_to: str | None) -> Job:
     """Record, then reveal, then announce a job finished in memory. The usage record is made durable
     before the document says finished: a waiting request answers as soon as it reads that (it
     re-reads the document each second), so no image is ever served without its record. A spool that

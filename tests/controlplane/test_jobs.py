@@ -19,6 +19,14 @@ def staged_job(customer_id: str):
     return job
 
 
+def succeeded_job(customer_id: str):
+    """A staged job that succeeded with a 3-byte JPEG result (b"img"), kept for 10 minutes."""
+    job = staged_job(customer_id)
+    return job_succeed(staging_store(), job, data=b"img", cpu_seconds=0.01, result_ttl_seconds=600,
+                       output={"format": "jpeg", "width": 1, "height": 1, "bytes": 3, "frames": 1,
+                               "content_type": "image/jpeg"})
+
+
 def test_queued_job_result_is_409(api, customer_key):
     job = staged_job(str(customer_key[0].id))
     body = api.get(f"/v1/jobs/{job.id}").json()
@@ -40,10 +48,7 @@ def test_another_customers_job_is_404_not_403(api):
 
 def test_expired_result_is_410(api, customer_key):
     store = staging_store()
-    job = staged_job(str(customer_key[0].id))
-    job_succeed(store, job, data=b"img", output={"format": "jpeg", "width": 1, "height": 1, "bytes": 3,
-                                                 "frames": 1, "content_type": "image/jpeg"},
-                cpu_seconds=0.01, result_ttl_seconds=600)
+    job = succeeded_job(str(customer_key[0].id))
     assert api.get(f"/v1/jobs/{job.id}/result").status_code == 200
     job.result_expires_at = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
     job_save(store, job)
@@ -62,11 +67,7 @@ def test_failed_job_result_is_409_with_the_error(api, customer_key):
 
 
 def test_result_answers_whatever_the_accept_header(api, customer_key):
-    store = staging_store()
-    job = staged_job(str(customer_key[0].id))
-    job_succeed(store, job, data=b"img", output={"format": "jpeg", "width": 1, "height": 1, "bytes": 3,
-                                                 "frames": 1, "content_type": "image/jpeg"},
-                cpu_seconds=0.01, result_ttl_seconds=600)
+    job = succeeded_job(str(customer_key[0].id))
     for accept in ("image/*", "image/jpeg", "image/webp"):
         response = api.get(f"/v1/jobs/{job.id}/result", HTTP_ACCEPT=accept)
         assert response.status_code == 200 and response.content == b"img", accept
@@ -75,10 +76,7 @@ def test_result_answers_whatever_the_accept_header(api, customer_key):
 
 def test_unreadable_result_is_503_not_500(api, customer_key):
     store = staging_store()
-    job = staged_job(str(customer_key[0].id))
-    job_succeed(store, job, data=b"img", output={"format": "jpeg", "width": 1, "height": 1, "bytes": 3,
-                                                 "frames": 1, "content_type": "image/jpeg"},
-                cpu_seconds=0.01, result_ttl_seconds=600)
+    job = succeeded_job(str(customer_key[0].id))
     output = store.root / output_key(job.id)
     output.unlink()
     output.mkdir()  # reading it fails with an I/O error, not "not found"

@@ -26,12 +26,12 @@ class Command(BaseCommand):
         if customer:
             from identity.models import Customer
 
-            known = (_is_uuid(customer) and Customer.objects.filter(pk=customer).exists()) or \
-                Customer.objects.filter(name=customer).exists()
-            if not known:  # not "no bill this month": an empty report would read as that
+            match = Customer.objects.filter(pk=customer) if _is_uuid(customer) else Customer.objects.none()
+            if not match.exists():
+                match = Customer.objects.filter(name=customer)
+            if not match.exists():  # not "no bill this month": an empty report would read as that
                 raise CommandError(f"There is no customer {customer!r} (an id or an exact name).")
-            by_id = periods.filter(customer__id=customer) if _is_uuid(customer) else periods.none()
-            periods = by_id if by_id.exists() else periods.filter(customer__name=customer)
+            periods = periods.filter(customer__in=match)
         writer = csv.writer(self.stdout)
         writer.writerow(selectors.REPORT_HEADER)
         for p in periods:
