@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -91,7 +91,9 @@ def _idempotency_key(customer_id: str, key: str) -> str:
 
 
 def job_save(store: StagingStore, job: Job) -> None:
-    store.put(_doc_key(job.id), json.dumps(asdict(job), separators=(",", ":")).encode())
+    # vars(), not dataclasses.asdict(): the document is JSON already (strings, numbers, flat dicts), and
+    # asdict's recursive deep copy cost 50 us of CPU a save (three saves a job).
+    store.put(_doc_key(job.id), json.dumps(vars(job), separators=(",", ":")).encode())
 
 
 def job_load(store: StagingStore, job_id: str) -> Job | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict
 from collections.abc import Callable
 from typing import Any
 
@@ -65,7 +64,7 @@ def job_submit(
     """Stage the upload and publish the job (confirmed by the broker). Returns (job, created).
     `before_publish(job_id)` runs just before the publish, so a waiter cannot miss the completion."""
     store = staging_store()
-    job_params = {k: v for k, v in asdict(params).items() if k != "accept"}
+    job_params = {k: v for k, v in vars(params).items() if k != "accept"}  # flat: no asdict() deep copy
     job, created = job_create(
         store,
         customer_id=customer_id,
@@ -113,11 +112,15 @@ def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
         argsrepr=f"['{job_id}']", kwargsrepr="{}", time_limit=None, soft_time_limit=None)
     logs.task_headers_add(headers)  # the worker logs the job under the request's id
     with app.producer_or_acquire() as producer:
+        # The queue is declared on a connection's first publish: a message to an exchange with no
+        # queue bound would be confirmed and dropped. kombu remembers the declaration per connection
+        # (and forgets it on reconnect), but asked to declare it copies and binds the queue on every
+        # publish first (~0.1 ms); the same cache, read here, skips that.
+        declared = hash(celeryconfig.resize_queue) in (producer.connection.declared_entities or ())
         producer.publish(
             body, exchange=celeryconfig.resize_exchange, routing_key=RESIZE_ROUTING_KEY,
-            # Declared on a connection's first publish (kombu remembers): a message to an exchange
-            # with no queue bound would be confirmed and dropped.
-            declare=[celeryconfig.resize_queue], serializer="json", headers=headers, delivery_mode=2,
+            declare=[] if declared else [celeryconfig.resize_queue], serializer="json", headers=headers,
+            delivery_mode=2,
             retry=app.conf.task_publish_retry, retry_policy=app.conf.task_publish_retry_policy,
             timeout=timeout, confirm_timeout=timeout, **properties)
 
