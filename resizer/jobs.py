@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from resizer.staging import StagingNotFound, StagingStore
+from resizer.staging import StagingError, StagingNotFound, StagingStore
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)
 UNFINISHED_RETENTION_FACTOR = 7  # see staging_sweep
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> datetime:
@@ -221,22 +224,30 @@ def job_result(store: StagingStore, job: Job) -> bytes:
 
 
 def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[str, int]:
-    """Delete expired results, and whole jobs (and idempotency records) past their retention."""
-    removed = {"results": 0, "jobs": 0, "idempotency": 0}
+    """Delete expired results, and whole jobs (and idempotency records) past their retention. An entry
+    that cannot be deleted is logged, counted under `failed` and tried again on the next sweep; it does
+    not stop the sweep of everything else."""
+    removed = {"results": 0, "jobs": 0, "idempotency": 0, "failed": 0}
     now = _now()
+
+    def delete(key: str, kind: str) -> None:
+        try:
+            removed[kind] += store.delete(key)
+        except StagingError as e:
+            log.warning("staging sweep could not delete %s: %s", key, e)
+            removed["failed"] += 1
+
     for prefix, age in store.scan("jobs", depth=2):
         job = job_load(store, prefix.rsplit("/", 1)[-1])
         # A job still waiting for a worker (workers away for a day, a dead-letter replay) keeps its
         # input and document up to UNFINISHED_RETENTION_FACTOR times longer: its message may still come.
         unfinished = job is not None and not job.finished
         if age > job_retention_seconds * (UNFINISHED_RETENTION_FACTOR if unfinished else 1):
-            store.delete(prefix)
-            removed["jobs"] += 1
+            delete(prefix, "jobs")
             continue
         if job is not None and job.status == SUCCEEDED and job.result_expired(now):
-            removed["results"] += store.delete(output_key(job.id))
+            delete(output_key(job.id), "results")
     for key, age in store.scan("idempotency", depth=2):
         if age > job_retention_seconds:
-            store.delete(key)
-            removed["idempotency"] += 1
+            delete(key, "idempotency")
     return removed

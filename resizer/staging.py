@@ -103,7 +103,15 @@ class DirectoryStore:
         path = self._path(key)
         try:
             if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
+                failures: list[BaseException] = []
+
+                def failed(function, failed_path, exc_info) -> None:  # type: ignore[no-untyped-def]
+                    if not isinstance(exc_info[1], FileNotFoundError):  # gone already: a concurrent delete
+                        failures.append(exc_info[1])
+
+                shutil.rmtree(path, onerror=failed)
+                if failures:  # part of it is still there: the caller must not count it gone
+                    raise failures[0]
                 return True
             path.unlink()
             return True
@@ -116,9 +124,9 @@ class DirectoryStore:
         now = time.time()
         base = self._path(prefix)
         pattern = "/".join(["*"] * depth)
+        # Temporary files are entries too: one left by a process killed between writing and renaming
+        # it is swept by age like the rest (a put holds its temporary file for milliseconds).
         for path in base.glob(pattern):
-            if path.name.startswith(".tmp-"):
-                continue
             try:
                 age = now - path.stat().st_mtime
             except FileNotFoundError:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import threading
 import time
 
@@ -9,7 +11,7 @@ import pytest
 
 from resizer.jobs import (IdempotencyConflict, job_create, job_load, job_result, job_succeed, output_key,
                           staging_sweep)
-from resizer.staging import DirectoryStore, StagingNotFound
+from resizer.staging import DirectoryStore, StagingError, StagingNotFound
 
 
 @pytest.fixture
@@ -118,3 +120,45 @@ def test_an_idempotency_key_freed_between_the_race_and_the_read_makes_a_fresh_jo
     second, created = _create(store, key="K")  # raised StagingNotFound (a 500) before
     assert created and second.id != first.id and store.freed
     assert job_load(store, second.id) is not None
+
+
+def test_the_sweep_removes_temporary_files_left_behind_by_a_killed_writer(store):
+    """A process killed between writing a put's temporary file and renaming it leaves `.tmp-*` behind;
+    under idempotency/ no job directory's removal ever takes it. The sweep removes such files by age
+    (never a fresh one: a put holds its temporary file for milliseconds)."""
+    _create(store, key="K")
+    slot_dir = next((store.root / "idempotency").iterdir())
+    stale, fresh = slot_dir / ".tmp-stale", slot_dir / ".tmp-fresh"
+    stale.write_bytes(b"half a record")
+    fresh.write_bytes(b"being written")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    assert staging_sweep(store, job_retention_seconds=3600)["idempotency"] == 1
+    assert not stale.exists() and fresh.exists()
+    assert len(list(slot_dir.iterdir())) == 2  # the fresh temporary file and the key's record
+
+
+def test_a_directory_delete_that_fails_part_way_is_an_error(store):
+    """rmtree with its errors ignored reported a job deleted while part of it was still there."""
+    if shutil.which("chattr") is None or os.geteuid() != 0:
+        pytest.skip("needs chattr and root to make a file undeletable")
+    job, _ = _create(store)
+    pinned = store.root / output_key(job.id)
+    pinned.write_bytes(b"out")
+    if subprocess.run(["chattr", "+i", str(pinned)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem has no immutable attribute")
+    try:
+        with pytest.raises(StagingError):
+            store.delete(output_key(job.id).rsplit("/", 1)[0])
+        assert pinned.exists()
+        # The sweep counts it failed (it tries again next time) and sweeps everything else.
+        other, _ = _create(store)
+        old = time.time() - 8 * 3600  # past even a queued job's retention
+        for j in (job, other):
+            os.utime(store.root / output_key(j.id).rsplit("/", 1)[0], (old, old))
+        swept = staging_sweep(store, job_retention_seconds=3600)
+        assert swept["failed"] == 1 and swept["jobs"] == 1 and job_load(store, other.id) is None
+    finally:
+        subprocess.run(["chattr", "-i", str(pinned)], check=True)
+    assert store.delete(output_key(job.id).rsplit("/", 1)[0]) is True
+    assert not pinned.parent.exists()
