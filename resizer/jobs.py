@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -58,6 +58,9 @@ class Job:
     result_expires_at: str | None = None
     attempts: int = 0
     cpu_seconds: float | None = None
+    # While the outcome is being recorded: `succeeded` or `failed`, with status still `running`
+    # (see job_decide). A redelivery adopts it instead of running the job again.
+    decided: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -196,6 +199,22 @@ def job_mark_failed(job: Job, *, status: int, code: str, detail: str) -> Job:
     job.error = {"status": status, "code": code, "detail": detail}
     job.finished_at = _iso(_now())
     return job
+
+
+def job_decide(store: StagingStore, job: Job) -> None:
+    """Save a job marked finished in memory as still running, with its outcome decided: readers keep
+    seeing it running, while a redelivery of its message (the worker died, or the store failed, after
+    its usage record was written) takes this outcome instead of running the job again, so the record
+    it writes again is the same record (a second run could end otherwise: a timeout, then a success)."""
+    job_save(store, replace(job, status=RUNNING, decided=job.status))
+
+
+def job_adopt_decided(job: Job) -> bool:
+    """Make a job saved by job_decide finished in memory, as decided; False when nothing was decided."""
+    if job.status != RUNNING or job.decided not in FINISHED:
+        return False
+    job.status, job.decided = job.decided, None
+    return True
 
 
 def job_finish(store: StagingStore, job: Job) -> Job:

@@ -17,7 +17,9 @@ from controlplane import logs
 from resizer import imaging
 from resizer.jobs import (
     Job,
+    job_adopt_decided,
     job_create,
+    job_decide,
     job_fail,
     job_finish,
     job_input,
@@ -156,6 +158,8 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
         usage_record_emit(job=job)  # durable before anyone hears the job finished
         job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
         return job
+    if job_adopt_decided(job):  # an earlier delivery decided it and may have recorded it: finish as decided
+        return _job_conclude(store, job, producer=producer, reply_to=reply_to)
     if job.attempts >= celeryconfig.JOB_MAX_ATTEMPTS:
         # Every earlier delivery died mid-task (a worker killed by the image or by its limits).
         job_mark_failed(job, status=422, code="processing_failed",
@@ -195,10 +199,14 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
 
 
 def _job_conclude(store: StagingStore, job: Job, *, producer: Any, reply_to: str | None) -> Job:
-    """Record, then reveal, then announce a job finished in memory. The usage record is made durable
-    before the document says finished: a waiting request answers as soon as it reads that (it
-    re-reads the document each second), so no image is ever served without its record. A spool that
-    cannot be written raises (a StagingError: the task requeues the job, which runs again)."""
+    """Decide, record, reveal, then announce a job finished in memory. The usage record is made
+    durable before the document says finished: a waiting request answers as soon as it reads that (it
+    re-reads the document each second), so no image is ever served without its record. The outcome is
+    saved first (job_decide): if the worker dies or the store fails between the record and the
+    document, the redelivery finishes the job as decided, and its record is the one already written
+    (the staging table keeps the first record of an id). A spool that cannot be written raises (a
+    StagingError: the task requeues the job, which then finishes as decided)."""
+    job_decide(store, job)
     usage_record_emit(job=job)
     job_finish(store, job)
     job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)

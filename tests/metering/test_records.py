@@ -30,6 +30,39 @@ def resize(api, data: bytes, query: str = "width=100", **headers):
     return api.post(f"/v1/resize?{query}", data=data, content_type="application/octet-stream", **headers)
 
 
+def test_a_job_redelivered_after_its_record_was_written_finishes_as_recorded(customer, monkeypatch):
+    """The first delivery timed out (a failed job), wrote its record, and then the store failed before
+    the document said so: the message is requeued. The redelivery must finish the job as the record
+    says, not run it again (a success then would serve an image whose only record says it failed:
+    the staging table keeps the first record of an id)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from resizer import imaging
+    from resizer import services as resizer_services
+    from resizer.staging import StagingError
+
+    def timed_out(*args, **kwargs):
+        raise SoftTimeLimitExceeded()
+
+    def store_failed(*args, **kwargs):
+        raise StagingError("staging write failed")
+
+    job = _job(str(customer.id))
+    with monkeypatch.context() as patch:
+        patch.setattr(imaging, "resize", timed_out)
+        patch.setattr(resizer_services, "job_finish", store_failed)
+        with app.producer_or_acquire() as producer, pytest.raises(StagingError):
+            job_run(job_id=job.id, reply_to=None, producer=producer)
+    assert job_load(staging_store(), job.id).status == "running"  # readers still wait
+    with app.producer_or_acquire() as producer:  # the redelivery, the store and the engine well again
+        job_run(job_id=job.id, reply_to=None, producer=producer)
+    finished = job_load(staging_store(), job.id)
+    services.usage_ship()
+    record = UsageRecord.objects.get(id=job.id)
+    assert finished.status == record.outcome == "failed" and finished.error["code"] == "processing_timeout"
+    assert finished.attempts == record.attempts == 1 and finished.decided is None
+
+
 @pytest.mark.usefixtures("worker")
 def test_n_resizes_make_n_records_and_one_charge_each(api, customer_key, standard_plan):
     customer = customer_key[0]
