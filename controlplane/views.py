@@ -23,7 +23,7 @@ from identity.dataplane import credential_cache
 from resizer import imaging
 from resizer.jobs import FAILED, SUCCEEDED, IdempotencyConflict, Job, job_load, job_result
 from resizer.notify import JobWaiter, job_waiter
-from resizer.services import QueueUnavailable, engine_limits, job_submit
+from resizer.services import QueueUnavailable, engine_limits, job_replay, job_submit
 from resizer.staging import StagingError, StagingNotFound, staging_store
 
 # Re-read intervals when no completion notice can reach this request (see _wait_polling).
@@ -196,7 +196,16 @@ class ResizeView(APIView):
         idempotency_key = request.headers.get("Idempotency-Key") or None
         if idempotency_key is not None and len(idempotency_key) > 255:
             raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be at most 255 characters.")
-        monthly_quota_charge(request.user)
+        replay = None
+        try:
+            monthly_quota_charge(request.user)
+        except ApiError:
+            # Out of quota, yet a retry of a request that made its job (and paid for it) before the
+            # quota ran out is answered with that job, like any replay: it costs nothing.
+            if idempotency_key is not None:
+                replay = _idempotent_replay(request, params, data, idempotency_key)
+            if replay is None:
+                raise
         clock.lap("admission")
 
         expected: list[str] = []
@@ -207,6 +216,8 @@ class ResizeView(APIView):
                 waiter.expect(job_id)
                 expected.append(job_id)
 
+        if replay is not None:
+            return self._respond(replay, False, None, vary, respond_async, clock, slots)
         created = False
         try:
             job, created = job_submit(
@@ -236,6 +247,10 @@ class ResizeView(APIView):
                     waiter.forget(job_id)  # type: ignore[union-attr]
         if created:
             clock.lap("enqueue")
+        return self._respond(job, created, waiter, vary, respond_async, clock, slots)
+
+    def _respond(self, job: Job, created: bool, waiter: JobWaiter | None, vary: bool, respond_async: bool,
+                 clock: metrics.StageClock, slots: admission.Admission) -> HttpResponse:
         if respond_async:
             return _accepted(job, vary)
         _wait_finished(job.id, waiter if created else None, settings.SYNC_WAIT_SECONDS)
@@ -248,6 +263,18 @@ class ResizeView(APIView):
             response = _accepted(current, vary)
         clock.cpu_lap("respond")
         return response
+
+
+def _idempotent_replay(request: Request, params: imaging.Params, data: bytes, idempotency_key: str) -> Job | None:
+    try:
+        return job_replay(customer_id=request.user.customer_id, params=params, data=data,
+                          idempotency_key=idempotency_key)
+    except IdempotencyConflict as e:
+        raise ApiError(422, "idempotency_key_reused",
+                       "This Idempotency-Key was already used for a different request.") from e
+    except StagingError as e:
+        raise ApiError(503, "staging_unavailable", "Jobs cannot be read right now; retry shortly.",
+                       headers={"Retry-After": "2"}) from e
 
 
 def _with_format(params: imaging.Params, output_format: str) -> imaging.Params:

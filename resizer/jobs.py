@@ -139,10 +139,7 @@ def job_create(
     job_save(store, job)
     if idempotency_key is None:
         return job, True
-    # Only a keyed request pays for hashing its body (0.16 ms of CPU for 256 KB, 0.5 ms for 900 KB).
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-    digest.update(data)
-    fingerprint = digest.hexdigest()
+    fingerprint = _fingerprint(params, data)
     record = json.dumps({"job_id": job.id, "fingerprint": fingerprint}).encode()
     slot = _idempotency_key(customer_id, idempotency_key)
     if store.put_new(slot, record):
@@ -161,6 +158,26 @@ def job_create(
         return job_create(store, customer_id=customer_id, key_id=key_id, request_id=request_id,
                           params=params, input_facts=input_facts, data=data, idempotency_key=idempotency_key)
     return existing, False
+
+
+def _fingerprint(params: dict[str, Any], data: bytes) -> str:
+    # Only a keyed request pays for hashing its body (0.16 ms of CPU for 256 KB, 0.5 ms for 900 KB).
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def job_by_idempotency_key(store: StagingStore, *, customer_id: str, idempotency_key: str, params: dict[str, Any],
+               data: bytes) -> Job | None:
+    """The job an earlier request with this Idempotency-Key made, if any (None: the key is free, or its
+    job is gone). Raises IdempotencyConflict when that request asked for something else."""
+    try:
+        earlier = json.loads(store.get(_idempotency_key(customer_id, idempotency_key)))
+    except StagingNotFound:
+        return None
+    if earlier["fingerprint"] != _fingerprint(params, data):
+        raise IdempotencyConflict(idempotency_key)
+    return job_load(store, earlier["job_id"])
 
 
 def job_release_idempotency(store: StagingStore, *, customer_id: str, idempotency_key: str) -> None:

@@ -18,6 +18,7 @@ from resizer import imaging
 from resizer.jobs import (
     Job,
     job_adopt_decided,
+    job_by_idempotency_key,
     job_create,
     job_decide,
     job_fail,
@@ -66,13 +67,12 @@ def job_submit(
     """Stage the upload and publish the job (confirmed by the broker). Returns (job, created).
     `before_publish(job_id)` runs just before the publish, so a waiter cannot miss the completion."""
     store = staging_store()
-    job_params = {k: v for k, v in vars(params).items() if k != "accept"}  # flat: no asdict() deep copy
     job, created = job_create(
         store,
         customer_id=customer_id,
         key_id=key_id,
         request_id=request_id,
-        params=job_params,
+        params=_job_params(params),
         input_facts={k: getattr(input_facts, k) for k in ("format", "width", "height", "bytes", "frames")},
         data=data,
         idempotency_key=idempotency_key,
@@ -90,6 +90,17 @@ def job_submit(
             job_release_idempotency(store, customer_id=customer_id, idempotency_key=idempotency_key)
         raise QueueUnavailable(str(e)) from e
     return job, True
+
+
+def _job_params(params: imaging.Params) -> dict[str, Any]:
+    return {k: v for k, v in vars(params).items() if k != "accept"}  # flat: no asdict() deep copy
+
+
+def job_replay(*, customer_id: str, params: imaging.Params, data: bytes, idempotency_key: str) -> Job | None:
+    """The job an earlier request with this Idempotency-Key made (the same request: else
+    IdempotencyConflict), or None. Only looks: never makes a job."""
+    return job_by_idempotency_key(staging_store(), customer_id=customer_id, idempotency_key=idempotency_key,
+                      params=_job_params(params), data=data)
 
 
 def _nacked(error: BaseException | None) -> bool:

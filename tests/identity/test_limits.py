@@ -51,6 +51,28 @@ def test_monthly_quota_counts_images_and_refuses_past_it(client, credentials):
     assert send().status_code == 429
 
 
+def test_a_replay_of_a_paid_job_is_answered_after_the_quota_ran_out(client, credentials):
+    """The last image of the quota was made, but its answer was lost: the client's retry with the same
+    Idempotency-Key gets that job (it was paid for), not 429 until next month. A new request, or a
+    different one under the same key, is still refused or rejected."""
+    api = _client_for(client, credentials, rate_per_second=100, burst=100, monthly_quota=1)
+    image = make_image()
+    send = lambda key, width=8: api.post(f"/v1/resize?width={width}", data=image,  # noqa: E731
+                                         content_type="image/jpeg", HTTP_PREFER="respond-async",
+                                         HTTP_IDEMPOTENCY_KEY=key)
+    first = send("K")
+    assert first.status_code == 202
+    replay = send("K")
+    assert replay.status_code == 202 and replay.json()["id"] == first.json()["id"]
+    assert send("other").json()["code"] == "quota_exceeded"
+    assert send("K", width=9).json()["code"] == "idempotency_key_reused"
+    credentials.sync(full=False)
+    from identity.dataplane import _month
+    from identity.models import QuotaUsage
+
+    assert QuotaUsage.objects.get(month=_month()).used == 1  # the replay cost nothing
+
+
 def test_refunds_and_deleted_customers_never_break_the_flush(credentials):
     """A refund (the queue refused the job) can leave a negative count to flush: after its charge
     was flushed, or with no row yet this month. A customer can be deleted with counts pending. None
