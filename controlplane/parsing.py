@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import heapq
+import io
 import itertools
 import socket
 import threading
@@ -11,7 +12,8 @@ from contextlib import contextmanager
 
 from django.conf import settings
 from django.http import HttpRequest
-from django.http.multipartparser import MultiPartParserError
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
+from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from rest_framework.negotiation import BaseContentNegotiation
 
 from controlplane.errors import ApiError
@@ -25,6 +27,10 @@ PARAMETERS = ("width", "height", "fit", "format", "quality", "gravity", "backgro
 # Room for the multipart envelope (boundaries, part headers) around a file at the size limit.
 _MULTIPART_SLACK = 64 * 1024
 _CHUNK = 256 * 1024
+try:  # what gunicorn's reader raises for a chunked body it cannot parse (size lines, terminators)
+    from gunicorn.http.errors import ParseException as _FRAMING_ERRORS
+except ImportError:  # pragma: no cover - served by another WSGI server
+    _FRAMING_ERRORS = ()  # type: ignore[assignment,misc]
 
 
 class AcceptIsAnInput(BaseContentNegotiation):
@@ -193,6 +199,11 @@ class _BodyClock:
             if isinstance(e, TimeoutError) or isinstance(e.__cause__, TimeoutError) or time.monotonic() >= self.end:
                 raise _upload_timeout() from e
             raise ApiError(400, "upload_incomplete", "The body ended before it was complete.") from e
+        except _FRAMING_ERRORS as e:  # a chunked body's framing broken (or cut mid-chunk by the deadline)
+            self.request.upload_refused = True  # type: ignore[attr-defined]
+            if time.monotonic() >= self.end:
+                raise _upload_timeout() from e
+            raise ApiError(400, "malformed_body", f"The chunked body is malformed: {e}.") from e
         finally:
             _upload_cutter().release(ticket)
             try:
@@ -232,29 +243,45 @@ def read_upload(request: HttpRequest, limit: int) -> bytes:
     if declared is not None and declared > limit + (_MULTIPART_SLACK if multipart else 0):
         raise _too_large(limit)
     clock = _BodyClock(request)
+    chunked = declared is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+    body_limit = limit + (_MULTIPART_SLACK if multipart else 0)
     with clock.reading():
-        if multipart:
-            try:
-                upload = request.FILES.get("image")
-            except MultiPartParserError as e:
-                clock.arm()  # 408 when the deadline cut it
-                raise ApiError(400, "malformed_multipart", f"The multipart body could not be parsed: {e}.") from e
-            if upload is None:
-                raise ApiError(400, "missing_image", "The multipart body has no file in the field 'image'.")
-            if upload.size is not None and upload.size > limit:
-                raise _too_large(limit)
-            data = upload.read()
-        elif declared is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+        if chunked:
             # A streamed body: read only up to the limit, then refuse, never buffering (or draining) the rest.
             request.upload_refused = True  # type: ignore[attr-defined]  # until it is read whole
-            data = _read_chunks(request.META["wsgi.input"].read, clock, limit, None)
+            data = _read_chunks(request.META["wsgi.input"].read, clock, body_limit, None)
             request.upload_refused = False  # type: ignore[attr-defined]
         else:
-            data = _read_chunks(request.read, clock, limit, declared or 0)
+            # Multipart too is read here, whole (Django's parser would take a body cut short, chunked,
+            # as one with no file part), and then parsed from memory.
+            data = _read_chunks(request.read, clock, body_limit, declared or 0)
+    if multipart:
+        data = _multipart_image(request, data, limit)
     if not data:
         raise ApiError(400, "empty_body", "The request has no image: send its bytes as the body "
                        "or as the multipart field 'image'.")
     return data
+
+
+def _multipart_image(request: HttpRequest, body: bytes, limit: int) -> bytes:
+    """The file in the field `image` of a multipart body read whole."""
+    content_type = request.META.get("CONTENT_TYPE", "")
+    # Django's parser matches the media type case-sensitively; the boundary keeps its case.
+    _, separator, options = content_type.partition(";")
+    meta = {**request.META, "CONTENT_TYPE": f"multipart/form-data{separator}{options}", "CONTENT_LENGTH": str(len(body))}
+    try:
+        _, files = MultiPartParser(meta, io.BytesIO(body), request.upload_handlers, request.encoding).parse()
+    except RequestDataTooBig as e:  # a form field (not a file) over DATA_UPLOAD_MAX_MEMORY_SIZE
+        raise ApiError(413, "payload_too_large", "A form field of the multipart body is too large; send "
+                       "only the file, in the field 'image'.") from e
+    except (MultiPartParserError, TooManyFieldsSent, TooManyFilesSent) as e:
+        raise ApiError(400, "malformed_multipart", f"The multipart body could not be parsed: {e}.") from e
+    upload = files.get("image")
+    if upload is None:
+        raise ApiError(400, "missing_image", "The multipart body has no file in the field 'image'.")
+    if upload.size is not None and upload.size > limit:
+        raise _too_large(limit)
+    return upload.read()
 
 
 def discard_unread_body(request: HttpRequest, limit: int) -> None:
