@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -21,6 +22,7 @@ FINISHED = (SUCCEEDED, FAILED)
 UNFINISHED_RETENTION_FACTOR = 7  # see staging_sweep
 
 log = logging.getLogger(__name__)
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _now() -> datetime:
@@ -103,9 +105,9 @@ def job_save(store: StagingStore, job: Job) -> None:
 
 
 def job_load(store: StagingStore, job_id: str) -> Job | None:
-    try:
-        uuid.UUID(hex=job_id)
-    except ValueError:
+    # Job ids are uuid4().hex: exactly 32 lower-case hex digits. uuid.UUID() also takes dashes anywhere,
+    # braces, "urn:uuid:" and non-ASCII digits, which as a path could be too long (a 503) or another spelling.
+    if not _JOB_ID.fullmatch(job_id):
         return None
     try:
         return Job(**json.loads(store.get(_doc_key(job_id))))

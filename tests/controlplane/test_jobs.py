@@ -83,3 +83,15 @@ def test_unreadable_result_is_503_not_500(api, customer_key):
     response = api.get(f"/v1/jobs/{job.id}/result")
     assert response.status_code == 503 and response.json()["code"] == "staging_unavailable"
     assert response["Retry-After"]
+
+
+def test_other_spellings_of_a_job_id_are_404(api, customer_key):
+    """uuid.UUID() reads dashes anywhere, braces and upper case: as a staging path a long spelling was
+    a file name too long (503 staging_unavailable, "retry shortly"), and a short one another name."""
+    job = staged_job(str(customer_key[0].id))
+    spellings = (job.id[:2] + "-" * 300 + job.id[2:], "{" + job.id + "}", job.id.upper(),
+                 "urn:uuid:" + job.id, job.id[:8] + "-" + job.id[8:])
+    for spelling in spellings:
+        response = api.get(f"/v1/jobs/{spelling}")
+        assert response.status_code == 404 and response.json()["code"] == "job_not_found", spelling[:20]
+    assert api.get(f"/v1/jobs/{job.id}").status_code == 200
