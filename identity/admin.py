@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -22,6 +23,13 @@ class PlanAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: Plan, form: Any, change: bool) -> None:
         services.plan_save(plan=obj, actor=_actor(request))  # audited, and its customers' limits propagate
+
+    def delete_model(self, request: HttpRequest, obj: Plan) -> None:
+        services.plan_delete(plan=obj, actor=_actor(request))  # only a plan no customer is on (PROTECT)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Plan]) -> None:
+        for plan in queryset:
+            services.plan_delete(plan=plan, actor=_actor(request))
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -46,8 +54,25 @@ class AuditInline(admin.TabularInline):
     verbose_name_plural = "audit trail (newest first)"
 
 
+class CustomerForm(forms.ModelForm):
+    """The form carries the values it was opened with (hidden), so `changed_data` names only what the
+    operator changed, not a field someone else changed meanwhile (compared with the row at save time,
+    the stale value would look like an edit and be written back)."""
+
+    class Meta:
+        model = Customer
+        fields = ("name", "plan")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("name", "plan"):
+            if name in self.fields:
+                self.fields[name].show_hidden_initial = True
+
+
 @admin.register(Customer)
 class CustomerAdmin(admin.ModelAdmin):
+    form = CustomerForm
     list_display = ("name", "status", "plan", "created_at")
     list_filter = ("status", "plan")
     search_fields = ("name", "id")
@@ -84,8 +109,13 @@ class CustomerAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: Customer, form: Any, change: bool) -> None:
         if change:
+            # Only what this form changed: a field the operator left alone must not write back the value
+            # the form was opened with over a change made meanwhile (say a plan set through the API).
+            changed = set(form.changed_data)
             fresh = Customer.objects.get(pk=obj.pk)
-            services.customer_update(customer=fresh, actor=_actor(request), name=obj.name, plan=obj.plan)
+            services.customer_update(customer=fresh, actor=_actor(request),
+                                     name=obj.name if "name" in changed else None,
+                                     plan=obj.plan if "plan" in changed else "unchanged")
         else:
             created = services.customer_create(name=obj.name, plan=obj.plan, actor=_actor(request))
             obj.pk, obj.created_at = created.pk, created.created_at

@@ -121,6 +121,7 @@ class CredentialCache:
         self._buckets: dict[str, _Bucket] = {}
         self._quota_used: dict[str, int] = {}  # customer -> admitted this month, all processes
         self._quota_pending: dict[str, int] = {}  # customer -> admitted here, not yet flushed
+        self._quota_flushing: dict[str, int] = {}  # customer -> admitted here, being flushed now
         self._quota_month = _month()
         self._last_used: dict[str, datetime] = {}
         self._last_full = 0.0
@@ -174,7 +175,9 @@ class CredentialCache:
             return True
         with self._lock:
             self._roll_month()
-            used = self._quota_used.get(principal.customer_id, 0) + self._quota_pending.get(principal.customer_id, 0)
+            customer = principal.customer_id
+            used = (self._quota_used.get(customer, 0) + self._quota_flushing.get(customer, 0)
+                    + self._quota_pending.get(customer, 0))
             if used >= principal.monthly_quota:
                 return False
             self._quota_pending[principal.customer_id] = self._quota_pending.get(principal.customer_id, 0) + 1
@@ -201,8 +204,12 @@ class CredentialCache:
         # The credentials are fresh now, whatever the flush below does: a flush that fails (its
         # counts are kept for the next round) must not age the snapshot into 503s for everyone.
         self.synced_at = time.time()
-        self._first_sync.set()
-        self._heartbeat_and_flush()
+        try:
+            # Requests waiting for the first sync go on once the process count (each one's share of
+            # a customer's rate) and the month's quota usage are known too, not before.
+            self._heartbeat_and_flush()
+        finally:
+            self._first_sync.set()
 
     def _run(self) -> None:
         while True:
@@ -248,34 +255,47 @@ class CredentialCache:
             fresh = [_credential(row) for row in cursor.fetchall()]
         with self._lock:
             by_prefix = dict(self._by_prefix)
+            before = {}
             for customer_id in customers:
                 for prefix in self._prefixes_of.pop(str(customer_id), set()):
-                    by_prefix.pop(prefix, None)
+                    before[prefix] = by_prefix.pop(prefix, None)
             for prefix, credential in fresh:
                 by_prefix[prefix] = credential
                 self._prefixes_of.setdefault(credential.customer_id, set()).add(prefix)
             self._by_prefix = by_prefix
             self._last_change_id = self.version = max(self._last_change_id, *(row[1] for row in changed))
+        if before != dict(fresh):
+            # A revocation, suspension or new key reaches the file too (not only at the next full
+            # resync): a process that starts during a database outage must not bring back a revoked key.
+            # The look-back re-reads recent changes every round; only a real difference is written.
+            self._save_file()
 
     def _heartbeat_and_flush(self) -> None:
         from identity.services import api_keys_touch
 
-        now = datetime.now(timezone.utc)
+        # The heartbeat commits on its own: a flush that fails must not make the other processes stop
+        # counting this one (their shares of every rate would grow). Times are the database's clock.
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO identity_apiprocess (name, seen_at) VALUES (%s, now())"
+                " ON CONFLICT (name) DO UPDATE SET seen_at = EXCLUDED.seen_at", [self.process_name])
+            cursor.execute("DELETE FROM identity_apiprocess WHERE seen_at < now() - %s * interval '1 second'",
+                           [settings.AUTH_PROCESS_EXPIRY_SECONDS * 10])
+            cursor.execute("SELECT count(*) FROM identity_apiprocess WHERE seen_at > now() - %s * interval '1 second'",
+                           [settings.AUTH_PROCESS_EXPIRY_SECONDS])
+            processes = cursor.fetchone()[0]
         with self._lock:
+            self.processes = max(1, processes)
+            # Counts being flushed still count against the quota until the flush reads them back.
             pending, self._quota_pending = self._quota_pending, {}
+            self._quota_flushing = pending
             last_used, self._last_used = self._last_used, {}
             month = self._quota_month
         try:
             with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(
-                    "INSERT INTO identity_apiprocess (name, seen_at) VALUES (%s, %s)"
-                    " ON CONFLICT (name) DO UPDATE SET seen_at = EXCLUDED.seen_at", [self.process_name, now])
-                cursor.execute("DELETE FROM identity_apiprocess WHERE seen_at < now() - %s * interval '1 second'",
-                               [settings.AUTH_PROCESS_EXPIRY_SECONDS * 10])
-                cursor.execute("SELECT count(*) FROM identity_apiprocess WHERE seen_at > now() - %s * interval '1 second'",
-                               [settings.AUTH_PROCESS_EXPIRY_SECONDS])
-                processes = cursor.fetchone()[0]
-                for customer_id, delta in pending.items():
+                # Rows in one order (customer, then key) in every process: two flushes taking the same
+                # rows' locks in opposite orders deadlock (Postgres aborts one after deadlock_timeout).
+                for customer_id, delta in sorted(pending.items()):
                     if delta > 0:
                         # Only for a customer that still exists (one deleted meanwhile must not fail
                         # the whole flush on the foreign key, every second from then on).
@@ -296,28 +316,33 @@ class CredentialCache:
                 api_keys_touch(last_used=last_used)
         except Exception:
             with self._lock:  # not flushed: count it again next time
+                self._quota_flushing = {}
                 for customer_id, delta in pending.items():
                     self._quota_pending[customer_id] = self._quota_pending.get(customer_id, 0) + delta
                 for key_id, at in last_used.items():
                     self._last_used.setdefault(key_id, at)
             raise
         with self._lock:
-            self.processes = max(1, processes)
+            self._quota_flushing = {}
             if month == self._quota_month:
                 self._quota_used = used
 
     def _roll_month(self) -> None:
         month = _month()
         if month != self._quota_month:
-            self._quota_month, self._quota_used, self._quota_pending = month, {}, {}
+            self._quota_month, self._quota_used, self._quota_pending, self._quota_flushing = month, {}, {}, {}
 
     # --- the on-disk copy, for a process that starts while Postgres is away ----------------------
 
     def _save_file(self) -> None:
         if self.snapshot_path is None:
             return
+        with self._lock:
+            # A process that starts from this file (Postgres away) shares rates and quotas as this one did.
+            shares = {"processes": self.processes, "quota_month": self._quota_month.isoformat(),
+                      "quota_used": dict(self._quota_used)}
         document = {"synced_at": time.time(), "version": self.version, "database": _database_identity(),
-                    "credentials": {p: asdict(c) for p, c in self._by_prefix.items()}}
+                    **shares, "credentials": {p: asdict(c) for p, c in self._by_prefix.items()}}
         tmp = self.snapshot_path.with_suffix(f".tmp{os.getpid()}")
         try:
             self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,14 +361,19 @@ class CredentialCache:
             if document.get("database") != _database_identity():
                 return  # another database's credentials (a different deployment sharing the path)
             by_prefix = {p: Credential(**{**c, "scopes": tuple(c["scopes"])}) for p, c in document["credentials"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            synced_at, version = float(document["synced_at"]), int(document["version"])
+            processes = max(1, int(document.get("processes", 1)))
+            quota_used = ({str(c): int(u) for c, u in document.get("quota_used", {}).items()}
+                          if document.get("quota_month") == self._quota_month.isoformat() else {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("identity snapshot file %s unreadable: %s", self.snapshot_path, e)
             return
         self._by_prefix = by_prefix
         for prefix, credential in by_prefix.items():
             self._prefixes_of.setdefault(credential.customer_id, set()).add(prefix)
-        self.synced_at, self.version = document["synced_at"], document["version"]
+        self.synced_at, self.version = synced_at, version
         self._last_change_id = self.version
+        self.processes, self._quota_used = processes, quota_used
 
 
 def _database_identity() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 
 from django.db import models
+from django.db.models.functions import Now
 
 SCOPES = ("resize", "jobs", "usage", "admin")
 DEFAULT_SCOPES = ["resize", "jobs", "usage"]
@@ -69,7 +70,9 @@ class Change(models.Model):
 
     id = models.BigAutoField(primary_key=True)
     customer_id = models.UUIDField(db_index=True)
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # The database's clock, as the readers' look-back window (now() - N s) is: an API host's clock
+    # running behind would put a change before the window and delay it to the next full resync.
+    created_at = models.DateTimeField(db_default=Now(), db_index=True)
 
 
 class AuditEvent(models.Model):

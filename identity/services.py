@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.http import Http404
 from django.utils import timezone
 
@@ -39,12 +39,22 @@ def plan_save(*, plan: Plan, actor: str) -> Plan:
     at its next full resync, minutes later)."""
     created = plan.pk is None
     plan.save()
-    for customer_id in Customer.objects.filter(plan=plan).values_list("pk", flat=True):
-        Change.objects.create(customer_id=customer_id)
+    with connection.cursor() as cursor:  # one statement, however many customers (one row each)
+        cursor.execute(f"INSERT INTO {Change._meta.db_table} (customer_id)"
+                       f" SELECT id FROM {Customer._meta.db_table} WHERE plan_id = %s", [plan.pk])
     AuditEvent.objects.create(actor=actor, action="plan.create" if created else "plan.update", customer=None,
                               details={"plan": plan.name, "rate_per_second": plan.rate_per_second,
                                        "burst": plan.burst, "monthly_quota": plan.monthly_quota})
     return plan
+
+
+@transaction.atomic
+def plan_delete(*, plan: Plan, actor: str) -> None:
+    """Delete a plan no customer is on (the foreign key protects the others: ProtectedError)."""
+    details = {"plan": plan.name, "rate_per_second": plan.rate_per_second, "burst": plan.burst,
+               "monthly_quota": plan.monthly_quota}
+    plan.delete()
+    AuditEvent.objects.create(actor=actor, action="plan.delete", customer=None, details=details)
 
 
 @transaction.atomic
@@ -136,5 +146,5 @@ def api_key_revoke(*, api_key: ApiKey, actor: str = "system") -> ApiKey:
 
 def api_keys_touch(*, last_used: dict[str, datetime]) -> None:
     """Record when keys were last used (batched by the data plane; not audited, not a change)."""
-    for key_id, at in last_used.items():
+    for key_id, at in sorted(last_used.items()):  # one order in every process: no deadlock between flushes
         ApiKey.objects.filter(pk=key_id).exclude(last_used_at__gte=at).update(last_used_at=at)

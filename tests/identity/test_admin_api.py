@@ -156,3 +156,34 @@ def test_a_plan_edited_in_admin_reaches_the_data_plane_by_the_feed_and_is_audite
     assert (principal.rate_per_second, principal.burst, principal.monthly_quota) == (2, 5, 1000)
     event = AuditEvent.objects.get(action="plan.update", actor="staff:root")
     assert event.details == {"plan": "basic", "rate_per_second": 2.0, "burst": 5, "monthly_quota": 1000}
+
+
+def test_saving_a_customer_in_admin_keeps_a_plan_changed_meanwhile(client, staff, credentials):
+    """An operator opens a customer's page and renames it; meanwhile automation moves the customer to
+    another plan through the API. The save must rename it only, not put the old plan back."""
+    import re
+
+    client.force_login(User.objects.create_superuser("root", password="pw"))
+    basic = Plan.objects.create(name="basic", rate_per_second=10, burst=20)
+    pro = Plan.objects.create(name="pro", rate_per_second=100, burst=200)
+    customer = customer_create(name="acme", plan=basic)
+    page = client.get(f"/admin/identity/customer/{customer.pk}/change/").content.decode()
+    form = dict(re.findall(r'<input type="(?:hidden|text)" name="([^"]+)" value="([^"]*)"', page))
+    form.update({name: value for name, value in re.findall(
+        r'<select name="([^"]+)"[^>]*>.*?<option value="([^"]*)" selected', page, re.S)})
+    assert staff.patch(f"/v1/admin/customers/{customer.pk}", {"plan": "pro"},
+                       content_type="application/json").status_code == 200
+    form["name"] = "acme-renamed"
+    response = client.post(f"/admin/identity/customer/{customer.pk}/change/", form)
+    assert response.status_code == 302, response.content[:1000]
+    customer.refresh_from_db()
+    assert (customer.name, customer.plan_id) == ("acme-renamed", pro.pk)
+
+
+def test_deleting_a_plan_in_admin_is_audited(client):
+    client.force_login(User.objects.create_superuser("root", password="pw"))
+    plan = Plan.objects.create(name="retired", rate_per_second=1, burst=1)
+    response = client.post(f"/admin/identity/plan/{plan.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302 and not Plan.objects.filter(pk=plan.pk).exists()
+    event = AuditEvent.objects.get(action="plan.delete")
+    assert event.actor == "staff:root" and event.details["plan"] == "retired"

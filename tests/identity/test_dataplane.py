@@ -1,0 +1,108 @@
+"""The data plane's background work against the real Postgres: the snapshot file a process starts
+from when the database is away, and the counters every process flushes once a second."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.db import connection
+
+from identity.dataplane import CredentialCache, _month
+from identity.models import Plan, QuotaUsage
+from identity.services import api_key_create, api_key_revoke, customer_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _cache(tmp_path, name: str = "snapshot.json") -> CredentialCache:
+    return CredentialCache(poll_seconds=1, resync_seconds=300, max_staleness_seconds=900,
+                           snapshot_path=tmp_path / name, background=False, process_name=f"test-{name}")
+
+
+def test_a_process_started_from_the_file_knows_the_latest_revocation_and_the_quota_used(tmp_path):
+    """The file was written only by the full resync (every 5 minutes): a process started from it
+    during a database outage took back a key revoked since, and began with every quota unused and
+    with the whole of each rate (as if it were the only process)."""
+    plan = Plan.objects.create(name="quota-3", rate_per_second=100, burst=100, monthly_quota=3)
+    customer = customer_create(name="filed", plan=plan)
+    key_row, key = api_key_create(customer=customer)
+    _, other_key = api_key_create(customer=customer)
+    running = _cache(tmp_path)
+    running.sync(full=True)
+    principal = running.authenticate(key)
+    for _ in range(3):
+        assert running.charge_quota(principal)
+    running.sync(full=False)  # flushed: 3 of 3 used
+    api_key_revoke(api_key=key_row, actor="test")
+    running.sync(full=False)  # the revocation, from the change feed: the file follows
+
+    started_in_outage = _cache(tmp_path)  # never syncs: it has the file only
+    with pytest.raises(Exception) as refused:
+        started_in_outage.authenticate(key)
+    assert getattr(refused.value, "code", None) == "unauthorized"
+    other = started_in_outage.authenticate(other_key)
+    assert not started_in_outage.charge_quota(other)  # the month's 3 images are used
+    assert started_in_outage.processes == running.processes >= 1
+
+
+def test_two_processes_flushing_the_same_customers_never_deadlock(tmp_path):
+    """Each process upserts its customers' quota counts in one transaction every second. In the order
+    each process first charged them, two processes took the same rows' locks in opposite orders:
+    Postgres aborted one flush (after deadlock_timeout), the counts waited, the heartbeat was lost."""
+    plan = Plan.objects.create(name="quota-big", rate_per_second=1000, burst=1000, monthly_quota=10**9)
+    customers = [customer_create(name=f"shared-{i}", plan=plan) for i in range(20)]
+    keys = [api_key_create(customer=c)[1] for c in customers]
+    caches = [_cache(tmp_path, f"p{i}.json") for i in range(2)]
+    for cache in caches:
+        cache.sync(full=True)
+    principals = [[cache.authenticate(k) for k in keys] for cache in caches]
+    errors: list[BaseException] = []
+    rounds = 40
+
+    def flush(i: int, barrier: threading.Barrier) -> None:
+        order = principals[i] if i == 0 else principals[i][::-1]  # opposite orders
+        try:
+            for _ in range(rounds):
+                for principal in order:
+                    caches[i].charge_quota(principal)
+                barrier.wait()
+                caches[i]._heartbeat_and_flush()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+        finally:
+            connection.close()
+
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=flush, args=(i, barrier)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[0]
+    used = dict(QuotaUsage.objects.filter(month=_month()).values_list("customer_id", "used"))
+    assert all(used[c.id] == 2 * rounds for c in customers)
+
+
+def test_the_change_feed_and_the_heartbeat_are_timed_by_the_database(monkeypatch, tmp_path):
+    """The look-back window (changes of the last 30 s are re-read) and the count of live processes
+    compare with the database's now(): rows stamped by an API host whose clock runs behind fell
+    outside them (a late-committing change waited for the full resync; the process went uncounted)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from identity.models import ApiProcess, Change
+
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() - timedelta(hours=1))  # this host's clock
+    customer = customer_create(name="clocked")
+    cache = _cache(tmp_path)
+    cache.sync(full=True)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT created_at > now() - interval '30 seconds' FROM identity_change WHERE id = %s",
+                       [Change.objects.filter(customer_id=customer.id).latest("id").id])
+        assert cursor.fetchone()[0]
+    seen = ApiProcess.objects.get(name=cache.process_name).seen_at
+    assert abs((seen - real_now()).total_seconds()) < 60
+    assert cache.processes >= 1
