@@ -18,6 +18,14 @@ class ArchiveStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
 
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DirectoryArchive:
     """Writes are atomic and fsynced (temp file, fsync, rename, fsync the directory)."""
 
@@ -31,7 +39,7 @@ class DirectoryArchive:
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_directories(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -42,11 +50,18 @@ class DirectoryArchive:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
+
+    def _make_directories(self, directory: Path) -> None:
+        """Create the file's directories, each made durable in its parent: the rows are deleted once
+        the file reads back, and a crash must not take a fresh directory (and the file) with it."""
+        missing = []
+        while not directory.is_dir():
+            missing.append(directory)
+            directory = directory.parent
+        for made in reversed(missing):
+            made.mkdir(exist_ok=True)
+            _fsync_dir(made.parent)
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()

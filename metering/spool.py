@@ -289,19 +289,27 @@ class Shipper:
                 continue
             try:
                 rows.append((record_row(json.loads(line)), path, line))
-            except (ValueError, TypeError, AttributeError) as e:
-                rejects.append((path, line, str(e)))
+            except Exception as e:  # noqa: BLE001 - any line that cannot become a row is set aside:
+                # ValueError and TypeError mostly, but 1e400 in an integer column is an OverflowError and
+                # deep nesting a RecursionError; either would stop this segment (and all after it) for good.
+                rejects.append((path, line, f"{type(e).__name__}: {e}"))
         return rows
 
     def _reject(self, path: Path, line: bytes, why: str) -> None:
         """Keep a record that can never be inserted aside for an operator, so it cannot block its batch."""
         log.error("usage spool %s: record rejected (%s): %s", path.name, why, line[:300])
         rejected = self.directory / "rejected"
-        rejected.mkdir(exist_ok=True)
-        with open(rejected / path.name, "ab") as f:
+        if not rejected.is_dir():
+            rejected.mkdir(exist_ok=True)
+            _fsync_dir(self.directory)  # the new directory's entry, before its segment goes
+        target = rejected / path.name
+        new = not target.exists()
+        with open(target, "ab") as f:
             f.write(line + b"\n")
             f.flush()
             os.fsync(f.fileno())
+        if new:
+            _fsync_dir(rejected)
 
     def _commit(self, group: list[tuple[Path, IO[bytes]]], rows: list[_Pending],
                 rejects: list[tuple[Path, bytes, str]], conninfo: str) -> int:

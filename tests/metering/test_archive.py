@@ -87,8 +87,14 @@ def test_reading_the_archive_with_bad_input_is_a_clear_command_error(settings, a
     services.usage_archive()
     with pytest.raises(CommandError, match="UUID"):
         call_command("usage_archive_read", customer="abc", day=day.date().isoformat(), stdout=io.StringIO())
-    for path in archive_dir.rglob("*"):
-        if path.is_file():
-            path.unlink()  # the file an ArchiveFile row points at is gone
+    files = [path for path in archive_dir.rglob("*") if path.is_file()]
+    for damage in (lambda data: data[: len(data) // 2],  # truncated: EOFError from gzip
+                   lambda data: data[:10] + bytes(b ^ 0xFF for b in data[10:])):  # damaged: zlib.error
+        for path in files:
+            path.write_bytes(damage(path.read_bytes()))
+        with pytest.raises(CommandError):
+            read_back(customer, day)
+    for path in files:
+        path.unlink()  # the file an ArchiveFile row points at is gone
     with pytest.raises(CommandError):
         read_back(customer, day)

@@ -149,8 +149,15 @@ def test_a_torn_last_line_is_dropped_and_a_bad_record_set_aside(spool_dir):
     good, bad = usage(customer), {**usage(customer), "customer_id": "not-a-uuid"}
     import json
 
+    # A number past a float's range in an integer column (OverflowError) and a record nested past
+    # Python's recursion limit (RecursionError) stopped the segment, and every one after it, for good.
+    overflow = json.dumps({**usage(customer), "input_width": 1}).replace('"input_width": 1', '"input_width": 1e400')
+    nested = '{"id": ' + "[" * 100_000 + "]" * 100_000 + "}"
     (spool_dir / "dead-1-x-000001.jsonl").write_bytes(
-        (json.dumps(good) + "\n" + json.dumps(bad) + "\n" + json.dumps(usage(customer))[:40]).encode())
+        (json.dumps(good) + "\n" + json.dumps(bad) + "\n" + overflow + "\n" + nested + "\n"
+         + json.dumps(usage(customer))[:40]).encode())
     assert Shipper(spool_dir, batch_records=1000).ship(conninfo=staging_conninfo()) == 1
     assert count(customer) == 1
-    assert (spool_dir / "rejected" / "dead-1-x-000001.jsonl").read_text().count("not-a-uuid") == 1
+    rejected = (spool_dir / "rejected" / "dead-1-x-000001.jsonl").read_text()
+    assert rejected.count("not-a-uuid") == 1 and "1e400" in rejected and rejected.count("\n") == 3
+    assert not (spool_dir / "dead-1-x-000001.jsonl").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import zlib
 from datetime import date
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -25,5 +26,5 @@ class Command(BaseCommand):
         try:
             for record in selectors.archived_records(customer_id=customer, day=date.fromisoformat(day)):
                 self.stdout.write(json.dumps(record, separators=(",", ":")))
-        except (ValueError, OSError) as e:  # OSError: the archive file is missing or not gzip
+        except (ValueError, OSError, EOFError, zlib.error) as e:  # the archive file missing, not gzip, truncated, damaged
             raise CommandError(str(e)) from e
