@@ -306,8 +306,12 @@ WHERE event_time < %(cutoff)s GROUP BY 1, 2 ORDER BY 2, 1 LIMIT %(limit)s
 """
 _ARCHIVE_ROWS_SQL = f"""
 SELECT {', '.join(COLUMNS)}, received_at FROM metering_usagerecord
-WHERE customer_id = %(customer_id)s AND event_time >= %(start)s AND event_time < %(end)s ORDER BY id
+WHERE customer_id = %(customer_id)s AND event_time >= %(start)s AND event_time < %(end)s
+ORDER BY event_time, id LIMIT %(limit)s
 """
+# Records per archive file: what one part holds in memory (rows, the JSON body, its gzip), whatever
+# a customer's day holds (at 10,000 resizes/s one customer can make tens of millions a day).
+ARCHIVE_FILE_RECORDS = 50_000
 
 
 def _jsonable(value: Any) -> Any:
@@ -318,7 +322,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)  # UUID, Decimal: exact as text
 
 
-def usage_archive(*, now: datetime | None = None, max_files: int = 10_000) -> dict[str, int]:
+def usage_archive(*, now: datetime | None = None, max_days: int = 10_000) -> dict[str, int]:
     """Export raw records of whole UTC days older than METERING_ARCHIVE_AFTER_DAYS, one gzip'd JSON
     lines file per customer and day; read each file back and check its count and SHA-256 before
     the rows are deleted, in the same transaction that indexes the file."""
@@ -332,20 +336,27 @@ def usage_archive(*, now: datetime | None = None, max_files: int = 10_000) -> di
         if not cursor.fetchone()[0]:
             return done  # another archiver is at work
         try:
-            cursor.execute(_ARCHIVE_GROUPS_SQL, {"cutoff": cutoff, "limit": max_files})
+            cursor.execute(_ARCHIVE_GROUPS_SQL, {"cutoff": cutoff, "limit": max_days})
             for customer_id, day in cursor.fetchall():
-                done["records"] += _archive_day(cursor, store, customer_id=customer_id, day=day)
-                done["files"] += 1
+                # A day in files of ARCHIVE_FILE_RECORDS, each verified and its rows deleted before the
+                # next is read: memory stays bounded, and a run cut short keeps what it finished.
+                while records := _archive_part(cursor, store, customer_id=customer_id, day=day):
+                    done["records"] += records
+                    done["files"] += 1
         finally:
             cursor.execute("SELECT pg_advisory_unlock(%s)", [ARCHIVE_LOCK])
     return done
 
 
-def _archive_day(cursor: Any, store: Any, *, customer_id: Any, day: date) -> int:
+def _archive_part(cursor: Any, store: Any, *, customer_id: Any, day: date) -> int:
+    """Archive the next (at most) ARCHIVE_FILE_RECORDS records of the customer's day; 0 when none are left."""
     start = selectors.midnight(day)
-    cursor.execute(_ARCHIVE_ROWS_SQL, {"customer_id": customer_id, "start": start, "end": start + timedelta(days=1)})
+    cursor.execute(_ARCHIVE_ROWS_SQL, {"customer_id": customer_id, "start": start, "end": start + timedelta(days=1),
+                                       "limit": ARCHIVE_FILE_RECORDS})
     names = [*COLUMNS, "received_at"]
     rows = cursor.fetchall()
+    if not rows:
+        return 0
     body = b"".join(
         json.dumps({n: _jsonable(v) for n, v in zip(names, row)}, separators=(",", ":")).encode() + b"\n"
         for row in rows

@@ -61,6 +61,22 @@ def test_old_records_move_to_verified_files_and_read_back_unchanged(settings, ar
     assert len(read_back(customer, d1)) == 4 and ArchiveFile.objects.filter(customer_id=customer).count() == 3
 
 
+def test_a_big_day_goes_in_bounded_files(settings, archive_dir, monkeypatch):
+    """A customer's day was read whole into memory (tens of millions of rows at the design's rate):
+    it goes in files of ARCHIVE_FILE_RECORDS, each verified and its rows deleted before the next."""
+    monkeypatch.setattr(services, "ARCHIVE_FILE_RECORDS", 4)
+    customer = uuid.uuid4()
+    day = old_day(settings, 1)
+    records = [usage(customer, at=day + timedelta(seconds=i)) for i in range(10)]
+    insert(*records)
+    assert services.usage_archive() == {"files": 3, "records": 10}
+    files = ArchiveFile.objects.filter(customer_id=customer).order_by("created_at", "id")
+    assert [f.records for f in files] == [4, 4, 2]
+    back = read_back(customer, day)
+    assert [r["id"].replace("-", "") for r in back] == [r["id"] for r in records]  # in time order
+    assert not UsageRecord.objects.filter(customer_id=customer).exists()
+
+
 class CorruptingArchive(DirectoryArchive):
     """A store that loses a byte: what verification is for."""
 
