@@ -11,7 +11,10 @@ worker_class = "gthread"
 threads = int(os.environ.get("API_THREADS", 16))
 # Above SYNC_WAIT_SECONDS, so a waiting request is answered (202) before gunicorn gives up on it.
 timeout = int(os.environ.get("API_TIMEOUT", 30))
-graceful_timeout = 10
+# On SIGTERM (a deploy), how long requests in flight may still take: a synchronous resize waits up to
+# SYNC_WAIT_SECONDS (10) for its job, then answers. Cut short, its client never learns the job's id,
+# though the job runs and is billed. The container's stop grace period must be longer (docker/compose.yml).
+graceful_timeout = int(os.environ.get("API_GRACEFUL_TIMEOUT", 25))
 keepalive = 5
 limit_request_line = 8190
 limit_request_fields = 100

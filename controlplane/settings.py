@@ -16,7 +16,12 @@ DEBUG = env_bool("DEBUG", False)
 # The default only suits a laptop; production sets SECRET_KEY (it also peppers API-key hashes).
 SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-secret-key-change-me")
 API_KEY_PEPPER = env_str("API_KEY_PEPPER", SECRET_KEY)
-ALLOWED_HOSTS = env_str("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",")
+ALLOWED_HOSTS = [h.strip() for h in env_str("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h.strip()]
+# Behind a TLS-terminating proxy (the admin's login needs both): the proxy's X-Forwarded-Proto says
+# https, and the public origins are trusted for CSRF (e.g. https://resizer.example.com).
+CSRF_TRUSTED_ORIGINS = [o.strip() for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+if env_bool("TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -39,6 +44,9 @@ MIDDLEWARE = [
     "controlplane.logs.RequestLogContextMiddleware",
     "controlplane.metrics.ResizeMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # The admin's CSS and JavaScript, from the installed apps, with DEBUG off too (nothing else serves
+    # /static/); a path lookup for every other request.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -82,7 +90,7 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "var" / "static"
+WHITENOISE_USE_FINDERS = True  # served from the apps' static directories: no collectstatic step
 
 # --- the customer API ---------------------------------------------------------------------------
 # Bodies over this are refused from Content-Length, before the body is read.

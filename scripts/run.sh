@@ -6,15 +6,15 @@ cd "$(dirname "$0")/.."
 mkdir -p var
 
 pids=()
-stop() {
+stop() { # exit status: 0 when asked to stop, else the status of the process that died
   trap - INT TERM
   echo "run: stopping..." >&2
   kill -TERM "${pids[@]}" 2>/dev/null
   wait "${pids[@]}" 2>/dev/null
   echo "run: stopped" >&2
-  exit 0
+  exit "${1:-0}"
 }
-trap stop INT TERM
+trap 'stop 0' INT TERM
 
 .venv/bin/gunicorn -c controlplane/gunicorn.conf.py &
 pids+=($!)
@@ -27,5 +27,6 @@ pids+=($!)
 pids+=($!)
 
 wait -n "${pids[@]}"
-echo "run: a process exited; stopping the rest" >&2
-stop
+status=$?
+echo "run: a process exited (status $status); stopping the rest" >&2
+stop "$(( status == 0 ? 1 : status ))"  # nothing here should exit on its own: a failure either way

@@ -6,10 +6,21 @@
 #   scripts/services.sh --no-tools   PostgreSQL and RabbitMQ only (make run, make bench)
 #   scripts/services.sh --python     only a python3 that can make virtualenvs (make venv)
 set -euo pipefail
+# rabbitmq-server, haproxy and pg_ctlcluster's helpers live in /usr/sbin, which Debian leaves out of
+# an ordinary user's PATH: without it they look missing and the script would try to install them.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-PGHOST=${PGHOST:-127.0.0.1}
-PGPORT=${PGPORT:-5432}
-DB_NAME=${DB_NAME:-resizer}
+# The database the project uses (settings.py's default unless DATABASE_URL says otherwise); its
+# server is administered as the same user, in its `postgres` database.
+DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/resizer}
+read -r PGHOST PGPORT DB_NAME ADMIN_URL < <(python3 - "$DATABASE_URL" <<'PY'
+import sys
+from urllib.parse import urlsplit
+url = urlsplit(sys.argv[1])
+print(url.hostname or "127.0.0.1", url.port or 5432, url.path.lstrip("/") or "resizer",
+      url._replace(path="/postgres").geturl())
+PY
+)
 apt_updated=""
 
 say() { echo "services: $*" >&2; }
@@ -41,14 +52,18 @@ ensure_postgres() {
     pg_ctlcluster --skip-systemctl-redirect "$version" main start
     wait_port "$PGHOST" "$PGPORT" 30 PostgreSQL
   fi
-  if [[ -n $installed_now ]]; then
-    # A fresh Debian cluster asks TCP clients for a password: give ours the one DATABASE_URL uses.
+  if ! psql "$ADMIN_URL" -tAc "SELECT 1" >/dev/null 2>&1; then
+    # A fresh Debian cluster asks TCP clients for a password its postgres user does not have (also
+    # after a first run cut off between the install and this step): give it the default URL's one.
+    if [[ -z $installed_now && ( $(id -u) -ne 0 || $ADMIN_URL != postgres://postgres:postgres@127.0.0.1:* ) ]]; then
+      say "cannot log in to PostgreSQL as $ADMIN_URL; set DATABASE_URL to a user that can"; exit 1
+    fi
+    say "setting the password of PostgreSQL's postgres user (DATABASE_URL's default)"
     su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\""
   fi
-  if ! psql "postgres://postgres:postgres@$PGHOST:$PGPORT/postgres" -tAc \
-      "SELECT 1 FROM pg_database WHERE datname='$DB_NAME'" | grep -q 1; then
+  if ! psql "$ADMIN_URL" -tAc "SELECT 1 FROM pg_database WHERE datname='$DB_NAME'" | grep -q 1; then
     say "creating database $DB_NAME"
-    psql "postgres://postgres:postgres@$PGHOST:$PGPORT/postgres" -qc "CREATE DATABASE $DB_NAME"
+    psql "$ADMIN_URL" -qc "CREATE DATABASE \"$DB_NAME\""
   fi
 }
 

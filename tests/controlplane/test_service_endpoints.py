@@ -60,3 +60,12 @@ def test_metrics(client):
     assert any('view="healthz"' in line for line in by_view), by_view
     assert not any('view="resize"' in line for line in by_view), by_view
     assert any(line.startswith("resizer_resize_requests_total") and 'code="unauthorized"' in line for line in lines)
+
+
+def test_the_admin_gets_its_css_and_javascript_with_debug_off(client, settings):
+    """Nothing served /static/ with DEBUG off: the admin came without its CSS and JavaScript."""
+    assert not settings.DEBUG
+    for path in ("/static/admin/css/base.css", "/static/admin/js/core.js"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert b"".join(response.streaming_content if response.streaming else [response.content])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +23,9 @@ from tests.test_e2e import key, server  # noqa: F401  (fixtures)
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.django_db(transaction=True),
               pytest.mark.usefixtures("worker")]
 
-CLUSTER = ["15", "main"]
+# The newest installed cluster, as scripts/services.sh starts it (Debian 12 ships 15, 13 ships 17).
+CLUSTER = [max((p.name for p in Path("/etc/postgresql").iterdir()), key=lambda v: [int(x) for x in v.split(".")],
+               default="15"), "main"]
 
 
 def pg(action: str) -> None:

@@ -113,7 +113,13 @@ def test_compose_has_the_production_shape(compose):
     # HAProxy balances exactly the API services, health-checked on /readyz.
     haproxy = (DOCKER / "haproxy" / "haproxy.cfg").read_text()
     assert sorted(re.findall(r"^\s+server (\S+) \1:8000$", haproxy, re.M)) == apis
-    assert "option httpchk GET /readyz" in haproxy
+    # HTTP/1.1 with a Host Django allows: HTTP/1.0 without a Host was a 400 (DisallowedHost: gunicorn's
+    # bind address 0.0.0.0:8000) in a container, and every API node stayed down.
+    assert "http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host localhost" in haproxy
+    for name in apis:
+        assert "localhost" in services[name]["environment"]["ALLOWED_HOSTS"].split(",")
+        # A deploy lets requests in flight finish: the container waits longer than gunicorn does.
+        assert int(services[name]["stop_grace_period"].rstrip("s")) > 25
 
 
 def test_haproxy_config_is_valid():
