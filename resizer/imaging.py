@@ -270,9 +270,14 @@ def target_size(src_w: int, src_h: int, params: Params) -> tuple[int, int]:
     if not params.enlarge and params.fit in ("inside", "outside") and scale > 1:
         return src_w, src_h
     # The side that defines the scale comes out exact; only the derived side is rounded.
-    out_w = w if w and scale == w / src_w else max(1, round(src_w * scale))
-    out_h = h if h and scale == h / src_h else max(1, round(src_h * scale))
+    out_w = w if w and scale == w / src_w else max(1, _round_half_up(src_w * scale))
+    out_h = h if h and scale == h / src_h else max(1, _round_half_up(src_h * scale))
     return out_w, out_h
+
+
+def _round_half_up(x: float) -> int:
+    """As libvips (and so sharp) rounds sizes; Python's round() takes .5 to the even side (918.5 -> 918)."""
+    return math.floor(x + 0.5)
 
 
 # --- decoding -----------------------------------------------------------------------------------
@@ -490,7 +495,7 @@ def _layout(src_w: int, src_h: int, params: Params) -> _Layout:
         return _Layout(canvas, canvas, (min(src_w, cw / scale), min(src_h, ch / scale)), (0, 0))
     if params.width and params.height and params.fit == "contain":
         scale = min(cw / src_w, ch / src_h)
-        size = (min(cw, max(1, round(src_w * scale))), min(ch, max(1, round(src_h * scale))))
+        size = (min(cw, max(1, _round_half_up(src_w * scale))), min(ch, max(1, _round_half_up(src_h * scale))))
         gx, gy = _GRAVITY_XY[params.gravity]
         return _Layout(canvas, size, (src_w, src_h), (int(gx * (cw - size[0])), int(gy * (ch - size[1]))))
     return _Layout(canvas, canvas, (src_w, src_h), (0, 0))
@@ -598,8 +603,25 @@ def _gif_frame(im: Image.Image) -> Image.Image:
     return frame
 
 
+# How long a frame may show, by what each format's field holds: GIF centiseconds (16 bits), APNG
+# a 16-bit fraction Pillow writes over 1000 (ms), WebP 24-bit milliseconds.
+_MAX_FRAME_MS = {"gif": 655_350, "png": 65_535, "webp": 16_777_215}
+_MAX_PLAYS = 65_535  # GIF's loop count and the others' play count are 16-bit in practice
+
+
+def _plays(input_format: str, loop: Any) -> int:
+    """How many times the input animation plays (0: forever). Pillow's `loop` is a GIF's NETSCAPE
+    repeat count (N repeats = N + 1 plays; no block = once) but WebP's and APNG's play count; AVIF's
+    is not exposed (its edit list repeats forever, as animated AVIF is written)."""
+    if input_format == "avif":
+        return 0
+    if input_format == "gif":
+        return 1 if not isinstance(loop, int) else 0 if loop == 0 else loop + 1
+    return loop if isinstance(loop, int) and loop >= 0 else 0
+
+
 def _encode(
-    frames: list[Image.Image], fmt: str, quality: int | None, durations: list[int], loop: int | None,
+    frames: list[Image.Image], fmt: str, quality: int | None, durations: list[int], plays: int,
 ) -> tuple[bytes, Image.Image]:
     """Encoded bytes, and the first frame as it was handed to the encoder."""
     options = dict(ENCODER_DEFAULTS[fmt])
@@ -612,13 +634,15 @@ def _encode(
         # or exif straight from it: start clean so no metadata reaches the output.
         frame.info = {"transparency": frame.info["transparency"]} if "transparency" in frame.info else {}
     if len(frames) > 1:
+        durations = [min(max(0, d), _MAX_FRAME_MS[fmt]) for d in durations]
+        plays = min(plays, _MAX_PLAYS)
         options.update(save_all=True, append_images=frames[1:], duration=durations)
         if fmt == "gif":
             options["disposal"] = 2  # each frame is complete; clear before drawing the next one
-            if loop is not None:
-                options["loop"] = loop
+            if plays != 1:  # no loop block: once; else repeats = plays - 1 (0 stays: forever)
+                options["loop"] = max(0, plays - 1)
         else:
-            options["loop"] = 1 if loop is None else loop  # no loop extension in a GIF means play once
+            options["loop"] = plays
     buf = io.BytesIO()
     frames[0].save(buf, fmt.upper(), **options)
     data = buf.getvalue()
@@ -683,7 +707,9 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
         icc: Any = None
         loop: Any = None
         decoded = 0
-        for index in range(count):
+        # An APNG's default image (IDAT without an fcTL) is the still fallback, not an animation frame.
+        first = 1 if animate and facts.format == "png" and im.info.get("default_image") else 0
+        for index in range(first, count):
             if index:
                 im.seek(index)
                 if im.size[0] * im.size[1] > limits.max_pixels:
@@ -695,7 +721,7 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
                 raise ImageTooLarge(f"the animation's frames decode to more than {limits.max_animation_pixels} "
                                     f"pixels in all (frame {index} is {im.size[0]}x{im.size[1]})")
             im.load()
-            if index == 0:
+            if index == first:
                 icc, loop = im.info.get("icc_profile"), im.info.get("loop")
             durations.append(int(im.info.get("duration") or 0))
             frame = _working_mode(im)
@@ -727,8 +753,8 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
             frames = [f.convert("RGBA" if clear else "RGB") for f in frames]
 
     try:
-        out, first = _encode(frames, fmt, params.quality, durations, loop if isinstance(loop, int) else None)
-    except (OSError, ValueError) as e:
+        out, first = _encode(frames, fmt, params.quality, durations, _plays(facts.format, loop))
+    except _DECODE_ERRORS as e:  # an encoder's refusal (a value its format cannot hold) is a 422, not a 500
         raise CorruptImage(f"could not encode the image as {fmt}: {e}") from e
     has_alpha = first.mode in _ALPHA_MODES or "transparency" in first.info
     output = ImageFacts(fmt, first.width, first.height, len(out), len(frames), first.mode, has_alpha)

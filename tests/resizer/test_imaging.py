@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/resizer/test_imaging.py
 from __future__ import annotations
 
 import io
+import math
 import random
 import struct
 import time
@@ -36,6 +37,7 @@ from resizer.imaging import (
     target_size,
     validate,
 )
+from resizer.imaging import _layout  # the contain layout's inner size
 
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
 
@@ -115,6 +117,18 @@ def test_target_size_table(src, params, expected):
     assert target_size(*src, params) == expected
 
 
+@pytest.mark.parametrize("src,params,expected", [
+    ((1837, 1350), Params(height=675), (919, 675)),  # 918.5: Python's round() gave 918
+    ((640, 425), Params(width=320), (320, 213)),      # 212.5
+    ((4, 5), Params(width=2), (2, 3)),                # 2.5
+    ((640, 425), Params(width=320, height=320, fit="contain"), (320, 320)),
+])
+def test_a_derived_side_at_one_half_rounds_up_as_in_sharp(src, params, expected):
+    assert target_size(*src, params) == expected
+    if params.fit == "contain":
+        assert _layout(*src, params).size == (320, 213)
+
+
 dims = st.integers(min_value=1, max_value=20_000)
 box_side = st.integers(min_value=1, max_value=8192)
 
@@ -140,10 +154,11 @@ def test_target_size_follows_the_definitions(sw, sh, w, h, fit, enlarge):
     if fit in ("inside", "outside") and not enlarge and scale > 1:
         assert (ow, oh) == (sw, sh)
         return
-    # Each side is the scaled source side, rounded, and at least 1; the side that set the scale is exact.
+    # Each side is the scaled source side, rounded half up as libvips does (sharp's sizes), and at
+    # least 1; the side that set the scale is exact.
     for out, src in ((ow, sw), (oh, sh)):
         ideal = src * scale
-        assert abs(out - ideal) <= 0.5 + 1e-9 or (out == 1 and ideal < 1)
+        assert out == max(1, math.floor(ideal + 0.5))
     if w and h and fit == "inside":
         assert ow <= w and oh <= h and (ow == w or oh == h)
     if w and h and fit == "outside":
@@ -329,6 +344,62 @@ def test_animation_is_kept_for_gif_webp_and_apng(fmt):
     for mine, theirs in zip(frames_of(result.data), frames_of(source), strict=True):
         expected = theirs.resize((112, 75), Image.Resampling.LANCZOS)
         assert ImageStat.Stat(ImageChops.difference(mine, expected)).mean[0] < 12
+
+
+def _two_frames(fmt: str, **options) -> bytes:
+    frames = [Image.new("RGB", (20, 10), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    return encode(frames[0], fmt, save_all=True, append_images=frames[1:], **options)
+
+
+def _plays_of(data: bytes) -> int:
+    """How many times an animation plays (0: forever), whatever its format's way of saying it."""
+    im = Image.open(io.BytesIO(data))
+    loop = im.info.get("loop")
+    if im.format == "GIF":
+        return 1 if loop is None else 0 if loop == 0 else loop + 1
+    return loop
+
+
+@pytest.mark.parametrize("source,plays", [
+    (lambda: _two_frames("GIF", duration=50, loop=2), 3),   # a GIF's loop 2 is two repeats: three plays
+    (lambda: _two_frames("GIF", duration=50), 1),           # no NETSCAPE block: once
+    (lambda: _two_frames("GIF", duration=50, loop=0), 0),   # forever
+    (lambda: _two_frames("WEBP", duration=50, loop=1), 1),  # WebP's loop is the play count
+    (lambda: _two_frames("PNG", duration=50, loop=4), 4),   # and APNG's
+    (lambda: _two_frames("AVIF", duration=50), 0),          # AVIF's repeats forever (not exposed by Pillow)
+])
+@pytest.mark.parametrize("fmt", ["gif", "webp", "png"])
+def test_an_animation_plays_as_many_times_in_every_format(source, plays, fmt):
+    """Pillow's `loop` means repeats for GIF but plays for WebP and APNG: copied as is, a GIF that
+    plays 3 times played 2 as WebP, a WebP that plays once played twice as GIF, and an animated AVIF
+    (forever) played once."""
+    assert _plays_of(resize(source(), Params(width=10, format=fmt)).data) == plays
+
+
+@pytest.mark.parametrize("fmt", ["gif", "webp", "png"])
+def test_durations_and_play_counts_past_a_format_s_fields_are_clamped_not_500(fmt):
+    """A 700 s frame does not fit a GIF's 16-bit centiseconds, nor 70,000 plays a 16-bit count:
+    Pillow raised OverflowError (or libwebp a RuntimeError), which escaped as a 500."""
+    long_frame = _two_frames("WEBP", duration=[700_000, 50], loop=0)
+    out = Image.open(io.BytesIO(resize(long_frame, Params(width=10, format=fmt)).data))
+    out.load()
+    assert out.n_frames == 2 and out.info["duration"] == {"gif": 655_350, "png": 65_535, "webp": 700_000}[fmt]
+    many_plays = _two_frames("PNG", duration=50, loop=70_000)
+    assert _plays_of(resize(many_plays, Params(width=10, format=fmt)).data) == 65_535
+
+
+@pytest.mark.parametrize("fmt", ["gif", "webp", "png"])
+def test_an_apng_s_default_image_is_not_an_animation_frame(fmt):
+    """The IDAT image of an APNG with default_image is the still fallback for viewers without APNG;
+    it was played as a first frame of duration 0."""
+    white, red, green = (Image.new("RGB", (20, 10), c) for c in ((255, 255, 255), (250, 0, 0), (0, 250, 0)))
+    apng = encode(white, "PNG", save_all=True, append_images=[red, green], default_image=True, duration=[0, 60, 70])
+    result = resize(apng, Params(width=10, format=fmt))
+    frames = frames_of(result.data)
+    assert len(frames) == 2 == result.output.frames
+    assert [f.getpixel((5, 2)) for f in frames][0][0] > 200 and frames[1].getpixel((5, 2))[1] > 200
+    still = decode(resize(apng, Params(width=10, format="jpeg")).data)  # no animation: the fallback
+    assert min(still.getpixel((5, 2))) > 240
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "avif"])
