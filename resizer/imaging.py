@@ -404,8 +404,19 @@ def probe(data: bytes, limits: Limits = Limits()) -> ImageFacts:
 
 
 def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag, from EXIF only: Pillow's getexif() falls back to an XMP
+    tiff:Orientation, which browsers, libvips and sharp ignore (the same file would turn here only)."""
     try:
-        value = im.getexif().get(0x0112, 1)
+        if hasattr(im, "tag_v2"):  # TIFF: the tags are the EXIF
+            value = im.tag_v2.get(0x0112, 1)
+        else:
+            raw = im.info.get("exif")
+            if raw is None and "Raw profile type exif" in im.info:  # PNG text chunk (ImageMagick)
+                raw = bytes.fromhex("".join(im.info["Raw profile type exif"].split("\n")[3:]))
+            exif = Image.Exif()
+            if raw:
+                exif.load(raw)
+            value = exif.get(0x0112, 1)
     except _DECODE_ERRORS:
         return 1  # a broken EXIF block is not worth failing the picture for
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
@@ -471,6 +482,13 @@ def _srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
         transform = _to_srgb_transform(icc, im.mode)
         if transform is not None:
             im = ImageCms.applyTransform(im, transform) or im
+    elif icc and im.mode in ("L", "LA"):
+        # A grey profile (Photoshop's Dot Gain 20%, Gray Gamma 2.2...) to sRGB's tone curve, kept grey:
+        # the transform's R = G = B. Stripped without it, every tone came out wrong.
+        transform = _to_srgb_transform(icc, "L")
+        if transform is not None:
+            grey = ImageCms.applyTransform(im.getchannel("L") if im.mode == "LA" else im, transform).convert("L")
+            im = Image.merge("LA", (grey, im.getchannel("A"))) if im.mode == "LA" else grey
     return im.convert("RGB") if im.mode == "CMYK" else im
 
 

@@ -462,6 +462,57 @@ def test_exif_orientation_with_draft_decoding():
     assert ImageStat.Stat(ImageChops.difference(out, expected)).mean[0] < 4
 
 
+XMP_ORIENTATION_6 = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+                     b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+                     b'</rdf:RDF></x:xmpmeta>')
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "PNG"])
+def test_an_orientation_in_xmp_only_is_not_applied(fmt):
+    """Browsers, libvips and sharp turn a picture by its EXIF tag only; Pillow's getexif() also reads
+    an XMP tiff:Orientation, and the picture came out turned here alone. With an EXIF tag as well,
+    the EXIF tag decides."""
+    wide = Image.new("RGB", (80, 40), (200, 30, 30))
+    xmp_only = encode(wide, fmt, xmp=XMP_ORIENTATION_6)
+    assert decode(resize(xmp_only, Params(width=40, format="png")).data).size == (40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    both = encode(wide, fmt, xmp=XMP_ORIENTATION_6, exif=exif.tobytes())
+    assert decode(resize(both, Params(width=40, format="png")).data).size == (40, 80)
+
+
+def _grey_profile(gamma: float) -> bytes:
+    """A minimal ICC v2 monitor profile in GRAY space (white point D50, one gamma curve)."""
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ \0\0\0\0" + b"".join(struct.pack(">i", round(v * 65536)) for v in (x, y, z))
+
+    text = b"Grey gamma test\0"
+    tags = [(b"desc", b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 79),
+            (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+            (b"kTRC", b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0")]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        data += b"\0" * (-(offset + len(data)) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    body = struct.pack(">I", len(tags)) + table + data
+    header = (struct.pack(">I", 128 + len(body)) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntrGRAYXYZ "
+              + b"\0" * 12 + b"acsp" + b"\0" * 24 + struct.pack(">Iiii", 0, 63190, 65536, 54061) + b"\0" * 48)
+    return header + body
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "L"), ("PNG", "L"), ("PNG", "LA")])
+def test_a_grey_image_s_profile_is_converted_to_srgb(fmt, mode):
+    """A grey picture with a grey ICC profile (gamma 1.0 here) is converted to sRGB's tones, as an
+    RGB one with an RGB profile is: 64 on that curve is 137 in sRGB. It was left at 64, and the
+    profile stripped."""
+    grey = Image.new(mode, (40, 20), 64 if mode == "L" else (64, 255))
+    out = decode(resize(encode(grey, fmt, icc_profile=_grey_profile(1.0)), Params(width=20, format="png")).data)
+    pixel = out.getpixel((10, 5))
+    assert out.mode == mode and abs((pixel[0] if mode == "LA" else pixel) - 137) <= 2
+    assert "icc_profile" not in out.info
+
+
 def test_metadata_is_stripped():
     source = corpus("rocket-exif-orientation-6.jpg")
     assert "exif" in Image.open(io.BytesIO(source)).info and "comment" in Image.open(io.BytesIO(source)).info
