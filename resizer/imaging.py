@@ -336,6 +336,45 @@ def _png_error(data: bytes) -> str | None:
     return f"PNG has more than {_PNG_MAX_CHUNKS} chunks"
 
 
+def _gif_error(data: bytes, limits: Limits) -> str | None:
+    """Why a GIF must not reach Pillow, read from its blocks alone: a frame reaching past max_pixels,
+    or frames whose canvases (Pillow grows the canvas to every frame's extent and decodes each frame
+    at that size) add up past max_animation_pixels. Pillow allocates a frame's canvas when it opens
+    or seeks to it, before any check of ours could run: 43 bytes can ask for a 169 MP frame. The walk
+    stops one frame past max_frames (counted again, and refused, by _open)."""
+    if len(data) < 13:
+        return None  # Pillow says what is wrong with it
+    width, height, flags = struct.unpack_from("<HHB", data, 6)
+    position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    canvas_w, canvas_h, decoded, frames = width, height, 0, 0
+    try:
+        while position < len(data) and frames <= limits.max_frames:
+            block = data[position]
+            if block == 0x3B:  # trailer
+                break
+            if block == 0x21:  # extension: label, then data sub-blocks
+                position += 2
+            elif block == 0x2C:  # image descriptor, optional local colour table, LZW code size
+                left, top, w, h, local = struct.unpack_from("<HHHHB", data, position + 1)
+                if (left + w) * (top + h) > limits.max_pixels:
+                    return f"frame {frames} reaches {left + w}x{top + h} pixels; the limit is {limits.max_pixels} pixels"
+                canvas_w, canvas_h = max(canvas_w, left + w), max(canvas_h, top + h)
+                decoded += canvas_w * canvas_h
+                frames += 1
+                if frames > 1 and decoded > limits.max_animation_pixels:
+                    return (f"the animation's frames decode to more than {limits.max_animation_pixels} pixels "
+                            f"in all (a {canvas_w}x{canvas_h} canvas by frame {frames - 1})")
+                position += 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0) + 1
+            else:
+                return None  # not a block: Pillow's decode says what is wrong
+            while (size := data[position]) != 0:  # data sub-blocks
+                position += size + 1
+            position += 1
+    except (IndexError, struct.error):
+        return None  # cut short: the trailer check in _open refuses it
+    return None
+
+
 def _gif_frames(im: ImageFile.ImageFile, cap: int) -> int:
     """A GIF's frame count, walking at most one frame past `cap`: Pillow's n_frames walks them all
     in Python, ~5 us each, and a 25 MB GIF of 1x1 frames holds ~2 million (seconds of API CPU).
@@ -358,6 +397,8 @@ def _open(data: bytes, limits: Limits) -> tuple[ImageFile.ImageFile, ImageFacts]
         raise InputTooLarge(f"input is {len(data)} bytes; the limit is {limits.max_input_bytes}")
     if data.startswith(b"\x89PNG\r\n\x1a\n") and (png_error := _png_error(data)):
         raise CorruptImage(png_error)
+    if data.startswith((b"GIF87a", b"GIF89a")) and (gif_error := _gif_error(data, limits)):
+        raise ImageTooLarge(gif_error)
     with _decoding():
         try:
             im = Image.open(io.BytesIO(data), formats=_DECODERS)

@@ -737,11 +737,31 @@ def gif_growing_canvas(offset: int) -> bytes:
 
 
 def test_gif_frames_growing_the_canvas_count_against_the_animation_limit():
+    """The header says 3 x 10 x 10; the frames' placement grows the canvas to 510 x 510. Refused from
+    the blocks, before Pillow opens the file (it allocates each frame's canvas as it reaches it)."""
     data = gif_growing_canvas(500)
-    assert probe(data, Limits(max_animation_pixels=1000)).frames == 3  # the header: 3 x 10 x 10
-    with pytest.raises(ImageTooLarge, match="510x510"):
-        resize(data, Params(width=8, format="gif"), Limits(max_animation_pixels=1000))
+    for attempt in (lambda: probe(data, Limits(max_animation_pixels=1000)),
+                    lambda: resize(data, Params(width=8, format="gif"), Limits(max_animation_pixels=1000))):
+        with pytest.raises(ImageTooLarge, match="510x510"):
+            attempt()
     assert resize(data, Params(width=8, format="gif")).output.frames == 3  # within the default limit
+
+
+@pytest.mark.parametrize("at_frame", [0, 1])
+def test_a_gif_frame_past_the_pixel_limit_is_refused_before_pillow_allocates_it(at_frame, monkeypatch):
+    """A 1x1 screen, and a frame declaring 13000 x 13000: Pillow allocated its 169 MP canvas on
+    open (frame 0) or seek (frame 1), before the limit was checked."""
+    data = bytearray(gif_growing_canvas(0))
+    descriptor = b"\x2c" + struct.pack("<HHHH", 0, 0, 10, 10)
+    at = [i for i in range(len(data)) if data[i:i + 9] == descriptor][at_frame]
+    data[at + 5:at + 9] = struct.pack("<HH", 13000, 13000)
+    data[6:10] = struct.pack("<HH", 1, 1)
+    opened = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or pytest.fail("Pillow opened it"))
+    for attempt in (lambda: probe(bytes(data)), lambda: resize(bytes(data), Params(width=8, format="gif"))):
+        with pytest.raises(ImageTooLarge, match="13000x13000"):
+            attempt()
+    assert not opened
 
 
 def rle8_bmp(width: int, height: int) -> bytes:
