@@ -223,9 +223,10 @@ class QueueProbe:
                                 _, ready, consumers = channel.queue_declare(queue=name, passive=True)
                                 values[name] = (ready, consumers)
                             except Exception as e:
+                                # Not declared yet. The 404 closes the channel, and py-amqp reopens the
+                                # same channel by itself: opening another here leaked one every probe.
                                 if not _is_not_found(e):
                                     raise
-                                channel = connection.channel()  # not declared yet: a 404 closes the channel
                         self._values, self._at = values, time.monotonic()
                         self.first.set()
                         backoff = self.interval
@@ -245,17 +246,21 @@ def _is_not_found(error: Exception) -> bool:
 
 # --- the process's instances (made after fork: threads do not survive one) -----------------------
 
+def probe_connection() -> Any:
+    """The probe's connection: its own socket timeouts (a broker that accepts but never answers must not
+    hang the probe) and heartbeats (the broker drops a dead API host's connection within two)."""
+    from controlplane.celery import app
+
+    return app.connection_for_read(transport_options={"read_timeout": 2, "write_timeout": 2},
+                                   heartbeat=app.conf.broker_heartbeat)
+
+
 def _queue_probe() -> QueueProbe:
     """The probe of the resize queue and its dead-letter queue."""
     import celeryconfig
-    from controlplane.celery import app
     from django.conf import settings
 
-    def connect() -> Any:
-        # Its own socket timeouts: a broker that accepts but never answers must not hang the probe.
-        return app.connection_for_read(transport_options={"read_timeout": 2, "write_timeout": 2})
-
-    return QueueProbe((celeryconfig.resize_queue.name, celeryconfig.dead_letter_queue.name), connect,
+    return QueueProbe((celeryconfig.resize_queue.name, celeryconfig.dead_letter_queue.name), probe_connection,
                       interval=settings.ADMISSION_QUEUE_PROBE_SECONDS)
 
 

@@ -28,10 +28,14 @@ _jitter = random.Random()
 _MAX_EXPECTED = 10_000
 
 
+def _reply_queue_name() -> str:
+    return f"reply.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
 class JobWaiter:
     def __init__(self, connection_factory: Any) -> None:
         self._connection_factory = connection_factory
-        self.queue_name = f"reply.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.queue_name = _reply_queue_name()
         self._events: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self.ready = threading.Event()  # set while the reply queue is declared and consumed
@@ -83,6 +87,9 @@ class JobWaiter:
         while True:
             try:
                 with self._connection_factory() as connection:
+                    # A name of its own for each connection: the broker may still hold the last one's
+                    # exclusive queue (its connection not yet seen dead), and redeclaring it is refused.
+                    self.queue_name = _reply_queue_name()
                     queue = Queue(
                         self.queue_name,
                         exclusive=True,
@@ -99,7 +106,10 @@ class JobWaiter:
                             try:
                                 connection.drain_events(timeout=1.0)
                             except socket.timeout:
-                                connection.heartbeat_check()
+                                pass
+                            # Every pass, not only when idle: with a notice a second or more the drain
+                            # never times out, and a broker that died silently would go unnoticed.
+                            connection.heartbeat_check()
             except Exception as e:  # broker gone: keep trying; the waiting requests look at their jobs meanwhile
                 self.ready.clear()
                 self._wake_all()
@@ -108,13 +118,17 @@ class JobWaiter:
                 backoff = min(backoff * 2, 5.0)
 
 
-def _job_waiter() -> JobWaiter:
+def reply_connection() -> Connection:
+    """The waiter's connection, with heartbeats (Celery leaves them off unless asked): a broker host
+    that dies without closing the socket is noticed in ~2 heartbeats, not when TCP gives up minutes
+    later, and the broker drops a dead API host's connection and exclusive reply queue as soon."""
     from controlplane.celery import app
 
-    def connect() -> Connection:
-        return app.connection_for_read()
+    return app.connection_for_read(heartbeat=app.conf.broker_heartbeat)
 
-    return JobWaiter(connect)
+
+def _job_waiter() -> JobWaiter:
+    return JobWaiter(reply_connection)
 
 
 # The process's waiter, made on first use (its consumer thread does not survive a fork).

@@ -218,6 +218,36 @@ def test_the_probe_reads_a_queues_depth_off_the_request_path_and_goes_stale_with
     assert connecting_threads and threading.current_thread() not in connecting_threads
 
 
+def test_probing_a_missing_queue_keeps_one_channel_and_the_connections_beat():
+    """A 404 closes the probe's channel and py-amqp reopens that same channel: the probe opened
+    another as well, leaking one per probe (2 a second per API process until channel_max). The probe's
+    and the reply waiter's connections heartbeat (Celery's read connections default to none)."""
+    from controlplane.admission import probe_connection
+    from controlplane.celery import app
+    from resizer.notify import reply_connection
+
+    made, done = [], threading.Event()
+
+    def connect():
+        if done.is_set():
+            raise ConnectionError("test over")
+        made.append(app.connection_for_read(heartbeat=app.conf.broker_heartbeat))
+        return made[-1]
+
+    probe = QueueProbe((f"test.probe.missing.{uuid.uuid4().hex[:8]}",), connect, interval=0.02)
+    try:
+        assert probe.first.wait(10)
+        time.sleep(1.0)  # some 50 probes of a queue that does not exist
+        assert len(made) == 1 and len(made[0].connection.channels) <= 2  # channel 0 and the probe's
+    finally:
+        done.set()
+        made[0].release()
+    with reply_connection() as connection:
+        assert connection.heartbeat == app.conf.broker_heartbeat > 0
+    with probe_connection() as connection:
+        assert connection.heartbeat == app.conf.broker_heartbeat
+
+
 # --- the view ----------------------------------------------------------------------------------------
 
 @pytest.fixture
