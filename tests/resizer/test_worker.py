@@ -64,3 +64,13 @@ def test_lost_input_fails_the_job():
     with app.producer_or_acquire() as producer:
         done = job_run(job_id=job.id, reply_to=None, producer=producer)
     assert done.status == FAILED and done.error["code"] == "input_lost"
+
+
+def test_a_job_requeued_after_a_store_failure_waits_longer_each_delivery():
+    """A quorum queue redelivers a requeued message at once: without a pause, a blip of the staging
+    store used up every queued job's delivery limit in about a second, dead-lettering them all."""
+    from resizer.tasks import requeue_delay
+
+    for deliveries in range(8):
+        low, high = 0.5 * min(8.0, 0.5 * 2 ** deliveries), min(8.0, 0.5 * 2 ** deliveries)
+        assert all(low <= requeue_delay(deliveries) <= high for _ in range(50))
