@@ -63,13 +63,29 @@ dead_letter_queue = Queue(
     queue_arguments={"x-queue-type": "quorum"},
 )
 
+# Beat's tasks (sweep, rollup, billing, archive) on a queue of their own: on the resize queue they
+# counted in its depth (which admission refuses on) and waited behind resizes. Bound on `periodic.#`,
+# outside the resize queue's `resize.#`. Workers consume both; a message beat sent while no worker ran
+# expires after its interval (beat sends the next one), so runs never pile up.
+periodic_queue = Queue(
+    f"{RESIZE_QUEUE}.periodic",
+    resize_exchange,
+    routing_key="periodic.#",
+    queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT},
+)
+
 task_default_queue_type = "quorum"
 task_default_exchange_type = "topic"
 task_default_queue = RESIZE_QUEUE
 task_default_exchange = RESIZE_QUEUE
 task_default_routing_key = f"{RESIZE_QUEUE}.default"
-task_queues = (resize_queue,)
-task_routes = {"resizer.tasks.*": {"queue": RESIZE_QUEUE, "routing_key": f"{RESIZE_QUEUE}.job"}}
+task_queues = (resize_queue, periodic_queue)
+_PERIODIC_ROUTE = {"queue": periodic_queue.name, "routing_key": "periodic.task"}
+task_routes = {  # first match wins
+    "resizer.tasks.staging_sweep": _PERIODIC_ROUTE,
+    "metering.tasks.*": _PERIODIC_ROUTE,
+    "resizer.tasks.*": {"queue": RESIZE_QUEUE, "routing_key": f"{RESIZE_QUEUE}.job"},
+}
 task_create_missing_queues = False
 
 task_serializer = "json"
@@ -117,19 +133,23 @@ beat_schedule = {
     "staging-sweep": {
         "task": "resizer.tasks.staging_sweep",
         "schedule": env_float("STAGING_SWEEP_SECONDS", 60.0),
+        "options": {"expires": env_float("STAGING_SWEEP_SECONDS", 60.0)},
     },
     # Metering (docs/adr/0004): each run recomputes whole windows, so a repeated run is harmless.
     "usage-rollup": {
         "task": "metering.tasks.usage_rollup",
         "schedule": env_float("USAGE_ROLLUP_SECONDS", 60.0),
+        "options": {"expires": env_float("USAGE_ROLLUP_SECONDS", 60.0)},
     },
     "billing-run": {
         "task": "metering.tasks.billing_run",
         "schedule": env_float("BILLING_RUN_SECONDS", 300.0),
+        "options": {"expires": env_float("BILLING_RUN_SECONDS", 300.0)},
     },
     "usage-archive": {
         "task": "metering.tasks.usage_archive",
         "schedule": env_float("USAGE_ARCHIVE_SECONDS", 3600.0),
+        "options": {"expires": env_float("USAGE_ARCHIVE_SECONDS", 3600.0)},
     },
 }
 # Task modules outside the autodiscovered `resizer` package.

@@ -113,6 +113,6 @@ _DELETE_QUEUES = """
 import celeryconfig
 from controlplane.celery import app
 with app.connection_for_write() as c:
-    for q in (celeryconfig.resize_queue, celeryconfig.dead_letter_queue):
+    for q in (celeryconfig.resize_queue, celeryconfig.dead_letter_queue, celeryconfig.periodic_queue):
         q.bind(c.default_channel).delete()
 """

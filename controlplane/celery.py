@@ -37,9 +37,9 @@ app.autodiscover_tasks(["resizer"])
 
 
 def declare_topology(connection) -> None:
-    """Declare the resize queue and its dead-letter queue (idempotent; same arguments every time)."""
+    """Declare the resize queue, its dead-letter queue and beat's queue (idempotent; same arguments)."""
     channel = connection.default_channel
-    for queue in (celeryconfig.resize_queue, celeryconfig.dead_letter_queue):
+    for queue in (celeryconfig.resize_queue, celeryconfig.dead_letter_queue, celeryconfig.periodic_queue):
         queue.bind(channel).declare()
 
 

@@ -64,7 +64,7 @@ def _delete_queues() -> None:
 
     with app.connection_for_write() as connection:
         channel = connection.default_channel
-        for queue in (celeryconfig.resize_queue, celeryconfig.dead_letter_queue):
+        for queue in (celeryconfig.resize_queue, celeryconfig.dead_letter_queue, celeryconfig.periodic_queue):
             try:
                 queue.bind(channel).delete()
             except Exception:

@@ -119,3 +119,22 @@ def test_beat_tasks_have_their_own_time_limits_not_a_resize_s():
         assert task.time_limit > celeryconfig.task_time_limit
     resize = app.tasks["resizer.tasks.resize"]
     assert resize.time_limit in (None, celeryconfig.task_time_limit)  # None: the worker's configured default
+
+
+def test_beat_tasks_go_to_their_own_queue_and_expire_with_their_interval():
+    """On the resize queue beat's messages counted in the depth admission refuses on, and piled up
+    while no worker ran (then each took a resize child at once)."""
+    import celeryconfig
+    import metering.tasks  # noqa: F401
+    import resizer.tasks  # noqa: F401
+    from controlplane.celery import app
+
+    router = app.amqp.router
+    for entry in celeryconfig.beat_schedule.values():
+        route = router.route(entry.get("options", {}), entry["task"])
+        assert route["queue"].name == celeryconfig.periodic_queue.name, entry["task"]
+        assert entry["options"]["expires"] == entry["schedule"]
+    resize = router.route({}, "resizer.tasks.resize")
+    assert resize["queue"].name == celeryconfig.resize_queue.name
+    # The resize queue's binding does not take beat's routing keys (both are on one topic exchange).
+    assert not celeryconfig.periodic_queue.routing_key.startswith(celeryconfig.RESIZE_QUEUE)
