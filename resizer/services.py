@@ -16,6 +16,7 @@ import celeryconfig
 from controlplane import logs
 from resizer import imaging
 from resizer.jobs import (
+    QUEUED,
     Job,
     job_adopt_decided,
     job_by_idempotency_key,
@@ -84,7 +85,15 @@ def job_submit(
     try:
         _publish(_send, job.id, reply_to)
     except PUBLISH_ERRORS as e:
+        # A publish whose confirm was lost (its node died after the message was replicated) may have
+        # reached the queue all the same, and kombu's reconnecting retries can put a copy there too:
+        # a worker that already took the job means the queue has it.
+        current = job_load(store, job.id)
+        if current is not None and current.status != QUEUED:
+            log.warning("job %s: the publish failed (%s) but a worker took the job", job.id, e)
+            return current, True
         log.warning("job %s not accepted by the broker: %s", job.id, e)
+        # A copy taken after this still finds the job failed, and finishes it so (job_run, _job_conclude).
         job_fail(store, job, status=503, code="queue_unavailable", detail="The job queue did not accept the job.")
         if idempotency_key is not None:
             job_release_idempotency(store, customer_id=customer_id, idempotency_key=idempotency_key)
@@ -139,10 +148,12 @@ def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
 
 
 def _publish(send: Callable[[str, str | None, float], None], job_id: str, reply_to: str | None) -> None:
-    """Hand the job to the broker with `send` and wait for its confirm, within PUBLISH_TIMEOUT_SECONDS
-    in all. A nack (the broker up but the queue not taking messages: between leaders) is retried with
-    exponential backoff and jitter; connection failures were already retried over every listed node
-    by kombu, and a confirm that timed out spent the budget, so those raise at once."""
+    """Hand the job to the broker with `send` and wait for its confirm. A nack (the broker up but the
+    queue not taking messages: between leaders) is retried here, within PUBLISH_TIMEOUT_SECONDS, with
+    exponential backoff and jitter. Connection failures, and a confirm that did not come in time, were
+    already retried by kombu over every listed node (task_publish_retry_policy: up to 3 tries of the
+    timeout each), so those raise at once. A retried publish whose first confirm was lost can leave two
+    copies of the message: a job's deliveries converge on one outcome (_job_conclude)."""
     deadline = time.monotonic() + celeryconfig.PUBLISH_TIMEOUT_SECONDS
     for attempt in range(celeryconfig.PUBLISH_ATTEMPTS):
         try:
@@ -217,7 +228,14 @@ def _job_conclude(store: StagingStore, job: Job, *, producer: Any, reply_to: str
     document, the redelivery finishes the job as decided, and its record is the one already written
     (the staging table keeps the first record of an id). A spool that cannot be written raises (a
     StagingError: the task requeues the job, which then finishes as decided)."""
-    job_decide(store, job)
+    # Another delivery of the same job (a copy of its message, or a redelivery while the first still
+    # ran) may have decided or finished it meanwhile, or the API failed it (its publish looked lost):
+    # the first outcome stands, and this delivery finishes the job as that one says.
+    stored = job_load(store, job.id)
+    if stored is not None and (stored.finished or job_adopt_decided(stored)):
+        job = stored
+    else:
+        job_decide(store, job)
     usage_record_emit(job=job)
     job_finish(store, job)
     job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)

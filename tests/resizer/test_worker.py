@@ -74,3 +74,56 @@ def test_a_job_requeued_after_a_store_failure_waits_longer_each_delivery():
     for deliveries in range(8):
         low, high = 0.5 * min(8.0, 0.5 * 2 ** deliveries), min(8.0, 0.5 * 2 ** deliveries)
         assert all(low <= requeue_delay(deliveries) <= high for _ in range(50))
+
+
+def test_two_deliveries_of_one_job_at_once_end_on_the_first_outcome(monkeypatch):
+    """A copy of the job's message (a publish retried after its confirm was lost) runs alongside the
+    first: the first finishes and drops the input, so the second finds no input. The second must not
+    overwrite the succeeded job with `input_lost`."""
+    from resizer import services
+
+    job = _job(corpus("coffee.jpg"))
+    read_input = services.job_input
+    copies: list = []
+
+    def input_after_the_copy_finished(store, running):
+        if not copies:
+            copies.append(None)  # the copy reads its input unhindered
+            copies[0] = job_run(job_id=running.id, reply_to=None, producer=producer)  # and finishes first
+        return read_input(store, running)
+
+    monkeypatch.setattr(services, "job_input", input_after_the_copy_finished)
+    with app.producer_or_acquire() as producer:
+        late = job_run(job_id=job.id, reply_to=None, producer=producer)
+    stored = job_load(staging_store(), job.id)
+    assert copies[0].status == SUCCEEDED
+    assert late.status == stored.status == SUCCEEDED and stored.output == copies[0].output
+
+
+def test_a_publish_whose_confirm_was_lost_but_whose_job_a_worker_took_is_not_a_503(monkeypatch, worker):
+    """The message reached the queue, its confirm did not reach the API (the node died in between):
+    a worker runs the job. The API must not answer 503 and fail a job that runs and is billed."""
+    import time
+
+    from resizer import services
+
+    def published_then_confirm_lost(job_id, reply_to, timeout):
+        real_send(job_id, reply_to, timeout)
+        deadline = time.monotonic() + 20
+        while job_load(staging_store(), job_id).status == "queued":  # the worker takes it
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        raise TimeoutError("confirm timed out")
+
+    real_send = services._send
+    monkeypatch.setattr(services, "_send", published_then_confirm_lost)
+    job, created = services.job_submit(
+        customer_id=str(uuid.uuid4()), key_id=str(uuid.uuid4()), request_id="r", params=imaging.Params(width=50),
+        input_facts=imaging.probe(corpus("coffee.jpg")), data=corpus("coffee.jpg"), idempotency_key=None,
+        reply_to=None)
+    assert created and job.status != "failed"
+    deadline = time.monotonic() + 20
+    while not (done := job_load(staging_store(), job.id)).finished:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert done.status == SUCCEEDED
