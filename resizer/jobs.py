@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -78,6 +78,9 @@ class Job:
         return expires is not None and (now or _now()) >= expires
 
 
+_JOB_FIELDS = frozenset(f.name for f in fields(Job))
+
+
 def _prefix(job_id: str) -> str:
     return f"jobs/{job_id[:2]}/{job_id}"
 
@@ -101,7 +104,12 @@ def _idempotency_key(customer_id: str, key: str) -> str:
 def job_save(store: StagingStore, job: Job) -> None:
     # vars(), not dataclasses.asdict(): the document is JSON already (strings, numbers, flat dicts), and
     # asdict's recursive deep copy cost 50 us of CPU a save (four saves a job).
-    store.put(_doc_key(job.id), json.dumps(vars(job), separators=(",", ":")).encode())
+    document = vars(job)
+    if job.decided is None:
+        # Written only while it means something: a process of the previous version (a rolling deploy)
+        # reads documents without it, and would refuse one with a field it does not know.
+        document = {k: v for k, v in document.items() if k != "decided"}
+    store.put(_doc_key(job.id), json.dumps(document, separators=(",", ":")).encode())
 
 
 def job_load(store: StagingStore, job_id: str) -> Job | None:
@@ -110,9 +118,11 @@ def job_load(store: StagingStore, job_id: str) -> Job | None:
     if not _JOB_ID.fullmatch(job_id):
         return None
     try:
-        return Job(**json.loads(store.get(_doc_key(job_id))))
+        document = json.loads(store.get(_doc_key(job_id)))
     except StagingNotFound:
         return None
+    # Fields a newer version added are ignored, so a rolling deploy's older processes keep reading.
+    return Job(**{k: v for k, v in document.items() if k in _JOB_FIELDS})
 
 
 def job_create(

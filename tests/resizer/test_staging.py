@@ -162,3 +162,23 @@ def test_a_directory_delete_that_fails_part_way_is_an_error(store):
         subprocess.run(["chattr", "-i", str(pinned)], check=True)
     assert store.delete(output_key(job.id).rsplit("/", 1)[0]) is True
     assert not pinned.parent.exists()
+
+
+def test_job_documents_read_across_versions(store):
+    """A rolling deploy runs two versions at once: a field a newer version writes is ignored when read,
+    and `decided` is written only while a job's outcome is being recorded."""
+    import json
+
+    from resizer.jobs import _doc_key, job_decide, job_save
+
+    job, _ = _create(store)
+    assert "decided" not in json.loads(store.get(_doc_key(job.id)))
+    document = json.loads(store.get(_doc_key(job.id)))
+    store.put(_doc_key(job.id), json.dumps({**document, "added_later": 1}).encode())
+    assert job_load(store, job.id).id == job.id
+    job.status = "succeeded"
+    job_decide(store, job)
+    assert json.loads(store.get(_doc_key(job.id)))["decided"] == "succeeded"
+    job.decided = None
+    job_save(store, job)
+    assert "decided" not in json.loads(store.get(_doc_key(job.id)))
