@@ -10,17 +10,6 @@ set -euo pipefail
 # an ordinary user's PATH: without it they look missing and the script would try to install them.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-# The database the project uses (settings.py's default unless DATABASE_URL says otherwise); its
-# server is administered as the same user, in its `postgres` database.
-DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/resizer}
-read -r PGHOST PGPORT DB_NAME ADMIN_URL < <(python3 - "$DATABASE_URL" <<'PY'
-import sys
-from urllib.parse import urlsplit
-url = urlsplit(sys.argv[1])
-print(url.hostname or "127.0.0.1", url.port or 5432, url.path.lstrip("/") or "resizer",
-      url._replace(path="/postgres").geturl())
-PY
-)
 apt_updated=""
 
 say() { echo "services: $*" >&2; }
@@ -41,6 +30,18 @@ wait_port() { # host port seconds what
 }
 
 ensure_postgres() {
+  # The database the project uses (settings.py's default unless DATABASE_URL says otherwise); its
+  # server is administered as the same user, in its `postgres` database. (Parsed here, not at the top:
+  # `--python` runs where there may be no python3 yet.)
+  local PGHOST PGPORT DB_NAME ADMIN_URL
+  read -r PGHOST PGPORT DB_NAME ADMIN_URL < <(python3 - "${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/resizer}" <<'PY'
+import sys
+from urllib.parse import urlsplit
+url = urlsplit(sys.argv[1])
+print(url.hostname or "127.0.0.1", url.port or 5432, url.path.lstrip("/") or "resizer",
+      url._replace(path="/postgres").geturl())
+PY
+)
   local installed_now=""
   if ! command -v pg_ctlcluster >/dev/null; then
     say "installing PostgreSQL"; apt_install postgresql; installed_now=1
@@ -112,4 +113,4 @@ case "${1:-}" in
   "") ensure_postgres; ensure_rabbitmq; ensure_tools ;;
   *) say "unknown option $1"; exit 2 ;;
 esac
-say "PostgreSQL on $PGHOST:$PGPORT (database $DB_NAME) and RabbitMQ on 127.0.0.1:5672 are up"
+say "PostgreSQL (DATABASE_URL's server and database) and RabbitMQ on 127.0.0.1:5672 are up"
