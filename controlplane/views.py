@@ -53,19 +53,17 @@ def job_location(job: Job) -> str:
 
 
 def job_json(job: Job) -> dict[str, Any]:
-    # A job still running may carry its outcome already (decided, being recorded): not shown until finished.
-    done = job.finished
     return {
         "id": job.id,
         "status": job.status,
         "params": job.params,
         "input": job.input,
-        "output": {k: v for k, v in job.output.items() if k != "content_type"} if done and job.output else None,
-        "error": job.error if done else None,
+        "output": {k: v for k, v in job.output.items() if k != "content_type"} if job.output else None,
+        "error": job.error,
         "created_at": job.created_at,
         "started_at": job.started_at,
-        "finished_at": job.finished_at if done else None,
-        "result_expires_at": job.result_expires_at if done else None,
+        "finished_at": job.finished_at,
+        "result_expires_at": job.result_expires_at,
         "request_id": job.request_id,
     }
 

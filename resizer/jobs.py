@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import uuid
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -60,9 +60,6 @@ class Job:
     result_expires_at: str | None = None
     attempts: int = 0
     cpu_seconds: float | None = None
-    # While the outcome is being recorded: `succeeded` or `failed`, with status still `running`
-    # (see job_decide). A redelivery adopts it instead of running the job again.
-    decided: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -104,12 +101,7 @@ def _idempotency_key(customer_id: str, key: str) -> str:
 def job_save(store: StagingStore, job: Job) -> None:
     # vars(), not dataclasses.asdict(): the document is JSON already (strings, numbers, flat dicts), and
     # asdict's recursive deep copy cost 50 us of CPU a save (four saves a job).
-    document = vars(job)
-    if job.decided is None:
-        # Written only while it means something: a process of the previous version (a rolling deploy)
-        # reads documents without it, and would refuse one with a field it does not know.
-        document = {k: v for k, v in document.items() if k != "decided"}
-    store.put(_doc_key(job.id), json.dumps(document, separators=(",", ":")).encode())
+    store.put(_doc_key(job.id), json.dumps(vars(job), separators=(",", ":")).encode())
 
 
 def job_load(store: StagingStore, job_id: str) -> Job | None:
@@ -118,9 +110,12 @@ def job_load(store: StagingStore, job_id: str) -> Job | None:
     if not _JOB_ID.fullmatch(job_id):
         return None
     try:
-        document = json.loads(store.get(_doc_key(job_id)))
+        return _job_from(json.loads(store.get(_doc_key(job_id))))
     except StagingNotFound:
         return None
+
+
+def _job_from(document: dict[str, Any]) -> Job:
     # Fields a newer version added are ignored, so a rolling deploy's older processes keep reading.
     return Job(**{k: v for k, v in document.items() if k in _JOB_FIELDS})
 
@@ -230,20 +225,31 @@ def job_mark_failed(job: Job, *, status: int, code: str, detail: str) -> Job:
     return job
 
 
-def job_decide(store: StagingStore, job: Job) -> None:
-    """Save a job marked finished in memory as still running, with its outcome decided: readers keep
-    seeing it running, while a redelivery of its message (the worker died, or the store failed, after
-    its usage record was written) takes this outcome instead of running the job again, so the record
-    it writes again is the same record (a second run could end otherwise: a timeout, then a success)."""
-    job_save(store, replace(job, status=RUNNING, decided=job.status))
+def _decision_key(job_id: str) -> str:
+    return f"{_prefix(job_id)}/decision.json"
 
 
-def job_adopt_decided(job: Job) -> bool:
-    """Make a job saved by job_decide finished in memory, as decided; False when nothing was decided."""
-    if job.status != RUNNING or job.decided not in FINISHED:
-        return False
-    job.status, job.decided = job.decided, None
-    return True
+def job_decide(store: StagingStore, job: Job) -> tuple[Job, bool]:
+    """Claim the job's one outcome with this one (a job marked finished in memory), atomically: the
+    first to decide wins (a delivery of the job, or the API failing a publish that looked lost), and
+    every other is given the winner's. Returns (the job as decided, whether this call decided it).
+    Readers still see the job running until job_finish; a redelivery after a decision (the worker died,
+    or the store failed, once the usage record was written) finishes the job as decided instead of
+    running it again, so the record it writes again is the same record."""
+    if store.put_new(_decision_key(job.id), json.dumps(vars(job), separators=(",", ":")).encode()):
+        return job, True
+    decided = job_decision(store, job.id)
+    if decided is None:  # the decision went with its job (swept): nothing to adopt
+        return job, True
+    return decided, False
+
+
+def job_decision(store: StagingStore, job_id: str) -> Job | None:
+    """The outcome decided for the job (job_decide), if any."""
+    try:
+        return _job_from(json.loads(store.get(_decision_key(job_id))))
+    except StagingNotFound:
+        return None
 
 
 def job_finish(store: StagingStore, job: Job) -> Job:

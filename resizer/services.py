@@ -5,6 +5,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from amqp.exceptions import AMQPError, MessageNacked
@@ -18,11 +19,10 @@ from resizer import imaging
 from resizer.jobs import (
     QUEUED,
     Job,
-    job_adopt_decided,
     job_by_idempotency_key,
     job_create,
     job_decide,
-    job_fail,
+    job_decision,
     job_finish,
     job_input,
     job_load,
@@ -92,9 +92,15 @@ def job_submit(
         if current is not None and current.status != QUEUED:
             log.warning("job %s: the publish failed (%s) but a worker took the job", job.id, e)
             return current, True
+        # The failure is claimed like any outcome: a worker that decided first wins (then the queue had
+        # the job: it is served), and one that decides later finishes the job failed, as answered here.
+        failed, ours = job_decide(store, job_mark_failed(replace(job), status=503, code="queue_unavailable",
+                                                         detail="The job queue did not accept the job."))
+        if not ours:
+            log.warning("job %s: the publish failed (%s) but a worker decided the job", job.id, e)
+            return job, True
         log.warning("job %s not accepted by the broker: %s", job.id, e)
-        # A copy taken after this still finds the job failed, and finishes it so (job_run, _job_conclude).
-        job_fail(store, job, status=503, code="queue_unavailable", detail="The job queue did not accept the job.")
+        job_finish(store, failed)
         if idempotency_key is not None:
             job_release_idempotency(store, customer_id=customer_id, idempotency_key=idempotency_key)
         raise QueueUnavailable(str(e)) from e
@@ -180,8 +186,9 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
         usage_record_emit(job=job)  # durable before anyone hears the job finished
         job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
         return job
-    if job_adopt_decided(job):  # an earlier delivery decided it and may have recorded it: finish as decided
-        return _job_conclude(store, job, producer=producer, reply_to=reply_to)
+    if (decided := job_decision(store, job.id)) is not None:
+        # An earlier delivery decided it (and may have recorded it), or the API failed it: finish as decided.
+        return _job_conclude(store, decided, producer=producer, reply_to=reply_to)
     if job.attempts >= celeryconfig.JOB_MAX_ATTEMPTS:
         # Every earlier delivery died mid-task (a worker killed by the image or by its limits).
         job_mark_failed(job, status=422, code="processing_failed",
@@ -221,21 +228,16 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
 
 
 def _job_conclude(store: StagingStore, job: Job, *, producer: Any, reply_to: str | None) -> Job:
-    """Decide, record, reveal, then announce a job finished in memory. The usage record is made
-    durable before the document says finished: a waiting request answers as soon as it reads that (it
-    re-reads the document each second), so no image is ever served without its record. The outcome is
-    saved first (job_decide): if the worker dies or the store fails between the record and the
-    document, the redelivery finishes the job as decided, and its record is the one already written
-    (the staging table keeps the first record of an id). A spool that cannot be written raises (a
-    StagingError: the task requeues the job, which then finishes as decided)."""
-    # Another delivery of the same job (a copy of its message, or a redelivery while the first still
-    # ran) may have decided or finished it meanwhile, or the API failed it (its publish looked lost):
-    # the first outcome stands, and this delivery finishes the job as that one says.
-    stored = job_load(store, job.id)
-    if stored is not None and (stored.finished or job_adopt_decided(stored)):
-        job = stored
-    else:
-        job_decide(store, job)
+    """Decide, record, reveal, then announce a job finished in memory. The outcome is claimed first
+    (job_decide, atomic): another delivery of the job (a copy of its message, or a redelivery while
+    the first still ran) or the API (failing a publish that looked lost) may have decided it already,
+    and then that outcome stands and this delivery finishes the job as it says. The usage record is
+    made durable before the document says finished: a waiting request answers as soon as it reads
+    that (it re-reads the document each second), so no image is ever served without its record. If the
+    worker dies or the store fails between the record and the document, the redelivery finishes the
+    job as decided, and writes the same record (the staging table keeps the first of an id). A spool
+    that cannot be written raises (a StagingError: the task requeues the job)."""
+    job, _ = job_decide(store, job)
     usage_record_emit(job=job)
     job_finish(store, job)
     job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)

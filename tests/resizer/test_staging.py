@@ -165,20 +165,31 @@ def test_a_directory_delete_that_fails_part_way_is_an_error(store):
 
 
 def test_job_documents_read_across_versions(store):
-    """A rolling deploy runs two versions at once: a field a newer version writes is ignored when read,
-    and `decided` is written only while a job's outcome is being recorded."""
+    """A rolling deploy runs two versions at once: a field a newer version writes is ignored when read."""
     import json
 
-    from resizer.jobs import _doc_key, job_decide, job_save
+    from resizer.jobs import _doc_key
 
     job, _ = _create(store)
-    assert "decided" not in json.loads(store.get(_doc_key(job.id)))
     document = json.loads(store.get(_doc_key(job.id)))
     store.put(_doc_key(job.id), json.dumps({**document, "added_later": 1}).encode())
     assert job_load(store, job.id).id == job.id
-    job.status = "succeeded"
-    job_decide(store, job)
-    assert json.loads(store.get(_doc_key(job.id)))["decided"] == "succeeded"
-    job.decided = None
-    job_save(store, job)
-    assert "decided" not in json.loads(store.get(_doc_key(job.id)))
+
+
+def test_a_job_has_one_outcome_whoever_decides_first(store):
+    """Deliveries of one job (copies of its message, a redelivery while the first still runs) and the
+    API (failing a publish that looked lost) each claim the outcome; the first claim stands for all."""
+    import dataclasses
+
+    from resizer.jobs import job_decide, job_decision, job_mark_failed
+
+    job, _ = _create(store)
+    assert job_decision(store, job.id) is None
+    succeeded = dataclasses.replace(job, status="succeeded", output={"format": "jpeg"})
+    failed = job_mark_failed(dataclasses.replace(job), status=503, code="queue_unavailable", detail="lost")
+    first, ours = job_decide(store, succeeded)
+    assert ours and first.status == "succeeded"
+    second, ours = job_decide(store, failed)
+    assert not ours and second.status == "succeeded" and second.output == {"format": "jpeg"}
+    assert job_decision(store, job.id).status == "succeeded"
+    assert job_load(store, job.id).status == "queued"  # readers see it finished only once it is recorded
