@@ -336,17 +336,20 @@ def _png_error(data: bytes) -> str | None:
     return f"PNG has more than {_PNG_MAX_CHUNKS} chunks"
 
 
-def _gif_error(data: bytes, limits: Limits) -> str | None:
-    """Why a GIF must not reach Pillow, read from its blocks alone: a frame reaching past max_pixels,
+def _gif_check(data: bytes, limits: Limits) -> None:
+    """Refuse a GIF that must not reach Pillow, from its blocks alone: a frame reaching past max_pixels,
     or frames whose canvases (Pillow grows the canvas to every frame's extent and decodes each frame
     at that size) add up past max_animation_pixels. Pillow allocates a frame's canvas when it opens
     or seeks to it, before any check of ours could run: 43 bytes can ask for a 169 MP frame. The walk
     stops one frame past max_frames (counted again, and refused, by _open)."""
     if len(data) < 13:
-        return None  # Pillow says what is wrong with it
+        return  # Pillow says what is wrong with it
     width, height, flags = struct.unpack_from("<HHB", data, 6)
     position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
     canvas_w, canvas_h, decoded, frames = width, height, 0, 0
+    # Legitimate GIFs hold their data in sub-blocks of up to 255 bytes; one cut into countless tiny
+    # blocks would cost seconds of Python here (and in Pillow's own walk): refused.
+    budget = len(data) // 64 + 10_000
     try:
         while position < len(data) and frames <= limits.max_frames:
             block = data[position]
@@ -354,25 +357,33 @@ def _gif_error(data: bytes, limits: Limits) -> str | None:
                 break
             if block == 0x21:  # extension: label, then data sub-blocks
                 position += 2
-            elif block == 0x2C:  # image descriptor, optional local colour table, LZW code size
+            elif block != 0x2C:  # a stray byte: Pillow skips it and reads on, so does this walk
+                position += 1
+                budget -= 1
+                if budget < 0:
+                    raise CorruptImage("the GIF is cut into too many tiny blocks")
+                continue
+            else:  # image descriptor, optional local colour table, LZW code size
                 left, top, w, h, local = struct.unpack_from("<HHHHB", data, position + 1)
                 if (left + w) * (top + h) > limits.max_pixels:
-                    return f"frame {frames} reaches {left + w}x{top + h} pixels; the limit is {limits.max_pixels} pixels"
+                    raise ImageTooLarge(f"frame {frames} reaches {left + w}x{top + h} pixels; "
+                                        f"the limit is {limits.max_pixels} pixels")
                 canvas_w, canvas_h = max(canvas_w, left + w), max(canvas_h, top + h)
                 decoded += canvas_w * canvas_h
                 frames += 1
                 if frames > 1 and decoded > limits.max_animation_pixels:
-                    return (f"the animation's frames decode to more than {limits.max_animation_pixels} pixels "
-                            f"in all (a {canvas_w}x{canvas_h} canvas by frame {frames - 1})")
+                    raise ImageTooLarge(f"the animation's frames decode to more than {limits.max_animation_pixels} "
+                                        f"pixels in all (a {canvas_w}x{canvas_h} canvas by frame {frames - 1})")
                 position += 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0) + 1
-            else:
-                return None  # not a block: Pillow's decode says what is wrong
             while (size := data[position]) != 0:  # data sub-blocks
                 position += size + 1
+                budget -= 1
+                if budget < 0:
+                    raise CorruptImage("the GIF is cut into too many tiny blocks")
             position += 1
+            budget -= 1
     except (IndexError, struct.error):
-        return None  # cut short: the trailer check in _open refuses it
-    return None
+        return  # cut short: the trailer check in _open refuses it
 
 
 def _gif_frames(im: ImageFile.ImageFile, cap: int) -> int:
@@ -397,8 +408,8 @@ def _open(data: bytes, limits: Limits) -> tuple[ImageFile.ImageFile, ImageFacts]
         raise InputTooLarge(f"input is {len(data)} bytes; the limit is {limits.max_input_bytes}")
     if data.startswith(b"\x89PNG\r\n\x1a\n") and (png_error := _png_error(data)):
         raise CorruptImage(png_error)
-    if data.startswith((b"GIF87a", b"GIF89a")) and (gif_error := _gif_error(data, limits)):
-        raise ImageTooLarge(gif_error)
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        _gif_check(data, limits)
     with _decoding():
         try:
             im = Image.open(io.BytesIO(data), formats=_DECODERS)
@@ -447,8 +458,10 @@ def probe(data: bytes, limits: Limits = Limits()) -> ImageFacts:
 def _orientation(im: Image.Image) -> int:
     """The EXIF orientation tag, from EXIF only: Pillow's getexif() falls back to an XMP
     tiff:Orientation, which browsers, libvips and sharp ignore (the same file would turn here only)."""
+    if im.format == "TIFF":
+        return 1  # Pillow turns a TIFF upright itself as it opens it (size) and loads it (pixels)
     try:
-        if hasattr(im, "tag_v2"):  # TIFF: the tags are the EXIF
+        if hasattr(im, "tag_v2"):  # other TIFF-based readers: the tags are the EXIF
             value = im.tag_v2.get(0x0112, 1)
         else:
             raw = im.info.get("exif")

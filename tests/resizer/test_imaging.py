@@ -764,6 +764,40 @@ def test_a_gif_frame_past_the_pixel_limit_is_refused_before_pillow_allocates_it(
     assert not opened
 
 
+def test_stray_bytes_do_not_hide_a_gif_frame_from_the_scan():
+    """Pillow skips a byte that starts no block and reads on: the scan does too (it stopped there, so
+    one junk byte before a 13000 x 13000 descriptor hid it)."""
+    data = bytearray(gif_growing_canvas(0))
+    descriptor = b"\x2c" + struct.pack("<HHHH", 0, 0, 10, 10)
+    at = [i for i in range(len(data)) if data[i:i + 9] == descriptor][1]
+    data[at + 5:at + 9] = struct.pack("<HH", 13000, 13000)
+    data[at:at] = b"\x00"
+    with pytest.raises(ImageTooLarge, match="13000x13000"):
+        probe(bytes(data))
+
+
+def test_a_gif_of_countless_tiny_blocks_is_refused_quickly():
+    """A 1-byte comment extension repeated through a big file: seconds of Python in any block walk."""
+    head = gif_growing_canvas(0)
+    trailer = head.rindex(b";")
+    data = head[:trailer] + b"\x21\xfe\x01a\x00" * 400_000 + b";"
+    with pytest.raises(CorruptImage, match="tiny blocks"):
+        probe(data)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "JPEG"])
+def test_a_tiff_is_turned_upright_once(fmt):
+    """Pillow turns a TIFF upright by its orientation tag as it opens it: turned again here, a
+    portrait came out landscape and upside down."""
+    wide = Image.new("RGB", (20, 10), (250, 0, 0))
+    ImageDraw.Draw(wide).rectangle((0, 0, 9, 9), fill=(0, 0, 250))  # blue on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: shown turned 90 degrees clockwise
+    out = decode(resize(encode(wide, fmt, exif=exif.tobytes()), Params(width=10, format="png")).data).convert("RGB")
+    assert out.size == (10, 20)
+    assert out.getpixel((5, 2))[2] > 200 and out.getpixel((5, 17))[0] > 200  # blue on top once turned
+
+
 def rle8_bmp(width: int, height: int) -> bytes:
     """A run-length (RLE8) BMP: each row one pixel of colour 0, then end-of-line: tiny for any size."""
     pixels = (b"\x01\x00" + b"\x00\x00") * height + b"\x00\x01"
