@@ -256,26 +256,37 @@ def read_upload(request: HttpRequest, limit: int) -> bytes:
             # as one with no file part), and then parsed from memory.
             data = _read_chunks(request.read, clock, body_limit, declared or 0)
     if multipart:
-        data = _multipart_image(request, data, limit)
+        # The body is handed over, not kept here: the file is copied out of it, and holding both the
+        # body and the copies would raise the peak by a body per upload (25 MB at the limit).
+        body = [data]
+        del data
+        data = _multipart_image(request, body, limit)
     if not data:
         raise ApiError(400, "empty_body", "The request has no image: send its bytes as the body "
                        "or as the multipart field 'image'.")
     return data
 
 
-def _multipart_image(request: HttpRequest, body: bytes, limit: int) -> bytes:
-    """The file in the field `image` of a multipart body read whole."""
+def _multipart_image(request: HttpRequest, body: list[bytes], limit: int) -> bytes:
+    """The file in the field `image` of a multipart body read whole (`[body]`: taken from the list, so
+    the body is freed once parsed)."""
     content_type = request.META.get("CONTENT_TYPE", "")
     # Django's parser matches the media type case-sensitively; the boundary keeps its case.
     _, separator, options = content_type.partition(";")
-    meta = {**request.META, "CONTENT_TYPE": f"multipart/form-data{separator}{options}", "CONTENT_LENGTH": str(len(body))}
+    raw = body.pop()
+    meta = {**request.META, "CONTENT_TYPE": f"multipart/form-data{separator}{options}",
+            "CONTENT_LENGTH": str(len(raw))}
+    stream = io.BytesIO(raw)  # shares raw's buffer (read only)
+    del raw
     try:
-        _, files = MultiPartParser(meta, io.BytesIO(body), request.upload_handlers, request.encoding).parse()
+        _, files = MultiPartParser(meta, stream, request.upload_handlers, request.encoding).parse()
     except RequestDataTooBig as e:  # a form field (not a file) over DATA_UPLOAD_MAX_MEMORY_SIZE
         raise ApiError(413, "payload_too_large", "A form field of the multipart body is too large; send "
                        "only the file, in the field 'image'.") from e
     except (MultiPartParserError, TooManyFieldsSent, TooManyFilesSent) as e:
         raise ApiError(400, "malformed_multipart", f"The multipart body could not be parsed: {e}.") from e
+    finally:
+        stream.close()  # the body's last reference
     upload = files.get("image")
     if upload is None:
         raise ApiError(400, "missing_image", "The multipart body has no file in the field 'image'.")
