@@ -150,10 +150,13 @@ def stream_past_limit(base: str, key: str) -> int:
 
 
 def wait_authenticated(base: str, key: str, timeout: float = 15.0) -> None:
-    """Until every process of the server knows the key (the data plane follows the feed each second)."""
+    """Until every process of the server knows the key (the data plane follows the feed each second).
+    Each probe on a new connection: on one kept alive, every probe reached the same gunicorn process,
+    and another process that had not seen the key yet answered the test's first request 401."""
     deadline, streak = time.monotonic() + timeout, 0
-    with httpx.Client(base_url=base, timeout=10, headers={"Authorization": f"Bearer {key}"}) as http:
-        while streak < 5:
+    with httpx.Client(base_url=base, timeout=10,
+                      headers={"Authorization": f"Bearer {key}", "Connection": "close"}) as http:
+        while streak < 10:
             streak = streak + 1 if http.get("/v1/jobs/" + "0" * 32).status_code != 401 else 0
             if time.monotonic() > deadline:
                 raise AssertionError(f"{base} did not accept the key within {timeout} s")
