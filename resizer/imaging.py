@@ -758,6 +758,11 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
             if all(refusals):
                 raise OutputTooLarge(refusals[0])
             im.load()
+        if facts.format == "tiff":
+            # Pillow turns a TIFF upright on load by getexif(), which falls back to an XMP orientation,
+            # while its size at open followed the EXIF tag alone: the picture turned under a canvas of
+            # the other shape (half of it black). XMP orientation is ignored here, as for every format.
+            im.info.pop("xmp", None)
         orientation = _orientation(im)
         upright = (facts.height, facts.width) if orientation >= 5 else (facts.width, facts.height)
         layout = _layout(*upright, params)

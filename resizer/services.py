@@ -100,9 +100,11 @@ def job_submit(
             log.warning("job %s: the publish failed (%s) but a worker decided the job", job.id, e)
             return job, True
         log.warning("job %s not accepted by the broker: %s", job.id, e)
-        job_finish(store, failed)
+        # The key first: if the store fails now, the client's retry must still make a fresh job, not
+        # replay this one's failure (the claim above already holds it).
         if idempotency_key is not None:
             job_release_idempotency(store, customer_id=customer_id, idempotency_key=idempotency_key)
+        job_finish(store, failed)
         raise QueueUnavailable(str(e)) from e
     return job, True
 

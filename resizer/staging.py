@@ -83,13 +83,19 @@ class DirectoryStore:
             tmp = self._write_temp(path, data)
             try:
                 os.link(tmp, path)  # fails if path exists: create-if-absent with full content
-                return True
+                created = True
             except FileExistsError:
-                return False
-            finally:
+                created = False
+            except BaseException:
                 os.unlink(tmp)
+                raise
         except OSError as e:
             raise StagingError(f"staging write failed: {e}") from e
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # the key was made (or not) all the same; the sweep removes the temporary file by age
+        return created
 
     def get(self, key: str) -> bytes:
         try:

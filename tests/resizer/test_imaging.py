@@ -785,6 +785,19 @@ def test_a_gif_of_countless_tiny_blocks_is_refused_quickly():
         probe(data)
 
 
+def test_a_tiff_with_an_xmp_orientation_is_not_turned_under_its_canvas():
+    """Pillow sizes a TIFF by its EXIF tag but turns its pixels on load by getexif(), which reads an
+    XMP orientation too: a 20 x 10 picture came out 20 x 10 with its right half black."""
+    from PIL import TiffImagePlugin
+
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[700] = XMP_ORIENTATION_6
+    tags.tagtype[700] = 1
+    data = encode(Image.new("RGB", (20, 10), (250, 0, 0)), "TIFF", tiffinfo=tags)
+    out = decode(resize(data, Params(width=20, format="png")).data).convert("RGB")
+    assert out.size == (20, 10) and out.getpixel((15, 5))[0] > 200
+
+
 @pytest.mark.parametrize("fmt", ["TIFF", "JPEG"])
 def test_a_tiff_is_turned_upright_once(fmt):
     """Pillow turns a TIFF upright by its orientation tag as it opens it: turned again here, a

@@ -127,3 +127,30 @@ def test_a_publish_whose_confirm_was_lost_but_whose_job_a_worker_took_is_not_a_5
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert done.status == SUCCEEDED
+
+
+def test_a_key_is_freed_when_the_store_fails_right_after_a_publish_failure(monkeypatch):
+    """The API claims the job failed (503) when its publish fails; if the store then fails saving the
+    document, the client's retry with the same Idempotency-Key must make a fresh job, not replay a
+    job stuck queued (or, once a worker adopts the claim, its 503) for a day."""
+    from resizer import services
+    from resizer.staging import StagingError
+
+    def broker_away(job_id, reply_to, timeout):
+        raise ConnectionRefusedError("no broker")
+
+    def store_failed(*args, **kwargs):
+        raise StagingError("disk full")
+
+    monkeypatch.setattr(services, "_send", broker_away)
+    monkeypatch.setattr(services, "job_finish", store_failed)
+    customer = str(uuid.uuid4())
+    submit = dict(customer_id=customer, key_id=str(uuid.uuid4()), request_id="r", params=imaging.Params(width=50),
+                  input_facts=imaging.probe(corpus("coffee.jpg")), data=corpus("coffee.jpg"), idempotency_key="K",
+                  reply_to=None)
+    with pytest.raises(StagingError):
+        services.job_submit(**submit)
+    monkeypatch.undo()
+    monkeypatch.setattr(services, "_send", lambda *args: None)  # the broker is back
+    job, created = services.job_submit(**submit)
+    assert created and job_load(staging_store(), job.id).status == "queued"
