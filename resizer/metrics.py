@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from resizer.jobs import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,11 @@ class TaskMeter:
         self.queue = queue
         self._wall = time.perf_counter()
         self._cpu = time.process_time()
-        self._started_at = datetime.now(timezone.utc)
+        self._replayed = False
+
+    def replayed(self) -> None:
+        """The job had finished before this delivery: it was only announced again (job_run says so)."""
+        self._replayed = True
 
     def finish(self, job: Any, *, requeued: bool = False) -> str:
         wall = time.perf_counter() - self._wall
@@ -56,9 +58,9 @@ class TaskMeter:
         elif job is None:
             status = "dropped"
         else:
-            finished = parse_time(job.finished_at)
-            # A job finished before this delivery began was only announced again.
-            status = job.status if finished is not None and finished >= self._started_at else "replayed"
+            # Not by its finished_at: a delivery that finishes a job an earlier one decided (and timed)
+            # is the one that finished it.
+            status = "replayed" if self._replayed else job.status
         TASK_SECONDS.labels(status).observe(wall)
         TASK_CPU_SECONDS.labels(status).observe(cpu)
         if status in ("succeeded", "failed"):

@@ -177,8 +177,10 @@ def _publish(send: Callable[[str, str | None, float], None], job_id: str, reply_
             time.sleep(delay)
 
 
-def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
-    """Run one delivery of a job. Safe to repeat: a finished job is only re-announced."""
+def job_run(*, job_id: str, reply_to: str | None, producer: Any,
+            replayed: Callable[[], None] | None = None) -> Job | None:
+    """Run one delivery of a job. Safe to repeat: a finished job is only re-announced (and `replayed`
+    called)."""
     store = staging_store()
     job = job_load(store, job_id)
     if job is None:
@@ -187,6 +189,8 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any) -> Job | None:
     if job.finished:
         usage_record_emit(job=job)  # durable before anyone hears the job finished
         job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
+        if replayed is not None:
+            replayed()
         return job
     if (decided := job_decision(store, job.id)) is not None:
         # An earlier delivery decided it (and may have recorded it), or the API failed it: finish as decided.

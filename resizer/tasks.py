@@ -19,7 +19,8 @@ def resize(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
     meter = metrics.TaskMeter(celeryconfig.RESIZE_QUEUE)
     try:
         with self.app.producer_or_acquire() as producer:
-            job = services.job_run(job_id=job_id, reply_to=self.request.reply_to, producer=producer)
+            job = services.job_run(job_id=job_id, reply_to=self.request.reply_to, producer=producer,
+                                   replayed=meter.replayed)
     except (StagingError, SoftTimeLimitExceeded) as e:
         meter.finish(None, requeued=True)
         if isinstance(e, StagingError):

@@ -154,3 +154,21 @@ def test_a_key_is_freed_when_the_store_fails_right_after_a_publish_failure(monke
     monkeypatch.setattr(services, "_send", lambda *args: None)  # the broker is back
     job, created = services.job_submit(**submit)
     assert created and job_load(staging_store(), job.id).status == "queued"
+
+
+def test_a_delivery_that_finishes_a_decided_job_is_counted_as_finishing_it(monkeypatch):
+    """The metric said `replayed` (only re-announced) for a delivery that finished a job an earlier
+    delivery had decided, because the job's finished_at came from that earlier delivery; its failure
+    then never reached resizer_jobs_failed."""
+    from resizer.jobs import job_decide, job_mark_failed
+    from resizer.metrics import TaskMeter
+
+    job = _job(corpus("coffee.jpg"))
+    job_decide(staging_store(), job_mark_failed(job, status=422, code="processing_timeout", detail="slow"))
+    meter = TaskMeter(celeryconfig.RESIZE_QUEUE)
+    with app.producer_or_acquire() as producer:
+        done = job_run(job_id=job.id, reply_to=None, producer=producer, replayed=meter.replayed)
+        assert meter.finish(done) == "failed"
+        again = TaskMeter(celeryconfig.RESIZE_QUEUE)
+        assert again.finish(job_run(job_id=job.id, reply_to=None, producer=producer, replayed=again.replayed)) \
+            == "replayed"
