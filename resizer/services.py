@@ -29,6 +29,7 @@ from resizer.jobs import (
     job_mark_failed,
     job_mark_succeeded,
     job_release_idempotency,
+    job_save,
     job_start,
 )
 from metering.services import usage_record_emit
@@ -215,7 +216,14 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any,
     except StagingNotFound:
         job_mark_failed(job, status=500, code="input_lost", detail="The uploaded image was lost before processing.")
     except StagingError:
-        raise  # the store is away: the task requeues the job for another try
+        # The store is away: the task requeues the job for another try. The attempt budget is for
+        # deliveries the image killed, so this one is given back if the store lets us (best effort).
+        job.attempts -= 1
+        try:
+            job_save(store, job)
+        except StagingError:
+            pass
+        raise
     except Exception:
         log.exception("job %s failed on a bug", job.id)
         job_mark_failed(job, status=500, code="internal_error", detail="The job failed on a server error.")

@@ -172,3 +172,24 @@ def test_a_delivery_that_finishes_a_decided_job_is_counted_as_finishing_it(monke
         again = TaskMeter(celeryconfig.RESIZE_QUEUE)
         assert again.finish(job_run(job_id=job.id, reply_to=None, producer=producer, replayed=again.replayed)) \
             == "replayed"
+
+
+def test_a_delivery_cut_short_by_the_store_gives_its_attempt_back(monkeypatch):
+    """JOB_MAX_ATTEMPTS counts deliveries the image killed: three store blips while reading the input
+    failed a healthy image as processing_failed."""
+    from resizer import services
+    from resizer.staging import StagingError
+
+    def store_blip(*args, **kwargs):
+        raise StagingError("NFS timed out")
+
+    job = _job(corpus("coffee.jpg"))
+    with app.producer_or_acquire() as producer:
+        with monkeypatch.context() as patch:
+            patch.setattr(services, "job_input", store_blip)
+            for _ in range(celeryconfig.JOB_MAX_ATTEMPTS):
+                with pytest.raises(StagingError):
+                    job_run(job_id=job.id, reply_to=None, producer=producer)
+        assert job_load(staging_store(), job.id).attempts == 0
+        done = job_run(job_id=job.id, reply_to=None, producer=producer)
+    assert done.status == SUCCEEDED and done.attempts == 1
