@@ -6,6 +6,8 @@ stops a poison message from looping. See docs/adr/0001-queue-topology.md.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from kombu import Exchange, Queue
 
 from controlplane.env import env_float, env_int, env_str
@@ -129,28 +131,17 @@ task_publish_retry_policy = {
     "interval_max": 0.5,
 }
 
+def _every(task: str, seconds: float) -> dict[str, Any]:
+    """A beat entry whose message expires after its own interval (the next one is on its way)."""
+    return {"task": task, "schedule": seconds, "options": {"expires": seconds}}
+
+
 beat_schedule = {
-    "staging-sweep": {
-        "task": "resizer.tasks.staging_sweep",
-        "schedule": env_float("STAGING_SWEEP_SECONDS", 60.0),
-        "options": {"expires": env_float("STAGING_SWEEP_SECONDS", 60.0)},
-    },
+    "staging-sweep": _every("resizer.tasks.staging_sweep", env_float("STAGING_SWEEP_SECONDS", 60.0)),
     # Metering (docs/adr/0004): each run recomputes whole windows, so a repeated run is harmless.
-    "usage-rollup": {
-        "task": "metering.tasks.usage_rollup",
-        "schedule": env_float("USAGE_ROLLUP_SECONDS", 60.0),
-        "options": {"expires": env_float("USAGE_ROLLUP_SECONDS", 60.0)},
-    },
-    "billing-run": {
-        "task": "metering.tasks.billing_run",
-        "schedule": env_float("BILLING_RUN_SECONDS", 300.0),
-        "options": {"expires": env_float("BILLING_RUN_SECONDS", 300.0)},
-    },
-    "usage-archive": {
-        "task": "metering.tasks.usage_archive",
-        "schedule": env_float("USAGE_ARCHIVE_SECONDS", 3600.0),
-        "options": {"expires": env_float("USAGE_ARCHIVE_SECONDS", 3600.0)},
-    },
+    "usage-rollup": _every("metering.tasks.usage_rollup", env_float("USAGE_ROLLUP_SECONDS", 60.0)),
+    "billing-run": _every("metering.tasks.billing_run", env_float("BILLING_RUN_SECONDS", 300.0)),
+    "usage-archive": _every("metering.tasks.usage_archive", env_float("USAGE_ARCHIVE_SECONDS", 3600.0)),
 }
 # Task modules outside the autodiscovered `resizer` package.
 imports = ("metering.tasks",)

@@ -8,6 +8,11 @@ def env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def env_list(name: str, default: str) -> list[str]:
+    """A comma-separated list, each item stripped, empty items dropped."""
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
 def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":

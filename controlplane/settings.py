@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from controlplane.env import env_bool, env_float, env_int, env_str
+from controlplane.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -16,10 +16,10 @@ DEBUG = env_bool("DEBUG", False)
 # The default only suits a laptop; production sets SECRET_KEY (it also peppers API-key hashes).
 SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-secret-key-change-me")
 API_KEY_PEPPER = env_str("API_KEY_PEPPER", SECRET_KEY)
-ALLOWED_HOSTS = [h.strip() for h in env_str("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h.strip()]
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
 # Behind a TLS-terminating proxy (the admin's login needs both): the proxy's X-Forwarded-Proto says
 # https, and the public origins are trusted for CSRF (e.g. https://resizer.example.com).
-CSRF_TRUSTED_ORIGINS = [o.strip() for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 if env_bool("TRUST_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 

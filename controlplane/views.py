@@ -230,8 +230,7 @@ class ResizeView(APIView):
                 before_publish=before_publish,
             )
         except IdempotencyConflict as e:
-            raise ApiError(422, "idempotency_key_reused",
-                           "This Idempotency-Key was already used for a different request.") from e
+            raise _key_reused() from e
         except QueueUnavailable as e:
             raise ApiError(503, "queue_unavailable", "The job queue is unavailable; retry shortly.",
                            headers={"Retry-After": "2"}) from e
@@ -268,11 +267,14 @@ def _idempotent_replay(request: Request, params: imaging.Params, data: bytes, id
         return job_replay(customer_id=request.user.customer_id, params=params, data=data,
                           idempotency_key=idempotency_key)
     except IdempotencyConflict as e:
-        raise ApiError(422, "idempotency_key_reused",
-                       "This Idempotency-Key was already used for a different request.") from e
+        raise _key_reused() from e
     except StagingError as e:
         raise ApiError(503, "staging_unavailable", "Jobs cannot be read right now; retry shortly.",
                        headers={"Retry-After": "2"}) from e
+
+
+def _key_reused() -> ApiError:
+    return ApiError(422, "idempotency_key_reused", "This Idempotency-Key was already used for a different request.")
 
 
 def _with_format(params: imaging.Params, output_format: str) -> imaging.Params:

@@ -43,18 +43,21 @@ def plan_save(*, plan: Plan, actor: str) -> Plan:
         cursor.execute(f"INSERT INTO {Change._meta.db_table} (customer_id)"
                        f" SELECT id FROM {Customer._meta.db_table} WHERE plan_id = %s", [plan.pk])
     AuditEvent.objects.create(actor=actor, action="plan.create" if created else "plan.update", customer=None,
-                              details={"plan": plan.name, "rate_per_second": plan.rate_per_second,
-                                       "burst": plan.burst, "monthly_quota": plan.monthly_quota})
+                              details=_plan_details(plan))
     return plan
 
 
 @transaction.atomic
 def plan_delete(*, plan: Plan, actor: str) -> None:
     """Delete a plan no customer is on (the foreign key protects the others: ProtectedError)."""
-    details = {"plan": plan.name, "rate_per_second": plan.rate_per_second, "burst": plan.burst,
-               "monthly_quota": plan.monthly_quota}
+    details = _plan_details(plan)
     plan.delete()
     AuditEvent.objects.create(actor=actor, action="plan.delete", customer=None, details=details)
+
+
+def _plan_details(plan: Plan) -> dict[str, Any]:
+    return {"plan": plan.name, "rate_per_second": plan.rate_per_second, "burst": plan.burst,
+            "monthly_quota": plan.monthly_quota}
 
 
 @transaction.atomic

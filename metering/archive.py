@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from metering.spool import fsync_dir
+
 
 class ArchiveStore(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
@@ -16,14 +18,6 @@ class ArchiveStore(Protocol):
     def get(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirectoryArchive:
@@ -50,7 +44,7 @@ class DirectoryArchive:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _make_directories(self, directory: Path) -> None:
         """Create the file's directories, each made durable in its parent: the rows are deleted once
@@ -61,7 +55,7 @@ class DirectoryArchive:
             directory = directory.parent
         for made in reversed(missing):
             made.mkdir(exist_ok=True)
-            _fsync_dir(made.parent)
+            fsync_dir(made.parent)
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()

@@ -70,7 +70,7 @@ def _linked(handle: IO[bytes], path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -141,7 +141,7 @@ class Spool:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.rename(tmp, path)
-        _fsync_dir(self.directory)  # the name must survive a crash as well as the bytes
+        fsync_dir(self.directory)  # the name must survive a crash as well as the bytes
         self._handle, self._path, self._count = os.fdopen(fd, "ab"), path, 0
         return self._handle
 
@@ -301,7 +301,7 @@ class Shipper:
         rejected = self.directory / "rejected"
         if not rejected.is_dir():
             rejected.mkdir(exist_ok=True)
-            _fsync_dir(self.directory)  # the new directory's entry, before its segment goes
+            fsync_dir(self.directory)  # the new directory's entry, before its segment goes
         target = rejected / path.name
         new = not target.exists()
         with open(target, "ab") as f:
@@ -309,7 +309,7 @@ class Shipper:
             f.flush()
             os.fsync(f.fileno())
         if new:
-            _fsync_dir(rejected)
+            fsync_dir(rejected)
 
     def _commit(self, group: list[tuple[Path, IO[bytes]]], rows: list[_Pending],
                 rejects: list[tuple[Path, bytes, str]], conninfo: str) -> int:

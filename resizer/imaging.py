@@ -461,16 +461,13 @@ def _orientation(im: Image.Image) -> int:
     if im.format == "TIFF":
         return 1  # Pillow turns a TIFF upright itself as it opens it (size) and loads it (pixels)
     try:
-        if hasattr(im, "tag_v2"):  # other TIFF-based readers: the tags are the EXIF
-            value = im.tag_v2.get(0x0112, 1)
-        else:
-            raw = im.info.get("exif")
-            if raw is None and "Raw profile type exif" in im.info:  # PNG text chunk (ImageMagick)
-                raw = bytes.fromhex("".join(im.info["Raw profile type exif"].split("\n")[3:]))
-            exif = Image.Exif()
-            if raw:
-                exif.load(raw)
-            value = exif.get(0x0112, 1)
+        raw = im.info.get("exif")
+        if raw is None and "Raw profile type exif" in im.info:  # PNG text chunk (ImageMagick)
+            raw = bytes.fromhex("".join(im.info["Raw profile type exif"].split("\n")[3:]))
+        exif = Image.Exif()
+        if raw:
+            exif.load(raw)
+        value = exif.get(0x0112, 1)
     except _DECODE_ERRORS:
         return 1  # a broken EXIF block is not worth failing the picture for
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
@@ -785,8 +782,8 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
         loop: Any = None
         decoded = 0
         # An APNG's default image (IDAT without an fcTL) is the still fallback, not an animation frame.
-        first = 1 if animate and facts.format == "png" and im.info.get("default_image") else 0
-        for index in range(first, count):
+        start = 1 if animate and facts.format == "png" and im.info.get("default_image") else 0
+        for index in range(start, count):
             if index:
                 im.seek(index)
                 if im.size[0] * im.size[1] > limits.max_pixels:
@@ -798,7 +795,7 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
                 raise ImageTooLarge(f"the animation's frames decode to more than {limits.max_animation_pixels} "
                                     f"pixels in all (frame {index} is {im.size[0]}x{im.size[1]})")
             im.load()
-            if index == first:
+            if index == start:
                 icc, loop = im.info.get("icc_profile"), im.info.get("loop")
             durations.append(int(im.info.get("duration") or 0))
             frame = _working_mode(im)

@@ -98,10 +98,14 @@ def _idempotency_key(customer_id: str, key: str) -> str:
     return f"idempotency/{customer_id}/{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-def job_save(store: StagingStore, job: Job) -> None:
+def _document(job: Job) -> bytes:
     # vars(), not dataclasses.asdict(): the document is JSON already (strings, numbers, flat dicts), and
-    # asdict's recursive deep copy cost 50 us of CPU a save (four saves a job).
-    store.put(_doc_key(job.id), json.dumps(vars(job), separators=(",", ":")).encode())
+    # asdict's recursive deep copy cost 50 us of CPU a call (four a job: three saves and the decision).
+    return json.dumps(vars(job), separators=(",", ":")).encode()
+
+
+def job_save(store: StagingStore, job: Job) -> None:
+    store.put(_doc_key(job.id), _document(job))
 
 
 def job_load(store: StagingStore, job_id: str) -> Job | None:
@@ -152,19 +156,28 @@ def job_create(
     if store.put_new(slot, record):
         return job, True
     store.delete(_prefix(job.id))  # lost the race (or a retry): the earlier job stands
-    try:
-        earlier = json.loads(store.get(slot))
-    except StagingNotFound:  # freed meanwhile (its job never reached the queue, or swept): try again
-        return job_create(store, customer_id=customer_id, key_id=key_id, request_id=request_id,
-                          params=params, input_facts=input_facts, data=data, idempotency_key=idempotency_key)
-    if earlier["fingerprint"] != fingerprint:
-        raise IdempotencyConflict(idempotency_key)
-    existing = job_load(store, earlier["job_id"])
-    if existing is None:  # its documents were swept: the key is free again
-        store.delete(slot)
+    earlier_id = _slot_job_id(store, slot, fingerprint, idempotency_key)
+    existing = job_load(store, earlier_id) if earlier_id is not None else None
+    if existing is None:
+        # The key was freed meanwhile (its job never reached the queue), or its job was swept (then the
+        # key is freed here): try again.
+        if earlier_id is not None:
+            store.delete(slot)
         return job_create(store, customer_id=customer_id, key_id=key_id, request_id=request_id,
                           params=params, input_facts=input_facts, data=data, idempotency_key=idempotency_key)
     return existing, False
+
+
+def _slot_job_id(store: StagingStore, slot: str, fingerprint: str, idempotency_key: str) -> str | None:
+    """The job id an Idempotency-Key's record names (None: no record). Raises IdempotencyConflict
+    when the record was made for another request."""
+    try:
+        earlier = json.loads(store.get(slot))
+    except StagingNotFound:
+        return None
+    if earlier["fingerprint"] != fingerprint:
+        raise IdempotencyConflict(idempotency_key)
+    return earlier["job_id"]
 
 
 def _fingerprint(params: dict[str, Any], data: bytes) -> str:
@@ -178,13 +191,9 @@ def job_by_idempotency_key(store: StagingStore, *, customer_id: str, idempotency
                            params: dict[str, Any], data: bytes) -> Job | None:
     """The job an earlier request with this Idempotency-Key made, if any (None: the key is free, or its
     job is gone). Raises IdempotencyConflict when that request asked for something else."""
-    try:
-        earlier = json.loads(store.get(_idempotency_key(customer_id, idempotency_key)))
-    except StagingNotFound:
-        return None
-    if earlier["fingerprint"] != _fingerprint(params, data):
-        raise IdempotencyConflict(idempotency_key)
-    return job_load(store, earlier["job_id"])
+    earlier_id = _slot_job_id(store, _idempotency_key(customer_id, idempotency_key), _fingerprint(params, data),
+                              idempotency_key)
+    return job_load(store, earlier_id) if earlier_id is not None else None
 
 
 def job_release_idempotency(store: StagingStore, *, customer_id: str, idempotency_key: str) -> None:
@@ -236,7 +245,7 @@ def job_decide(store: StagingStore, job: Job) -> tuple[Job, bool]:
     Readers still see the job running until job_finish; a redelivery after a decision (the worker died,
     or the store failed, once the usage record was written) finishes the job as decided instead of
     running it again, so the record it writes again is the same record."""
-    if store.put_new(_decision_key(job.id), json.dumps(vars(job), separators=(",", ":")).encode()):
+    if store.put_new(_decision_key(job.id), _document(job)):
         return job, True
     decided = job_decision(store, job.id)
     if decided is None:  # the decision went with its job (swept): nothing to adopt

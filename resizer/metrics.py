@@ -13,7 +13,6 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-
 log = logging.getLogger(__name__)
 
 TASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)

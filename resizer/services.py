@@ -118,7 +118,7 @@ def job_replay(*, customer_id: str, params: imaging.Params, data: bytes, idempot
     """The job an earlier request with this Idempotency-Key made (the same request: else
     IdempotencyConflict), or None. Only looks: never makes a job."""
     return job_by_idempotency_key(staging_store(), customer_id=customer_id, idempotency_key=idempotency_key,
-                      params=_job_params(params), data=data)
+                                  params=_job_params(params), data=data)
 
 
 def _nacked(error: BaseException | None) -> bool:
@@ -193,8 +193,10 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any,
         if replayed is not None:
             replayed()
         return job
-    if (decided := job_decision(store, job.id)) is not None:
-        # An earlier delivery decided it (and may have recorded it), or the API failed it: finish as decided.
+    # An earlier delivery decided it (and may have recorded it): finish as decided. Only a job some
+    # delivery started can have one worth the read; the API's claim on a queued job (its publish
+    # looked lost) stands anyway, as _job_conclude adopts it.
+    if job.status != QUEUED and (decided := job_decision(store, job.id)) is not None:
         return _job_conclude(store, decided, producer=producer, reply_to=reply_to)
     if job.attempts >= celeryconfig.JOB_MAX_ATTEMPTS:
         # Every earlier delivery died mid-task (a worker killed by the image or by its limits).

@@ -43,7 +43,7 @@ def requeue_delay(deliveries: int) -> float:
 def _pause_before_requeue(request: Any) -> None:
     deliveries = (getattr(request, "headers", None) or {}).get("x-delivery-count", 0)
     try:
-        time.sleep(requeue_delay(int(deliveries) if isinstance(deliveries, int) else 0))
+        time.sleep(requeue_delay(deliveries if isinstance(deliveries, int) else 0))
     except SoftTimeLimitExceeded:
         pass  # the task's time is up: requeue now
 
