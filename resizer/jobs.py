@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from resizer.staging import StagingError, StagingNotFound, StagingStore
+from resizer.staging import PROBE_PREFIX, PROBE_RETENTION_SECONDS, StagingError, StagingNotFound, StagingStore
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)
@@ -287,10 +287,11 @@ def job_result(store: StagingStore, job: Job) -> bytes:
 
 
 def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[str, int]:
-    """Delete expired results, and whole jobs (and idempotency records) past their retention. An entry
-    that cannot be deleted is logged, counted under `failed` and tried again on the next sweep; it does
-    not stop the sweep of everything else."""
-    removed = {"results": 0, "jobs": 0, "idempotency": 0, "failed": 0}
+    """Delete expired results, and whole jobs (and idempotency records) past their retention, and
+    health-check probe files left by a process killed mid-check. An entry that cannot be deleted is
+    logged, counted under `failed` and tried again on the next sweep; it does not stop the sweep of
+    everything else."""
+    removed = {"results": 0, "jobs": 0, "idempotency": 0, "probes": 0, "failed": 0}
     now = _now()
 
     def delete(key: str, kind: str) -> None:
@@ -313,4 +314,7 @@ def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[st
     for key, age in store.scan("idempotency", depth=2):
         if age > job_retention_seconds:
             delete(key, "idempotency")
+    for key, age in store.scan(PROBE_PREFIX, depth=1):
+        if age > PROBE_RETENTION_SECONDS:  # a check holds its probe file for milliseconds
+            delete(key, "probes")
     return removed

@@ -18,6 +18,10 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 
+PROBE_PREFIX = "health"  # check()'s probe files; the sweep removes any a killed process left behind
+PROBE_RETENTION_SECONDS = 3600
+
+
 class StagingError(Exception):
     """The staging store could not be reached or written (an infrastructure fault, never bad input)."""
 
@@ -141,7 +145,7 @@ class DirectoryStore:
 
     def check(self) -> None:
         """Raise StagingError unless the store can be written and read back now."""
-        key = f"health/{os.getpid()}-{threading.get_ident()}"  # concurrent checks must not delete each other's
+        key = f"{PROBE_PREFIX}/{os.getpid()}-{threading.get_ident()}"  # concurrent checks must not delete each other's
         try:
             self.put(key, b"ok")
             if self.get(key) != b"ok":

@@ -193,3 +193,18 @@ def test_a_job_has_one_outcome_whoever_decides_first(store):
     assert not ours and second.status == "succeeded" and second.output == {"format": "jpeg"}
     assert job_decision(store, job.id).status == "succeeded"
     assert job_load(store, job.id).status == "queued"  # readers see it finished only once it is recorded
+
+
+def test_the_sweep_removes_probe_files_a_killed_health_check_left_behind(store):
+    """check() deletes its probe file, but a process killed between writing and deleting it left one
+    per process and thread under health/, which nothing removed."""
+    store.check()
+    probes = store.root / "health"
+    assert list(probes.iterdir()) == []
+    stale, fresh = probes / "101-1", probes / "102-1"
+    stale.write_bytes(b"ok")
+    fresh.write_bytes(b"ok")  # a check in flight right now
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    assert staging_sweep(store, job_retention_seconds=3600)["probes"] == 1
+    assert not stale.exists() and fresh.exists()
