@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from identity import services
@@ -127,24 +128,41 @@ class CustomerAdmin(admin.ModelAdmin):
         for customer in queryset:
             services.customer_delete(customer=customer, actor=_actor(request))
 
-    @admin.action(description="Suspend the selected customers")
+    def has_issue_key_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("identity.add_apikey")
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
+        # A customer's keys go with it (audited by customer_delete), though keys themselves are never
+        # deleted one by one (revoke instead): deleting the customer must not need that permission.
+        deleted, model_count, perms_needed, protected = super().get_deleted_objects(objs, request)
+        perms_needed.discard(ApiKey._meta.verbose_name)
+        return deleted, model_count, perms_needed, protected
+
+    @admin.action(description="Suspend the selected customers", permissions=["change"])
     def suspend(self, request: HttpRequest, queryset: QuerySet[Customer]) -> None:
         for customer in queryset:
             services.customer_suspend(customer=customer, actor=_actor(request))
         self.message_user(request, f"Suspended {queryset.count()} customer(s); in effect within seconds.")
 
-    @admin.action(description="Activate the selected customers")
+    @admin.action(description="Activate the selected customers", permissions=["change"])
     def activate(self, request: HttpRequest, queryset: QuerySet[Customer]) -> None:
         for customer in queryset:
             services.customer_activate(customer=customer, actor=_actor(request))
         self.message_user(request, f"Activated {queryset.count()} customer(s).")
 
-    @admin.action(description="Issue a new API key (the secret is shown once)")
-    def issue_key(self, request: HttpRequest, queryset: QuerySet[Customer]) -> None:
-        for customer in queryset:
-            _, secret = services.api_key_create(customer=customer, name="admin-issued", actor=_actor(request))
-            self.message_user(request, f"New key for {customer.name} (copy it now, it is not shown again): {secret}",
-                              level=messages.WARNING)
+    @admin.action(description="Issue a new API key (the secret is shown once)", permissions=["issue_key"])
+    def issue_key(self, request: HttpRequest, queryset: QuerySet[Customer]) -> HttpResponse:
+        # The secrets go in this one answer, never in a flash message: those wait in a signed (not
+        # encrypted) cookie or in the session table until shown.
+        issued = [(customer.name, services.api_key_create(customer=customer, name="admin-issued",
+                                                          actor=_actor(request))[1]) for customer in queryset]
+        response = HttpResponse(format_html(
+            "<!doctype html><title>New API keys</title><h1>New API keys</h1>"
+            "<p>Copy them now: they are not shown again.</p><table>{}</table><p><a href=\"{}\">Back</a></p>",
+            format_html_join("", "<tr><td>{}</td><td><code>{}</code></td></tr>", issued),
+            reverse("admin:identity_customer_changelist")))
+        response["Cache-Control"] = "no-store"
+        return response
 
 
 @admin.register(ApiKey)
@@ -160,10 +178,14 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Read-only pages: a Save would write the row as it was read, undoing a revoke committed meanwhile.
+        return obj is None and super().has_change_permission(request)
+
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # revoke instead: the audit trail keeps the key's history
 
-    @admin.action(description="Revoke the selected keys")
+    @admin.action(description="Revoke the selected keys", permissions=["change"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         for key in queryset.select_related("customer"):
             services.api_key_revoke(api_key=key, actor=_actor(request))

@@ -2,8 +2,11 @@
 monthly quotas, all answered from the process's credential cache (identity/dataplane.py)."""
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions, throttling
@@ -40,8 +43,39 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         return 'Bearer realm="resizer"'
 
 
+class StaffBasicAuthentication(authentication.BasicAuthentication):
+    """Basic auth for staff on the management API, with failed attempts capped per process: each
+    check of a password (right or wrong, known user or not) costs a PBKDF2 of a million rounds,
+    about a third of a CPU-second, so unthrottled wrong passwords were both a guessing oracle and a
+    way to take the API tier's CPU. Past the cap, Basic is refused with 429 for the rest of the
+    minute, before any hashing; keys with the admin scope and the admin's session still work."""
+
+    FAILURES_PER_MINUTE = 20
+    _failures: deque[float] = deque()
+    _lock = threading.Lock()
+
+    def authenticate_credentials(self, userid: str, password: str, request: Any = None) -> Any:
+        cls = StaffBasicAuthentication
+        with cls._lock:
+            now = time.monotonic()
+            while cls._failures and now - cls._failures[0] > 60:
+                cls._failures.popleft()
+            if len(cls._failures) >= cls.FAILURES_PER_MINUTE:
+                raise ApiError(429, "login_throttled", "Too many failed Basic logins on this server; use an API "
+                               "key with the admin scope, or retry later.",
+                               headers={"Retry-After": str(max(1, int(61 - (now - cls._failures[0]))))})
+        try:
+            return super().authenticate_credentials(userid, password, request)
+        except exceptions.AuthenticationFailed:
+            with cls._lock:
+                cls._failures.append(time.monotonic())
+            raise
+
+
 class HasScope(permissions.BasePermission):
-    """Authenticated, and the key carries the view's `required_scope` (staff users pass for `admin`)."""
+    """Authenticated, and the key carries the view's `required_scope`. A staff user (Basic or session
+    auth) passes for `admin` only with the Django model permissions the view names for the method
+    (`staff_permissions`): the staff flag alone opens the admin site, not every write in it."""
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         user = request.user
@@ -55,8 +89,12 @@ class HasScope(permissions.BasePermission):
                 return True
             raise ApiError(403, "insufficient_scope", f"This API key lacks the {scope!r} scope.",
                            extra={"required_scope": scope})
-        if scope == "admin" and getattr(user, "is_staff", False):
-            return True
+        if scope == "admin" and getattr(user, "is_staff", False) and user.is_active:
+            method = {"HEAD": "GET", "OPTIONS": "GET"}.get(request.method, request.method)
+            needed = getattr(view, "staff_permissions", {}).get(method, ())
+            if needed and user.has_perms(needed):
+                return True
+            raise ApiError(403, "forbidden", f"This staff account lacks the permission {', '.join(needed) or 'for it'}.")
         raise ApiError(403, "forbidden", "Only staff may do this.")
 
 

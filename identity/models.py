@@ -8,7 +8,6 @@ from __future__ import annotations
 import uuid
 
 from django.db import models
-from django.db.models.functions import Now
 
 SCOPES = ("resize", "jobs", "usage", "admin")
 DEFAULT_SCOPES = ["resize", "jobs", "usage"]
@@ -62,6 +61,14 @@ class ApiKey(models.Model):
         return f"{self.prefix} ({self.customer})"
 
 
+class ClockTimestamp(models.Func):
+    """PostgreSQL's clock_timestamp(): the time now, not the transaction's start."""
+
+    function = "clock_timestamp"
+    template = "%(function)s()"
+    output_field = models.DateTimeField()
+
+
 class Change(models.Model):
     """The change feed: one row per management write that can alter authentication.
 
@@ -71,8 +78,10 @@ class Change(models.Model):
     id = models.BigAutoField(primary_key=True)
     customer_id = models.UUIDField(db_index=True)
     # The database's clock, as the readers' look-back window (now() - N s) is: an API host's clock
-    # running behind would put a change before the window and delay it to the next full resync.
-    created_at = models.DateTimeField(db_default=Now(), db_index=True)
+    # running behind would put a change before the window and delay it to the next full resync. The
+    # time of the INSERT, not of its transaction's start (now()): a write that waited on locks for
+    # longer than the window would otherwise commit a row already outside it.
+    created_at = models.DateTimeField(db_default=ClockTimestamp(), db_index=True)
 
 
 class AuditEvent(models.Model):

@@ -112,9 +112,13 @@ def customer_delete(*, customer: Customer, actor: str) -> None:
     # and which keys it had, so the trail still answers for it.
     keys = [{"key_id": str(k.id), "prefix": k.prefix, "revoked": k.revoked_at is not None}
             for k in ApiKey.objects.filter(customer_id=customer.pk).order_by("created_at")]
-    _record(actor=actor, action="customer.delete", customer=customer,
-            details={"customer_id": str(customer.pk), "name": customer.name, "keys": keys})
+    AuditEvent.objects.create(actor=actor, action="customer.delete", customer=customer,
+                              details={"customer_id": str(customer.pk), "name": customer.name, "keys": keys})
+    customer_id = customer.pk
     customer.delete()
+    # The feed row goes last, as in every other write: its id is taken just before the commit, so
+    # a slow cascade cannot leave it behind a higher id that readers have already passed.
+    Change.objects.create(customer_id=customer_id)
 
 
 @transaction.atomic

@@ -18,7 +18,7 @@ from rest_framework.views import APIView
 
 from controlplane.errors import ApiError
 from identity import services
-from identity.authentication import ApiKeyAuthentication
+from identity.authentication import ApiKeyAuthentication, StaffBasicAuthentication
 from identity.dataplane import Principal
 from identity.models import SCOPES, ApiKey, AuditEvent, Customer, Plan
 
@@ -109,12 +109,14 @@ class KeyOut(serializers.Serializer):
 
 class AdminView(APIView):
     required_scope = "admin"
-    authentication_classes = [ApiKeyAuthentication, authentication.BasicAuthentication,
+    authentication_classes = [ApiKeyAuthentication, StaffBasicAuthentication,
                               authentication.SessionAuthentication]
     parser_classes = [JSONParser]
 
 
 class CustomersView(AdminView):
+    staff_permissions = {"GET": ("identity.view_customer",), "POST": ("identity.add_customer",)}
+
     @extend_schema(operation_id="admin_customers_list", responses={200: inline_serializer("CustomerList", {"customers": CustomerOut(many=True)})})
     def get(self, request: Request) -> HttpResponse:
         customers = Customer.objects.select_related("plan").order_by("created_at")[:1000]
@@ -132,6 +134,9 @@ class CustomersView(AdminView):
 
 
 class CustomerView(AdminView):
+    staff_permissions = {"GET": ("identity.view_customer",), "PATCH": ("identity.change_customer",),
+                         "DELETE": ("identity.delete_customer",)}
+
     @extend_schema(operation_id="admin_customer", responses={200: CustomerOut})
     def get(self, request: Request, customer_id: str) -> HttpResponse:
         return JsonResponse(_customer_json(_get_customer(customer_id)))
@@ -158,6 +163,8 @@ class CustomerView(AdminView):
 
 
 class CustomerKeysView(AdminView):
+    staff_permissions = {"GET": ("identity.view_apikey",), "POST": ("identity.add_apikey",)}
+
     @extend_schema(operation_id="admin_keys_list", responses={200: inline_serializer("KeyList", {"keys": KeyOut(many=True)})})
     def get(self, request: Request, customer_id: str) -> HttpResponse:
         keys = _get_customer(customer_id).api_keys.order_by("created_at")
@@ -167,12 +174,17 @@ class CustomerKeysView(AdminView):
     def post(self, request: Request, customer_id: str) -> HttpResponse:
         customer = _get_customer(customer_id)
         data = _valid(KeyIn(data=request.data))
+        if "admin" in (data.get("scopes") or ()) and not (isinstance(request.user, Principal)
+                                                          or request.user.is_superuser):
+            raise ApiError(403, "forbidden", "Only a superuser or a key with the admin scope may issue an admin key.")
         api_key, secret = services.api_key_create(customer=customer, name=data["name"], scopes=data.get("scopes"),
                                                   expires_at=data.get("expires_at"), actor=_actor(request))
         return JsonResponse({**_key_json(api_key), "key": secret}, status=201)
 
 
 class KeyView(AdminView):
+    staff_permissions = {"GET": ("identity.view_apikey",), "DELETE": ("identity.change_apikey",)}  # revoke
+
     def _key(self, key_id: str) -> ApiKey:
         key = ApiKey.objects.select_related("customer").filter(pk=_uuid(key_id)).first()
         if key is None:
@@ -189,6 +201,8 @@ class KeyView(AdminView):
 
 
 class CustomerAuditView(AdminView):
+    staff_permissions = {"GET": ("identity.view_auditevent",)}
+
     @extend_schema(operation_id="admin_customer_audit", responses={200: inline_serializer(
         "AuditEvents", {"events": serializers.ListField(child=serializers.DictField())})})
     def get(self, request: Request, customer_id: str) -> HttpResponse:
