@@ -29,6 +29,11 @@ broker_transport_options = {
 
 # Publish + confirm must finish within this or the API answers 503 (the job was not accepted).
 PUBLISH_TIMEOUT_SECONDS = env_float("PUBLISH_TIMEOUT_SECONDS", 5.0)
+# Pooled producers: one for every API thread, so no publish waits for another's producer (Celery's
+# default of 10 was below the API's 16 threads and its in-flight limit of 12), and a wait for one
+# is bounded all the same (OperationalError: answered 503 queue_unavailable).
+broker_pool_limit = max(10, env_int("API_THREADS", 16, minimum=1))
+broker_pool_acquire_timeout = PUBLISH_TIMEOUT_SECONDS
 # A publish the broker nacks (a quorum queue between leaders for ~0.5 s after its leader's node died)
 # is tried again, up to this many times in all, within the timeout above, with exponential backoff and
 # jitter from PUBLISH_RETRY_BASE_SECONDS. Safe: the job's id is the message's, so a duplicate runs once.
@@ -100,6 +105,9 @@ task_reject_on_worker_lost = True
 task_acks_on_failure = True
 task_acks_on_timeout = False
 worker_prefetch_multiplier = 1
+# A channel the broker closed (a consumer timeout, a queue deleted under the worker) is reopened, as a
+# lost connection is, instead of stopping the worker.
+broker_channel_error_retry = True
 worker_detect_quorum_queues = True
 # The worker's own limits apply (the API publishes none). A soft limit of 0 means none: the hard limit
 # then kills the child without warning and the job is redelivered (its attempt budget still holds).
@@ -107,9 +115,11 @@ task_soft_time_limit = env_int("TASK_SOFT_TIME_LIMIT", 20, minimum=0) or None
 task_time_limit = env_int("TASK_TIME_LIMIT", 30, minimum=2)
 # The beat tasks (rollup, billing, archive, staging sweep) are not resizes: a month's billing run or a
 # rollup after a long beat outage takes minutes in one transaction, and the resize limits above would
-# cut it (rolled back, then again every run, forever). Their own limits, seconds.
-PERIODIC_TASK_SOFT_TIME_LIMIT = env_int("PERIODIC_TASK_SOFT_TIME_LIMIT", 3300, minimum=1)
-PERIODIC_TASK_TIME_LIMIT = env_int("PERIODIC_TASK_TIME_LIMIT", 3600, minimum=2)
+# cut it (rolled back, then again every run, forever). Their own limits, seconds; below RabbitMQ's
+# consumer_timeout (30 min by default), past which the broker closes the worker's channel for an
+# unacked delivery (acks are late) and the worker stops with "Unrecoverable error".
+PERIODIC_TASK_SOFT_TIME_LIMIT = env_int("PERIODIC_TASK_SOFT_TIME_LIMIT", 1500, minimum=1)
+PERIODIC_TASK_TIME_LIMIT = env_int("PERIODIC_TASK_TIME_LIMIT", 1700, minimum=2)
 PERIODIC_TASK_LIMITS = {"soft_time_limit": PERIODIC_TASK_SOFT_TIME_LIMIT, "time_limit": PERIODIC_TASK_TIME_LIMIT}
 # Each worker child's address space (RLIMIT_AS), MiB; 0 = unbounded. Sized for the 50 MP input limit:
 # decoding and resizing one such image needs ~0.6 GiB on top of the ~0.12 GiB a child maps at rest.

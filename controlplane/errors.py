@@ -1,12 +1,16 @@
 """The one error format of the API: RFC 9457 problem+json with a stable machine-readable `code`."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import exceptions
 
 from resizer.staging import StagingError
+
+log = logging.getLogger(__name__)
 
 PROBLEM_TYPE_BASE = "https://docs.resizer.example/problems/"
 TITLES = {
@@ -52,6 +56,11 @@ def problem(status: int, code: str, detail: str, *, headers: dict[str, str] | No
         **(extra or {}),
     }
     response = JsonResponse(body, status=status, content_type="application/problem+json")
+    if status != 500:
+        # An answer we chose (a refusal, a shed 503) is not an event for django.request to log again
+        # (a WARNING or ERROR line per refusal, without the request id, on the shedding path); a 500
+        # is logged where it happened, with its traceback.
+        response._has_been_logged = True  # type: ignore[attr-defined]
     for name, value in (headers or {}).items():
         response[name] = value
     return response
@@ -78,6 +87,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse |
     if isinstance(exc, StagingError):  # wherever the store failed: reading a job, waiting, a result
         return problem(503, "staging_unavailable", "The staging store cannot be read right now; retry shortly.",
                        headers={"Retry-After": "1"})
+    if isinstance(exc, (OperationalError, InterfaceError)):  # Postgres away: usage, the management API
+        log.warning("database unavailable: %s", exc)
+        return problem(503, "database_unavailable", "The database cannot be reached right now; retry shortly.",
+                       headers={"Retry-After": "5"})
     from rest_framework.views import exception_handler as drf_exception_handler  # DRF imports us first
 
     response = drf_exception_handler(exc, context)

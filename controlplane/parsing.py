@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest
@@ -67,6 +68,17 @@ def accepted_formats(accept_header: str) -> tuple[str, ...]:
         if kind == "image" and sub in imaging.FORMATS and quality > 0:
             formats.append(sub)
     return tuple(formats)
+
+
+def single_values(query: Any) -> dict[str, str]:
+    """The query's parameters, each given once (a QueryDict): `?width=abc&width=100` was read as its
+    last value, so the same request passed or failed by the order of its duplicates."""
+    values: dict[str, str] = {}
+    for name, given in query.lists():
+        if len(given) > 1:
+            raise _bad(name, f"{name} is given {len(given)} times; give it once.")
+        values[name] = given[0]
+    return values
 
 
 def parse_params(query: dict[str, str], accept_header: str) -> imaging.Params:
@@ -170,11 +182,12 @@ class _BodyClock:
     the connection's socket, gunicorn's), all of them together UPLOAD_TIMEOUT_SECONDS (the cutter),
     so a slow client cannot hold a thread for long. Outside gunicorn (tests) there is no socket."""
 
-    def __init__(self, request: HttpRequest) -> None:
+    def __init__(self, request: HttpRequest, seconds: float | None = None) -> None:
         self.request = request
         self.sock: socket.socket | None = request.META.get("gunicorn.socket")
-        self.idle = settings.UPLOAD_IDLE_TIMEOUT_SECONDS
-        self.end = time.monotonic() + settings.UPLOAD_TIMEOUT_SECONDS
+        total = settings.UPLOAD_TIMEOUT_SECONDS if seconds is None else seconds
+        self.idle = min(settings.UPLOAD_IDLE_TIMEOUT_SECONDS, total)
+        self.end = time.monotonic() + total
 
     def arm(self) -> None:
         remaining = self.end - time.monotonic()
@@ -295,6 +308,9 @@ def _multipart_image(request: HttpRequest, body: list[bytes], limit: int) -> byt
     return upload.read()
 
 
+REFUSED_BODY_DISCARD_SECONDS = 2.0
+
+
 def discard_unread_body(request: HttpRequest, limit: int) -> None:
     """Read and drop what is left of the body of a request answered before reading it all (refused
     early, or failed while parsing), when the body is at most `limit` bytes: the client then reads the
@@ -306,7 +322,9 @@ def discard_unread_body(request: HttpRequest, limit: int) -> None:
         return
     if getattr(request, "upload_refused", False):
         return
-    clock = _BodyClock(request)
+    # A short budget of its own: the answer waits for the discard, and a refused request (no key,
+    # over its rate, shed) must not hold a thread for an upload's allowance by trickling its body.
+    clock = _BodyClock(request, REFUSED_BODY_DISCARD_SECONDS)
     read = request.META["wsgi.input"].read if chunked else request.read
     try:
         with clock.reading():

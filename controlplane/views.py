@@ -17,7 +17,7 @@ from rest_framework.views import APIView
 from controlplane import admission, metrics
 from controlplane.celery import app as celery_app
 from controlplane.errors import ApiError, problem
-from controlplane.parsing import discard_unread_body, parse_params, read_upload
+from controlplane.parsing import discard_unread_body, parse_params, read_upload, single_values
 from identity.authentication import monthly_quota_charge, monthly_quota_refund
 from identity.dataplane import credential_cache
 from resizer import imaging
@@ -155,7 +155,7 @@ class ResizeView(APIView):
     )
     def post(self, request: Request) -> HttpResponse:
         clock = metrics.StageClock()
-        params = parse_params(request.query_params.dict(), request.headers.get("Accept", ""))
+        params = parse_params(single_values(request.query_params), request.headers.get("Accept", ""))
         # Admission before the body is read: a refused request costs no buffering (ADR 0006).
         slots, customer_id = admission.admission(), request.user.customer_id
         try:
@@ -250,14 +250,24 @@ class ResizeView(APIView):
                  clock: metrics.StageClock, slots: admission.Admission) -> HttpResponse:
         if respond_async:
             return _accepted(job, vary)
-        _wait_finished(job.id, waiter if created else None, settings.SYNC_WAIT_SECONDS)
-        current = job_load(staging_store(), job.id) or job
-        if current.finished:
-            response = _job_outcome(current, vary)
-            if created and (queue_wait := metrics.job_stages_observe(current)) is not None:
-                slots.observe_queue_wait(queue_wait)
-        else:
-            response = _accepted(current, vary)
+        started = time.monotonic()
+        try:
+            _wait_finished(job.id, waiter if created else None, settings.SYNC_WAIT_SECONDS)
+            current = job_load(staging_store(), job.id) or job
+            if current.finished:
+                response = _job_outcome(current, vary)
+                if created and (queue_wait := metrics.job_stages_observe(current)) is not None:
+                    slots.observe_queue_wait(queue_wait)
+            else:
+                response = _accepted(current, vary)
+                if created and current.started_at is None:
+                    # Not even started after the whole wait: at least that long a queue wait, which
+                    # the adaptive limit must hear of (a job that never finishes reports nothing).
+                    slots.observe_queue_wait(time.monotonic() - started)
+        except StagingError:
+            # The job is accepted (and charged): the store failing while we wait for it or read its
+            # result must not tell the client to retry (a second job, billed again). Point it at the job.
+            response = _accepted(job, vary)
         clock.cpu_lap("respond")
         return response
 

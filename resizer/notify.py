@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from kombu import Connection, Consumer, Queue
 
 from controlplane.per_process import PerProcess
@@ -135,6 +136,9 @@ def _job_waiter() -> JobWaiter:
 job_waiter = PerProcess(_job_waiter)
 
 
+NOTIFY_TIMEOUT_SECONDS = 0.5
+
+
 def job_notify(*, producer: Any, reply_to: str | None, job_id: str, status: str) -> None:
     """Tell the waiting API process (if any) that the job finished. Best effort: a lost notice only
     means the request answers 202 and the client fetches the job by its Location."""
@@ -149,6 +153,13 @@ def job_notify(*, producer: Any, reply_to: str | None, job_id: str, status: str)
             serializer="json",
             delivery_mode=1,
             retry=False,
+            # The children's producers wait for confirms (broker_transport_options), with no bound of
+            # their own: a broker that blocks publishers (a memory or disk alarm) held every finished
+            # job's child until its time limit. The notice is a hint; the API re-reads the job anyway.
+            timeout=NOTIFY_TIMEOUT_SECONDS,
+            confirm_timeout=NOTIFY_TIMEOUT_SECONDS,
         )
+    except SoftTimeLimitExceeded:
+        raise  # the task's own time limit, not the notice's failure
     except Exception as e:
         log.warning("could not notify %s of job %s: %s", reply_to, job_id, e)

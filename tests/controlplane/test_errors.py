@@ -142,3 +142,56 @@ def test_a_job_the_queue_refused_leaves_no_waiter_behind(api, monkeypatch):
     before = len(waiter._events)
     assert_problem(resize(api, make_image()), 503, "queue_unavailable")
     assert len(waiter._events) == before
+
+
+@pytest.mark.parametrize("query", ["width=abc&width=100", "width=100&width=abc", "width=10&format=webp&format=png"])
+def test_a_parameter_given_twice_is_400(api, query):
+    """The last value won: `?width=abc&width=100` passed and `?width=100&width=abc` failed."""
+    body = assert_problem(resize(api, make_image(), query), 400, "invalid_parameter")
+    assert body["parameter"] in ("width", "format")
+
+
+def test_the_store_failing_after_the_job_was_accepted_answers_202_with_its_location(api, settings, monkeypatch):
+    """Once published the job runs and is billed: a store error while waiting for it answered 503
+    `staging_unavailable` (retry), and the client's retry made and paid for a second job."""
+    from controlplane import views
+    from resizer.jobs import job_load
+    from resizer.staging import staging_store
+
+    real_wait = views._wait_finished
+    good_url = settings.STAGING_URL
+
+    def store_goes_away(job_id, waiter, timeout):
+        settings.STAGING_URL = "file:///proc/no-staging-here"  # the real store, unreachable from here on
+        real_wait(job_id, waiter, timeout)
+
+    monkeypatch.setattr(views, "_wait_finished", store_goes_away)
+    response = resize(api, make_image())
+    assert response.status_code == 202, response.content[:300]
+    job_id = response.json()["id"]
+    assert response["Location"] == f"/v1/jobs/{job_id}"
+    settings.STAGING_URL = good_url
+    assert job_load(staging_store(), job_id) is not None
+
+
+def test_the_database_away_is_503_not_500(api, monkeypatch):
+    """A DRF view reading Postgres (usage, the management API) answered 500 internal_error."""
+    from django.db import OperationalError
+
+    from metering import selectors
+
+    def away(**kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(selectors, "usage_windows", away)
+    response = api.get("/v1/usage?granularity=day&from=2026-11-01&to=2026-11-02")
+    assert_problem(response, 503, "database_unavailable")
+    assert response["Retry-After"]
+
+
+def test_a_refusal_is_not_logged_again_by_django(api, caplog):
+    """django.request logged every 4xx and 5xx we answered on purpose a second time (an ERROR line per
+    shed 503), without the request id; the middleware's own line is the one."""
+    with caplog.at_level("INFO", logger="django.request"):
+        assert_problem(resize(api, make_image(), "width=0"), 400, "invalid_parameter")
+    assert not [r for r in caplog.records if r.name == "django.request"]

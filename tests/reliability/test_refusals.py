@@ -1,0 +1,61 @@
+"""Requests answered before their body is read, and headers Django cannot parse, against a real
+gunicorn server: every answer is problem+json, and a refusal holds no thread for an upload's time."""
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from tests.conftest import make_image
+from tests.processes import api_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(scope="module")
+def server():
+    # An upload may pause for a minute: a refusal must not wait that long for a body it will drop.
+    with api_server(UPLOAD_IDLE_TIMEOUT_SECONDS="60", UPLOAD_TIMEOUT_SECONDS="120") as base:
+        yield int(base.rsplit(":", 1)[1])
+
+
+def _exchange(port: int, request: bytes, timeout: float) -> bytes:
+    """Send `request` and keep the connection open; return what the server answers (headers and body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        reply = b""
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+                head, _, body = reply.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), None)
+                if length is not None and len(body) >= length:
+                    break
+        except socket.timeout:
+            pass
+    return reply
+
+
+def test_a_refused_request_trickling_its_body_is_answered_without_waiting_for_it(server):
+    """A 401 first read what was left of a small body, allowed a whole upload's time (here a minute
+    of silence): a client with no key could hold a thread that long per request."""
+    request = (b"POST /v1/resize?width=10 HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
+               b"Content-Length: 1000\r\n\r\n" + b"\x89PNG\r\n\x1a\n")  # 8 of the 1,000 bytes, then silence
+    reply = _exchange(server, request, timeout=30)
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["code"] == "unauthorized"
+
+
+def test_a_content_type_django_cannot_parse_is_400_problem_json(server):
+    """Django parses Content-Type while building the request, before any middleware: an RFC 2231
+    parameter in an unknown charset escaped as gunicorn's HTML 500."""
+    image = make_image()
+    request = (b"POST /v1/resize?width=10 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+               b"Content-Type: image/png; x*=bogus''y\r\n" + f"Content-Length: {len(image)}\r\n\r\n".encode() + image)
+    reply = _exchange(server, request, timeout=30)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"content-type: application/problem+json" in head.lower()
+    assert json.loads(body)["code"] == "malformed_content_type"
