@@ -110,8 +110,10 @@ def test_overlong_idempotency_key_is_400(api):
 
 def test_staging_store_away_is_503_with_retry_after(api, settings):
     settings.STAGING_URL = "file:///proc/no-staging-here"
-    body = assert_problem(resize(api, make_image()), 503, "staging_unavailable")
-    assert body["detail"]
+    response = resize(api, make_image())
+    body = assert_problem(response, 503, "staging_unavailable")
+    assert body["detail"] == "The upload could not be staged; retry shortly."  # refused while staging the upload
+    assert response["Retry-After"] == "2"  # what the resize view sets for an upload it could not stage
 
 
 def test_server_error_is_problem_json(rf):
@@ -195,3 +197,31 @@ def test_a_refusal_is_not_logged_again_by_django(api, caplog):
     with caplog.at_level("INFO", logger="django.request"):
         assert_problem(resize(api, make_image(), "width=0"), 400, "invalid_parameter")
     assert not [r for r in caplog.records if r.name == "django.request"]
+
+
+def test_a_job_not_started_by_the_sync_deadline_reports_its_wait_to_admission(api, settings, monkeypatch):
+    """Only finished jobs reported their queue wait: with every worker stalled, requests answered 202
+    told the adaptive limit nothing, and it stayed at its ceiling. A private queue no worker consumes."""
+    from kombu import Exchange, Queue
+
+    import celeryconfig
+    from controlplane import admission
+    from controlplane.celery import app
+
+    name = f"{celeryconfig.RESIZE_QUEUE}.stalled"
+    exchange = Exchange(name, type="topic", durable=True)
+    queue = Queue(name, exchange, routing_key="#", queue_arguments={"x-queue-type": "quorum"})
+    monkeypatch.setattr(celeryconfig, "resize_exchange", exchange)
+    monkeypatch.setattr(celeryconfig, "resize_queue", queue)
+    settings.SYNC_WAIT_SECONDS = 0.3
+    waits: list[float] = []
+    monkeypatch.setattr(admission.admission(), "observe_queue_wait", waits.append)
+    try:
+        response = resize(api, make_image())
+        assert response.status_code == 202 and response.json()["status"] == "queued"
+        assert len(waits) == 1 and waits[0] >= 0.3
+    finally:
+        with app.connection_for_write() as connection:
+            channel = connection.channel()
+            queue.bind(channel).delete()
+            exchange.bind(channel).delete()
