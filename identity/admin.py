@@ -134,8 +134,14 @@ class CustomerAdmin(admin.ModelAdmin):
     def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
         # A customer's keys go with it (audited by customer_delete), though keys themselves are never
         # deleted one by one (revoke instead): deleting the customer must not need that permission.
+        from metering.selectors import customer_has_usage
+
         deleted, model_count, perms_needed, protected = super().get_deleted_objects(objs, request)
         perms_needed.discard(ApiKey._meta.verbose_name)
+        # Usage has no foreign key to the customer (records outlive it), but it is billed: refuse as
+        # Django refuses a protected object.
+        protected += [f"usage recorded for {c} (suspend the customer instead)" for c in objs
+                      if customer_has_usage(customer_id=c.pk)]
         return deleted, model_count, perms_needed, protected
 
     @admin.action(description="Suspend the selected customers", permissions=["change"])

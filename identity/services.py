@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import ProtectedError
 from django.http import Http404
 from django.utils import timezone
 
@@ -107,7 +108,13 @@ def customer_activate(*, customer: Customer, actor: str) -> Customer:
 
 @transaction.atomic
 def customer_delete(*, customer: Customer, actor: str) -> None:
+    """Delete a customer with no usage (raises ProtectedError otherwise: invoices outlive customers,
+    and billing opens a period only for usage of a customer that still exists)."""
+    from metering.selectors import customer_has_usage
+
     _lock(customer.pk)
+    if customer_has_usage(customer_id=customer.pk):
+        raise ProtectedError("the customer has usage recorded; suspend it instead", set())
     # The customer's events lose their link when it goes (SET_NULL): this last one keeps who it was
     # and which keys it had, so the trail still answers for it.
     keys = [{"key_id": str(k.id), "prefix": k.prefix, "revoked": k.revoked_at is not None}

@@ -157,8 +157,8 @@ class CustomerView(AdminView):
             services.customer_delete(customer=_get_customer(customer_id), actor=_actor(request))
         except ProtectedError as e:
             # Invoices outlive customers (metering's billing periods protect them).
-            raise ApiError(409, "customer_has_billing", "This customer has billing records and cannot be "
-                           "deleted; suspend it instead.") from e
+            raise ApiError(409, "customer_has_billing", "This customer has usage or billing records and cannot "
+                           "be deleted; suspend it instead.") from e
         return HttpResponse(status=204)
 
 

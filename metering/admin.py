@@ -8,7 +8,8 @@ from typing import Any
 from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
@@ -16,15 +17,58 @@ from metering import pricing, selectors, services
 from metering.models import Adjustment, ArchiveFile, BillingPeriod, CustomerPricePlan, InvoiceLine, PricePlan, PriceTier
 
 
+def _plan_in_use(plan: PricePlan | None) -> bool:
+    """A plan some period was opened or priced with, or some customer is assigned: its tiers price
+    invoices being computed, so they are frozen (make a new plan to change prices)."""
+    return plan is not None and plan.pk is not None and (
+        BillingPeriod.objects.filter(plan=plan).exists() or CustomerPricePlan.objects.filter(plan=plan).exists())
+
+
 class PriceTierInline(admin.TabularInline):
     model = PriceTier
     extra = 1
 
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return not _plan_in_use(obj) and super().has_add_permission(request, obj)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return not _plan_in_use(obj) and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return not _plan_in_use(obj) and super().has_delete_permission(request, obj)
+
+
+class PricePlanForm(forms.ModelForm):
+    class Meta:
+        model = PricePlan
+        fields = ("name", "currency", "is_default")
+        help_texts = {"is_default": "the plan of customers with no assignment; ticking it here moves the default "
+                                    "from the current default plan (periods already open keep theirs)"}
+
+    def _get_validation_exclusions(self) -> set[str]:
+        # one_default_plan is kept by save_model, which unticks the old default in the same transaction.
+        return {*super()._get_validation_exclusions(), "is_default"}
+
+    def clean_is_default(self) -> bool:
+        is_default = self.cleaned_data["is_default"]
+        if self.instance.pk is not None and self.instance.is_default and not is_default:
+            raise forms.ValidationError("Some plan must be the default: tick another plan's default instead.")
+        return is_default
+
 
 @admin.register(PricePlan)
 class PricePlanAdmin(admin.ModelAdmin):
+    """Tiers are frozen once the plan is in use; the default moves in one save (no moment without one,
+    when billing could not price a customer without an assignment)."""
+
+    form = PricePlanForm
     list_display = ("name", "currency", "is_default")
     inlines = [PriceTierInline]
+
+    def save_model(self, request: HttpRequest, obj: PricePlan, form: Any, change: bool) -> None:
+        if obj.is_default:  # inside the admin's transaction: the old default is unticked with this save
+            PricePlan.objects.filter(is_default=True).exclude(pk=obj.pk).update(is_default=False)
+        super().save_model(request, obj, form, change)
 
 
 @admin.register(CustomerPricePlan)
@@ -93,6 +137,11 @@ class BillingPeriodAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # periods are opened by billing from usage
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Read-only (adjustments are appended on their own page): a Save wrote the period back as read,
+        # and one read before a billing run finalized it un-finalized it, stopping every later run.
+        return False
+
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
@@ -121,8 +170,12 @@ class BillingPeriodAdmin(admin.ModelAdmin):
         ]
 
     def csv_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        if not self.has_view_permission(request):  # admin_view checks only that the user is staff
+            raise PermissionDenied
         period = BillingPeriod.objects.filter(pk=pk)
-        first = period.select_related("customer").get()
+        first = period.select_related("customer").first()
+        if first is None:
+            raise Http404(f"There is no billing period {pk}.")
         return _csv(period, f"billing-{first.customer_id}-{first.start:%Y-%m}.csv")
 
     @admin.action(description="Export the selected billing reports as CSV")

@@ -34,17 +34,30 @@ def midnight(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
 
 
-def price_plan_for(*, customer_id: Any, on: date) -> tuple[PricePlan, dict[str, Any]]:
-    """The plan in force for a customer on a day (the default plan without an assignment), with its
-    tiers as a snapshot: {"plan": name, "currency": ..., "tiers": {axis: [[up_to, micros], ...]}}."""
+class NoPricePlan(Exception):
+    """No assignment, no plan recorded on the period and no default plan: nothing to price with."""
+
+
+def price_plan_for(*, customer_id: Any, on: date, default: PricePlan | None = None) -> tuple[PricePlan, dict[str, Any]]:
+    """The plan in force for a customer on a day: its assignment from that day, else `default` (the
+    plan its period opened with), else the default plan now; with its tiers as a snapshot:
+    {"plan": name, "currency": ..., "tiers": {axis: [[up_to, micros], ...]}}."""
     assignment = (CustomerPricePlan.objects.filter(customer_id=customer_id, effective_from__lte=on)
                   .select_related("plan").order_by("-effective_from").first())
-    plan = assignment.plan if assignment else PricePlan.objects.get(is_default=True)
+    plan = assignment.plan if assignment else default or PricePlan.objects.filter(is_default=True).first()
+    if plan is None:
+        raise NoPricePlan(f"customer {customer_id} has no price plan on {on} and no plan is the default")
     tiers: dict[str, list[list[Any]]] = {}
     for tier in plan.tiers.all():  # ordered by axis, then up_to with the unbounded tier last
         tiers.setdefault(tier.axis, []).append([None if tier.up_to is None else str(tier.up_to),
                                                 tier.unit_price_micros])
     return plan, {"plan": plan.name, "currency": plan.currency, "tiers": tiers}
+
+
+def customer_has_usage(*, customer_id: Any) -> bool:
+    """Usage is recorded for the customer (raw or rolled up): it is billed even if no period is open yet."""
+    return (UsageRecord.objects.filter(customer_id=customer_id).exists()
+            or UsageRollup.objects.filter(customer_id=customer_id).exists())
 
 
 def period_totals(*, customer_id: Any, start: date, end: date) -> dict[str, Any]:
@@ -93,7 +106,7 @@ def billing_report_rows(*, period: BillingPeriod) -> Iterator[list[Any]]:
         lines += [(a.kind, a.axis, a.quantity, a.amount_micros, a.reason, a.created_at)
                   for a in period.adjustments.order_by("id")]
     else:
-        _, snapshot = price_plan_for(customer_id=period.customer_id, on=period.start)
+        _, snapshot = price_plan_for(customer_id=period.customer_id, on=period.start, default=period.plan)
         quantities = pricing.quantities(period_totals(customer_id=period.customer_id, start=period.start,
                                                       end=period.end))
         lines = [("provisional", axis, quantity, pricing.amount_micros(snapshot["tiers"].get(axis, []), quantity),

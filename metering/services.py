@@ -200,12 +200,19 @@ def usage_rollup() -> dict[str, Any]:
 
 # --- billing --------------------------------------------------------------------------------------
 
+# A period opens with the plan in force for its customer on its first day as known now: an
+# assignment from then, else the default plan of the moment (the default has no history of its own,
+# so a later change of default does not reach periods already open).
 _OPEN_PERIODS_SQL = """
-INSERT INTO metering_billingperiod (customer_id, start, "end", status, currency)
-SELECT DISTINCT r.customer_id, date_trunc('month', r.window_start)::date,
-       (date_trunc('month', r.window_start) + interval '1 month')::date, 'open', ''
-FROM metering_usagerollup r JOIN identity_customer c ON c.id = r.customer_id
-WHERE r.granularity = 'day' AND r.updated_at >= %(since)s
+INSERT INTO metering_billingperiod (customer_id, start, "end", status, currency, plan_id)
+SELECT m.customer_id, m.start, (m.start + interval '1 month')::date, 'open', '',
+       COALESCE((SELECT a.plan_id FROM metering_customerpriceplan a
+                 WHERE a.customer_id = m.customer_id AND a.effective_from <= m.start
+                 ORDER BY a.effective_from DESC LIMIT 1),
+                (SELECT p.id FROM metering_priceplan p WHERE p.is_default))
+FROM (SELECT DISTINCT r.customer_id, date_trunc('month', r.window_start)::date AS start
+      FROM metering_usagerollup r JOIN identity_customer c ON c.id = r.customer_id
+      WHERE r.granularity = 'day' AND r.updated_at >= %(since)s) m
 ON CONFLICT (customer_id, start) DO NOTHING
 """
 
@@ -247,7 +254,8 @@ def billing_run(*, today: date | None = None) -> dict[str, int]:
 def billing_period_finalize(*, period: BillingPeriod, at: datetime) -> BillingPeriod:
     """Price the period's usage with the plan in force on its first day, write one invoice line per
     axis, and freeze the tiers used. Call under the aggregation lock."""
-    plan, snapshot = selectors.price_plan_for(customer_id=period.customer_id, on=period.start)
+    plan, snapshot = selectors.price_plan_for(customer_id=period.customer_id, on=period.start,
+                                              default=period.plan)
     quantities = pricing.quantities(selectors.period_totals(customer_id=period.customer_id,
                                                             start=period.start, end=period.end))
     InvoiceLine.objects.bulk_create([

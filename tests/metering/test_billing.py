@@ -145,3 +145,102 @@ def test_a_report_for_an_unknown_customer_is_an_error_not_an_empty_report(custom
     with pytest.raises(CommandError, match="no customer"):
         call_command("billing_report", period=f"{START:%Y-%m}", customer="nobody-by-this-name", stdout=io.StringIO())
     assert len(_report(customer)) == 1  # a real customer without a bill this month: the header alone
+
+
+def test_a_new_default_plan_does_not_reprice_periods_already_open(customer, standard_plan, admin_client):
+    """The default plan had no history: a period was priced with whatever plan was the default when
+    it was finalized, so moving the default on the 2nd repriced last month's invoices."""
+    insert(*[usage(customer.id, at=AT) for _ in range(3)])
+    services.usage_rollup()
+    services.billing_run(today=START)
+    period = BillingPeriod.objects.get(customer=customer, start=START)
+    assert period.plan == standard_plan  # the plan it opened with
+    # A new default, made in admin in one save: the old one is unticked with it, no moment without one.
+    added = admin_client.post("/admin/metering/priceplan/add/", {
+        "name": "v2", "currency": "USD", "is_default": "on",
+        "tiers-TOTAL_FORMS": "1", "tiers-INITIAL_FORMS": "0", "tiers-MIN_NUM_FORMS": "0", "tiers-MAX_NUM_FORMS": "1000",
+        "tiers-0-axis": "images", "tiers-0-up_to": "", "tiers-0-unit_price_micros": "900"})
+    assert added.status_code == 302, added.content[:500]
+    assert list(PricePlan.objects.filter(is_default=True).values_list("name", flat=True)) == ["v2"]
+    services.billing_run(today=END + timedelta(days=30))
+    period.refresh_from_db()
+    assert period.price_snapshot["plan"] == "standard"
+    assert period.lines.get(axis="images").amount_micros == 3 * 500
+
+
+def test_the_default_plan_cannot_be_unticked_and_a_plan_in_use_has_frozen_tiers(customer, standard_plan,
+                                                                                admin_client):
+    from django.contrib import admin as django_admin
+    from django.contrib.auth.models import User
+
+    from metering.admin import PriceTierInline
+
+    unticked = admin_client.post(f"/admin/metering/priceplan/{standard_plan.pk}/change/", {
+        "name": "standard", "currency": "USD",
+        "tiers-TOTAL_FORMS": "0", "tiers-INITIAL_FORMS": "0", "tiers-MIN_NUM_FORMS": "0", "tiers-MAX_NUM_FORMS": "1000"})
+    assert unticked.status_code == 200 and b"tick another plan" in unticked.content
+    assert PricePlan.objects.get(pk=standard_plan.pk).is_default
+    fresh = PricePlan.objects.create(name="draft")
+    inline = PriceTierInline(PricePlan, django_admin.site)
+    request = type("Request", (), {"user": User.objects.get(username="admin")})()
+    assert inline.has_change_permission(request, fresh)  # not in use yet: its prices can still change
+    insert(usage(customer.id, at=AT))
+    services.usage_rollup()
+    services.billing_run(today=START)  # opens a period with the default plan
+    assert not inline.has_change_permission(request, standard_plan)
+    assert not inline.has_add_permission(request, standard_plan)
+    assert not inline.has_delete_permission(request, standard_plan)
+
+
+def test_a_billing_period_page_is_read_only(customer, standard_plan, admin_client):
+    """Saving a period's page wrote back the row as read: one read before a billing run finalized it
+    un-finalized it, and every later run failed on its existing invoice lines."""
+    insert(usage(customer.id, at=AT))
+    services.usage_rollup()
+    services.billing_run(today=END + timedelta(days=30))
+    period = BillingPeriod.objects.get(customer=customer, start=START)
+    assert period.status == "finalized"
+    saved = admin_client.post(f"/admin/metering/billingperiod/{period.pk}/change/", {"_save": "Save"})
+    assert saved.status_code == 403
+    period.refresh_from_db()
+    assert period.status == "finalized" and period.price_snapshot
+
+
+def test_the_csv_export_needs_view_permission_and_an_unknown_period_is_404(customer, standard_plan, client,
+                                                                           admin_client):
+    from django.contrib.auth.models import User
+
+    insert(usage(customer.id, at=AT))
+    services.usage_rollup()
+    services.billing_run(today=START)
+    period = BillingPeriod.objects.get(customer=customer, start=START)
+    client.force_login(User.objects.create_user("clerk", password="pw", is_staff=True))
+    assert client.get(f"/admin/metering/billingperiod/{period.pk}/csv/").status_code == 403
+    assert admin_client.get("/admin/metering/billingperiod/999999999/csv/").status_code == 404
+
+
+def test_a_customer_with_usage_but_no_period_yet_cannot_be_deleted(customer, standard_plan, admin_client):
+    """Usage has no foreign key to its customer: a customer deleted before billing opened its first
+    period had that usage dropped from billing, silently (billing joins the customer)."""
+    from django.db.models import ProtectedError
+
+    from identity.models import Customer
+    from identity.services import customer_delete
+
+    insert(usage(customer.id, at=AT))
+    with pytest.raises(ProtectedError):
+        customer_delete(customer=customer, actor="t")
+    page = admin_client.post(f"/admin/identity/customer/{customer.pk}/delete/", {"post": "yes"})
+    assert page.status_code == 200 and b"usage recorded" in page.content
+    assert Customer.objects.filter(pk=customer.pk).exists()
+
+
+def test_a_report_for_a_name_several_customers_share_is_an_error(customer):
+    from django.core.management.base import CommandError
+
+    from identity.services import customer_create
+
+    customer_create(name="Acme")
+    customer_create(name="Acme")
+    with pytest.raises(CommandError, match="2 customers are named 'Acme'"):
+        call_command("billing_report", period=f"{START:%Y-%m}", customer="Acme", stdout=io.StringIO())

@@ -31,6 +31,10 @@ class Command(BaseCommand):
                 match = Customer.objects.filter(name=customer)
             if not match.exists():  # not "no bill this month": an empty report would read as that
                 raise CommandError(f"There is no customer {customer!r} (an id or an exact name).")
+            ids = [str(pk) for pk in match.values_list("pk", flat=True)[:11]]
+            if len(ids) > 1:  # names are not unique: one report must not merge several customers
+                raise CommandError(f"{len(ids) if len(ids) <= 10 else 'More than 10'} customers are named "
+                                   f"{customer!r}; give an id: {', '.join(ids[:10])}.")
             periods = periods.filter(customer__in=match)
         writer = csv.writer(self.stdout)
         writer.writerow(selectors.REPORT_HEADER)
