@@ -59,3 +59,21 @@ def test_a_content_type_django_cannot_parse_is_400_problem_json(server):
     assert head.startswith(b"HTTP/1.1 400"), head
     assert b"content-type: application/problem+json" in head.lower()
     assert json.loads(body)["code"] == "malformed_content_type"
+
+
+def test_readyz_does_not_wait_for_a_database_that_does_not_answer(tmp_path):
+    """A database that accepts connections and never answers (a partition, a host gone mid-failover)
+    held /readyz for the whole 2 s connect timeout, longer than the load balancer's check interval:
+    every node was taken out for an outage that should leave them serving from their snapshots."""
+    import httpx
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # the kernel completes the handshakes; nobody ever reads or answers
+    try:
+        url = f"postgres://postgres@127.0.0.1:{hole.getsockname()[1]}/resizer"
+        with api_server(DATABASE_URL=url, AUTH_SNAPSHOT_PATH=str(tmp_path / "snapshot.json")) as base:
+            checks = httpx.get(f"{base}/readyz", timeout=30).json()["checks"]
+            assert checks["database"] == "degraded: no answer in 0.5 s", checks
+    finally:
+        hole.close()
