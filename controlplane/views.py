@@ -208,11 +208,12 @@ class ResizeView(APIView):
         clock.lap("admission")
 
         expected: list[str] = []
+        reply_to = waiter.queue_name if waiter is not None else None
 
         def before_publish(job_id: str) -> None:
             clock.lap("staging")
-            if waiter is not None:
-                waiter.expect(job_id)
+            if waiter is not None and reply_to is not None:
+                waiter.expect(job_id, reply_to)
                 expected.append(job_id)
 
         if replay is not None:
@@ -227,7 +228,7 @@ class ResizeView(APIView):
                 input_facts=facts,
                 data=data,
                 idempotency_key=idempotency_key,
-                reply_to=waiter.queue_name if waiter is not None else None,
+                reply_to=reply_to,
                 before_publish=before_publish,
             )
         except IdempotencyConflict as e:

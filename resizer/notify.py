@@ -51,12 +51,19 @@ class JobWaiter:
             return True
         return not self._connected_once and self.ready.wait(startup_wait)
 
-    def expect(self, job_id: str) -> None:
-        """Register interest before publishing the job, so a fast completion cannot be missed."""
+    def expect(self, job_id: str, reply_to: str) -> None:
+        """Register interest before publishing the job (with `reply_to`, the queue name the caller read
+        from this waiter), so a fast completion cannot be missed. When the waiter reconnected since
+        that name was read (its old queue, and the notice sent to it, are gone; the reconnect woke
+        only the jobs already expected) or has no queue now, the job's wait returns at once: the
+        caller looks at the job instead of waiting a second for nothing."""
+        event = threading.Event()
         with self._lock:
             if len(self._events) > _MAX_EXPECTED:  # only requests that died between expect and wait
                 self._events.clear()
-            self._events[job_id] = threading.Event()
+            if reply_to != self.queue_name or not self.ready.is_set():
+                event.set()
+            self._events[job_id] = event
 
     def wait(self, job_id: str, timeout: float) -> bool:
         """True when the job's completion arrived within `timeout` seconds, or when this waiter lost
@@ -90,7 +97,8 @@ class JobWaiter:
                 with self._connection_factory() as connection:
                     # A name of its own for each connection: the broker may still hold the last one's
                     # exclusive queue (its connection not yet seen dead), and redeclaring it is refused.
-                    self.queue_name = _reply_queue_name()
+                    with self._lock:  # expect() compares names under it
+                        self.queue_name = _reply_queue_name()
                     queue = Queue(
                         self.queue_name,
                         exclusive=True,
