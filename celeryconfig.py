@@ -43,8 +43,12 @@ PUBLISH_RETRY_BASE_SECONDS = env_float("PUBLISH_RETRY_BASE_SECONDS", 0.1)
 RESIZE_QUEUE = env_str("RESIZE_QUEUE", "resize")
 # Our own attempt budget (the task marks the job failed past it) sits below the broker's delivery
 # limit, which stays as the backstop for a message whose job document cannot even be read.
+# The delivery limit is an argument of the queue's declaration, which RabbitMQ fixes when the queue is
+# first declared: a different value later is refused (406 inequivalent arg), and every publish and
+# worker start with it fails. So it is not derived from JOB_MAX_ATTEMPTS (raising that changed it);
+# keep JOB_MAX_ATTEMPTS below it (the worker must see the delivery that fails the job).
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3, minimum=1)
-DELIVERY_LIMIT = env_int("DELIVERY_LIMIT", JOB_MAX_ATTEMPTS + 2, minimum=1)
+DELIVERY_LIMIT = env_int("DELIVERY_LIMIT", 5, minimum=1)
 
 resize_exchange = Exchange(RESIZE_QUEUE, type="topic", durable=True)
 dead_letter_exchange = Exchange(f"{RESIZE_QUEUE}.dlx", type="fanout", durable=True)
