@@ -234,9 +234,11 @@ class ResizeView(APIView):
         except IdempotencyConflict as e:
             raise _key_reused() from e
         except QueueUnavailable as e:
+            clock.lap("enqueue")  # a failed publish's time too: the stage's p99 must show a broker in trouble
             raise ApiError(503, "queue_unavailable", "The job queue is unavailable; retry shortly.",
                            headers={"Retry-After": "2"}) from e
         except StagingError as e:
+            clock.lap("staging")
             raise ApiError(503, "staging_unavailable", "The upload could not be staged; retry shortly.",
                            headers={"Retry-After": "2"}) from e
         finally:
