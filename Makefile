@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export DJANGO_SETTINGS_MODULE := controlplane.settings
 
-.PHONY: run test chaos services services-core venv migrate bench clean topology topology-start topology-stop
+.PHONY: run test chaos services services-core venv migrate bench clean wipe-local-data topology topology-start topology-stop
 
 venv: .venv/.installed
 .venv/.installed: requirements.txt
@@ -55,5 +55,25 @@ topology-stop:
 bench: migrate
 	$(PY) bench/bench_peers.py
 
+# Caches and what tests and benchmarks leave behind, nothing else. Never var/spool (usage records not
+# yet shipped to Postgres: unbilled work), var/archive (archived usage: its rows are deleted from
+# Postgres, the files are the only copy), var/topology (a running topology's state, data and spools),
+# var/staging (jobs in flight), nor the identity snapshot or beat's schedule (docs/OPERATIONS.md).
 clean:
-	rm -rf var .pytest_cache
+	rm -rf .pytest_cache .hypothesis .schemathesis var/bench-spool-* var/bench-ship-*
+	find . \( -path ./.venv -o -path ./bench/.thumbor-venv \) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+# Everything under var/ (a development machine's full reset). Refuses while a topology is recorded
+# as running or any spool under var/ holds a record (ship it first: `manage.py metering_run ship`, with
+# Postgres up); keeps var/archive, the only copy of archived usage, unless WIPE_ARCHIVE=yes.
+wipe-local-data:
+	@if [[ -e var/topology/state.json ]]; then \
+	  echo "wipe-local-data: a topology is recorded as running (var/topology/state.json): make topology-stop first" >&2; exit 1; fi
+	@unshipped=$$(find var -path '*/spool/*' -type f -size +0c 2>/dev/null | head -n 5); \
+	if [[ -n $$unshipped ]]; then \
+	  echo "wipe-local-data: usage records not yet shipped, e.g.:" >&2; echo "$$unshipped" >&2; \
+	  echo "ship them first (.venv/bin/python manage.py metering_run ship); nothing was deleted" >&2; exit 1; fi
+	@if [[ "$(WIPE_ARCHIVE)" == yes ]]; then rm -rf var; \
+	else find var -mindepth 1 -maxdepth 1 ! -name archive -exec rm -rf {} + 2>/dev/null; \
+	  if [[ -d var/archive ]]; then echo "wipe-local-data: kept var/archive (the only copy of archived usage; WIPE_ARCHIVE=yes removes it)"; fi; fi
+	rm -rf .pytest_cache .hypothesis .schemathesis

@@ -47,10 +47,25 @@ PY
     say "installing PostgreSQL"; apt_install postgresql; installed_now=1
   fi
   if ! port_open "$PGHOST" "$PGPORT"; then
-    local version
-    version=$(ls /etc/postgresql | sort -V | tail -n 1)
-    say "starting PostgreSQL $version"
-    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    # The cluster that listens on DATABASE_URL's port (several versions may be installed side by side,
+    # each on its own port); none configured for it: the newest version's `main`, as before.
+    local version cluster
+    read -r version cluster < <(pg_lsclusters --no-header 2>/dev/null | awk -v port="$PGPORT" '$3 == port { print $1, $2; exit }') || true
+    if [[ -z ${version:-} || -z ${cluster:-} ]]; then
+      version=$(ls /etc/postgresql | sort -V | tail -n 1); cluster=main
+    fi
+    say "starting PostgreSQL $version/$cluster"
+    # Exit status 2 is "already running" (it may be starting, its port not open yet): wait for the port.
+    local rc=0
+    pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" start || rc=$?
+    if [[ $rc -ne 0 ]]; then
+      if [[ $rc -eq 2 ]] || pg_lsclusters --no-header "$version" "$cluster" 2>/dev/null \
+           | awk '$4 ~ /^online/ { up = 1 } END { exit !up }'; then
+        say "PostgreSQL $version/$cluster is already running; waiting for its port"
+      else
+        say "pg_ctlcluster $version $cluster start failed (exit status $rc)"; exit "$rc"
+      fi
+    fi
     wait_port "$PGHOST" "$PGPORT" 30 PostgreSQL
   fi
   if ! psql "$ADMIN_URL" -tAc "SELECT 1" >/dev/null 2>&1; then
@@ -81,23 +96,52 @@ ensure_rabbitmq() {
 
 # Tools of the deployment and its checks (docker/, scripts/topology.py, tests/observability/):
 # haproxy (the load balancer), promtool and prometheus, and a compose tool to validate the compose
-# file without an engine. Installed, never started as services.
+# file without an engine. Installed, never started as services, now or at boot.
+POLICY_RC=/usr/sbin/policy-rc.d
+made_policy=""
+remove_policy() { [[ -z $made_policy ]] || rm -f "$POLICY_RC"; made_policy=""; }
+
+# Debian's packages enable their daemon at boot (policy-rc.d only stops the start at install time).
+# systemd's units are disabled whether or not systemd runs here (systemctl, else deb-systemd-helper
+# edit the same links); a sysvinit script's links too. Nothing of this present: nothing to do.
+disable_at_boot() {
+  local unit
+  for unit in "$@"; do
+    if ! { command -v systemctl >/dev/null && systemctl disable --quiet "$unit.service" >/dev/null 2>&1; }; then
+      if command -v deb-systemd-helper >/dev/null; then
+        deb-systemd-helper disable "$unit.service" >/dev/null 2>&1 || true
+      fi
+    fi
+    if [[ -x /etc/init.d/$unit ]] && command -v update-rc.d >/dev/null; then
+      update-rc.d "$unit" disable >/dev/null 2>&1 || true
+    fi
+  done
+}
+
 ensure_tools() {
-  local missing=()
-  command -v haproxy >/dev/null || missing+=(haproxy)
-  command -v promtool >/dev/null || missing+=(prometheus)
+  local missing=() daemons=()
+  command -v haproxy >/dev/null || { missing+=(haproxy); daemons+=(haproxy); }
+  command -v promtool >/dev/null || { missing+=(prometheus); daemons+=(prometheus); }
   if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
     missing+=(docker-compose)
   fi
   [[ ${#missing[@]} -eq 0 ]] && return 0
   say "installing ${missing[*]}"
-  local policy=/usr/sbin/policy-rc.d made_policy=""
-  if [[ $(id -u) -eq 0 && ! -e $policy ]]; then
-    # Debian starts a package's daemon on install; we only want the binaries.
-    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; made_policy=1
+  if [[ $(id -u) -eq 0 && ! -e $POLICY_RC ]]; then
+    # Debian starts a package's daemon on install; we only want the binaries. Removed however this
+    # script ends (an error, Ctrl-C, a hangup): left behind, it would stop every later install on
+    # this host from starting its service.
+    trap remove_policy EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    trap 'exit 129' HUP
+    made_policy=1
+    printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC"; chmod +x "$POLICY_RC"
   fi
-  apt_install --no-install-recommends "${missing[@]}" || { [[ -n $made_policy ]] && rm -f "$policy"; exit 1; }
-  [[ -n $made_policy ]] && rm -f "$policy"
+  apt_install --no-install-recommends "${missing[@]}"
+  remove_policy
+  trap - EXIT INT TERM HUP
+  [[ ${#daemons[@]} -eq 0 ]] || disable_at_boot "${daemons[@]}"
   return 0
 }
 

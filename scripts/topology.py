@@ -5,9 +5,14 @@ prometheus plugin) on its own ports, N API servers (gunicorn) behind HAProxy, M 
 exactly one beat, and Prometheus scraping all of it with docker/prometheus's rules. PostgreSQL is
 the host's (its own database). The machine's RabbitMQ on 5672 is never touched.
 
-    .venv/bin/python scripts/topology.py run     # foreground, prints the endpoints; Ctrl-C stops all
+    .venv/bin/python scripts/topology.py run     # foreground, prints the endpoints; Ctrl-C (TERM, HUP) stops all
     .venv/bin/python scripts/topology.py start   # in the background (state in var/topology/state.json)
-    .venv/bin/python scripts/topology.py stop    # stops what `start` started, in order, cleanly
+    .venv/bin/python scripts/topology.py stop    # stops what `start` (or a `run`) started, in order, cleanly
+
+`start` and `run` refuse, before touching var/topology/run (the cluster's data, the staging store,
+spools of usage not yet shipped), while another topology holds the lock, is recorded as running,
+or has left a process on one of the fixed ports. The state file records each process's start time
+and the boot it belongs to: `stop` signals only processes that are still the ones recorded.
 
 From Python (tests, the chaos suite):
 
@@ -18,6 +23,7 @@ From Python (tests, the chaos suite):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -37,6 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 RABBIT_SBIN = Path("/usr/lib/rabbitmq/bin")  # the Debian package's scripts, run without its root wrapper
 STATE_FILE = ROOT / "var" / "topology" / "state.json"
+# Held (flock) by a `start` until its state file is written and by a `run` for as long as it runs.
+LOCK_FILE = ROOT / "var" / "topology" / "lock"
+RUN_BASE = ROOT / "var" / "topology" / "run"
 
 # Fixed ports of the CLI (tests ask for free ones): the cluster sits beside the machine's 5672.
 CLI_PORTS = {"amqp": 5681, "dist": 25681, "management": 15681, "rabbit_prometheus": 15691, "api": 8001,
@@ -450,7 +459,9 @@ class Topology:
             for url in self.worker_metrics_urls:
                 wait_until(f"worker metrics {url}", lambda url=url: http_ok(url), 60, app)
             wait_until("workers consuming", lambda: self._queue_consumers() >= self.workers, 60, app)
-            wait_until(f"load balancer {self.lb_url}", lambda: http_ok(f"{self.lb_url}/readyz"), 30,
+            # Through the load balancer /healthz is a node's answer only once HAProxy has a node up (its
+            # own 503 until then); /readyz and /metrics are not served on the public frontend.
+            wait_until(f"load balancer {self.lb_url}", lambda: http_ok(f"{self.lb_url}/healthz"), 30,
                        [self.lb.proc] if self.lb.proc else [])
             self.started_in = time.monotonic() - started
             return self
@@ -576,89 +587,307 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stop":
         return _stop_from_state()
     if args.command == "status":
-        print(STATE_FILE.read_text() if STATE_FILE.exists() else "not running")
-        return 0
-    if STATE_FILE.exists():
-        print(f"a topology is already running ({STATE_FILE}); `stop` it first", file=sys.stderr)
+        return _status()
+    lock = _take_lock()
+    if lock is None:
+        print(f"another topology is starting or running (it holds {LOCK_FILE}); `stop` it first", file=sys.stderr)
         return 1
-    _prepare_database(args.database_url)
-    base = ROOT / "var" / "topology" / "run"
-    shutil.rmtree(base, ignore_errors=True)
-    t = Topology(api_servers=args.api_servers, api_workers=args.api_workers, workers=args.workers,
-                 worker_concurrency=args.worker_concurrency, prometheus=not args.no_prometheus,
-                 database_url=args.database_url, fixed_ports=True, base=base, keep=True, scrape_interval="5s")
-    if args.command == "start":
-        t.start()
-        STATE_FILE.write_text(json.dumps({
-            "endpoints": t.endpoints(),
-            "processes": [{"name": p.name, "pid": p.pid, "signal": int(p.stop_signal)} for p in t.processes()],
-        }, indent=2))
-        _print_endpoints(t, _demo_key(args.database_url))
-        print("  Stop with: .venv/bin/python scripts/topology.py stop  (or make topology-stop)")
-        return 0
+    try:
+        # Everything that could say another topology is alive is checked before anything is deleted:
+        # var/topology/run holds its RabbitMQ data, staging store and spools of usage not yet shipped.
+        refusal = _refusal(args)
+        if refusal:
+            print(f"{refusal}; nothing was changed", file=sys.stderr)
+            return 1
+        _prepare_database(args.database_url)
+        shutil.rmtree(RUN_BASE, ignore_errors=True)
+        t = Topology(api_servers=args.api_servers, api_workers=args.api_workers, workers=args.workers,
+                     worker_concurrency=args.worker_concurrency, prometheus=not args.no_prometheus,
+                     database_url=args.database_url, fixed_ports=True, base=RUN_BASE, keep=True,
+                     scrape_interval="5s")
+        return _start(t, args) if args.command == "start" else _run(t, args)
+    finally:
+        lock.close()  # releases the flock
 
-    stopping = False
 
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)  # also when started in the background, where SIGINT is ignored
+def _start(t: Topology, args: argparse.Namespace) -> int:
+    """`start`: bring it up, record it, leave it running in the background."""
+    signals = _StopSignals()  # INT, TERM, HUP while starting: stop what started, once
     try:
         t.start()
+        _write_state(t, "start")
+    except KeyboardInterrupt:
+        signals.stopping = True
+        t.stop()
+        _remove_state(lambda state: state.get("owner") == _identity(os.getpid()))
+        _say("topology: interrupted while starting; stopped what had started")
+        return 1
+    finally:
+        signals.restore()
+    _print_endpoints(t, _demo_key(args.database_url))
+    print("  Stop with: .venv/bin/python scripts/topology.py stop  (or make topology-stop)")
+    return 0
+
+
+def _run(t: Topology, args: argparse.Namespace) -> int:
+    """`run`: in the foreground until a process exits or we are told to stop (INT, TERM, HUP, or
+    `topology.py stop` from elsewhere, which signals us); then everything stops, in order."""
+    signals = _StopSignals()
+    try:
+        t.start()
+        _write_state(t, "run")
         _print_endpoints(t, _demo_key(args.database_url))
-        print("  Ctrl-C stops everything.", flush=True)
+        _say("  Ctrl-C stops everything (or, from another shell: scripts/topology.py stop).", stream=sys.stdout)
         while all(p.alive() for p in t.processes()):
             time.sleep(1)
         dead = [p.name for p in t.processes() if not p.alive()]
-        print(f"topology: {', '.join(dead)} exited; stopping the rest", file=sys.stderr)
+        _say(f"topology: {', '.join(dead)} exited; stopping the rest")
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        print("topology: stopping...", file=sys.stderr)
+        signals.stopping = True  # a signal from now on changes nothing: the stop below goes on
+        _say("topology: stopping...")
         codes = t.stop()
-        print(f"topology: stopped ({', '.join(f'{k}={v}' for k, v in codes.items())})", file=sys.stderr)
+        _remove_state(lambda state: (state.get("supervisor") or {}).get("pid") == os.getpid())
+        _say(f"topology: stopped ({', '.join(f'{k}={v}' for k, v in codes.items())})")
 
 
-def _stop_from_state() -> int:
-    """Stop a background topology: the same order as Topology.stop, by the pids `start` recorded."""
-    if not STATE_FILE.exists():
-        print("no topology is running", file=sys.stderr)
+class _StopSignals:
+    """INT, TERM and HUP (a closed terminal) all mean: stop cleanly. The first raises KeyboardInterrupt
+    (also where SIGINT is ignored, in the background); later ones, or any once `stopping` is set, do
+    nothing, so the orderly stop they asked for is not cut short."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def _say(message: str, stream: Any = None) -> None:
+    """Print, ignoring a terminal that has gone (after a hangup writes fail with EIO): stopping must go on."""
+    try:
+        print(message, file=stream or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+# --- the state file, the lock, and who is running ---------------------------------------------------
+
+def _take_lock() -> Any:
+    """The lock `start` holds until its state file is written and `run` for its whole life; None if taken."""
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields from the third (the state) on; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The second field, the command in parentheses, may itself hold spaces and parentheses.
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _identity(pid: int | None) -> dict[str, Any]:
+    """What tells this process from a later one with the same pid: the boot, and its start time there
+    (clock ticks since boot, /proc/<pid>/stat's 22nd field; it survives exec)."""
+    fields = _proc_stat(pid) if pid else None
+    return {"pid": pid, "start_time": fields[19] if fields and len(fields) > 19 else None, "boot_id": _boot_id()}
+
+
+def _is_recorded_process(entry: dict[str, Any] | None) -> bool:
+    """Whether the recorded pid is still that process (same boot, same start time) and not a zombie."""
+    if not entry or not entry.get("pid") or not entry.get("start_time") or not entry.get("boot_id"):
+        return False
+    if entry["boot_id"] != _boot_id():
+        return False  # recorded before a reboot: whatever has the pid now is something else
+    fields = _proc_stat(int(entry["pid"]))
+    return fields is not None and fields[0] != "Z" and len(fields) > 19 and fields[19] == entry["start_time"]
+
+
+def _unverifiable(entry: dict[str, Any]) -> bool:
+    """A process recorded without its start time (a state file from before these checks) whose pid exists."""
+    if entry.get("start_time") or not entry.get("pid"):
+        return False
+    try:
+        os.kill(int(entry["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_state(t: Topology, mode: str) -> None:
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "mode": mode,
+        "owner": _identity(os.getpid()),
+        # A foreground `run` is stopped through itself: it stops its processes in order.
+        "supervisor": _identity(os.getpid()) if mode == "run" else None,
+        "endpoints": t.endpoints(),
+        "processes": [{"name": p.name, "signal": int(p.stop_signal), **_identity(p.pid)} for p in t.processes()],
+    }
+    partial = STATE_FILE.with_name(STATE_FILE.name + ".new")
+    partial.write_text(json.dumps(state, indent=2))
+    os.replace(partial, STATE_FILE)
+
+
+def _read_state() -> dict[str, Any] | None:
+    try:
+        return json.loads(STATE_FILE.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _remove_state(is_ours: Any) -> None:
+    """Remove the state file if it is still the one `is_ours(state)` recognizes (never another's)."""
+    try:
+        state = _read_state()
+    except (OSError, ValueError):
+        return
+    if state is not None and is_ours(state):
+        STATE_FILE.unlink(missing_ok=True)
+
+
+def _cli_ports(args: argparse.Namespace) -> dict[int, str]:
+    """The fixed ports a CLI topology of this shape listens on (Topology._port's choices)."""
+    ports: dict[int, str] = {}
+    for i in range(Topology.rabbit_nodes_count):
+        for kind in ("amqp", "dist", "management", "rabbit_prometheus"):
+            ports[CLI_PORTS[kind] + i] = kind
+    ports.update({CLI_PORTS["api"] + i: "api" for i in range(args.api_servers)})
+    ports.update({CLI_PORTS["worker_metrics"] + j: "worker_metrics" for j in range(args.workers)})
+    ports.update({CLI_PORTS["lb"]: "lb", CLI_PORTS["lb_metrics"]: "lb_metrics"})
+    if not args.no_prometheus:
+        ports[CLI_PORTS["prometheus"]] = "prometheus"
+    return ports
+
+
+def _refusal(args: argparse.Namespace) -> str | None:
+    """Why a new CLI topology must not start (and must not delete the run directory), or None."""
+    try:
+        state = _read_state()
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} cannot be read ({e}): remove it once nothing of that topology runs"
+    if state is not None:
+        entries = [state.get("supervisor"), *state.get("processes", [])]
+        if any(_is_recorded_process(e) for e in entries) or any(_unverifiable(e) for e in state.get("processes", [])):
+            return f"a topology is already running ({STATE_FILE}); `stop` it first"
+        print(f"topology: {STATE_FILE} was stale (none of its processes runs): removed", file=sys.stderr)
+        STATE_FILE.unlink(missing_ok=True)
+    taken = [f"{port} ({kind})" for port, kind in sorted(_cli_ports(args).items()) if port_open(port)]
+    if taken:
+        return (f"ports in use: {', '.join(taken)}: is another topology (or something else) running on them? "
+                "Stop it first")
+    return None
+
+
+def _status() -> int:
+    try:
+        state = _read_state()
+    except (OSError, ValueError) as e:
+        print(f"{STATE_FILE} cannot be read: {e}")
+        return 1
+    if state is None:
+        print("not running")
         return 0
-    state = json.loads(STATE_FILE.read_text())
-    order = ["haproxy", "api", "beat", "worker", "prometheus", "rabbit"]
-    for prefix in order:
-        procs = [p for p in state["processes"] if p["name"].startswith(prefix)]
-        for p in procs:
-            try:
-                os.kill(p["pid"], p["signal"])
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            deadline = time.monotonic() + 60
-            while _pid_alive(p["pid"]) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _pid_alive(p["pid"]):
-                os.kill(p["pid"], signal.SIGKILL)
-    STATE_FILE.unlink()
-    print("topology: stopped", file=sys.stderr)
+    for p in state.get("processes", []):
+        p["running"] = _is_recorded_process(p)
+    print(json.dumps(state, indent=2))
     return 0
 
 
-def _pid_alive(pid: int) -> bool:
+def _stop_from_state() -> int:
+    """Stop a recorded topology: through its `run` if one supervises it, else in the same order as
+    Topology.stop, by the pids recorded. A pid is signalled only while it is still the process
+    recorded (same boot, same start time): after a reboot or a crash the pid may be anyone's."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A child of ours that exited but was not reaped is a zombie: gone for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+        state = _read_state()
+    except (OSError, ValueError) as e:
+        print(f"{STATE_FILE} cannot be read ({e}); stop the topology's processes yourself, then remove it",
+              file=sys.stderr)
+        return 1
+    if state is None:
+        starting = _take_lock()
+        if starting is None:
+            print(f"a topology is starting (the pid in {LOCK_FILE}); stop it once it has started", file=sys.stderr)
+            return 1
+        starting.close()
+        print("no topology is running", file=sys.stderr)
+        return 0
+    supervisor = state.get("supervisor")
+    if _is_recorded_process(supervisor):
+        assert supervisor is not None
+        print(f"topology: asking the foreground `run` (pid {supervisor['pid']}) to stop", file=sys.stderr)
+        try:
+            os.kill(int(supervisor["pid"]), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 600  # it gives each tier up to 60 s
+        while _is_recorded_process(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _is_recorded_process(supervisor):
+            print("topology: the `run` has not stopped within 10 minutes; stopping its processes directly",
+                  file=sys.stderr)
+    order = ["haproxy", "api", "beat", "worker", "prometheus", "rabbit"]
+    unverified = []
+    for prefix in order:
+        signalled = []
+        for p in (p for p in state.get("processes", []) if p["name"].startswith(prefix)):
+            if _is_recorded_process(p):
+                try:
+                    os.kill(int(p["pid"]), p["signal"])
+                    signalled.append(p)
+                except ProcessLookupError:
+                    pass
+            elif _unverifiable(p):
+                unverified.append(p)
+        for p in signalled:
+            deadline = time.monotonic() + 60
+            while _is_recorded_process(p) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _is_recorded_process(p):
+                try:
+                    os.kill(int(p["pid"]), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    for p in unverified:
+        print(f"topology: pid {p['pid']} ({p['name']}) was recorded without its start time (an older state "
+              "file), so it cannot be told from an unrelated process: not signalled; stop it yourself if it "
+              "is the topology's", file=sys.stderr)
+    _remove_state(lambda current: current == state)
+    print("topology: stopped", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -98,9 +98,21 @@ def test_compose_has_the_production_shape(compose):
         s = services[name]
         broker = s["environment"]["BROKER_URL"].split(";")
         assert sorted(re.search(r"@(rabbitmq\d)", url).group(1) for url in broker) == rabbits  # failover over all
-        assert all(s["depends_on"][r]["condition"] == "service_healthy" for r in rabbits)
-        assert s["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         assert s["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    for name in apis + workers + ["beat"]:
+        s = services[name]
+        assert s["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        # Not on each broker node's health: one unhealthy node made `docker compose up -d` fail. The
+        # first bootstrap's need (the quorum queue declared once all three are members) is the gate's.
+        assert not set(s["depends_on"]) & set(rabbits), (name, s["depends_on"])
+        assert s["depends_on"]["rabbitmq-cluster"]["condition"] == "service_completed_successfully", name
+    gate = services["rabbitmq-cluster"]
+    assert gate["image"].startswith("rabbitmq:3.10") and gate["restart"] == "no"
+    script = " ".join(gate["entrypoint"] + gate["command"])
+    assert "cluster_status" in script and '-ge 3' in script and all(r in script for r in rabbits)
+    assert all(services[r]["depends_on"]["rabbitmq1"]["condition"] == "service_healthy" for r in rabbits[1:])
+    # HAProxy's own /readyz checks decide traffic: an unhealthy API node must not keep it from starting.
+    assert {a: services["haproxy"]["depends_on"][a]["condition"] for a in apis} == {a: "service_started" for a in apis}
     for name in workers:
         assert services[name]["command"][:4] == ["celery", "-A", "controlplane", "worker"]
         assert not mounts(services[name])["/var/lib/resizer/spool"].startswith("/")  # a named volume, not the container's layer
@@ -117,9 +129,49 @@ def test_compose_has_the_production_shape(compose):
     # bind address 0.0.0.0:8000) in a container, and every API node stayed down.
     assert "http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host localhost" in haproxy
     for name in apis:
-        assert "localhost" in services[name]["environment"]["ALLOWED_HOSTS"].split(",")
+        # Django answers 400 to a Host it does not list: HAProxy's check and the container's own health
+        # check send `localhost`; Prometheus sends each node's name (its target, api<N>:8000).
+        assert {"localhost", *apis} <= set(services[name]["environment"]["ALLOWED_HOSTS"].split(",")), name
+        healthcheck = " ".join(services[name]["healthcheck"]["test"])
+        assert "/healthz" in healthcheck and "headers={'Host': 'localhost'}" in healthcheck, healthcheck
         # A deploy lets requests in flight finish: the container waits longer than gunicorn does.
         assert int(services[name]["stop_grace_period"].rstrip("s")) > 25
+
+
+def test_allowed_hosts_keeps_the_deployments_own_names_whatever_env_sets():
+    """docker/.env names the public host names; compose appends what the health checks and the
+    scrapes send, so an operator's ALLOWED_HOSTS cannot lock them out."""
+    env = {**example_env(), "ALLOWED_HOSTS": "resizer.example.com"}
+    rendered = yaml.safe_load(run(*compose_command(), "-f", str(DOCKER / "compose.yml"), "config", env=env))
+    apis = sorted(s for s in rendered["services"] if re.fullmatch(r"api\d+", s))
+    for name in apis:
+        hosts = rendered["services"][name]["environment"]["ALLOWED_HOSTS"].split(",")
+        assert {"resizer.example.com", "localhost", *apis} <= set(hosts), (name, hosts)
+
+
+def _haproxy_section(config: str, header: str) -> str:
+    """The lines of one section (`frontend api`) of haproxy.cfg, up to the next section."""
+    lines = config.splitlines()
+    start = lines.index(header)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def test_the_public_frontend_does_not_serve_metrics_or_readiness():
+    """/metrics and /readyz are for Prometheus and HAProxy's checks, which reach the nodes directly:
+    the public frontend answers them itself, on the decoded path (gunicorn decodes /%6Detrics), before
+    any request reaches a node; the loopback topology's copy of the file keeps the rule."""
+    from scripts.topology import haproxy_config
+
+    config = (DOCKER / "haproxy" / "haproxy.cfg").read_text()
+    frontend = _haproxy_section(config, "frontend api")
+    rule = re.search(r"^\s+http-request (?:return status 404|deny)\b.* if \{ path,url_dec -m beg ([^}]*)\}$",
+                     frontend, re.M)
+    assert rule and {"/metrics", "/readyz"} <= set(rule.group(1).split()), frontend
+    assert frontend.index(rule.group(0)) < frontend.index("default_backend api")
+    # The backend's own checks still ask each node's /readyz directly.
+    assert "http-check send meth GET uri /readyz" in _haproxy_section(config, "backend api")
+    assert rule.group(0).strip() in haproxy_config(18080, 18404, ["http://127.0.0.1:18001"])
 
 
 def test_haproxy_config_is_valid():
@@ -130,6 +182,10 @@ def test_prometheus_scrapes_every_service(compose):
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     jobs = {j["job_name"]: sorted(t for c in j["static_configs"] for t in c["targets"]) for j in config["scrape_configs"]}
     assert jobs["api"] == [f"{s}:8000" for s in _services(compose, "api")]
+    # Prometheus sends the target's host as Host: each API node must allow its own name.
+    for target in jobs["api"]:
+        host = target.split(":")[0]
+        assert host in compose["services"][host]["environment"]["ALLOWED_HOSTS"].split(","), target
     assert jobs["worker"] == [f"{s}:9808" for s in _services(compose, "worker")]
     assert jobs["rabbitmq"] == jobs["rabbitmq-queues"] == [f"{s}:15692" for s in _services(compose, "rabbitmq")]
     assert jobs["haproxy"] == ["haproxy:8404"]
@@ -145,6 +201,39 @@ def test_promtool_checks_the_config_and_the_rules():
 
 def test_promtool_rule_unit_tests_pass():
     assert "SUCCESS" in run(tool("promtool"), "test", "rules", "tests/resizer_test.yml", cwd=PROMETHEUS)
+
+
+# The metrics of HAProxy 2.6's built-in exporter the rules may read (addons/promex), and their labels.
+HAPROXY_METRICS = {
+    "haproxy_backend_active_servers", "haproxy_backend_backup_servers", "haproxy_backend_status",
+    "haproxy_backend_http_responses_total", "haproxy_backend_http_requests_total",
+    "haproxy_backend_connection_errors_total", "haproxy_backend_response_errors_total",
+    "haproxy_frontend_http_responses_total", "haproxy_frontend_http_requests_total",
+    "haproxy_frontend_request_errors_total", "haproxy_frontend_internal_errors_total",
+}
+
+
+def test_edge_alerts_read_what_haproxy_exports():
+    """The API's own counters go flat when HAProxy answers by itself (no node ready: 503; 502/504): the
+    edge alerts read HAProxy's exporter, by metric names it has, for the proxies haproxy.cfg defines."""
+    rules = yaml.safe_load((PROMETHEUS / "rules" / "resizer.yml").read_text())
+    by_name = {r.get("alert") or r["record"]: r for g in rules["groups"] for r in g["rules"]}
+    config = (DOCKER / "haproxy" / "haproxy.cfg").read_text()
+    proxies = set(re.findall(r"^(?:frontend|backend|listen) (\S+)$", config, re.M))
+    exprs = " ".join(r["expr"] for r in by_name.values())
+    assert set(re.findall(r"\bhaproxy_[a-z_]+", exprs)) <= HAPROXY_METRICS
+    assert set(re.findall(r'proxy="([^"]+)"', exprs)) <= proxies
+    # The exporter is served (the job scrapes :8404/metrics).
+    assert "http-request use-service prometheus-exporter if { path /metrics }" in _haproxy_section(config, "frontend metrics")
+    assert "haproxy_backend_active_servers" in by_name["LoadBalancerNoApiNode"]["expr"]
+    assert "haproxy_frontend_http_responses_total" in by_name["resizer:edge_5xx:ratio_rate1h"]["expr"]
+    for alert in ("LoadBalancerNoApiNode", "EdgeErrorsFastBurn"):
+        assert by_name[alert]["labels"]["severity"] == "page", alert
+    # Every alert's runbook link lands on a heading of docs/OPERATIONS.md.
+    anchors = {h.lower() for h in re.findall(r"^### (\S+)$", (ROOT / "docs" / "OPERATIONS.md").read_text(), re.M)}
+    for alert in (name for name, r in by_name.items() if "alert" in r):
+        page, _, anchor = by_name[alert]["annotations"]["runbook"].partition("#")
+        assert page == "docs/OPERATIONS.md" and anchor in anchors, (alert, anchor)
 
 
 def _exported_metric_names() -> set[str]:
