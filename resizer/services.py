@@ -156,13 +156,15 @@ def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
             timeout=timeout, confirm_timeout=timeout, **properties)
 
 
-def _publish(send: Callable[[str, str | None, float], None], job_id: str, reply_to: str | None) -> None:
+def _publish(send: Callable[[str, str | None, float], None], job_id: str, reply_to: str | None, *,
+             sleep: Callable[[float], None] = time.sleep) -> None:
     """Hand the job to the broker with `send` and wait for its confirm. A nack (the broker up but the
     queue not taking messages: between leaders) is retried here, within PUBLISH_TIMEOUT_SECONDS, with
-    exponential backoff and jitter. Connection failures, and a confirm that did not come in time, were
-    already retried by kombu over every listed node (task_publish_retry_policy: up to 3 tries of the
-    timeout each), so those raise at once. A retried publish whose first confirm was lost can leave two
-    copies of the message: a job's deliveries converge on one outcome (_job_conclude)."""
+    exponential backoff and jitter (`sleep` takes each pause; tests pass their own). Connection failures,
+    and a confirm that did not come in time, were already retried by kombu over every listed node
+    (task_publish_retry_policy: up to 3 tries of the timeout each), so those raise at once. A retried
+    publish whose first confirm was lost can leave two copies of the message: a job's deliveries
+    converge on one outcome (_job_conclude)."""
     deadline = time.monotonic() + celeryconfig.PUBLISH_TIMEOUT_SECONDS
     for attempt in range(celeryconfig.PUBLISH_ATTEMPTS):
         try:
@@ -175,7 +177,7 @@ def _publish(send: Callable[[str, str | None, float], None], job_id: str, reply_
                     time.monotonic() + delay >= deadline:
                 raise
             log.info("job %s nacked by the broker (attempt %d); retrying in %.2f s", job_id, attempt + 1, delay)
-            time.sleep(delay)
+            sleep(delay)
 
 
 def job_run(*, job_id: str, reply_to: str | None, producer: Any,

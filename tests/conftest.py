@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,9 +54,10 @@ def make_image(fmt: str = "JPEG", size: tuple[int, int] = (64, 48), mode: str = 
 
 @pytest.fixture(scope="session", autouse=True)
 def _run_queues():
-    """Whatever this run declared on the broker is deleted at its end."""
+    """Whatever this run declared on the broker, and its staging directory, are deleted at its end."""
     yield
     _delete_queues()
+    shutil.rmtree(STAGING_DIR, ignore_errors=True)
 
 
 def _delete_queues() -> None:
@@ -64,9 +66,10 @@ def _delete_queues() -> None:
 
     with app.connection_for_write() as connection:
         channel = connection.default_channel
-        for queue in (celeryconfig.resize_queue, celeryconfig.dead_letter_queue, celeryconfig.periodic_queue):
+        for entity in (celeryconfig.resize_queue, celeryconfig.dead_letter_queue, celeryconfig.periodic_queue,
+                       celeryconfig.resize_exchange, celeryconfig.dead_letter_exchange):
             try:
-                queue.bind(channel).delete()
+                entity.bind(channel).delete()
             except Exception:
                 channel = connection.channel()
 

@@ -116,14 +116,21 @@ def own_worker(name: str, *, concurrency: int = 1, **env: str) -> Iterator[Worke
 
 
 def delete_queues(queue: str) -> None:
-    from kombu import Queue
+    """Everything a worker or API server with RESIZE_QUEUE=`queue` declares (celeryconfig): the resize,
+    dead-letter and beat queues, and the resize and dead-letter exchanges."""
+    from kombu import Exchange, Queue
 
     from controlplane.celery import app
 
     with app.connection_for_write() as connection:
-        for name in (queue, f"{queue}.dead"):
+        for name in (queue, f"{queue}.dead", f"{queue}.periodic"):
             try:
                 Queue(name).bind(connection.channel()).delete()
+            except Exception:
+                pass
+        for name in (queue, f"{queue}.dlx"):
+            try:
+                Exchange(name).bind(connection.channel()).delete()
             except Exception:
                 pass
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import uuid
 
 import httpx
 import pytest
@@ -14,11 +15,13 @@ from tests.processes import api_server
 pytestmark = pytest.mark.e2e
 
 
-def access_lines(**env: str) -> list[dict]:
+def access_lines(tag: str = "", **env: str) -> list[dict]:
+    """gunicorn's access log lines of a server sent three GET /healthz(?tag), and api_server's own
+    probes of /healthz (as many as it took to see the server up)."""
     with tempfile.TemporaryFile() as log:
         with api_server(log=log, LOG_FORMAT="json", **env) as base:
             for _ in range(3):
-                assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+                assert httpx.get(f"{base}/healthz" + (f"?{tag}" if tag else ""), timeout=5).status_code == 200
         log.seek(0)
         lines = [json.loads(line) for line in log.read().decode().splitlines() if line.startswith("{")]
     assert any(line["logger"] == "gunicorn.error" for line in lines)  # the log was captured at all
@@ -30,6 +33,7 @@ def test_gunicorn_access_log_is_off_by_default() -> None:
 
 
 def test_gunicorn_access_log_on_when_asked() -> None:
-    lines = access_lines(API_ACCESS_LOG="true")
-    # Ours, and the one api_server sent to see the server up.
-    assert sum('"GET /healthz HTTP/1.1" 200' in line["message"] for line in lines) == 4
+    tag = f"test={uuid.uuid4().hex}"  # ours, told apart from api_server's probes (one, or more on a slow start)
+    lines = access_lines(tag, API_ACCESS_LOG="true")
+    assert sum(f'"GET /healthz?{tag} HTTP/1.1" 200' in line["message"] for line in lines) == 3
+    assert any('"GET /healthz HTTP/1.1" 200' in line["message"] for line in lines)  # and api_server's

@@ -61,8 +61,10 @@ def test_api_and_worker_metrics_move_with_real_resizes(tmp_path):
     _, key = api_key_create(customer=customer)
     slow = customer_create(name="metrics-limited", plan=Plan.objects.create(name="tiny", rate_per_second=0.01, burst=1))
     _, slow_key = api_key_create(customer=slow)
+    # The in-flight limit that follows the queue wait off (target 0): on a loaded machine jobs may wait
+    # past the 0.25 s target and the limit fall, which this test is not about (test_admission.py is).
     with own_worker("obs", concurrency=2, **env, WORKER_METRICS_BIND=f"127.0.0.1:{worker_port}") as obs_worker, \
-            api_server(**env, RESIZE_QUEUE=obs_worker.queue) as base:
+            api_server(**env, RESIZE_QUEUE=obs_worker.queue, ADMISSION_TARGET_QUEUE_WAIT_SECONDS="0") as base:
         queue = obs_worker.queue
         api_metrics, worker_metrics = f"{base}/metrics", f"http://127.0.0.1:{worker_port}/metrics"
         before_api, before_worker = scrape(api_metrics), scrape(worker_metrics)
@@ -96,8 +98,12 @@ def test_api_and_worker_metrics_move_with_real_resizes(tmp_path):
         # The API: durations with the SLO bucket, outcomes, stages, shed admissions, summed over processes.
         served = 6 + limited.count(200)  # each process holds a share of the tiny plan's burst
         assert grew(api, before_api, "resizer_resize_request_duration_seconds_count", outcome="served") == served
+        # The SLO bucket is there (how many fell in it is a timing, not asserted); every request is in +Inf.
+        assert any(n == "resizer_resize_request_duration_seconds_bucket"
+                   and {"outcome": "served", "input_size": "lt_1mb", "le": "0.5"}.items() <= dict(ls).items()
+                   for n, ls in api)
         assert grew(api, before_api, "resizer_resize_request_duration_seconds_bucket",
-                    outcome="served", input_size="lt_1mb", le="0.5") > 0
+                    outcome="served", input_size="lt_1mb", le="+Inf") == served
         assert grew(api, before_api, "resizer_resize_requests_total", outcome="served", code="ok") == served
         assert grew(api, before_api, "resizer_resize_requests_total", outcome="client_error", code="corrupt_image") == 1
         assert grew(api, before_api, "resizer_resize_requests_total", outcome="client_error", code="unauthorized") == 1
@@ -113,7 +119,7 @@ def test_api_and_worker_metrics_move_with_real_resizes(tmp_path):
         assert value(api, "resizer_queue_consumers", queue=queue) >= 1
         assert ("resizer_queue_messages_ready", (("queue", queue),)) in api
         assert value(api, "resizer_broker_up") == 1
-        # Nothing waited long: each process that served a resize admits up to its static bound (12).
+        # The static bound (12) of each process that served a resize (the wait-driven limit is off).
         assert value(api, "resizer_admission_in_flight_limit") in (12, 24)
 
         # The worker: durations, CPU, bytes, failures by code, queue wait, over both pool processes.

@@ -20,9 +20,22 @@ class FlakySend:
         self.failures, self.error, self.calls = failures, error, []
 
     def __call__(self, job_id: str, reply_to: str | None, timeout: float) -> None:
-        self.calls.append((time.monotonic(), job_id, timeout))
+        self.calls.append((job_id, timeout))
         if len(self.calls) <= self.failures:
             raise self.error
+
+
+class Pauses:
+    """Stands in for _publish's sleep: notes each delay asked for and, when `real`, takes it (so the
+    publish budget runs down between attempts as it would)."""
+
+    def __init__(self, real: bool) -> None:
+        self.real, self.delays = real, []
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        if self.real:
+            time.sleep(seconds)
 
 
 def _nack() -> OperationalError:
@@ -36,29 +49,34 @@ def _nack() -> OperationalError:
 
 
 def test_a_nacked_publish_is_retried_with_growing_jittered_delays():
-    send = FlakySend(3, _nack())
-    _publish(send, "a" * 32, None)
+    send, pauses = FlakySend(3, _nack()), Pauses(real=True)
+    _publish(send, "a" * 32, None, sleep=pauses)
     assert len(send.calls) == 4
-    gaps = [b[0] - a[0] for a, b in zip(send.calls, send.calls[1:])]
+    # The delays asked for, not the time they took: exponential, each with "equal jitter".
+    assert len(pauses.delays) == 3
     base = celeryconfig.PUBLISH_RETRY_BASE_SECONDS
-    for attempt, gap in enumerate(gaps):
+    for attempt, delay in enumerate(pauses.delays):
         step = base * 2**attempt
-        assert step / 2 <= gap < step + 0.05, gaps
-    assert {job_id for _, job_id, _ in send.calls} == {"a" * 32}  # the same job each time: a duplicate runs once
-    timeouts = [timeout for _, _, timeout in send.calls]
+        assert step / 2 <= delay <= step, pauses.delays
+    assert {job_id for job_id, _ in send.calls} == {"a" * 32}  # the same job each time: a duplicate runs once
+    timeouts = [timeout for _, timeout in send.calls]
     assert all(0 < t <= celeryconfig.PUBLISH_TIMEOUT_SECONDS for t in timeouts)
-    assert timeouts == sorted(timeouts, reverse=True)  # one budget for all attempts
+    # One budget for all attempts: each is given at most what the pauses before it left of it (a
+    # fresh PUBLISH_TIMEOUT_SECONDS each would exceed this; a loaded machine only leaves less).
+    for attempt, timeout in enumerate(timeouts):
+        assert timeout <= celeryconfig.PUBLISH_TIMEOUT_SECONDS - sum(pauses.delays[:attempt]), (timeouts, pauses.delays)
 
 
 def test_nacks_past_the_attempts_raise():
-    send = FlakySend(100, _nack())
+    send, pauses = FlakySend(100, _nack()), Pauses(real=False)
     with pytest.raises(OperationalError):
-        _publish(send, "b" * 32, None)
+        _publish(send, "b" * 32, None, sleep=pauses)
     assert len(send.calls) == celeryconfig.PUBLISH_ATTEMPTS
+    assert len(pauses.delays) == celeryconfig.PUBLISH_ATTEMPTS - 1  # a pause between attempts, none after the last
 
 
 def test_a_broker_that_cannot_be_reached_is_not_retried_here():
-    send = FlakySend(100, OperationalError("[Errno 111] Connection refused"))
+    send, pauses = FlakySend(100, OperationalError("[Errno 111] Connection refused")), Pauses(real=False)
     with pytest.raises(OperationalError):
-        _publish(send, "c" * 32, None)
-    assert len(send.calls) == 1
+        _publish(send, "c" * 32, None, sleep=pauses)
+    assert len(send.calls) == 1 and pauses.delays == []

@@ -9,7 +9,6 @@ import io
 import math
 import random
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -677,13 +676,11 @@ def _refuse_decoding(monkeypatch):
 @pytest.mark.parametrize("size", [(100_000, 100_000), (8000, 8000)])
 def test_huge_declared_png_is_refused_without_decoding(monkeypatch, size):
     data = png_declaring(*size)
-    _refuse_decoding(monkeypatch)
-    started = time.process_time()
+    _refuse_decoding(monkeypatch)  # a decode would raise, not ImageTooLarge
     for call in (lambda: probe(data), lambda: resize(data, Params(width=100))):
         with pytest.raises(ImageTooLarge) as info:
             call()
         assert info.value.status == 422 and info.value.code == "image_too_large"
-    assert time.process_time() - started < 1
 
 
 def test_pixel_frame_and_byte_limits():

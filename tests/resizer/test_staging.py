@@ -6,10 +6,11 @@ import shutil
 import subprocess
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from resizer.jobs import (IdempotencyConflict, job_create, job_load, job_result, job_succeed, output_key,
+from resizer.jobs import (IdempotencyConflict, job_create, job_load, job_result, job_save, job_succeed, output_key,
                           staging_sweep)
 from resizer.staging import DirectoryStore, StagingError, StagingNotFound
 
@@ -72,9 +73,10 @@ def test_idempotency_same_request_same_job_different_request_conflicts(store):
 
 def test_sweep_drops_expired_results_then_old_jobs(store):
     job, _ = _create(store)
-    job_succeed(store, job, data=b"out", output={}, cpu_seconds=0.0, result_ttl_seconds=1)
+    job = job_succeed(store, job, data=b"out", output={}, cpu_seconds=0.0, result_ttl_seconds=600)
     assert staging_sweep(store, job_retention_seconds=3600)["results"] == 0
-    time.sleep(1.1)
+    job.result_expires_at = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()  # its TTL is up
+    job_save(store, job)
     assert staging_sweep(store, job_retention_seconds=3600)["results"] == 1
     with pytest.raises(StagingNotFound):
         job_result(store, job)

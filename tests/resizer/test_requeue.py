@@ -1,0 +1,67 @@
+"""The worker's requeue path in a real worker (resizer.tasks.resize): a delivery whose staging read
+fails (StagingError, the store away, not the input gone) pauses, is rejected with requeue, and comes
+back; once the store reads again the job succeeds on a later delivery, with its attempt budget given
+back, billed once, and nothing dead-lettered."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pytest
+from kombu import Exchange, Queue
+
+from controlplane.celery import app
+from metering.models import UsageRecord
+from resizer.jobs import input_key, job_create, job_load
+from resizer.staging import staging_store
+from tests.conftest import corpus
+from tests.processes import own_worker
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def _ready(name: str) -> int:
+    with app.connection_for_write() as connection:
+        return Queue(name).bind(connection.channel()).queue_declare(passive=True).message_count
+
+
+def test_a_job_whose_input_cannot_be_read_is_requeued_until_it_can_then_succeeds(tmp_path):
+    store = staging_store()
+    image = corpus("coffee.jpg")
+    job, _ = job_create(store, customer_id=str(uuid.uuid4()), key_id=str(uuid.uuid4()), request_id="r",
+                        params={"width": 50, "height": None, "fit": "inside", "format": "jpeg", "quality": None,
+                                "gravity": "center", "background": None, "enlarge": False},
+                        input_facts={}, data=image)
+    # The input becomes a link to a directory: reading it fails with IsADirectoryError, an OSError the
+    # store reports as StagingError (a missing file would be StagingNotFound: input_lost, no requeue).
+    path = store.root / input_key(job.id)
+    path.unlink()
+    os.symlink(tmp_path, path)
+    with own_worker("requeue") as worker:
+        app.send_task("resizer.tasks.resize", args=[job.id], task_id=job.id,
+                      exchange=Exchange(worker.queue, type="topic"), routing_key=f"{worker.queue}.job")
+        received = f"resizer.tasks.resize[{job.id}] received"
+        deadline = time.monotonic() + 20
+        while worker.count(received) < 2:  # delivered, failed on the store, requeued, delivered again
+            assert time.monotonic() < deadline, worker.log_text()[-3000:]
+            assert not job_load(store, job.id).finished, job_load(store, job.id)
+            time.sleep(0.05)
+        # The store reads again: the input back in one rename, so no delivery sees it missing.
+        restored = path.with_name(".restore")
+        restored.write_bytes(image)
+        os.replace(restored, path)
+        while not (done := job_load(store, job.id)).finished:
+            assert time.monotonic() < deadline, worker.log_text()[-3000:]
+            time.sleep(0.05)
+        assert done.status == "succeeded", done
+        assert done.attempts == 1, done  # the deliveries the store cut short gave their attempts back
+        deliveries = worker.count(received)
+        # Every delivery but the last was rejected back to the queue (not lost with its worker, not failed).
+        assert worker.count(f"resizer.tasks.resize[{job.id}] reject requeue=True") == deliveries - 1 >= 1
+        assert _ready(f"{worker.queue}.dead") == 0 and _ready(worker.queue) == 0
+        while not (records := list(UsageRecord.objects.filter(id=uuid.UUID(job.id)))):
+            assert time.monotonic() < deadline + 10, "the usage record was not shipped"
+            time.sleep(0.2)
+    assert len(records) == 1 and records[0].outcome == "succeeded"
+    print(f"\nrequeue after a staging read failure: {deliveries} deliveries, then succeeded; 1 usage record")
