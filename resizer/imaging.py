@@ -38,7 +38,7 @@ CONTENT_TYPES = {
     "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "avif": "image/avif", "gif": "image/gif",
 }
 
-# Encoder settings, from bench/bench_imaging.py --encoders (table in docs/imaging-notes.md). The
+# Encoder settings, from bench/bench_imaging.py --encoders (table in docs/IMAGING.md). The
 # service pays per CPU-second, so nothing that costs a multiple of the encode for a few percent:
 # jpeg: q80 4:2:0. optimize (two-pass Huffman) is 2x the encode time for 0.7% fewer bytes at
 #   800x600 (2.7% at 256x192); progressive is 5x for 4%. Both off.

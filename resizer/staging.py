@@ -1,7 +1,7 @@
 """The staging store: where uploads, results and job documents wait between API nodes and workers.
 
 Messages on the queue carry only a job id; the bytes live here. The interface is deliberately
-small (put, put_new, get, delete, scan) so an object store can stand in for the directory when API
+small (put, put_new, get, delete, scan, check) so an object store can stand in for the directory when API
 nodes and workers are on different hosts (docs/adr/0002-staging-and-result-return.md).
 """
 from __future__ import annotations
@@ -45,6 +45,10 @@ class StagingStore(Protocol):
 
     def scan(self, prefix: str, depth: int) -> Iterator[tuple[str, float]]:
         """Yield (key, age in seconds) of the entries `depth` levels below `prefix`."""
+        ...
+
+    def check(self) -> None:
+        """Raise StagingError unless the store can be written and read back now (/readyz)."""
         ...
 
 
