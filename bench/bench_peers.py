@@ -1,6 +1,6 @@
 """This service against the ceiling and against thumbor, on the same machine, images and outputs, in one run.
 
-    .venv/bin/python bench/bench_peers.py            # `make bench`; ~14 minutes
+    .venv/bin/python bench/bench_peers.py            # `make bench`; ~17 minutes
     .venv/bin/python bench/bench_peers.py --quick    # a smoke run of the harness, ~2 minutes
     .venv/bin/python bench/bench_peers.py --only service --sizes 800 --env NAME=VALUE   # A/B of a setting
 
@@ -13,10 +13,15 @@
    notice, the result read, and the usage record (spool fsync + shipping to Postgres).
 
 Both are driven by bench/loadgen.py in closed loop at increasing concurrency (clients that honor
-Retry-After), then this service with the largest number of clients ignoring Retry-After (a retry
-storm), and in open loop at 80% of its peak. Outputs: fit inside 800x800 and 256x256, JPEG q85, from
+Retry-After and ask again for the same image: its latency runs from its first attempt to its 200),
+then this service with the largest number of clients ignoring Retry-After (a retry storm), and in
+open loop at 80% of its peak. The two targets take turns, one output size and input set at a time,
+in alternating order, each stopped while the other is measured. Outputs: fit inside 800x800 and 256x256, JPEG q85, from
 photo-256k-*.jpg (4 files, ~256 KB, 1280x960) and photo-900k.jpg (~1 MB, 2560x1920). CPU per request
-is read from /proc (psutil) for each component's processes around each step. Results go to
+is read from /proc (psutil) for each component's processes around each step and divided by every
+answer in that time (any status). Note: thumbor always Huffman-optimizes its JPEGs (engines/pil.py
+sets optimize=True, with no setting to turn it off); the engine does not (docs/IMAGING.md): that
+share of thumbor's encode is in its numbers. Results go to
 bench/results/peers-<time>.json and .png (the latency-versus-load plot), and a Markdown report on
 stdout; `bench/report.py <json> --plot docs/bench/latency-vs-load.png` re-renders a run for the docs.
 """
@@ -122,6 +127,8 @@ class Step:
     machine_busy: float  # share of all cores busy
     p99_ms_by_input: dict[str, float] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)
+    n: int = 0  # the 200s the percentiles are taken over (p99.9 of fewer than 1,000 is their maximum)
+    n_by_input: dict[str, int] = field(default_factory=dict)
 
 
 def run_step(target: str, size: int, images: str, load: str, offered: float, seconds: float,
@@ -137,8 +144,10 @@ def run_step(target: str, size: int, images: str, load: str, offered: float, sec
         result = asyncio.run(loadgen.open_loop(next_request, rate=offered, seconds=seconds))
         name = f"r{offered:.0f}"
     spent = meter.stop()
-    wall = seconds + 1.0  # the warm-up is measured too: CPU is charged per answered request
-    answered = max(1, result.answered * wall / seconds)
+    # The meter ran from before the warm-up to after the last answer of the drain: its CPU is divided
+    # by every answer in that time (any status), and the machine's busy share by that time.
+    answered = max(1, sum(result.total.values()))
+    wall = result.elapsed
     ms = lambda v: round(v * 1000, 1)  # noqa: E731
     step = Step(
         target=target, size=size, images=images, load=name, offered=offered, seconds=seconds, ok=result.ok,
@@ -149,6 +158,8 @@ def run_step(target: str, size: int, images: str, load: str, offered: float, sec
         cpu_ms_per_request={k: round(v * 1000 / answered, 2) for k, v in spent.items() if k != "machine"},
         machine_busy=round(spent["machine"] / (wall * CORES), 3),
         p99_ms_by_input={label: ms(loadgen.percentile(v, 99)) for label, v in sorted(result.by_label.items())},
+        n=len(result.latencies),
+        n_by_input={label: len(v) for label, v in sorted(result.by_label.items())},
     )
     if scrape:
         step.stages = stage_summary(before, scrape())
@@ -334,57 +345,79 @@ def main() -> None:
     print("1. the ceiling (engine in-process, one core)", flush=True)
     ceilings = ceiling(1.0 if args.quick else 3.0)
 
-    if args.only in (None, "thumbor"):
-        print(f"2. thumbor, {CORES} single-process servers, file loader", flush=True)
+    @contextmanager
+    def thumbor_running() -> Iterator[Callable[[int, str], None]]:
         with thumbor(CORES) as (bases, pids):
-            outputs["thumbor"] = fetch_outputs(
-                lambda name, size: httpx.get(thumbor_url(bases[0], size, name), timeout=30).raise_for_status().content,
-                sizes)
+            if "thumbor" not in outputs:
+                outputs["thumbor"] = fetch_outputs(lambda name, size: httpx.get(
+                    thumbor_url(bases[0], size, name), timeout=30).raise_for_status().content, sizes)
             meter = CpuMeter({"thumbor": lambda: [p for pid in pids for p in tree(pid)], "loadgen": loadgen_proc})
-            for size in sizes:
-                for images in SETS:
-                    names = SETS[images]
-                    # Request i goes to server i mod n: each server gets an equal share of every client.
-                    get = lambda i, size=size, names=names: loadgen.Request(  # noqa: E731
-                        "GET", thumbor_url(bases[i % len(bases)], size, names[(i // len(bases)) % len(names)]),
-                        names[(i // len(bases)) % len(names)])
-                    for c in levels:
-                        steps.append(run_step("thumbor", size, images, "closed", c, seconds, get, meter))
 
-    if args.only in (None, "service"):
-        print(f"3. this service: {CORES} API processes, {CORES} worker processes, RabbitMQ, PostgreSQL", flush=True)
+            def measure(size: int, images: str) -> None:
+                names = SETS[images]
+                # Request i goes to server i mod n: each server gets an equal share of every client.
+                get = lambda i: loadgen.Request(  # noqa: E731
+                    "GET", thumbor_url(bases[i % len(bases)], size, names[(i // len(bases)) % len(names)]),
+                    names[(i // len(bases)) % len(names)])
+                for c in levels:
+                    steps.append(run_step("thumbor", size, images, "closed", c, seconds, get, meter))
+
+            yield measure
+
+    @contextmanager
+    def service_running() -> Iterator[Callable[[int, str], None]]:
         with stack(api_workers=CORES, worker_concurrency=CORES, customers=8,
                    env=dict(item.split("=", 1) for item in args.env), worker_nice=args.worker_nice,
                    worker_pool=args.worker_pool) as running:
-            outputs["service"] = fetch_outputs(lambda name, size: httpx.post(
-                f"{running.base}/v1/resize?width={size}&height={size}&fit=inside&format=jpeg&quality={QUALITY}",
-                content=(CORPUS / name).read_bytes(), headers={"Authorization": f"Bearer {running.keys[0]}"},
-                timeout=30).raise_for_status().content, sizes)
+            if "service" not in outputs:
+                outputs["service"] = fetch_outputs(lambda name, size: httpx.post(
+                    f"{running.base}/v1/resize?width={size}&height={size}&fit=inside&format=jpeg&quality={QUALITY}",
+                    content=(CORPUS / name).read_bytes(), headers={"Authorization": f"Bearer {running.keys[0]}"},
+                    timeout=30).raise_for_status().content, sizes)
             meter = CpuMeter({
                 "api": lambda: tree(running.api_pid), "worker": lambda: tree(running.worker_pid),
                 "broker": lambda: named(BROKER), "postgres": lambda: named({"postgres"}), "loadgen": loadgen_proc,
             })
             scrape = lambda: scrape_metrics(f"{running.base}/metrics")  # noqa: E731
-            for size in sizes:
-                for images in SETS:
-                    prepared = service_requests(running.base, running.keys, size, images)
-                    rotate = lambda i, prepared=prepared: prepared[i % len(prepared)]  # noqa: E731
-                    own: list[Step] = []
-                    for c in levels:
-                        step = run_step("service", size, images, "closed", c, seconds, rotate, meter, scrape)
-                        steps.append(step)
-                        own.append(step)
-                    peak = max(s.throughput for s in own)
-                    steps.append(run_step("service", size, images, "storm", max(levels), seconds, rotate, meter,
-                                          scrape))
-                    steps.append(run_step("service", size, images, "open", round(0.8 * peak), seconds * 2, rotate,
-                                          meter, scrape))
+
+            def measure(size: int, images: str) -> None:
+                prepared = service_requests(running.base, running.keys, size, images)
+                rotate = lambda i: prepared[i % len(prepared)]  # noqa: E731
+                own: list[Step] = []
+                for c in levels:
+                    step = run_step("service", size, images, "closed", c, seconds, rotate, meter, scrape)
+                    steps.append(step)
+                    own.append(step)
+                peak = max(step.throughput for step in own)
+                steps.append(run_step("service", size, images, "storm", max(levels), seconds, rotate, meter, scrape))
+                # Four times a closed step's length: a few hundred answers per input for its p99.
+                steps.append(run_step("service", size, images, "open", round(0.8 * peak), seconds * 4, rotate,
+                                      meter, scrape))
+
+            yield measure
+
+    # The targets take turns, output size and input set at a time, in alternating order (thumbor
+    # first, then the service first, ...): the machine's speed drifts by tens of percent over minutes,
+    # and all of one target before all of the other put the drift into the ratio. Only one runs at a
+    # time: the other is stopped, so its idle processes cost the measured one nothing.
+    running_targets = {"thumbor": thumbor_running, "service": service_running}
+    wanted = [t for t in ("thumbor", "service") if args.only in (None, t)]
+    groups = [(size, images) for size in sizes for images in SETS]
+    for index, (size, images) in enumerate(groups):
+        for target in (wanted if index % 2 == 0 else wanted[::-1]):
+            print(f"{index + 2}. {target}: fit {size}x{size} from {images} "
+                  f"({'thumbor: ' + str(CORES) + ' single-process servers, file loader' if target == 'thumbor' else str(CORES) + ' API processes, ' + str(CORES) + ' worker processes, RabbitMQ, PostgreSQL'})",
+                  flush=True)
+            with running_targets[target]() as measure:
+                measure(size, images)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"peers-{started.replace(':', '')}.json"
     quality = output_quality(outputs)
-    out.write_text(json.dumps({"started": started, "cores": CORES, "env": args.env, "ceiling": ceilings, "quality": quality,
-                               "steps": [asdict(s) for s in steps]}, indent=1))
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    out.write_text(json.dumps({"started": started, "commit": commit, "cores": CORES, "env": args.env,
+                               "ceiling": ceilings, "quality": quality, "steps": [asdict(s) for s in steps]}, indent=1))
     print(f"\nresults: {out}")
     from bench.report import plot, report
 

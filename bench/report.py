@@ -22,6 +22,17 @@ def _cpu(step: dict) -> str:
     return " / ".join(f"{k} {v:.1f}" for k, v in cpu.items() if k != "other") + f" / other {cpu['other']:.1f}"
 
 
+def _n(step: dict) -> str:
+    return str(step["n"]) if "n" in step else "?"
+
+
+def _p999(step: dict) -> str:
+    """p99.9 only over 1,000 samples or more: below that it is the maximum, shown as such."""
+    if step.get("n", 0) >= 1000:
+        return f"{step['p999_ms']:.1f}"
+    return f"(max {step['max_ms']:.1f})"
+
+
 def peaks(steps: list[dict]) -> dict[tuple[str, int, str], dict]:
     best: dict[tuple[str, int, str], dict] = {}
     for s in steps:
@@ -52,13 +63,13 @@ def report(ceilings: dict[str, float], steps: list[dict], cores: int, quality: l
 
     for size, images in groups:
         add(f"\n### {size}x{size} from {images}: latency and CPU by load\n")
-        add("| target | load | answered 200 /s | p50 ms | p99 ms | p99.9 ms | non-200 | CPU ms per request "
+        add("| target | load | answered 200 /s | n | p50 ms | p99 ms | p99.9 ms | non-200 | CPU ms per answer "
             "(by component) | cores busy |")
-        add("|---|---|---|---|---|---|---|---|---|")
+        add("|---|---|---|---|---|---|---|---|---|---|")
         for s in steps:
             if (s["size"], s["images"]) == (size, images):
-                add(f"| {s['target']} | {s['load']} | {s['throughput']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} "
-                    f"| {s['p999_ms']:.1f} | {_errors(s)} | {_cpu(s)} | {s['machine_busy'] * cores:.2f} |")
+                add(f"| {s['target']} | {s['load']} | {s['throughput']:.1f} | {_n(s)} | {s['p50_ms']:.1f} "
+                    f"| {s['p99_ms']:.1f} | {_p999(s)} | {_errors(s)} | {_cpu(s)} | {s['machine_busy'] * cores:.2f} |")
 
     add("\n### This service at 80% of its peak (open loop, Poisson arrivals)\n")
     add("| output | input | rate /s | answered 200 /s | p99 ms by input | non-200 | API CPU ms/request "
@@ -70,6 +81,7 @@ def report(ceilings: dict[str, float], steps: list[dict], cores: int, quality: l
             stages = " / ".join(f"{st.get(f'{k}_mean_ms', float('nan')):.1f}" for k in
                                 ("auth", "upload", "staging", "enqueue", "queue_wait", "processing", "result_return"))
             by_input = ", ".join(f"{k.removeprefix('photo-').removesuffix('.jpg')}: {v:.0f}"
+                                 + (f" (n {s['n_by_input'][k]})" if k in s.get("n_by_input", {}) else "")
                                  for k, v in s["p99_ms_by_input"].items())
             add(f"| {s['size']}x{s['size']} | {s['images']} | {s['offered']:.0f} | {s['throughput']:.1f} | {by_input} "
                 f"| {_errors(s)} | {s['cpu_ms_per_request'].get('api', float('nan')):.2f} "
@@ -162,7 +174,7 @@ def plot(steps: list[dict], path: Path) -> None:
         top.set_ylim(bottom=0)
         bottom.axhline(500, color="grey", lw=0.8, ls=":")
         bottom.set_yscale("log")
-        bottom.set_ylabel("latency of the 200s, ms")
+        bottom.set_ylabel("latency of each image, ms\n(first attempt to its 200)")
         bottom.set_xlabel("clients (closed loop, honoring Retry-After)")
         for ax in (top, bottom):
             ax.set_xscale("log", base=2)

@@ -20,6 +20,7 @@ def server() -> Iterator[str]:
     app = web.Application()
     app.router.add_route("*", "/ok", _ok)
     app.router.add_route("*", "/busy", _busy)
+    app.router.add_route("*", "/once-busy", _once_busy)
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app)
     started = threading.Event()
@@ -45,6 +46,18 @@ async def _ok(request: web.Request) -> web.Response:
 async def _busy(request: web.Request) -> web.Response:
     await request.read()
     return web.Response(status=503, headers={"Retry-After": "1"})
+
+
+_once_busy_seen: set[str] = set()
+
+
+async def _once_busy(request: web.Request) -> web.Response:
+    """503 with Retry-After: 1 the first time an image (its ?i=) is asked for, then 200."""
+    image = request.query["i"]
+    if image not in _once_busy_seen:
+        _once_busy_seen.add(image)
+        return web.Response(status=503, headers={"Retry-After": "1"})
+    return web.Response(body=b"x")
 
 
 def test_percentile_is_the_nearest_rank():
@@ -85,3 +98,14 @@ def test_open_loop_sends_on_schedule_whatever_the_answers_and_counts_errors(serv
                                          rate=40, seconds=0.3, warmup=0))
     assert gone.ok == 0 and sum(gone.statuses.values()) > 0
     assert all(isinstance(k, str) for k in gone.statuses)  # the exception's name, not a status
+
+
+def test_a_refused_image_is_asked_for_again_and_its_latency_includes_the_wait(server):
+    """Latency was per attempt: a client refused and told to wait 1 s recorded only its last, fast
+    attempt, so a service that sheds looked faster than one that queues."""
+    result = asyncio.run(loadgen.closed_loop(
+        lambda i: loadgen.Request("GET", f"{server}/once-busy?i=img{i}", "x"), concurrency=1, seconds=2.5, warmup=0))
+    assert result.statuses[503] >= 1 and result.ok >= 1
+    # The same image again after the wait (not the next one), and its latency counts from the first try.
+    assert all(latency >= 1.0 for latency in result.latencies), result.latencies
+    assert sum(result.total.values()) >= result.answered and result.elapsed >= 2.5
