@@ -4,15 +4,18 @@ Pure functions with no Django or Celery inside; the API calls validate()/probe()
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import re
 import struct
+import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from PIL import AvifImagePlugin, Image, ImageChops, ImageCms, ImageFile, UnidentifiedImageError
@@ -386,6 +389,79 @@ def _gif_check(data: bytes, limits: Limits) -> None:
         return  # cut short: the trailer check in _open refuses it
 
 
+# Real JPEGs hold a few dozen segments before their scan (a split ICC profile adds at most 255) and
+# no more than a few fill bytes between them. Pillow walks them in Python (fill bytes one at a time)
+# and keeps every APPn segment: 4 MB of empty segments cost ~1 s of the API's CPU in probe().
+_JPEG_MAX_SEGMENTS = 1_000
+_JPEG_MAX_FILL = 4_096
+_JPEG_FILL = re.compile(rb"\xff+")
+
+
+def _jpeg_check(data: bytes) -> None:
+    """Refuse a JPEG whose header (SOI to the first scan) is flooded with segments or fill bytes."""
+    position, segments, fill = 2, 0, 0
+    while position < len(data) and data[position] == 0xFF:
+        run = _JPEG_FILL.match(data, position)
+        assert run is not None
+        fill += run.end() - position - 1
+        if fill > _JPEG_MAX_FILL:
+            raise CorruptImage(f"the JPEG has more than {_JPEG_MAX_FILL} fill bytes between its header segments")
+        if run.end() >= len(data):
+            return  # cut short: Pillow says so
+        marker = data[run.end()]
+        if marker in (0xDA, 0xD9):  # start of scan, end of image: the header is over
+            return
+        segments += 1
+        if segments > _JPEG_MAX_SEGMENTS:
+            raise CorruptImage(f"the JPEG has more than {_JPEG_MAX_SEGMENTS} header segments")
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position = run.end() + 1
+            continue
+        if run.end() + 3 > len(data):
+            return
+        position = run.end() + 1 + struct.unpack_from(">H", data, run.end() + 1)[0]
+
+
+# Pillow builds one Python object per strip or tile offset of a TIFF's first directory as it opens
+# it, and a strip list may wrap around the image any number of times: 2 MB of offsets on a 1x2
+# image cost 1.7 s of CPU and 256 MB in probe(). Real files: a strip per row of a 50 MP image is
+# ~8,000; 128 x 128 tiles over it ~3,000. Directories hold dozens of entries, not thousands.
+_TIFF_MAX_OFFSETS = 131_072
+_TIFF_MAX_ENTRIES = 4_096
+_TIFF_MAX_SAMPLES = 256  # BitsPerSample and the like: one value per sample
+_TIFF_OFFSET_TAGS = (273, 279, 324, 325)  # strip offsets and byte counts, tile offsets and byte counts
+_TIFF_SAMPLE_TAGS = (258, 338, 339, 340, 341)  # bits per sample, extra samples, sample format, min/max
+
+
+def _tiff_check(data: bytes) -> None:
+    """Refuse a TIFF whose first directory asks Pillow for millions of objects at open."""
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        version = struct.unpack_from(order + "H", data, 2)[0]
+        if version == 42:
+            position = struct.unpack_from(order + "I", data, 4)[0]
+            entries = struct.unpack_from(order + "H", data, position)[0]
+            entry_format, entry_size, first = order + "HHI", 12, position + 2
+        elif version == 43:  # BigTIFF
+            position = struct.unpack_from(order + "Q", data, 8)[0]
+            entries = struct.unpack_from(order + "Q", data, position)[0]
+            entry_format, entry_size, first = order + "HHQ", 20, position + 8
+        else:
+            return
+        if entries > _TIFF_MAX_ENTRIES:
+            raise CorruptImage(f"the TIFF's first directory has {entries} entries; at most {_TIFF_MAX_ENTRIES}")
+        for index in range(entries):
+            tag, _kind, count = struct.unpack_from(entry_format, data, first + index * entry_size)
+            if tag in _TIFF_OFFSET_TAGS and count > _TIFF_MAX_OFFSETS:
+                raise ImageTooLarge(f"the TIFF is cut into {count} strips or tiles; the limit is {_TIFF_MAX_OFFSETS}")
+            if tag in _TIFF_SAMPLE_TAGS and count > _TIFF_MAX_SAMPLES:
+                raise CorruptImage(f"the TIFF declares {count} samples a pixel")
+            if tag == 320 and count > 3 * 65_536:  # ColorMap: 3 x 2^bits values at most
+                raise CorruptImage(f"the TIFF's colour map has {count} values")
+    except struct.error:
+        return  # cut short: Pillow says what is wrong with it
+
+
 def _gif_frames(im: ImageFile.ImageFile, cap: int) -> int:
     """A GIF's frame count, walking at most one frame past `cap`: Pillow's n_frames walks them all
     in Python, ~5 us each, and a 25 MB GIF of 1x1 frames holds ~2 million (seconds of API CPU).
@@ -410,6 +486,10 @@ def _open(data: bytes, limits: Limits) -> tuple[ImageFile.ImageFile, ImageFacts]
         raise CorruptImage(png_error)
     if data.startswith((b"GIF87a", b"GIF89a")):
         _gif_check(data, limits)
+    if data.startswith(b"\xff\xd8"):
+        _jpeg_check(data)
+    if data.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        _tiff_check(data)
     with _decoding():
         try:
             im = Image.open(io.BytesIO(data), formats=_DECODERS)
@@ -473,6 +553,16 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+def _png_grey_transparency(im: Image.Image, data: bytes) -> None:
+    """A 1-, 2- or 4-bit grey PNG's tRNS value on the 8-bit scale Pillow decodes its samples to (it
+    scales the samples, 3 becoming 255 at 2 bits, but not the value): unscaled it matched nothing,
+    and the transparent pixels came out opaque."""
+    depth, colour = data[24], data[25]
+    clear = im.info.get("transparency")
+    if colour == 0 and depth < 8 and isinstance(clear, int) and clear < (1 << depth):
+        im.info["transparency"] = clear * (255 // ((1 << depth) - 1))
+
+
 def _working_mode(im: Image.Image) -> Image.Image:
     """A mode Pillow can resample properly: L, LA, RGB, RGBA or CMYK (palette resizes as nearest)."""
     mode = im.mode
@@ -500,22 +590,53 @@ def _working_mode(im: Image.Image) -> Image.Image:
             out = Image.merge("LA", (out, alpha))
         return out
     if mode in ("I", "F"):
-        # 32-bit samples (TIFF) carry no depth: 0..255 is taken as 8-bit, anything above as 16-bit.
+        # 32-bit samples (TIFF) carry no depth: 0..255 is taken as 8-bit, anything above as 16-bit;
+        # floating-point samples within 0..1 (the usual scale of float images) as 0..1.
         im = im.convert("F" if mode == "F" else "I")
         high = im.getextrema()[1]
         if isinstance(high, (int, float)) and high > 255:
             im = im.point(lambda v: v / 256)
+        elif mode == "F" and isinstance(high, (int, float)) and 0 < high <= 1.0:
+            im = im.point(lambda v: v * 255)
         return im.convert("L")
     if mode == "1":
-        return im.convert("L")
+        grey = im.convert("L")
+        if isinstance(im.info.get("transparency"), int):  # a 1-bit grey PNG's tRNS (on 0..255)
+            grey.info["transparency"] = im.info["transparency"]
+            return grey.convert("LA")
+        return grey
     try:
         return im.convert("RGB")
     except ValueError as e:
         raise UnsupportedImage(f"unsupported colour mode {mode}") from e
 
 
-@lru_cache(maxsize=32)
+# Transforms by (SHA-256 of the profile, mode): keyed by the profile's own bytes, the cache kept up
+# to 32 of them alive in every worker child (a WebP or TIFF carries ~24 MB: ~770 MB per child, every
+# later job's memory). Profiles past _ICC_CACHE_MAX_BYTES are built for their job and not kept.
+_ICC_CACHE_SIZE = 32
+_ICC_CACHE_MAX_BYTES = 1 << 20
+_icc_cache: OrderedDict[tuple[bytes, str], ImageCms.ImageCmsTransform | None] = OrderedDict()
+_icc_cache_lock = threading.Lock()
+
+
 def _to_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    if len(icc) > _ICC_CACHE_MAX_BYTES:
+        return _build_srgb_transform(icc, mode)
+    key = (hashlib.sha256(icc).digest(), mode)
+    with _icc_cache_lock:
+        if key in _icc_cache:
+            _icc_cache.move_to_end(key)
+            return _icc_cache[key]
+    transform = _build_srgb_transform(icc, mode)
+    with _icc_cache_lock:
+        _icc_cache[key] = transform
+        while len(_icc_cache) > _ICC_CACHE_SIZE:
+            _icc_cache.popitem(last=False)
+    return transform
+
+
+def _build_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         if mode != "CMYK" and ImageCms.getProfileDescription(profile).strip().lower().startswith("srgb"):
@@ -795,6 +916,8 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
                 raise ImageTooLarge(f"the animation's frames decode to more than {limits.max_animation_pixels} "
                                     f"pixels in all (frame {index} is {im.size[0]}x{im.size[1]})")
             im.load()
+            if facts.format == "png":
+                _png_grey_transparency(im, data)
             if index == start:
                 icc, loop = im.info.get("icc_profile"), im.info.get("loop")
             durations.append(int(im.info.get("duration") or 0))

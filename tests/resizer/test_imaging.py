@@ -979,3 +979,86 @@ def test_a_png_output_too_large_is_refused_before_decoding(monkeypatch):
     assert decoded == []
     assert resize(big, Params(width=300, format="png")).output.width == 300
     assert decoded == [1]
+
+
+# --- headers that cost Pillow millions of Python objects at open (the API's probe) --------------
+
+def _tiff_with_strips(count: int) -> bytes:
+    """A 1x2 grey TIFF whose StripOffsets (SHORT) list `count` strips, all pointing at its 2 pixels:
+    Pillow wraps around the image and builds one tile a strip."""
+    entry = lambda tag, kind, n, value: struct.pack("<HHII", tag, kind, n, value)  # noqa: E731
+    pixels = 8 + 2 + 12 * 9 + 4
+    entries = [entry(256, 4, 1, 1), entry(257, 4, 1, 2), entry(258, 3, 1, 8), entry(259, 3, 1, 1),
+               entry(262, 3, 1, 1), entry(273, 3, count, pixels + 2), entry(277, 3, 1, 1), entry(278, 4, 1, 1),
+               entry(279, 4, 1, 1)]
+    return (b"II*\0" + struct.pack("<IH", 8, 9) + b"".join(entries) + b"\0" * 4 + b"\x80\x80"
+            + struct.pack("<H", pixels) * count)
+
+
+def test_a_tiff_with_a_huge_strip_list_is_refused_before_pillow_opens_it():
+    """2 MB of strip offsets on a 1x2 image cost 1.7 s of CPU and 256 MB in probe()."""
+    assert probe(_tiff_with_strips(2)).width == 1  # the same file with its two strips is fine
+    with pytest.raises(ImageTooLarge, match="strips or tiles"):
+        probe(_tiff_with_strips(200_000))
+
+
+def _jpeg_with(filler: bytes, times: int) -> bytes:
+    plain = encode(Image.new("RGB", (16, 16), "red"), "JPEG")
+    return plain[:2] + filler * times + plain[2:]
+
+
+@pytest.mark.parametrize("filler,times", [(b"\xff\xe0\x00\x02", 2_000), (b"\xff\xfe\x00\x02", 2_000),
+                                          (b"\xff", 10_000)])
+def test_a_jpeg_flooded_with_segments_or_fill_bytes_is_refused(filler, times):
+    """Pillow walks a JPEG's header in Python, fill bytes one at a time, and keeps every APPn segment:
+    4 MB of empty segments cost ~1 s of the API's CPU in probe()."""
+    assert probe(_jpeg_with(filler, 50)).width == 16  # a few are harmless (real files have dozens)
+    with pytest.raises(CorruptImage):
+        probe(_jpeg_with(filler, times))
+
+
+@pytest.mark.parametrize("depth,clear", [(1, 1), (2, 3), (4, 15)])
+def test_a_low_bit_grey_png_keeps_its_transparent_grey(depth, clear):
+    """Pillow scales a 1-, 2- or 4-bit grey PNG's samples to 8 bits but not its tRNS value: the
+    transparent pixels came out opaque (white on a red background instead of red)."""
+    width = 8
+    rows = b"".join(b"\0" + _pack_bits([clear] * (width // 2) + [0] * (width // 2), depth) for _ in range(2))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, 2, depth, 0, 0, 0, 0))
+           + chunk(b"tRNS", struct.pack(">H", clear)) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    out = decode(resize(png, Params(width=8, format="png")).data).convert("RGBA")
+    assert out.getpixel((0, 0))[3] == 0 and out.getpixel((7, 0))[3] == 255
+    on_red = decode(resize(png, Params(width=8, format="jpeg", background="ff0000")).data).convert("RGB")
+    assert on_red.getpixel((0, 0))[0] > 200 and on_red.getpixel((0, 0))[1] < 60  # red shows through
+    assert on_red.getpixel((7, 0))[0] < 60  # the opaque black pixels stay black
+
+
+def _pack_bits(values: list[int], depth: int) -> bytes:
+    bits = "".join(format(v, f"0{depth}b") for v in values)
+    bits += "0" * (-len(bits) % 8)
+    return bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
+
+
+def test_a_float_tiff_on_the_zero_to_one_scale_is_not_black():
+    gradient = Image.linear_gradient("L").point(lambda v: v / 255.0, "F")
+    out = decode(resize(encode(gradient, "TIFF"), Params(width=64, format="png")).data).convert("L")
+    assert out.getextrema()[1] > 200
+
+
+def test_the_colour_transform_cache_keeps_digests_not_profiles():
+    """Keyed by the profile's bytes, the cache held up to 32 profiles (~24 MB each in a WebP) alive in
+    every worker child; a profile over 1 MB is built for its job and not kept."""
+    from PIL import ImageCms
+
+    from resizer import imaging
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    big = srgb + b"\0" * (2 << 20)  # an oversized (padded) profile
+    before = dict(imaging._icc_cache)
+    resize(encode(Image.new("RGB", (16, 16), "blue"), "WEBP", icc_profile=big), Params(width=8, format="png"))
+    assert set(imaging._icc_cache) == set(before)
+    resize(encode(Image.new("RGB", (16, 16), "blue"), "PNG", icc_profile=srgb), Params(width=8, format="png"))
+    assert all(len(digest) == 32 for digest, _mode in imaging._icc_cache)
