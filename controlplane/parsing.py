@@ -13,7 +13,7 @@ from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest
-from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
+from django.core.exceptions import RequestDataTooBig, SuspiciousMultipartForm, TooManyFieldsSent, TooManyFilesSent
 from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from rest_framework.negotiation import BaseContentNegotiation
 
@@ -296,7 +296,7 @@ def _multipart_image(request: HttpRequest, body: list[bytes], limit: int) -> byt
     except RequestDataTooBig as e:  # a form field (not a file) over DATA_UPLOAD_MAX_MEMORY_SIZE
         raise ApiError(413, "payload_too_large", "A form field of the multipart body is too large; send "
                        "only the file, in the field 'image'.") from e
-    except (MultiPartParserError, TooManyFieldsSent, TooManyFilesSent) as e:
+    except (MultiPartParserError, SuspiciousMultipartForm, TooManyFieldsSent, TooManyFilesSent) as e:
         raise ApiError(400, "malformed_multipart", f"The multipart body could not be parsed: {e}.") from e
     finally:
         stream.close()  # the body's last reference

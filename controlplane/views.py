@@ -105,7 +105,8 @@ def _job_outcome(job: Job, vary: bool = False) -> HttpResponse:
     try:
         data = job_result(staging_store(), job)
     except StagingNotFound as e:
-        raise ApiError(410, "result_expired", "The result was deleted after its retention period.") from e
+        raise ApiError(410, "result_expired", "The result was deleted after its retention period.",
+                       headers={"Location": job_location(job)}) from e
     assert job.output is not None
     response = HttpResponse(data, content_type=job.output["content_type"])
     response["Location"] = job_location(job)

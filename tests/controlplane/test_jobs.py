@@ -95,3 +95,13 @@ def test_other_spellings_of_a_job_id_are_404(api, customer_key):
         response = api.get(f"/v1/jobs/{spelling}")
         assert response.status_code == 404 and response.json()["code"] == "job_not_found", spelling[:20]
     assert api.get(f"/v1/jobs/{job.id}").status_code == 200
+
+
+def test_a_result_file_swept_before_its_expiry_is_410_with_the_jobs_location(api, customer_key):
+    """Both 410s point at the job (the one for a result file gone early had no Location)."""
+    store = staging_store()
+    job = succeeded_job(str(customer_key[0].id))
+    store.delete(output_key(job.id))
+    response = api.get(f"/v1/jobs/{job.id}/result")
+    assert response.status_code == 410 and response.json()["code"] == "result_expired"
+    assert response["Location"] == f"/v1/jobs/{job.id}"
