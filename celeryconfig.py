@@ -45,10 +45,12 @@ RESIZE_QUEUE = env_str("RESIZE_QUEUE", "resize")
 # limit, which stays as the backstop for a message whose job document cannot even be read.
 # The delivery limit is an argument of the queue's declaration, which RabbitMQ fixes when the queue is
 # first declared: a different value later is refused (406 inequivalent arg), and every publish and
-# worker start with it fails. So it is not derived from JOB_MAX_ATTEMPTS (raising that changed it);
-# keep JOB_MAX_ATTEMPTS below it (the worker must see the delivery that fails the job).
+# worker start with it fails. It defaults to JOB_MAX_ATTEMPTS + 2 (as it always has: a deployment's
+# queues were declared so); before changing JOB_MAX_ATTEMPTS on a live deployment, pin DELIVERY_LIMIT
+# to the value its queues have (docs/OPERATIONS.md). Keep JOB_MAX_ATTEMPTS below it: the worker must
+# see the delivery that fails the job.
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3, minimum=1)
-DELIVERY_LIMIT = env_int("DELIVERY_LIMIT", 5, minimum=1)
+DELIVERY_LIMIT = env_int("DELIVERY_LIMIT", JOB_MAX_ATTEMPTS + 2, minimum=1)
 
 resize_exchange = Exchange(RESIZE_QUEUE, type="topic", durable=True)
 dead_letter_exchange = Exchange(f"{RESIZE_QUEUE}.dlx", type="fanout", durable=True)

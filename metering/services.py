@@ -200,16 +200,13 @@ def usage_rollup() -> dict[str, Any]:
 
 # --- billing --------------------------------------------------------------------------------------
 
-# A period opens with the plan in force for its customer on its first day as known now: an
-# assignment from then, else the default plan of the moment (the default has no history of its own,
-# so a later change of default does not reach periods already open).
+# A period opens with the default plan of the moment (the default has no history of its own, so a
+# later change of default does not reach periods already open). Assignments are not recorded here:
+# finalization looks them up (an assignment removed meanwhile must not price the period).
 _OPEN_PERIODS_SQL = """
 INSERT INTO metering_billingperiod (customer_id, start, "end", status, currency, plan_id)
 SELECT m.customer_id, m.start, (m.start + interval '1 month')::date, 'open', '',
-       COALESCE((SELECT a.plan_id FROM metering_customerpriceplan a
-                 WHERE a.customer_id = m.customer_id AND a.effective_from <= m.start
-                 ORDER BY a.effective_from DESC LIMIT 1),
-                (SELECT p.id FROM metering_priceplan p WHERE p.is_default))
+       (SELECT p.id FROM metering_priceplan p WHERE p.is_default)
 FROM (SELECT DISTINCT r.customer_id, date_trunc('month', r.window_start)::date AS start
       FROM metering_usagerollup r JOIN identity_customer c ON c.id = r.customer_id
       WHERE r.granularity = 'day' AND r.updated_at >= %(since)s) m

@@ -244,3 +244,19 @@ def test_a_report_for_a_name_several_customers_share_is_an_error(customer):
     customer_create(name="Acme")
     with pytest.raises(CommandError, match="2 customers are named 'Acme'"):
         call_command("billing_report", period=f"{START:%Y-%m}", customer="Acme", stdout=io.StringIO())
+
+
+def test_a_period_whose_assignment_was_removed_is_priced_with_the_default(customer, standard_plan):
+    """A period opened while an assignment was in force must not keep that plan once the assignment
+    is deleted (a mistaken assignment, undone before the month was billed)."""
+    tiny = PricePlan.objects.create(name="mistake")
+    PriceTier.objects.create(plan=tiny, axis="images", up_to=None, unit_price_micros=1)
+    assignment = CustomerPricePlan.objects.create(customer=customer, plan=tiny, effective_from=START)
+    insert(*[usage(customer.id, at=AT) for _ in range(3)])
+    services.usage_rollup()
+    services.billing_run(today=START)
+    assignment.delete()
+    services.billing_run(today=END + timedelta(days=30))
+    period = BillingPeriod.objects.get(customer=customer, start=START)
+    assert period.price_snapshot["plan"] == "standard"
+    assert period.lines.get(axis="images").amount_micros == 3 * 500
