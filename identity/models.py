@@ -79,8 +79,9 @@ class Change(models.Model):
     customer_id = models.UUIDField(db_index=True)
     # The database's clock, as the readers' look-back window (now() - N s) is: an API host's clock
     # running behind would put a change before the window and delay it to the next full resync. The
-    # time of the INSERT, not of its transaction's start (now()): a write that waited on locks for
-    # longer than the window would otherwise commit a row already outside it.
+    # time of the INSERT itself (clock_timestamp(); Django's Now() was statement_timestamp(), the same
+    # for these one-statement inserts), never the transaction's start: every service writes its row as
+    # its last statement, so a write that waited on locks stamps its row after the wait.
     created_at = models.DateTimeField(db_default=ClockTimestamp(), db_index=True)
 
 

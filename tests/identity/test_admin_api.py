@@ -291,23 +291,39 @@ def test_admin_pages_cannot_be_framed(client):
     assert client.get("/admin/login/")["X-Frame-Options"] == "DENY"
 
 
-def test_a_feed_row_carries_the_time_of_its_write_not_of_its_transaction_start():
-    """Readers re-read rows newer than now() - AUTH_FEED_LOOKBACK_SECONDS; with the transaction's
-    start as the row's time, a write that waited on locks longer than that committed a row the look-
-    back could no longer see (a deleted customer's keys kept working until the next full resync)."""
-    import time
+@pytest.mark.django_db(transaction=True)
+def test_a_deleted_customers_feed_row_is_written_after_the_cascade_waited():
+    """customer_delete wrote its feed row before the cascade: a delete that waited on a key's row lock
+    (a stalled flush) committed a row stamped before the wait, and past the readers' look-back
+    (AUTH_FEED_LOOKBACK_SECONDS) the deleted customer's keys kept working until the next full resync.
+    Another connection holds the key's row for 0.5 s; the row must be stamped after it let go."""
+    import threading
 
-    from django.db import connection
+    from django.db import connection, transaction
 
     from identity.models import Change
     from identity.services import customer_delete
 
     customer = customer_create(name="slow")
+    api_key, _ = api_key_create(customer=customer)
     customer_id = customer.id
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT now()")
-        transaction_start = cursor.fetchone()[0]
-    time.sleep(0.3)  # the test's transaction is open meanwhile, as a write waiting on a lock is
+    locked, released_at = threading.Event(), []
+
+    def hold_the_key() -> None:
+        try:
+            with transaction.atomic():
+                list(ApiKey.objects.select_for_update().filter(pk=api_key.pk))
+                locked.set()
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_sleep(0.5), clock_timestamp()")
+                    released_at.append(cursor.fetchone()[1])
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_the_key)
+    holder.start()
+    assert locked.wait(10)
     customer_delete(customer=customer, actor="t")
+    holder.join(10)
     row = Change.objects.filter(customer_id=customer_id).latest("id")
-    assert (row.created_at - transaction_start).total_seconds() >= 0.3
+    assert row.created_at >= released_at[0]
