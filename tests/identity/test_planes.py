@@ -47,7 +47,10 @@ def _snapshot(tmp_path, name: str) -> str:
     return str(tmp_path / f"{name}-snapshot.json")
 
 
-def test_new_revoked_and_suspended_reach_another_server_within_the_bound(tmp_path):
+def test_new_revoked_and_suspended_reach_every_process_of_another_server(tmp_path):
+    """Each change reaches both processes of another server (within three times the published 5 s
+    bound, the deadline; the seconds measured are printed, and the bound itself is a benchmark's
+    number, not a test's pass/fail on a loaded 2-core machine: docs/adr/0003)."""
     admin = customer_create(name="ops-automation")
     _, admin_key = api_key_create(customer=admin, scopes=["admin"])
     with api_server(AUTH_SNAPSHOT_PATH=_snapshot(tmp_path, "a")) as a, \
