@@ -274,13 +274,18 @@ def test_failed_basic_logins_are_capped(client, credentials, monkeypatch):
 
     monkeypatch.setattr(StaffBasicAuthentication, "FAILURES_PER_MINUTE", 3)
     monkeypatch.setattr(StaffBasicAuthentication, "_failures", __import__("collections").deque())
+    monkeypatch.setattr(StaffBasicAuthentication, "_verified", {})
     User.objects.create_superuser("root", password="pw")
+    User.objects.create_superuser("ops", password="pw")
+    # A script logged in before the flood keeps working (its password verified: no hashing again).
+    assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("ops")).status_code == 200
     wrong = {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"root:guess").decode()}
     assert [client.get("/v1/admin/customers", **wrong).status_code for _ in range(3)] == [401, 401, 401]
     throttled = client.get("/v1/admin/customers", **wrong)
     assert throttled.status_code == 429 and throttled.json()["code"] == "login_throttled"
     assert 1 <= int(throttled["Retry-After"]) <= 61
-    # Even the right password waits (it is checked no sooner); a key with the admin scope is unaffected.
+    assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("ops")).status_code == 200
+    # A password not verified before waits (it is checked no sooner); an admin key is unaffected.
     assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("root")).status_code == 429
     _, admin_key = api_key_create(customer=customer_create(name="bot"), scopes=["admin"])
     credentials.sync(full=True)
