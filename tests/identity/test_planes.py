@@ -122,17 +122,24 @@ def test_authentication_and_resizing_go_on_with_postgres_cut_off(tmp_path):
 
 
 def test_rate_limit_holds_across_two_servers(tmp_path):
-    plan = Plan.objects.create(name=f"tight-{uuid.uuid4().hex[:6]}", rate_per_second=2, burst=4)
+    # A burst above every process's floor of 4 tokens (dataplane.LOCAL_BURST_FLOOR), so the share shows.
+    plan = Plan.objects.create(name=f"tight-{uuid.uuid4().hex[:6]}", rate_per_second=2, burst=20)
     customer = customer_create(name="flooder", plan=plan)
     _, key = api_key_create(customer=customer)
     with api_server(AUTH_SNAPSHOT_PATH=_snapshot(tmp_path, "e")) as e, \
             api_server(AUTH_SNAPSHOT_PATH=_snapshot(tmp_path, "f")) as f:
         clients = [httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"})
                    for base in (e, f)]
-        time.sleep(3)  # every process has synced and heartbeated, so each counts its peers
+        # A process starts its credential cache (and its heartbeat) on first use: wake every process
+        # (readyz uses it; a new connection each, to reach both of a server's), then let each count
+        # its peers. Before, some counted 2 of the 4, each holding half the burst instead of a quarter.
+        for base in (e, f):
+            for _ in range(20):
+                httpx.get(f"{base}/readyz", headers={"Connection": "close"}, timeout=30)
+        time.sleep(3)
         statuses, limited = [], []
         started = time.monotonic()
-        for i in range(60):
+        for i in range(120):
             response = clients[i % 2].get(NO_JOB)
             statuses.append(response.status_code)
             if response.status_code == 429:
@@ -141,8 +148,8 @@ def test_rate_limit_holds_across_two_servers(tmp_path):
         for client in clients:
             client.close()
     admitted = statuses.count(404)
-    # Two servers x two processes: without a shared limit each would admit its own burst of 4.
+    # Two servers x two processes: without a shared limit each would admit its own burst of 20 (80).
     allowed = plan.burst + plan.rate_per_second * elapsed + 4  # + one token of rounding per process
-    print(f"\nrate limit across 2 servers: {admitted} of 60 admitted in {elapsed:.2f} s (limit {allowed:.1f})")
+    print(f"\nrate limit across 2 servers: {admitted} of 120 admitted in {elapsed:.2f} s (limit {allowed:.1f})")
     assert 0 < admitted <= allowed
     assert limited and all(r.json()["code"] == "rate_limited" and int(r.headers["retry-after"]) >= 1 for r in limited)
