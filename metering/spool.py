@@ -212,11 +212,16 @@ class Shipper:
         self._sweep_unborn()
         try:
             for path in self._segments():
-                handle = self._claim(path)
-                if handle is None:
+                try:
+                    handle = self._claim(path)
+                    if handle is None:
+                        continue
+                    segment_rows = self._rows(path, handle, rejects)
+                except OSError as e:  # unreadable (a bad sector, permissions, not a file): set aside
+                    self._quarantine(path, e)
                     continue
                 group.append((path, handle))
-                rows.extend(self._rows(path, handle, rejects))
+                rows.extend(segment_rows)
                 if len(rows) >= self.batch_records:
                     shipped += self._commit(group, rows, rejects, conninfo)
                     group, rows, rejects = [], [], []
@@ -321,13 +326,37 @@ class Shipper:
         except psycopg.Error as e:
             self.close()
             raise ShipError(f"usage records not shipped: {type(e).__name__}: {e}") from e
+        # After the commit, one segment's trouble (its reject file or its unlink failing: permissions,
+        # a full or read-only disk) must not stop the others: it stays, and is shipped again (a no-op
+        # for its inserted rows) next time.
+        stay: set[Path] = set()
         for path, line, why in rejects:
-            self._reject(path, line, why)
+            if path in stay:
+                continue
+            try:
+                self._reject(path, line, why)
+            except OSError as e:
+                log.error("usage spool %s: rejected record not set aside (%s); the segment stays", path.name, e)
+                stay.add(path)
         for path, handle in group:
-            path.unlink(missing_ok=True)  # only after the commit: a crash before this re-ships (a no-op)
+            if path not in stay:
+                try:
+                    path.unlink(missing_ok=True)  # only after the commit: a crash before this re-ships (a no-op)
+                except OSError as e:
+                    log.error("usage spool %s: shipped but not removed (%s); it will be shipped again", path.name, e)
             handle.close()
         group.clear()
         return len(rows)
+
+    def _quarantine(self, path: Path, error: OSError) -> None:
+        """Move a segment that cannot be read to `bad/` for an operator, so the segments after it ship."""
+        log.error("usage spool %s: unreadable (%s); set aside in bad/", path.name, error)
+        try:
+            bad = self.directory / "bad"
+            bad.mkdir(exist_ok=True)
+            path.rename(bad / path.name)
+        except OSError as e:
+            log.error("usage spool %s: could not be set aside either (%s); skipped", path.name, e)
 
     def _insert_each(self, rows: list[_Pending], conninfo: str) -> None:
         for row, path, line in rows:
@@ -393,7 +422,8 @@ class ShipperThread:
                 continue
             except Exception:
                 log.exception("usage shipper failed")
-                delay = self.interval
+                failing = True
+                delay = min(delay * 2, 30.0) * _jitter.uniform(0.8, 1.2)  # not every second forever
                 continue
             if failing:
                 log.warning("usage records shipping again")

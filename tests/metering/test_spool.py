@@ -161,3 +161,36 @@ def test_a_torn_last_line_is_dropped_and_a_bad_record_set_aside(spool_dir):
     rejected = (spool_dir / "rejected" / "dead-1-x-000001.jsonl").read_text()
     assert rejected.count("not-a-uuid") == 1 and "1e400" in rejected and rejected.count("\n") == 3
     assert not (spool_dir / "dead-1-x-000001.jsonl").exists()
+
+
+def test_one_unreadable_segment_does_not_stop_the_segments_after_it(spool_dir):
+    """An open or read that failed (a bad sector, permissions; here a directory where a segment should
+    be) escaped ship(): segments are taken in name order, and every one after it waited forever."""
+    import json
+
+    customer = uuid.uuid4()
+    (spool_dir / "a-1-x-000001.jsonl").mkdir()  # cannot be read as a segment
+    (spool_dir / "b-1-x-000001.jsonl").write_bytes((json.dumps(usage(customer)) + "\n").encode())
+    shipper = Shipper(spool_dir, batch_records=1)
+    assert shipper.ship(conninfo=staging_conninfo()) == 1
+    shipper.close()
+    assert count(customer) == 1
+    assert (spool_dir / "bad" / "a-1-x-000001.jsonl").exists()  # set aside for an operator
+
+
+def test_a_reject_that_cannot_be_written_does_not_stop_the_other_segments(spool_dir):
+    """The reject file is written after the commit: its failure (here `rejected` is a file, not a
+    directory) aborted the loop, and the segments after it were never shipped."""
+    import json
+
+    customer = uuid.uuid4()
+    (spool_dir / "rejected").write_bytes(b"")  # mkdir(exist_ok=True) raises FileExistsError
+    (spool_dir / "a-1-x-000001.jsonl").write_bytes(
+        (json.dumps(usage(customer)) + "\n" + json.dumps({**usage(customer), "customer_id": "x"}) + "\n").encode())
+    (spool_dir / "b-1-x-000001.jsonl").write_bytes((json.dumps(usage(customer)) + "\n").encode())
+    shipper = Shipper(spool_dir, batch_records=1)
+    assert shipper.ship(conninfo=staging_conninfo()) == 2
+    shipper.close()
+    assert count(customer) == 2
+    assert (spool_dir / "a-1-x-000001.jsonl").exists()  # kept: its bad record is not set aside yet
+    assert not (spool_dir / "b-1-x-000001.jsonl").exists()
