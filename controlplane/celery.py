@@ -74,6 +74,23 @@ def _export_worker_metrics(**_: object) -> None:
     exporter_start(settings.WORKER_METRICS_BIND)
 
 
+@worker_process_init.connect
+def _start_usage_shipping(**_: object) -> None:
+    """Each child ships the host's spool from its start, not from its first job (metering/services.py)."""
+    from metering.services import local_spool
+
+    local_spool()
+
+
+@worker_process_shutdown.connect
+def _ship_usage_on_exit(**_: object) -> None:
+    """A child going away (warm shutdown, replaced past its memory limit) ships what it wrote: its
+    shipper thread dies with it."""
+    from metering.services import spool_ship_once
+
+    spool_ship_once()
+
+
 @worker_process_shutdown.connect
 def _worker_child_metrics_dead(pid: int | None = None, **_: object) -> None:
     if os.environ.get(metrics_dir.ENV):

@@ -89,8 +89,25 @@ def _local_spool() -> Spool:
 
 
 # This process's spool writer and its shipper thread, started on first use (so a prefork child
-# starts its own after the fork).
+# starts its own after the fork). Worker children start it as they start (controlplane/celery.py), not
+# at their first job: segments a killed process left are shipped by whichever process runs, and a
+# host no job reaches any more must ship them too.
 local_spool = PerProcess(_local_spool)
+
+
+def spool_ship_once() -> int:
+    """Ship what the spool holds now, once, best effort (a process shutting down hands over what it
+    wrote; its shipper thread dies with it). Returns the records shipped; 0 when it could not."""
+    if not settings.METERING_SHIPPER:
+        return 0
+    shipper = Shipper(Path(settings.METERING_SPOOL_DIR), batch_records=settings.METERING_BATCH_RECORDS)
+    try:
+        return shipper.ship(conninfo=staging_conninfo())
+    except Exception as e:  # noqa: BLE001 - the records stay in the spool for the next process
+        log.warning("usage spool not shipped at shutdown: %s", e)
+        return 0
+    finally:
+        shipper.close()
 
 
 def usage_record_emit(*, job: Job) -> None:

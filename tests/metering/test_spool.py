@@ -194,3 +194,25 @@ def test_a_reject_that_cannot_be_written_does_not_stop_the_other_segments(spool_
     assert count(customer) == 2
     assert (spool_dir / "a-1-x-000001.jsonl").exists()  # kept: its bad record is not set aside yet
     assert not (spool_dir / "b-1-x-000001.jsonl").exists()
+
+
+@pytest.mark.e2e
+def test_a_worker_that_runs_no_job_ships_the_segments_left_in_its_spool():
+    """The shipper thread started with a process's first record: segments a killed process left
+    stayed in the spool while no job reached the host (a quiet night, a drained or scaled-in host).
+    Worker children now ship from their start; this worker never runs a job."""
+    import json
+
+    from tests.conftest import STAGING_DIR
+    from tests.processes import own_worker
+
+    customer = uuid.uuid4()
+    with own_worker("leftovers") as worker:
+        spool = STAGING_DIR.parent / f"{worker.queue}-spool"
+        spool.mkdir(parents=True, exist_ok=True)
+        (spool / "gone-1-x-000001.jsonl").write_bytes((json.dumps(usage(customer)) + "\n").encode())
+        deadline = time.monotonic() + 30
+        while count(customer) == 0:
+            assert time.monotonic() < deadline, worker.log_text()[-2000:]
+            time.sleep(0.2)
+    assert not (spool / "gone-1-x-000001.jsonl").exists()
