@@ -19,7 +19,7 @@ from controlplane.per_process import PerProcess
 from metering import pricing, selectors
 from metering.archive import archive_store
 from metering.models import Adjustment, ArchiveFile, BillingPeriod, InvoiceLine, Watermark
-from metering.spool import COLUMNS, Shipper, ShipperThread, Spool
+from metering.spool import COLUMNS, Shipper, ShipperThread, Spool, SpoolError
 from resizer.jobs import parse_time
 
 if TYPE_CHECKING:
@@ -112,8 +112,15 @@ def spool_ship_once() -> int:
 
 def usage_record_emit(*, job: Job) -> None:
     """Make a finished job's usage record durable on local disk. Raises SpoolError (a StagingError:
-    the task requeues the job) rather than let the job be announced without it."""
-    local_spool().append(usage_record(job))
+    the task requeues the job) rather than let the job be announced without it, whatever failed: any
+    other exception (the shipper thread not starting under the worker's memory cap, say) failed the
+    task, whose message is then acked, leaving the job decided, running and unrecorded for good."""
+    try:
+        local_spool().append(usage_record(job))
+    except SpoolError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise SpoolError(f"usage record not written: {type(e).__name__}: {e}") from e
 
 
 def staging_conninfo() -> str:

@@ -177,3 +177,19 @@ def test_beat_sends_the_rollup_to_a_worker():
     while not Watermark.objects.filter(name="rollup").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert Watermark.objects.filter(name="rollup").exists()
+
+
+def test_any_failure_to_write_the_record_requeues_the_job(customer, monkeypatch):
+    """Only a SpoolError requeued: anything else (the shipper thread not starting under the worker's
+    memory cap, say) failed the task, whose message is then acked, and the job stayed decided,
+    running and unrecorded for good."""
+    from resizer.staging import StagingError
+
+    def no_thread():
+        raise RuntimeError("can't start new thread")
+
+    job = _job(str(customer.id))
+    monkeypatch.setattr(services, "local_spool", no_thread)
+    with app.producer_or_acquire() as producer, pytest.raises(StagingError):  # the task requeues on it
+        job_run(job_id=job.id, reply_to=None, producer=producer)
+    assert job_load(staging_store(), job.id).status == "running"
