@@ -221,6 +221,11 @@ class CredentialCache:
             # a customer's rate) and the month's quota usage are known too, not before.
             self._heartbeat_and_flush()
         finally:
+            if full:
+                # After the heartbeat and the quota read: written before them, a process's first file
+                # said "1 process, no quota used" until the next full sync, 5 minutes on, and a process
+                # started from it in a database outage took every customer's whole rate and quota.
+                self._save_file()
             self._first_sync.set()
 
     def _run(self) -> None:
@@ -248,7 +253,6 @@ class CredentialCache:
         with self._lock:
             self._by_prefix, self._prefixes_of = by_prefix, prefixes_of
             self._last_change_id = self.version = version
-        self._save_file()
 
     def _sync_changes(self) -> None:
         # Feed ids can commit out of order (a lower id may appear after a higher one was read):
@@ -333,7 +337,9 @@ class CredentialCache:
         except Exception:
             with self._lock:  # not flushed: count it again next time
                 self._quota_flushing = {}
-                for customer_id, delta in pending.items():
+                # Only within the same month: counts of a month that ended meanwhile (a request rolled
+                # it) would be charged to the new one. They are dropped: quotas are limits, not bills.
+                for customer_id, delta in (pending.items() if month == self._quota_month else ()):
                     self._quota_pending[customer_id] = self._quota_pending.get(customer_id, 0) + delta
                 for key_id, at in last_used.items():
                     self._last_used.setdefault(key_id, at)

@@ -135,3 +135,49 @@ def test_a_customer_at_its_plans_rate_is_not_refused_for_its_requests_spreading_
     assert admitted >= 0.75, admitted
     # A refused request may retry after 1/r (another process may have a token), not N times that.
     assert max(waits) <= 1 / customer.rate_per_second + 1e-9
+
+
+def test_a_first_snapshot_file_carries_the_process_count_and_the_quota_used(tmp_path):
+    """A process's first full sync wrote its file before its first heartbeat and quota read: the file
+    said "1 process, no quota used" until the next full sync (5 minutes), and a process started from
+    it during a database outage took every customer's whole rate and quota."""
+    plan = Plan.objects.create(name="quota-2", rate_per_second=100, burst=100, monthly_quota=2)
+    customer = customer_create(name="first-file", plan=plan)
+    _, key = api_key_create(customer=customer)
+    QuotaUsage.objects.create(customer=customer, month=_month(), used=2)
+    other = _cache(tmp_path, "other.json")
+    other.sync(full=True)  # another live process, heartbeating
+    fresh = _cache(tmp_path, "fresh.json")
+    fresh.sync(full=True)
+    assert fresh.processes >= 2
+    started_in_outage = _cache(tmp_path, "fresh.json")  # never syncs: the file only
+    assert started_in_outage.processes == fresh.processes
+    assert not started_in_outage.charge_quota(started_in_outage.authenticate(key))  # 2 of 2 used
+
+
+def test_counts_of_a_month_that_ended_during_a_failed_flush_are_not_charged_to_the_next(tmp_path, monkeypatch):
+    from identity import dataplane, services
+
+    plan = Plan.objects.create(name="quota-10", rate_per_second=100, burst=100, monthly_quota=10)
+    customer = customer_create(name="month-end", plan=plan)
+    _, key = api_key_create(customer=customer)
+    cache = _cache(tmp_path)
+    cache.sync(full=True)
+    principal = cache.authenticate(key)
+    for _ in range(5):
+        assert cache.charge_quota(principal)
+    old_month = _month()
+    new_month = old_month.replace(year=old_month.year + 1)
+
+    def month_ends_then_flush_fails(**kwargs):
+        monkeypatch.setattr(dataplane, "_month", lambda: new_month)
+        assert cache.charge_quota(principal)  # a request in the new month rolls it
+        raise RuntimeError("the flush failed")
+
+    monkeypatch.setattr(services, "api_keys_touch", month_ends_then_flush_fails)
+    with pytest.raises(RuntimeError):
+        cache.sync(full=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(dataplane, "_month", lambda: new_month)
+    cache.sync(full=False)
+    assert QuotaUsage.objects.get(customer=customer, month=new_month).used == 1
