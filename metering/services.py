@@ -237,6 +237,12 @@ FROM (SELECT DISTINCT r.customer_id, date_trunc('month', r.window_start)::date A
 ON CONFLICT (customer_id, start) DO NOTHING
 """
 
+_ORPHANED_USAGE_SQL = """
+SELECT DISTINCT r.customer_id FROM metering_usagerollup r
+LEFT JOIN identity_customer c ON c.id = r.customer_id
+WHERE r.granularity = 'day' AND r.updated_at >= %(since)s AND c.id IS NULL
+"""
+
 # Finalized periods with a day whose numbers changed since the period was last reconciled.
 _TO_RECONCILE_SQL = """
 SELECT DISTINCT p.id FROM metering_usagerollup r
@@ -259,6 +265,13 @@ def billing_run(*, today: date | None = None) -> dict[str, int]:
         since = mark.value if mark else datetime.min.replace(tzinfo=timezone.utc)
         cursor.execute(_OPEN_PERIODS_SQL, {"since": since})
         counts["opened"] = cursor.rowcount
+        # Usage of a customer deleted meanwhile (its records were still in a worker's spool when the
+        # delete checked for usage) opens no period: said, not dropped in silence.
+        cursor.execute(_ORPHANED_USAGE_SQL, {"since": since})
+        orphaned = cursor.fetchall()
+        if orphaned:
+            log.warning("billing: usage of %d deleted customer(s) is not billed: %s", len(orphaned),
+                        ", ".join(str(customer_id) for (customer_id,) in orphaned[:20]))
         counts["grace"] = BillingPeriod.objects.filter(status=BillingPeriod.Status.OPEN, end__lte=today).update(
             status=BillingPeriod.Status.GRACE)
         due = today - timedelta(days=settings.BILLING_GRACE_DAYS)

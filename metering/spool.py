@@ -372,6 +372,9 @@ class Shipper:
         connection = self._connect(conninfo)
         cols = ", ".join(COLUMNS)
         with connection.transaction(), connection.cursor() as cursor:
+            # In the transaction, not as a startup option a pooler (PgBouncer) may refuse or ignore:
+            # the rollup's look-back relies on no shipment taking longer than this.
+            cursor.execute("SET LOCAL statement_timeout = 60000")
             cursor.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS usage_incoming"
                 " (LIKE metering_usagerecord INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -388,8 +391,7 @@ class Shipper:
         if self._connection is not None and (self._connection.closed or conninfo != self._conninfo):
             self.close()
         if self._connection is None:
-            self._connection = psycopg.connect(conninfo, connect_timeout=2, autocommit=True,
-                                               options="-c statement_timeout=60000")
+            self._connection = psycopg.connect(conninfo, connect_timeout=2, autocommit=True)
             self._conninfo = conninfo
         return self._connection
 
