@@ -260,3 +260,16 @@ def test_a_period_whose_assignment_was_removed_is_priced_with_the_default(custom
     period = BillingPeriod.objects.get(customer=customer, start=START)
     assert period.price_snapshot["plan"] == "standard"
     assert period.lines.get(axis="images").amount_micros == 3 * 500
+
+
+def test_usage_of_a_deleted_customer_is_reported_not_dropped_in_silence(caplog):
+    """A record still in a spool when its customer was deleted ships and rolls up later: billing can
+    open no period for it (no customer), and said nothing."""
+    import uuid as uuid_module
+
+    gone = uuid_module.uuid4()
+    insert(usage(gone, at=AT))
+    services.usage_rollup()
+    with caplog.at_level("WARNING", logger="metering.services"):
+        services.billing_run(today=START)
+    assert any(str(gone) in r.getMessage() and "not billed" in r.getMessage() for r in caplog.records)
