@@ -58,9 +58,10 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
     session are not affected."""
 
     FAILURES_PER_MINUTE = 20
-    VERIFIED_SECONDS = 60  # also how long an old password still works after a change
+    VERIFIED_SECONDS = 60
     _failures: deque[float] = deque()
-    _verified: dict[str, tuple[bytes, Any, float]] = {}  # username -> (HMAC of the password, user pk, until)
+    # username -> (HMAC of the password, user pk, the user's stored password hash, until)
+    _verified: dict[str, tuple[bytes, Any, str, float]] = {}
     _secret = os.urandom(32)
     _lock = threading.Lock()
 
@@ -72,9 +73,10 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
         now = time.monotonic()
         with cls._lock:
             verified = cls._verified.get(userid)
-        if verified is not None and verified[2] > now and hmac.compare_digest(verified[0], digest):
+        if verified is not None and verified[3] > now and hmac.compare_digest(verified[0], digest):
             user = get_user_model().objects.filter(pk=verified[1], is_active=True).first()
-            if user is not None:
+            # The stored hash unchanged: a password changed (or reset) since takes effect at once.
+            if user is not None and hmac.compare_digest(user.password, verified[2]):
                 return user, None
         with cls._lock:
             while cls._failures and now - cls._failures[0] > 60:
@@ -86,14 +88,15 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
         try:
             user, auth = super().authenticate_credentials(userid, password, request)
         except exceptions.AuthenticationFailed:
+            # The name's verified entry stays: a flood of wrong passwords for a script's own user name
+            # must not log the script out (the entry matches only the password it verified).
             with cls._lock:
                 cls._failures.append(time.monotonic())
-                cls._verified.pop(userid, None)
             raise
         with cls._lock:
             if len(cls._verified) >= 1000:  # staff accounts are few; a flood of names must not grow it
                 cls._verified.clear()
-            cls._verified[userid] = (digest, user.pk, time.monotonic() + cls.VERIFIED_SECONDS)
+            cls._verified[userid] = (digest, user.pk, user.password, time.monotonic() + cls.VERIFIED_SECONDS)
         return user, auth
 
 

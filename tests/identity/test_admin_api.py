@@ -279,12 +279,19 @@ def test_failed_basic_logins_are_capped(client, credentials, monkeypatch):
     User.objects.create_superuser("ops", password="pw")
     # A script logged in before the flood keeps working (its password verified: no hashing again).
     assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("ops")).status_code == 200
-    wrong = {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"root:guess").decode()}
-    assert [client.get("/v1/admin/customers", **wrong).status_code for _ in range(3)] == [401, 401, 401]
-    throttled = client.get("/v1/admin/customers", **wrong)
+    # The flood: wrong passwords for the script's own name as well as another's.
+    guesses = [{"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(f"{name}:guess".encode()).decode()}
+               for name in ("ops", "root", "root")]
+    assert [client.get("/v1/admin/customers", **wrong).status_code for wrong in guesses] == [401, 401, 401]
+    throttled = client.get("/v1/admin/customers", **guesses[1])
     assert throttled.status_code == 429 and throttled.json()["code"] == "login_throttled"
     assert 1 <= int(throttled["Retry-After"]) <= 61
     assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("ops")).status_code == 200
+    # A password changed since it was verified takes effect at once.
+    ops = User.objects.get(username="ops")
+    ops.set_password("new")
+    ops.save()
+    assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("ops")).status_code == 429
     # A password not verified before waits (it is checked no sooner); an admin key is unaffected.
     assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("root")).status_code == 429
     _, admin_key = api_key_create(customer=customer_create(name="bot"), scopes=["admin"])
