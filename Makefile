@@ -65,18 +65,18 @@ clean:
 
 # Everything under var/ (a development machine's full reset). Refuses while a topology is recorded
 # as running or any spool under var/ holds a record (ship it first: `manage.py metering_run ship`, with
-# Postgres up; records the table refused, in <spool>/rejected/, are never shipped: WIPE_REJECTED=yes
-# once read); keeps var/archive, the only copy of archived usage, unless WIPE_ARCHIVE=yes.
+# Postgres up; records the table refused, in <spool>/rejected/, and unreadable segments, in <spool>/bad/,
+# are never shipped: WIPE_REJECTED=yes once read); keeps var/archive, the only copy of archived usage, unless WIPE_ARCHIVE=yes.
 wipe-local-data:
 	@if [[ -e var/topology/state.json ]]; then \
 	  echo "wipe-local-data: a topology is recorded as running (var/topology/state.json): make topology-stop first" >&2; exit 1; fi
-	@unshipped=$$(find var -path '*/spool/*' ! -path '*/rejected/*' -type f -size +0c 2>/dev/null | head -n 5); \
+	@unshipped=$$(find var -path '*/spool/*' ! -path '*/rejected/*' ! -path '*/bad/*' -type f -size +0c 2>/dev/null | head -n 5); \
 	if [[ -n $$unshipped ]]; then \
 	  echo "wipe-local-data: usage records not yet shipped, e.g.:" >&2; echo "$$unshipped" >&2; \
 	  echo "ship them first (.venv/bin/python manage.py metering_run ship); nothing was deleted" >&2; exit 1; fi
-	@rejected=$$(find var -path '*/spool/*' -path '*/rejected/*' -type f -size +0c 2>/dev/null | head -n 5); \
+	@rejected=$$(find var -path '*/spool/*' \( -path '*/rejected/*' -o -path '*/bad/*' \) -type f -size +0c 2>/dev/null | head -n 5); \
 	if [[ -n $$rejected && "$(WIPE_REJECTED)" != yes ]]; then \
-	  echo "wipe-local-data: usage records the staging table refused wait for an operator, e.g.:" >&2; \
+	  echo "wipe-local-data: usage records set aside (refused by the staging table, or unreadable) wait for an operator, e.g.:" >&2; \
 	  echo "$$rejected" >&2; echo "read them (docs/OPERATIONS.md), then WIPE_REJECTED=yes; nothing was deleted" >&2; exit 1; fi
 	@if [[ "$(WIPE_ARCHIVE)" == yes ]]; then rm -rf var; \
 	else find var -mindepth 1 -maxdepth 1 ! -name archive -exec rm -rf {} + 2>/dev/null; \

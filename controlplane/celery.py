@@ -83,15 +83,6 @@ def _start_usage_shipping(**_: object) -> None:
 
 
 @worker_process_shutdown.connect
-def _ship_usage_on_exit(**_: object) -> None:
-    """A child going away (warm shutdown, replaced past its memory limit) ships what it wrote: its
-    shipper thread dies with it."""
-    from metering.services import spool_ship_once
-
-    spool_ship_once()
-
-
-@worker_process_shutdown.connect
 def _worker_child_metrics_dead(pid: int | None = None, **_: object) -> None:
     if os.environ.get(metrics_dir.ENV):
         from prometheus_client import multiprocess

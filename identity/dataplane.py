@@ -363,7 +363,7 @@ class CredentialCache:
             # A process that starts from this file (Postgres away) shares rates and quotas as this one did.
             shares = {"processes": self.processes, "quota_month": self._quota_month.isoformat(),
                       "quota_used": dict(self._quota_used)}
-        document = {"synced_at": time.time(), "version": self.version, "database": _database_identity(),
+        document = {"synced_at": self.synced_at or time.time(), "version": self.version, "database": _database_identity(),
                     **shares, "credentials": {p: asdict(c) for p, c in self._by_prefix.items()}}
         tmp = self.snapshot_path.with_suffix(f".tmp{os.getpid()}")
         try:

@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import connection, connections, transaction
 from psycopg.conninfo import make_conninfo
@@ -91,23 +92,9 @@ def _local_spool() -> Spool:
 # This process's spool writer and its shipper thread, started on first use (so a prefork child
 # starts its own after the fork). Worker children start it as they start (controlplane/celery.py), not
 # at their first job: segments a killed process left are shipped by whichever process runs, and a
-# host no job reaches any more must ship them too.
+# host no job reaches any more must ship them too. (No ship at a child's exit: it would hold the
+# worker's shutdown for as long as Postgres takes; another child, or the next start, ships them.)
 local_spool = PerProcess(_local_spool)
-
-
-def spool_ship_once() -> int:
-    """Ship what the spool holds now, once, best effort (a process shutting down hands over what it
-    wrote; its shipper thread dies with it). Returns the records shipped; 0 when it could not."""
-    if not settings.METERING_SHIPPER:
-        return 0
-    shipper = Shipper(Path(settings.METERING_SPOOL_DIR), batch_records=settings.METERING_BATCH_RECORDS)
-    try:
-        return shipper.ship(conninfo=staging_conninfo())
-    except Exception as e:  # noqa: BLE001 - the records stay in the spool for the next process
-        log.warning("usage spool not shipped at shutdown: %s", e)
-        return 0
-    finally:
-        shipper.close()
 
 
 def usage_record_emit(*, job: Job) -> None:
@@ -117,8 +104,8 @@ def usage_record_emit(*, job: Job) -> None:
     task, whose message is then acked, leaving the job decided, running and unrecorded for good."""
     try:
         local_spool().append(usage_record(job))
-    except SpoolError:
-        raise
+    except (SpoolError, SoftTimeLimitExceeded):
+        raise  # requeued by the task as they are (a time limit at once, without the store's pause)
     except Exception as e:  # noqa: BLE001
         raise SpoolError(f"usage record not written: {type(e).__name__}: {e}") from e
 

@@ -6,6 +6,7 @@ into the staging table and deletes a segment only after the commit. docs/adr/000
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -217,8 +218,11 @@ class Shipper:
                     if handle is None:
                         continue
                     segment_rows = self._rows(path, handle, rejects)
-                except OSError as e:  # unreadable (a bad sector, permissions, not a file): set aside
-                    self._quarantine(path, e)
+                except OSError as e:
+                    if e.errno in (errno.EISDIR, errno.EIO):  # never readable as a segment: set aside
+                        self._quarantine(path, e)
+                    else:  # permissions, descriptors, locks: perhaps passing; skipped this round only
+                        log.error("usage spool %s: not read this round (%s)", path.name, e)
                     continue
                 group.append((path, handle))
                 rows.extend(segment_rows)
@@ -322,7 +326,8 @@ class Shipper:
             if rows:
                 self._insert([row for row, _, _ in rows], conninfo)
         except (psycopg.DataError, psycopg.IntegrityError):
-            self._insert_each(rows, conninfo)  # find the row the table refuses, ship the rest
+            # Find the rows the table refuses, ship the rest; the refused are set aside with the others.
+            rejects = rejects + self._insert_each(rows, conninfo)
         except psycopg.Error as e:
             self.close()
             raise ShipError(f"usage records not shipped: {type(e).__name__}: {e}") from e
@@ -358,15 +363,18 @@ class Shipper:
         except OSError as e:
             log.error("usage spool %s: could not be set aside either (%s); skipped", path.name, e)
 
-    def _insert_each(self, rows: list[_Pending], conninfo: str) -> None:
+    def _insert_each(self, rows: list[_Pending], conninfo: str) -> list[tuple[Path, bytes, str]]:
+        """Insert the rows one by one; returns those the table refuses."""
+        refused = []
         for row, path, line in rows:
             try:
                 self._insert([row], conninfo)
             except (psycopg.DataError, psycopg.IntegrityError) as e:
-                self._reject(path, line, f"{type(e).__name__}: {e}")
+                refused.append((path, line, f"{type(e).__name__}: {e}"))
             except psycopg.Error as e:
                 self.close()
                 raise ShipError(f"usage records not shipped: {type(e).__name__}: {e}") from e
+        return refused
 
     def _insert(self, rows: list[tuple[Any, ...]], conninfo: str) -> None:
         connection = self._connect(conninfo)

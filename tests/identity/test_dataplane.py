@@ -119,8 +119,13 @@ def test_a_customer_at_its_plans_rate_is_not_refused_for_its_requests_spreading_
     from identity import dataplane
     from identity.dataplane import Principal
 
+    import time as real_time
+    import types
+
     clock = [1000.0]
-    monkeypatch.setattr(dataplane.time, "monotonic", lambda: clock[0])
+    # The data plane's clock only (not the time module's: other threads of this process use it).
+    monkeypatch.setattr(dataplane, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=real_time.time,
+                                                                 sleep=real_time.sleep))
     caches = [_cache(tmp_path, f"p{i}.json") for i in range(4)]
     for cache in caches:
         cache.processes = 4

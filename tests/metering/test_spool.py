@@ -216,3 +216,22 @@ def test_a_worker_that_runs_no_job_ships_the_segments_left_in_its_spool():
             assert time.monotonic() < deadline, worker.log_text()[-2000:]
             time.sleep(0.2)
     assert not (spool / "gone-1-x-000001.jsonl").exists()
+
+
+def test_a_row_the_table_refuses_whose_reject_cannot_be_written_keeps_only_its_segment(spool_dir):
+    """A row Postgres refuses (a NUL byte in a text column passes the record's own checks) is found by
+    inserting one by one; its reject was written there, unguarded: with `rejected` unwritable the
+    OSError aborted ship(), and every later segment waited forever."""
+    import json
+
+    customer = uuid.uuid4()
+    (spool_dir / "rejected").write_bytes(b"")  # not a directory: the reject cannot be written
+    refused = {**usage(customer), "request_id": "a\u0000b"}
+    (spool_dir / "a-1-x-000001.jsonl").write_bytes(
+        (json.dumps(usage(customer)) + "\n" + json.dumps(refused) + "\n").encode())
+    (spool_dir / "b-1-x-000001.jsonl").write_bytes((json.dumps(usage(customer)) + "\n").encode())
+    shipper = Shipper(spool_dir, batch_records=1000)
+    shipper.ship(conninfo=staging_conninfo())
+    shipper.close()
+    assert count(customer) == 2
+    assert (spool_dir / "a-1-x-000001.jsonl").exists() and not (spool_dir / "b-1-x-000001.jsonl").exists()
