@@ -127,6 +127,7 @@ class CredentialCache:
         self._quota_flushing: dict[str, int] = {}  # customer -> admitted here, being flushed now
         self._quota_month = _month()
         self._last_used: dict[str, datetime] = {}
+        self._last_served = float("-inf")  # admit() or a ready check: the heartbeat counts serving processes
         self._last_full = 0.0
         self._load_file()
         if self.background:
@@ -164,6 +165,7 @@ class CredentialCache:
         burst is then max(burst, N x min(burst, 4)) at most; its sustained rate stays r."""
         share = max(1, self.processes)
         rate = principal.rate_per_second / share
+        self._last_served = time.monotonic()
         capacity = max(1.0, principal.burst / share, min(float(principal.burst), LOCAL_BURST_FLOOR))
         now = time.monotonic()
         with self._lock:
@@ -180,6 +182,10 @@ class CredentialCache:
             # This process's token comes at r/N; another process's may be there sooner: a retry is
             # worth it after 1/r (the wait at the plan's own rate), not N times that.
             return min((1.0 - bucket.tokens) / rate, 1.0 / principal.rate_per_second)
+
+    def mark_serving(self) -> None:
+        """This process is in service (its readiness check passed): count it in every customer's share."""
+        self._last_served = time.monotonic()
 
     def charge_quota(self, principal: Principal) -> bool:
         """Count one image against the monthly quota; False (and nothing counted) when it is used up."""
@@ -295,10 +301,17 @@ class CredentialCache:
 
         # The heartbeat commits on its own: a flush that fails must not make the other processes stop
         # counting this one (their shares of every rate would grow). Times are the database's clock.
+        # Only a process serving lately counts (it admitted a request, or told the load balancer's check
+        # it is ready): one out of the rotation (unready) heartbeated all the same, and every customer
+        # got r x serving/N for as long as it stayed so (hours, for a node with a broken dependency).
+        serving = time.monotonic() - self._last_served <= settings.AUTH_PROCESS_EXPIRY_SECONDS
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO identity_apiprocess (name, seen_at) VALUES (%s, now())"
-                " ON CONFLICT (name) DO UPDATE SET seen_at = EXCLUDED.seen_at", [self.process_name])
+            if serving:
+                cursor.execute(
+                    "INSERT INTO identity_apiprocess (name, seen_at) VALUES (%s, now())"
+                    " ON CONFLICT (name) DO UPDATE SET seen_at = EXCLUDED.seen_at", [self.process_name])
+            else:
+                cursor.execute("DELETE FROM identity_apiprocess WHERE name = %s", [self.process_name])
             cursor.execute("DELETE FROM identity_apiprocess WHERE seen_at < now() - %s * interval '1 second'",
                            [settings.AUTH_PROCESS_EXPIRY_SECONDS * 10])
             cursor.execute("SELECT count(*) FROM identity_apiprocess WHERE seen_at > now() - %s * interval '1 second'",

@@ -98,6 +98,7 @@ def test_the_change_feed_and_the_heartbeat_are_timed_by_the_database(monkeypatch
     monkeypatch.setattr(timezone, "now", lambda: real_now() - timedelta(hours=1))  # this host's clock
     customer = customer_create(name="clocked")
     cache = _cache(tmp_path)
+    cache.mark_serving()
     cache.sync(full=True)
     with connection.cursor() as cursor:
         cursor.execute("SELECT created_at > now() - interval '30 seconds' FROM identity_change WHERE id = %s",
@@ -151,8 +152,10 @@ def test_a_first_snapshot_file_carries_the_process_count_and_the_quota_used(tmp_
     _, key = api_key_create(customer=customer)
     QuotaUsage.objects.create(customer=customer, month=_month(), used=2)
     other = _cache(tmp_path, "other.json")
-    other.sync(full=True)  # another live process, heartbeating
+    other.mark_serving()
+    other.sync(full=True)  # another live process, serving and heartbeating
     fresh = _cache(tmp_path, "fresh.json")
+    fresh.mark_serving()
     fresh.sync(full=True)
     assert fresh.processes >= 2
     started_in_outage = _cache(tmp_path, "fresh.json")  # never syncs: the file only
@@ -186,3 +189,21 @@ def test_counts_of_a_month_that_ended_during_a_failed_flush_are_not_charged_to_t
     monkeypatch.setattr(dataplane, "_month", lambda: new_month)
     cache.sync(full=False)
     assert QuotaUsage.objects.get(customer=customer, month=new_month).used == 1
+
+
+def test_only_processes_in_service_count_in_the_rate_shares(tmp_path):
+    """Every process heartbeated, serving or not: a node out of the load balancer's rotation (its
+    broker or staging check failing) kept counting, and every customer got r x serving/N, for hours.
+    A process counts while it admits requests or passes its readiness check."""
+    from identity.dataplane import Principal
+
+    serving, idle = _cache(tmp_path, "serving.json"), _cache(tmp_path, "idle.json")
+    serving.mark_serving()
+    idle.sync(full=True)
+    serving.sync(full=True)
+    before = serving.processes
+    idle.admit(Principal(customer_id="c", key_id="k", key_prefix="p", scopes=frozenset(), rate_per_second=1.0,
+                         burst=1, monthly_quota=None))  # now it serves
+    idle.sync(full=False)
+    serving.sync(full=False)
+    assert serving.processes == before + 1
