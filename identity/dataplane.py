@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -123,6 +124,7 @@ class CredentialCache:
         self._first_sync = threading.Event()
         self._buckets: dict[str, _Bucket] = {}
         self._quota_used: dict[str, int] = {}  # customer -> admitted this month, all processes
+        self._quota_read_at = float("-inf")  # when _quota_used was last read from Postgres
         self._quota_pending: dict[str, int] = {}  # customer -> admitted here, not yet flushed
         self._quota_flushing: dict[str, int] = {}  # customer -> admitted here, being flushed now
         self._quota_month = _month()
@@ -194,10 +196,17 @@ class CredentialCache:
         with self._lock:
             self._roll_month()
             customer = principal.customer_id
-            used = (self._quota_used.get(customer, 0) + self._quota_flushing.get(customer, 0)
-                    + self._quota_pending.get(customer, 0))
+            mine = self._quota_flushing.get(customer, 0) + self._quota_pending.get(customer, 0)
+            used = self._quota_used.get(customer, 0) + mine
             if used >= principal.monthly_quota:
                 return False
+            if time.monotonic() - self._quota_read_at > 3 * self.poll_seconds + 2:
+                # The totals are stale (Postgres away, flushes failing, a process started from the
+                # file): the other processes admit meanwhile too, unseen. Each takes its share of what
+                # was left, not all of it: N processes each admitted the whole remainder before.
+                left = principal.monthly_quota - self._quota_used.get(customer, 0)
+                if mine + 1 > math.ceil(left / max(1, self.processes)):
+                    return False
             self._quota_pending[principal.customer_id] = self._quota_pending.get(principal.customer_id, 0) + 1
             return True
 
@@ -361,6 +370,7 @@ class CredentialCache:
             self._quota_flushing = {}
             if month == self._quota_month:
                 self._quota_used = used
+                self._quota_read_at = time.monotonic()
 
     def _roll_month(self) -> None:
         month = _month()

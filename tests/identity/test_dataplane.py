@@ -207,3 +207,21 @@ def test_only_processes_in_service_count_in_the_rate_shares(tmp_path):
     idle.sync(full=False)
     serving.sync(full=False)
     assert serving.processes == before + 1
+
+
+def test_with_stale_totals_each_process_admits_only_its_share_of_the_quota_left(tmp_path):
+    """While the totals cannot be read (Postgres away, flushes failing), each of N processes counted
+    its own admissions against the last total only, and could admit the whole remainder: N times it."""
+    plan = Plan.objects.create(name="quota-10", rate_per_second=100, burst=100, monthly_quota=10)
+    customer = customer_create(name="outage-quota", plan=plan)
+    _, key = api_key_create(customer=customer)
+    QuotaUsage.objects.create(customer=customer, month=_month(), used=8)
+    a, b = _cache(tmp_path, "a.json"), _cache(tmp_path, "b.json")
+    for cache in (a, b, a):
+        cache.mark_serving()
+        cache.sync(full=True)
+    assert a.processes == b.processes == 2 and a._quota_used[str(customer.id)] == 8
+    for cache in (a, b):
+        cache._quota_read_at = float("-inf")  # from here on no flush reads the totals (an outage)
+    admitted = [cache.charge_quota(cache.authenticate(key)) for cache in (a, a, b, b)]
+    assert admitted == [True, False, True, False]  # 2 in all: the 2 left, one each
