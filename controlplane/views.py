@@ -434,5 +434,4 @@ def readyz(request: HttpRequest) -> HttpResponse:
         return problem(503, "not_ready", f"Not ready: {', '.join(failing)} unavailable.",
                        headers={"Retry-After": "5"}, extra={"checks": checks})
     status = "degraded" if any(state != "ok" for state in checks.values()) else "ready"
-    credential_cache().mark_serving()  # in the load balancer's rotation: counted in the rate shares
     return JsonResponse({"status": status, "checks": checks})

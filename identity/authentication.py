@@ -16,7 +16,7 @@ from rest_framework import authentication, exceptions, permissions, throttling
 from rest_framework.request import Request
 
 from controlplane.errors import ApiError
-from identity.dataplane import AuthFailed, AuthUnavailable, Principal, credential_cache
+from identity.dataplane import AuthFailed, AuthUnavailable, Principal, QuotaUnconfirmed, credential_cache
 
 if TYPE_CHECKING:  # DRF imports this module while rest_framework.views is still loading
     from rest_framework.views import APIView
@@ -143,8 +143,14 @@ class CustomerRateThrottle(throttling.BaseThrottle):
 def monthly_quota_charge(principal: object) -> None:
     """Count one image against the customer's monthly quota, or refuse with 429 when it is used up.
     Called by the resize view once the request is valid, so refused requests cost nothing."""
-    if not isinstance(principal, Principal) or credential_cache().charge_quota(principal):
+    if not isinstance(principal, Principal):
         return
+    try:
+        if credential_cache().charge_quota(principal):
+            return
+    except QuotaUnconfirmed as e:
+        raise ApiError(503, "quota_unconfirmed", "The monthly quota cannot be confirmed right now; retry shortly.",
+                       headers={"Retry-After": "5"}) from e
     now = datetime.now(timezone.utc)
     next_month = (now.replace(day=1) + timedelta(days=32)).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     raise ApiError(429, "quota_exceeded", f"The monthly quota of {principal.monthly_quota} images is used up.",

@@ -99,6 +99,10 @@ class _Bucket:
     updated: float
 
 
+class QuotaUnconfirmed(Exception):
+    """The monthly quota cannot be confirmed now (totals stale): a short retry, not a month's wait."""
+
+
 LOCAL_BURST_FLOOR = 4.0  # tokens a process may hold for a customer, whatever its share (see admit)
 
 
@@ -129,7 +133,6 @@ class CredentialCache:
         self._quota_flushing: dict[str, int] = {}  # customer -> admitted here, being flushed now
         self._quota_month = _month()
         self._last_used: dict[str, datetime] = {}
-        self._last_served = float("-inf")  # admit() or a ready check: the heartbeat counts serving processes
         self._last_full = 0.0
         self._load_file()
         if self.background:
@@ -167,7 +170,6 @@ class CredentialCache:
         burst is then max(burst, N x min(burst, 4)) at most; its sustained rate stays r."""
         share = max(1, self.processes)
         rate = principal.rate_per_second / share
-        self._last_served = time.monotonic()
         capacity = max(1.0, principal.burst / share, min(float(principal.burst), LOCAL_BURST_FLOOR))
         now = time.monotonic()
         with self._lock:
@@ -185,12 +187,10 @@ class CredentialCache:
             # worth it after 1/r (the wait at the plan's own rate), not N times that.
             return min((1.0 - bucket.tokens) / rate, 1.0 / principal.rate_per_second)
 
-    def mark_serving(self) -> None:
-        """This process is in service (its readiness check passed): count it in every customer's share."""
-        self._last_served = time.monotonic()
-
     def charge_quota(self, principal: Principal) -> bool:
-        """Count one image against the monthly quota; False (and nothing counted) when it is used up."""
+        """Count one image against the monthly quota; False (and nothing counted) when it is used up.
+        Raises QuotaUnconfirmed (nothing counted) when the totals are stale and this process's share of
+        what was left is used: the rest may be there, so the client should retry soon, not next month."""
         if principal.monthly_quota is None:
             return True
         with self._lock:
@@ -206,7 +206,7 @@ class CredentialCache:
                 # was left, not all of it: N processes each admitted the whole remainder before.
                 left = principal.monthly_quota - self._quota_used.get(customer, 0)
                 if mine + 1 > math.ceil(left / max(1, self.processes)):
-                    return False
+                    raise QuotaUnconfirmed()
             self._quota_pending[principal.customer_id] = self._quota_pending.get(principal.customer_id, 0) + 1
             return True
 
@@ -310,17 +310,10 @@ class CredentialCache:
 
         # The heartbeat commits on its own: a flush that fails must not make the other processes stop
         # counting this one (their shares of every rate would grow). Times are the database's clock.
-        # Only a process serving lately counts (it admitted a request, or told the load balancer's check
-        # it is ready): one out of the rotation (unready) heartbeated all the same, and every customer
-        # got r x serving/N for as long as it stayed so (hours, for a node with a broken dependency).
-        serving = time.monotonic() - self._last_served <= settings.AUTH_PROCESS_EXPIRY_SECONDS
         with transaction.atomic(), connection.cursor() as cursor:
-            if serving:
-                cursor.execute(
-                    "INSERT INTO identity_apiprocess (name, seen_at) VALUES (%s, now())"
-                    " ON CONFLICT (name) DO UPDATE SET seen_at = EXCLUDED.seen_at", [self.process_name])
-            else:
-                cursor.execute("DELETE FROM identity_apiprocess WHERE name = %s", [self.process_name])
+            cursor.execute(
+                "INSERT INTO identity_apiprocess (name, seen_at) VALUES (%s, now())"
+                " ON CONFLICT (name) DO UPDATE SET seen_at = EXCLUDED.seen_at", [self.process_name])
             cursor.execute("DELETE FROM identity_apiprocess WHERE seen_at < now() - %s * interval '1 second'",
                            [settings.AUTH_PROCESS_EXPIRY_SECONDS * 10])
             cursor.execute("SELECT count(*) FROM identity_apiprocess WHERE seen_at > now() - %s * interval '1 second'",

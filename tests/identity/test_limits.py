@@ -99,3 +99,17 @@ def test_refunds_and_deleted_customers_never_break_the_flush(credentials):
     assert credentials.charge_quota(principals["kept"])  # the counts are right, not stuck
     credentials.sync(full=False)
     assert QuotaUsage.objects.get(customer=kept, month=_month()).used == 1
+
+
+def test_a_quota_that_cannot_be_confirmed_is_a_short_retry_not_next_month(client, credentials):
+    """With stale totals a process admits only its share of what is left; past it the answer was the
+    same 429 quota_exceeded with Retry-After until next month, though the rest may be there."""
+    api = _client_for(client, credentials, rate_per_second=100, burst=100, monthly_quota=4)
+    credentials.processes = 4  # its share of the 4 left: 1
+    credentials._quota_read_at = float("-inf")  # the totals cannot be read (Postgres away)
+    send = lambda: api.post("/v1/resize?width=8", data=make_image(), content_type="image/jpeg",  # noqa: E731
+                            HTTP_PREFER="respond-async")
+    assert send().status_code == 202
+    unconfirmed = send()
+    assert unconfirmed.status_code == 503 and unconfirmed.json()["code"] == "quota_unconfirmed"
+    assert unconfirmed["Retry-After"] == "5"
