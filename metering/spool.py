@@ -213,12 +213,15 @@ class Shipper:
         self._sweep_unborn()
         try:
             for path in self._segments():
+                handle = None
                 try:
                     handle = self._claim(path)
                     if handle is None:
                         continue
                     segment_rows = self._rows(path, handle, rejects)
                 except OSError as e:
+                    if handle is not None:
+                        handle.close()  # its lock goes with it
                     if e.errno in (errno.EISDIR, errno.EIO):  # never readable as a segment: set aside
                         self._quarantine(path, e)
                     else:  # permissions, descriptors, locks: perhaps passing; skipped this round only
