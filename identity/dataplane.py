@@ -196,18 +196,17 @@ class CredentialCache:
         with self._lock:
             self._roll_month()
             customer = principal.customer_id
+            read = self._quota_used.get(customer, 0)  # every process's, as last read from Postgres
             mine = self._quota_flushing.get(customer, 0) + self._quota_pending.get(customer, 0)
-            used = self._quota_used.get(customer, 0) + mine
-            if used >= principal.monthly_quota:
+            if read + mine >= principal.monthly_quota:
                 return False
             if time.monotonic() - self._quota_read_at > 3 * self.poll_seconds + 2:
                 # The totals are stale (Postgres away, flushes failing, a process started from the
                 # file): the other processes admit meanwhile too, unseen. Each takes its share of what
                 # was left, not all of it: N processes each admitted the whole remainder before.
-                left = principal.monthly_quota - self._quota_used.get(customer, 0)
-                if mine + 1 > math.ceil(left / max(1, self.processes)):
+                if mine + 1 > math.ceil((principal.monthly_quota - read) / max(1, self.processes)):
                     raise QuotaUnconfirmed()
-            self._quota_pending[principal.customer_id] = self._quota_pending.get(principal.customer_id, 0) + 1
+            self._quota_pending[customer] = self._quota_pending.get(customer, 0) + 1
             return True
 
     def refund_quota(self, principal: Principal) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 
 from django.db import models
+from django.db.models.functions import Now
 
 SCOPES = ("resize", "jobs", "usage", "admin")
 DEFAULT_SCOPES = ["resize", "jobs", "usage"]
@@ -61,14 +62,6 @@ class ApiKey(models.Model):
         return f"{self.prefix} ({self.customer})"
 
 
-class ClockTimestamp(models.Func):
-    """PostgreSQL's clock_timestamp(): the time now, not the transaction's start."""
-
-    function = "clock_timestamp"
-    template = "%(function)s()"
-    output_field = models.DateTimeField()
-
-
 class Change(models.Model):
     """The change feed: one row per management write that can alter authentication.
 
@@ -78,11 +71,11 @@ class Change(models.Model):
     id = models.BigAutoField(primary_key=True)
     customer_id = models.UUIDField(db_index=True)
     # The database's clock, as the readers' look-back window (now() - N s) is: an API host's clock
-    # running behind would put a change before the window and delay it to the next full resync. The
-    # time of the INSERT itself (clock_timestamp(); Django's Now() was statement_timestamp(), the same
-    # for these one-statement inserts), never the transaction's start: every service writes its row as
-    # its last statement, so a write that waited on locks stamps its row after the wait.
-    created_at = models.DateTimeField(db_default=ClockTimestamp(), db_index=True)
+    # running behind would put a change before the window and delay it to the next full resync. Now()
+    # is the INSERT's own time on PostgreSQL (statement_timestamp()), never the transaction's start:
+    # every service writes its row as its last statement, so a write that waited on locks stamps its
+    # row after the wait.
+    created_at = models.DateTimeField(db_default=Now(), db_index=True)
 
 
 class AuditEvent(models.Model):

@@ -19,6 +19,17 @@ def _cache(tmp_path, name: str = "snapshot.json") -> CredentialCache:
                            snapshot_path=tmp_path / name, background=False, process_name=f"test-{name}")
 
 
+def _quota_customer(name: str, quota: int, used: int = 0):
+    """A customer on a plan of `quota` images a month (rate out of the way), `used` of them this
+    month already; returns it and a key of its."""
+    plan = Plan.objects.create(name=f"quota-{name}", rate_per_second=100, burst=100, monthly_quota=quota)
+    customer = customer_create(name=name, plan=plan)
+    _, key = api_key_create(customer=customer)
+    if used:
+        QuotaUsage.objects.create(customer=customer, month=_month(), used=used)
+    return customer, key
+
+
 def test_a_process_started_from_the_file_knows_the_latest_revocation_and_the_quota_used(tmp_path):
     """The file was written only by the full resync (every 5 minutes): a process started from it
     during a database outage took back a key revoked since, and began with every quota unused and
@@ -146,10 +157,7 @@ def test_a_first_snapshot_file_carries_the_process_count_and_the_quota_used(tmp_
     """A process's first full sync wrote its file before its first heartbeat and quota read: the file
     said "1 process, no quota used" until the next full sync (5 minutes), and a process started from
     it during a database outage took every customer's whole rate and quota."""
-    plan = Plan.objects.create(name="quota-2", rate_per_second=100, burst=100, monthly_quota=2)
-    customer = customer_create(name="first-file", plan=plan)
-    _, key = api_key_create(customer=customer)
-    QuotaUsage.objects.create(customer=customer, month=_month(), used=2)
+    _, key = _quota_customer("first-file", 2, used=2)
     other = _cache(tmp_path, "other.json")
     other.sync(full=True)  # another live process, heartbeating
     fresh = _cache(tmp_path, "fresh.json")
@@ -163,9 +171,7 @@ def test_a_first_snapshot_file_carries_the_process_count_and_the_quota_used(tmp_
 def test_counts_of_a_month_that_ended_during_a_failed_flush_are_not_charged_to_the_next(tmp_path, monkeypatch):
     from identity import dataplane, services
 
-    plan = Plan.objects.create(name="quota-10", rate_per_second=100, burst=100, monthly_quota=10)
-    customer = customer_create(name="month-end", plan=plan)
-    _, key = api_key_create(customer=customer)
+    customer, key = _quota_customer("month-end", 10)
     cache = _cache(tmp_path)
     cache.sync(full=True)
     principal = cache.authenticate(key)
@@ -191,10 +197,7 @@ def test_counts_of_a_month_that_ended_during_a_failed_flush_are_not_charged_to_t
 def test_with_stale_totals_each_process_admits_only_its_share_of_the_quota_left(tmp_path):
     """While the totals cannot be read (Postgres away, flushes failing), each of N processes counted
     its own admissions against the last total only, and could admit the whole remainder: N times it."""
-    plan = Plan.objects.create(name="quota-10", rate_per_second=100, burst=100, monthly_quota=10)
-    customer = customer_create(name="outage-quota", plan=plan)
-    _, key = api_key_create(customer=customer)
-    QuotaUsage.objects.create(customer=customer, month=_month(), used=8)
+    customer, key = _quota_customer("outage-quota", 10, used=8)
     a, b = _cache(tmp_path, "a.json"), _cache(tmp_path, "b.json")
     for cache in (a, b, a):
         cache.sync(full=True)
