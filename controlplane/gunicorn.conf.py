@@ -60,6 +60,16 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     process_gauges_start()
 
 
+def worker_exit(server, worker):  # type: ignore[no-untyped-def]
+    """In the worker, after it stopped serving (a deploy, a max-requests restart): its last second of
+    quota counts reach Postgres and its heartbeat goes, so the other processes' rate shares grow now."""
+    from identity.dataplane import credential_cache
+
+    cache = credential_cache.if_made()
+    if cache is not None:
+        cache.close()
+
+
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
     """A dead worker's counters stay summed; its live gauges (the snapshot time) go."""
     from prometheus_client import multiprocess

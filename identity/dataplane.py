@@ -134,6 +134,9 @@ class CredentialCache:
         self._quota_month = _month()
         self._last_used: dict[str, datetime] = {}
         self._last_full = 0.0
+        # Held by each sync round and by close(): a round in progress ends before the process says goodbye.
+        self._round_lock = threading.Lock()
+        self._closed = False
         self._load_file()
         if self.background:
             threading.Thread(target=self._run, name="identity-dataplane", daemon=True).start()
@@ -222,6 +225,30 @@ class CredentialCache:
 
     def sync(self, *, full: bool) -> None:
         """One round: follow the feed (or reload everything), heartbeat, flush counters."""
+        with self._round_lock:
+            if self._closed:
+                return
+            self._sync(full=full)
+
+    def close(self) -> None:
+        """At the process's exit (gunicorn's worker_exit): flush the quota counts admitted since the last
+        round (up to a second of them: lost otherwise, and the month's totals short by that much) and
+        delete this process's heartbeat, so the others' shares of every rate grow at once instead of
+        after AUTH_PROCESS_EXPIRY_SECONDS. Best effort: with Postgres away the counts are lost, as a
+        crash loses them. No round runs after it."""
+        with self._round_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._flush()
+                with transaction.atomic(), connection.cursor() as cursor:
+                    cursor.execute("DELETE FROM identity_apiprocess WHERE name = %s", [self.process_name])
+            except Exception as e:  # noqa: BLE001 - the process is exiting: say so, don't raise
+                log.warning("identity data plane: final flush at exit failed (%s: %s); up to a second of "
+                            "quota counts is lost", type(e).__name__, e)
+
+    def _sync(self, *, full: bool) -> None:
         if full:
             self._sync_full()
             self._last_full = time.monotonic()
@@ -243,7 +270,7 @@ class CredentialCache:
             self._first_sync.set()
 
     def _run(self) -> None:
-        while True:
+        while not self._closed:
             started = time.monotonic()
             try:
                 self.sync(full=self.synced_at is None or started - self._last_full >= self.resync_seconds)
@@ -305,8 +332,6 @@ class CredentialCache:
             self._save_file()
 
     def _heartbeat_and_flush(self) -> None:
-        from identity.services import api_keys_touch
-
         # The heartbeat commits on its own: a flush that fails must not make the other processes stop
         # counting this one (their shares of every rate would grow). Times are the database's clock.
         with transaction.atomic(), connection.cursor() as cursor:
@@ -320,6 +345,13 @@ class CredentialCache:
             processes = cursor.fetchone()[0]
         with self._lock:
             self.processes = max(1, processes)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Add this process's quota counts to the month's totals, read the totals back, record keys' last use."""
+        from identity.services import api_keys_touch
+
+        with self._lock:
             # Counts being flushed still count against the quota until the flush reads them back.
             pending, self._quota_pending = self._quota_pending, {}
             self._quota_flushing = pending

@@ -217,3 +217,19 @@ def test_with_stale_totals_each_process_admits_only_its_share_of_the_quota_left(
             return "unconfirmed"  # a short retry (503 quota_unconfirmed), not "come back next month"
 
     assert [charge(cache) for cache in (a, a, b, b)] == ["admitted", "unconfirmed", "admitted", "unconfirmed"]
+
+
+def test_close_flushes_the_last_counts_and_no_round_runs_after_it(tmp_path):
+    from identity.models import ApiProcess
+
+    customer, key = _quota_customer("closing", 10)
+    cache = _cache(tmp_path)
+    cache.sync(full=True)
+    assert ApiProcess.objects.filter(name=cache.process_name).exists()
+    for _ in range(3):
+        assert cache.charge_quota(cache.authenticate(key))
+    cache.close()
+    assert QuotaUsage.objects.get(customer=customer, month=_month()).used == 3
+    assert not ApiProcess.objects.filter(name=cache.process_name).exists()
+    cache.sync(full=False)  # a round the background thread had already begun: nothing happens
+    assert not ApiProcess.objects.filter(name=cache.process_name).exists()

@@ -153,3 +153,35 @@ def test_rate_limit_holds_across_two_servers(tmp_path):
     print(f"\nrate limit across 2 servers: {admitted} of 120 admitted in {elapsed:.2f} s (limit {allowed:.1f})")
     assert 0 < admitted <= allowed
     assert limited and all(r.json()["code"] == "rate_limited" and int(r.headers["retry-after"]) >= 1 for r in limited)
+
+
+def test_a_stopping_server_flushes_its_last_quota_counts_and_leaves_the_process_count(tmp_path):
+    """A process flushed its quota counts once a round (a second): whatever it admitted after its
+    last round was lost when it stopped (a deploy, a restart), and its heartbeat kept counting it in
+    every customer's rate share for AUTH_PROCESS_EXPIRY_SECONDS. Rounds here are a minute apart, so
+    only the flush at exit can bring the counts in."""
+    from identity.dataplane import _month
+    from identity.models import ApiProcess, QuotaUsage
+    from tests.processes import delete_queues
+
+    plan = Plan.objects.create(name=f"quota-exit-{uuid.uuid4().hex[:6]}", rate_per_second=1000, burst=1000,
+                               monthly_quota=1000)
+    customer = customer_create(name="exit-flush", plan=plan)
+    _, key = api_key_create(customer=customer)
+    queue = f"test.exit-flush.{uuid.uuid4().hex[:8]}"
+    before = set(ApiProcess.objects.values_list("name", flat=True))
+    accepted = 0
+    try:
+        with api_server(API_WORKERS="1", RESIZE_QUEUE=queue, AUTH_POLL_SECONDS="60",
+                        AUTH_SNAPSHOT_PATH=_snapshot(tmp_path, "exit")) as base, \
+                httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}",
+                                                                 "Prefer": "respond-async"}) as http:
+            for _ in range(5):
+                accepted += http.post("/v1/resize?width=50", content=corpus("coffee.jpg")).status_code == 202
+            assert accepted == 5
+            assert set(ApiProcess.objects.values_list("name", flat=True)) - before  # its heartbeat
+        # api_server's exit: TERM, and wait for gunicorn to stop
+    finally:
+        delete_queues(queue)
+    assert QuotaUsage.objects.get(customer=customer, month=_month()).used == accepted
+    assert set(ApiProcess.objects.values_list("name", flat=True)) <= before
