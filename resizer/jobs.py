@@ -113,10 +113,25 @@ def job_load(store: StagingStore, job_id: str) -> Job | None:
     # braces, "urn:uuid:" and non-ASCII digits, which as a path could be too long (a 503) or another spelling.
     if not _JOB_ID.fullmatch(job_id):
         return None
+    document = _read_json(store, _doc_key(job_id))
+    return _job_from(document) if document is not None else None
+
+
+def _read_json(store: StagingStore, key: str) -> dict[str, Any] | None:
+    """A JSON document of the store, or None when there is none, or none readable: a host that crashed
+    just after a write may leave it empty (DirectoryStore renames without an fsync). Until 2026-11-22 an
+    unreadable job document was a 500 on every GET of the job and stopped every staging sweep at it."""
     try:
-        return _job_from(json.loads(store.get(_doc_key(job_id))))
+        document = json.loads(store.get(key))
     except StagingNotFound:
         return None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        log.error("staging document %s is unreadable (%s); treated as missing", key, e)
+        return None
+    if not isinstance(document, dict):
+        log.error("staging document %s is not a JSON object; treated as missing", key)
+        return None
+    return document
 
 
 def _job_from(document: dict[str, Any]) -> Job:
@@ -171,11 +186,10 @@ def job_create(
 def _slot_job_id(store: StagingStore, slot: str, fingerprint: str, idempotency_key: str) -> str | None:
     """The job id an Idempotency-Key's record names (None: no record). Raises IdempotencyConflict
     when the record was made for another request."""
-    try:
-        earlier = json.loads(store.get(slot))
-    except StagingNotFound:
+    earlier = _read_json(store, slot)
+    if earlier is None or not isinstance(earlier.get("job_id"), str):
         return None
-    if earlier["fingerprint"] != fingerprint:
+    if earlier.get("fingerprint") != fingerprint:
         raise IdempotencyConflict(idempotency_key)
     return earlier["job_id"]
 
@@ -255,14 +269,19 @@ def job_decide(store: StagingStore, job: Job) -> tuple[Job, bool]:
 
 def job_decision(store: StagingStore, job_id: str) -> Job | None:
     """The outcome decided for the job (job_decide), if any."""
-    try:
-        return _job_from(json.loads(store.get(_decision_key(job_id))))
-    except StagingNotFound:
-        return None
+    document = _read_json(store, _decision_key(job_id))
+    return _job_from(document) if document is not None else None
 
 
-def job_finish(store: StagingStore, job: Job) -> Job:
-    """Save a finished job's document (from here on anyone reading it sees it finished) and drop its input."""
+def job_finish(store: StagingStore, job: Job, *, result_ttl_seconds: int | None = None) -> Job:
+    """Save a finished job's document (from here on anyone reading it sees it finished) and drop its input.
+    A success's result expires `result_ttl_seconds` from now, when it becomes visible, not from when it
+    was decided: a job finished late (its usage record could not be written for a while, its message
+    replayed from the dead letters) was otherwise visible already expired, a 410 for an image billed."""
+    if result_ttl_seconds is not None and job.status == SUCCEEDED:
+        expires = _now() + timedelta(seconds=result_ttl_seconds)
+        decided = parse_time(job.result_expires_at)
+        job.result_expires_at = _iso(max(decided, expires) if decided else expires)
     job_save(store, job)
     store.delete(input_key(job.id))
     return job
@@ -271,7 +290,8 @@ def job_finish(store: StagingStore, job: Job) -> Job:
 def job_succeed(store: StagingStore, job: Job, *, data: bytes, output: dict[str, Any], cpu_seconds: float,
                 result_ttl_seconds: int) -> Job:
     return job_finish(store, job_mark_succeeded(store, job, data=data, output=output, cpu_seconds=cpu_seconds,
-                                                result_ttl_seconds=result_ttl_seconds))
+                                                result_ttl_seconds=result_ttl_seconds),
+                      result_ttl_seconds=result_ttl_seconds)
 
 
 def job_fail(store: StagingStore, job: Job, *, status: int, code: str, detail: str) -> Job:
@@ -309,7 +329,9 @@ def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[st
         if age > job_retention_seconds * (UNFINISHED_RETENTION_FACTOR if unfinished else 1):
             delete(prefix, "jobs")
             continue
-        if job is not None and job.status == SUCCEEDED and job.result_expired(now):
+        # A result of a job that ended failed (a delivery wrote it, another outcome was decided first)
+        # goes at once: image bytes are kept only to be fetched.
+        if job is not None and job.finished and (job.status != SUCCEEDED or job.result_expired(now)):
             delete(output_key(job.id), "results")
     for key, age in store.scan("idempotency", depth=2):
         if age > job_retention_seconds:

@@ -18,6 +18,7 @@ from controlplane import logs
 from resizer import imaging
 from resizer.jobs import (
     QUEUED,
+    SUCCEEDED,
     Job,
     job_by_idempotency_key,
     job_create,
@@ -31,6 +32,7 @@ from resizer.jobs import (
     job_release_idempotency,
     job_save,
     job_start,
+    output_key,
 )
 from metering.services import usage_record_emit
 from resizer.notify import job_notify
@@ -206,46 +208,55 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any,
                         detail=f"The image stopped the worker {job.attempts} times and was given up on.")
         return _job_conclude(store, job, producer=producer, reply_to=reply_to)
     job_start(store, job)
+    running = replace(job)  # the document as saved now, for giving the attempt back
     try:
-        data = job_input(store, job)
-        result = imaging.resize(data, imaging.Params(**job.params), engine_limits())
-    except imaging.ImageError as e:
-        job_mark_failed(job, status=e.status, code=e.code, detail=e.message)
-    except SoftTimeLimitExceeded:
-        job_mark_failed(job, status=422, code="processing_timeout",
-                        detail="The image took longer to process than the time limit allows.")
-    except MemoryError:
-        job_mark_failed(job, status=422, code="image_too_complex",
-                        detail="The image needs more memory to process than a worker may use.")
-    except StagingNotFound:
-        job_mark_failed(job, status=500, code="input_lost", detail="The uploaded image was lost before processing.")
-    except StagingError:
-        # The store is away: the task requeues the job for another try. The attempt budget is for
-        # deliveries the image killed, so this one is given back if the store lets us (best effort).
-        job.attempts -= 1
         try:
-            job_save(store, job)
+            data = job_input(store, job)
+            result = imaging.resize(data, imaging.Params(**job.params), engine_limits())
+        except imaging.ImageError as e:
+            job_mark_failed(job, status=e.status, code=e.code, detail=e.message)
+        except SoftTimeLimitExceeded:
+            job_mark_failed(job, status=422, code="processing_timeout",
+                            detail="The image took longer to process than the time limit allows.")
+        except MemoryError:
+            job_mark_failed(job, status=422, code="image_too_complex",
+                            detail="The image needs more memory to process than a worker may use.")
+        except StagingNotFound:
+            job_mark_failed(job, status=500, code="input_lost", detail="The uploaded image was lost before processing.")
+        except StagingError:
+            raise
+        except Exception:
+            log.exception("job %s failed on a bug", job.id)
+            job_mark_failed(job, status=500, code="internal_error", detail="The job failed on a server error.")
+        else:
+            out = result.output
+            job_mark_succeeded(
+                store,
+                job,
+                data=result.data,
+                output={"format": out.format, "width": out.width, "height": out.height, "bytes": out.bytes,
+                        "frames": out.frames, "content_type": result.content_type},
+                cpu_seconds=result.cpu_seconds,
+                result_ttl_seconds=settings.RESULT_TTL_SECONDS,
+            )
+        decided, _ = job_decide(store, job)
+    except StagingError:
+        # The store is away (reading the input, writing the result, recording the outcome): the task
+        # requeues the job for another try. The attempt budget is for deliveries the image killed, so
+        # this one is given back if the store lets us (best effort). Until 2026-11-22 only a failed read
+        # gave it back: a store failing the result's write (a full disk: the small document writes
+        # still pass) used the attempts up, and a good image ended 422 processing_failed.
+        running.attempts -= 1
+        try:
+            job_save(store, running)
         except StagingError:
             pass
         raise
-    except Exception:
-        log.exception("job %s failed on a bug", job.id)
-        job_mark_failed(job, status=500, code="internal_error", detail="The job failed on a server error.")
-    else:
-        out = result.output
-        job_mark_succeeded(
-            store,
-            job,
-            data=result.data,
-            output={"format": out.format, "width": out.width, "height": out.height, "bytes": out.bytes,
-                    "frames": out.frames, "content_type": result.content_type},
-            cpu_seconds=result.cpu_seconds,
-            result_ttl_seconds=settings.RESULT_TTL_SECONDS,
-        )
-    return _job_conclude(store, job, producer=producer, reply_to=reply_to)
+    return _job_conclude(store, decided, producer=producer, reply_to=reply_to, decided=True)
 
 
-def _job_conclude(store: StagingStore, job: Job, *, producer: Any, reply_to: str | None) -> Job:
+def _job_conclude(store: StagingStore, job: Job, *, producer: Any, reply_to: str | None,
+                  decided: bool = False) -> Job:
     """Decide, record, reveal, then announce a job finished in memory. The outcome is claimed first
     (job_decide, atomic): another delivery of the job (a copy of its message, or a redelivery while
     the first still ran) or the API (failing a publish that looked lost) may have decided it already,
@@ -254,9 +265,17 @@ def _job_conclude(store: StagingStore, job: Job, *, producer: Any, reply_to: str
     that (it re-reads the document each second), so no image is ever served without its record. If the
     worker dies or the store fails between the record and the document, the redelivery finishes the
     job as decided, and writes the same record (the staging table keeps the first of an id). A spool
-    that cannot be written raises (a StagingError: the task requeues the job)."""
-    job, _ = job_decide(store, job)
+    that cannot be written raises (a StagingError: the task requeues the job). `decided`: `job` is
+    the outcome job_decide returned already. A result written by a delivery whose outcome lost to a
+    failure is deleted: image bytes are kept only to be fetched (the sweep deletes any left)."""
+    if not decided:
+        job, _ = job_decide(store, job)
     usage_record_emit(job=job)
-    job_finish(store, job)
+    if job.status != SUCCEEDED:
+        try:
+            store.delete(output_key(job.id))
+        except StagingError as e:
+            log.warning("job %s failed; its stray result stays for the sweep: %s", job.id, e)
+    job_finish(store, job, result_ttl_seconds=settings.RESULT_TTL_SECONDS)
     job_notify(producer=producer, reply_to=reply_to, job_id=job.id, status=job.status)
     return job

@@ -105,3 +105,13 @@ def test_a_result_file_swept_before_its_expiry_is_410_with_the_jobs_location(api
     response = api.get(f"/v1/jobs/{job.id}/result")
     assert response.status_code == 410 and response.json()["code"] == "result_expired"
     assert response["Location"] == f"/v1/jobs/{job.id}"
+
+
+def test_a_job_whose_document_is_unreadable_is_404_not_a_500(api, customer_key):
+    from resizer.jobs import _doc_key
+
+    job = staged_job(str(customer_key[0].id))
+    (staging_store().root / _doc_key(job.id)).write_bytes(b"")  # a crash right after the un-fsynced rename
+    for path in (f"/v1/jobs/{job.id}", f"/v1/jobs/{job.id}/result"):
+        response = api.get(path)
+        assert response.status_code == 404 and response.json()["code"] == "job_not_found", path

@@ -210,3 +210,28 @@ def test_the_sweep_removes_probe_files_a_killed_health_check_left_behind(store):
     os.utime(stale, (old, old))
     assert staging_sweep(store, job_retention_seconds=3600)["probes"] == 1
     assert not stale.exists() and fresh.exists()
+
+
+def test_an_unreadable_job_document_is_missing_not_a_crash_and_the_sweep_goes_on(store):
+    """A host that crashed just after a write can leave an empty document (the rename is not fsynced):
+    job_load raised, a GET of the job was a 500, and every sweep stopped at it, leaving the expired
+    results after it in scan order (and every idempotency record and probe file) for ever."""
+    from resizer.jobs import _doc_key, job_decision
+
+    expired = []
+    for _ in range(10):
+        job, _ = _create(store)
+        job = job_succeed(store, job, data=b"out", output={}, cpu_seconds=0.0, result_ttl_seconds=600)
+        job.result_expires_at = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+        job_save(store, job)
+        expired.append(job)
+    broken, _ = _create(store)
+    for content in (b"", b"{\"id\": ", b"[1, 2]", b"\xff\xfe"):
+        (store.root / _doc_key(broken.id)).write_bytes(content)
+        assert job_load(store, broken.id) is None
+    assert job_decision(store, broken.id) is None
+    assert staging_sweep(store, job_retention_seconds=3600)["results"] == 10
+    assert not any((store.root / output_key(job.id)).exists() for job in expired)
+    old = time.time() - 7200
+    os.utime(store.root / _doc_key(broken.id).rsplit("/", 1)[0], (old, old))
+    assert staging_sweep(store, job_retention_seconds=3600)["jobs"] == 1  # gone with its age, like any job

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
@@ -193,3 +194,70 @@ def test_a_delivery_cut_short_by_the_store_gives_its_attempt_back(monkeypatch):
         assert job_load(staging_store(), job.id).attempts == 0
         done = job_run(job_id=job.id, reply_to=None, producer=producer)
     assert done.status == SUCCEEDED and done.attempts == 1
+
+
+def test_a_store_failing_the_results_write_or_the_decision_gives_the_attempt_back(monkeypatch):
+    """Only a failed read of the input gave the attempt back: a store failing the result's write (a
+    nearly full disk: the small document writes still pass) or the outcome's record used the attempts
+    up, and the fourth delivery failed a good image as 422 processing_failed."""
+    from resizer import services
+    from resizer.staging import StagingError
+
+    def disk_full(*args, **kwargs):
+        raise StagingError("No space left on device")
+
+    job = _job(corpus("coffee.jpg"))
+    with app.producer_or_acquire() as producer:
+        for failing in ("job_mark_succeeded", "job_decide"):
+            with monkeypatch.context() as patch:
+                patch.setattr(services, failing, disk_full)
+                for _ in range(celeryconfig.JOB_MAX_ATTEMPTS):
+                    with pytest.raises(StagingError):
+                        job_run(job_id=job.id, reply_to=None, producer=producer)
+            assert job_load(staging_store(), job.id).attempts == 0, failing
+        done = job_run(job_id=job.id, reply_to=None, producer=producer)
+    assert done.status == SUCCEEDED and done.attempts == 1
+
+
+def test_a_result_written_by_a_delivery_whose_job_ended_failed_is_deleted():
+    """The API failed the job (its publish looked lost) while the message had reached the queue: the
+    worker wrote the image, lost the outcome to the failure, and the bytes stayed for the job's whole
+    retention (a day), where the sweep deleted only results of succeeded jobs."""
+    from resizer.jobs import job_decide, job_mark_failed, output_key
+    from resizer.staging import StagingNotFound
+
+    store = staging_store()
+    job = _job(corpus("coffee.jpg"))
+    job_decide(store, job_mark_failed(job_load(store, job.id), status=503, code="queue_unavailable", detail="x"))
+    with app.producer_or_acquire() as producer:
+        done = job_run(job_id=job.id, reply_to=None, producer=producer)
+    assert done.status == FAILED and done.error["code"] == "queue_unavailable"
+    with pytest.raises(StagingNotFound):
+        store.get(output_key(job.id))
+
+
+def test_a_success_finished_late_is_visible_for_the_whole_result_ttl(monkeypatch, settings):
+    """The expiry was counted from the decision: a job whose usage record could not be written for a
+    while (its message replayed from the dead letters once the spool's disk was fixed) became visible
+    already expired, a 410 for an image its customer was billed for."""
+    from resizer import jobs, services
+    from resizer.staging import StagingError
+
+    settings.RESULT_TTL_SECONDS = 600
+    job = _job(corpus("coffee.jpg"))
+
+    def spool_full(**kwargs):
+        raise StagingError("No space left on device")
+
+    with app.producer_or_acquire() as producer:
+        with monkeypatch.context() as patch:
+            patch.setattr(services, "usage_record_emit", spool_full)
+            with pytest.raises(StagingError):
+                job_run(job_id=job.id, reply_to=None, producer=producer)
+        decided_at = jobs._now()
+        monkeypatch.setattr(jobs, "_now", lambda: decided_at + timedelta(seconds=3600))  # fixed an hour later
+        done = job_run(job_id=job.id, reply_to=None, producer=producer)
+    assert done.status == SUCCEEDED
+    later = job_load(staging_store(), job.id)
+    assert not later.result_expired(decided_at + timedelta(seconds=3600 + 599))
+    assert later.result_expired(decided_at + timedelta(seconds=3600 + 601))
