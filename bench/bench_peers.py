@@ -252,14 +252,14 @@ def stage_summary(before: dict, after: dict) -> dict[str, float]:
         return pick(after) - pick(before)
 
     out: dict[str, float] = {}
-    for stage in ("auth", "upload", "admission", "staging", "enqueue", "queue_wait", "processing", "result_return"):
+    for stage in ("auth", "line", "upload", "admission", "staging", "enqueue", "queue_wait", "processing", "result_return"):
         count = grew("resizer_resize_stage_duration_seconds_count", stage=stage)
         if count:
             out[f"{stage}_mean_ms"] = round(grew("resizer_resize_stage_duration_seconds_sum", stage=stage) / count * 1000, 2)
     # The request thread's CPU per request, by stage (the rest of the API's CPU is gunicorn's and Django's).
     served = grew("resizer_resize_requests_total", outcome="served")
     if served:
-        for stage in ("auth", "upload", "admission", "staging", "enqueue", "respond"):
+        for stage in ("auth", "line", "upload", "admission", "staging", "enqueue", "respond"):
             out[f"{stage}_cpu_ms"] = round(grew("resizer_resize_stage_cpu_seconds_total", stage=stage) / served * 1000, 3)
     count = grew("resizer_resize_stage_duration_seconds_count", stage="enqueue")
     if count:

@@ -108,7 +108,7 @@ def main() -> None:
     for name, ms in rows:
         print(f"| {name} | {ms:.2f} |")
         if inside is not None and name == "  of which inside the Django application":
-            for stage in ("auth", "upload", "admission", "staging", "enqueue", "respond"):
+            for stage in ("auth", "line", "upload", "admission", "staging", "enqueue", "respond"):
                 print(f"|     the view's stage {stage} | {stages.get(f'{stage}_cpu_ms', 0.0):.2f} |")
             print(f"|     Django, DRF and middleware (the rest) | {inside - timed:.2f} |")
     print("\n| worker CPU | ms per request |\n|---|---|")

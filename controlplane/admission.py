@@ -27,6 +27,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -117,20 +118,39 @@ class _WaitLimit:
         return now
 
 
+class _Waiter:
+    """A request in the admission line: `admitted` is set (with `event`) when a slot is handed to it."""
+
+    __slots__ = ("customer_id", "event", "admitted")
+
+    def __init__(self, customer_id: str) -> None:
+        self.customer_id, self.event, self.admitted = customer_id, threading.Event(), False
+
+
 class Admission:
-    """One API process's admission state: enter(customer_id) takes a slot for a request's life, leave() gives it back."""
+    """One API process's admission state: enter(customer_id) takes a slot for a request's life, leave() gives it back.
+
+    At the wait-driven limit a request may stand in a short FIFO line (`line_wait` seconds at most)
+    for the next slot given back, instead of a 503 at once: a slot comes free every few tens of
+    milliseconds under load, and a refusal costs its client a second (Retry-After) and a new draw
+    against every newcomer, so past the knee some images were refused again and again (ADR 0007).
+    Requests in the line count against the static bound with those in flight, so the threads kept
+    free for refusals and /readyz stay free, and against their customer's share."""
 
     def __init__(self, *, max_in_flight: int, customer_share: float, max_queue_depth: int,
                  queue_depth: Callable[[], int | None], target_queue_wait: float = 0.0,
-                 queue_wait_interval: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+                 queue_wait_interval: float = 0.5, line_wait: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_in_flight = max_in_flight
         self.customer_share = customer_share
         self.customer_slots = max(1, int(customer_share * max_in_flight))
         self.max_queue_depth = max_queue_depth  # 0: no depth check
+        self.line_wait = line_wait  # 0: no line, refuse at the limit at once
         self._queue_depth = queue_depth
         self._lock = threading.Lock()
         self.in_flight = 0
-        self._held: dict[str, int] = {}
+        self._line: deque[_Waiter] = deque()
+        self._held: dict[str, int] = {}  # per customer: in flight and in the line
         self._recent = _RecentAdmissions()
         # 0: no wait check.
         self._waits = _WaitLimit(target_queue_wait, queue_wait_interval, max_in_flight, clock) \
@@ -145,40 +165,76 @@ class Admission:
         """The resizes this process admits at once now: the wait-driven limit, or the static bound."""
         return self._waits.limit(idle=self.in_flight == 0) if self._waits is not None else self.max_in_flight
 
+    @property
+    def in_line(self) -> int:
+        return len(self._line)
+
     def enter(self, customer_id: str) -> None:
-        """Take a slot for the customer, or raise Refused."""
+        """Take a slot for the customer (standing in the line for one if there is room), or raise Refused."""
         limit = self.limit()
         depth = self._queue_depth() if self.max_queue_depth else None
         if depth is not None and depth >= self.max_queue_depth:
             raise Refused(503, "queue_full", f"The service is at capacity ({depth} jobs waiting); retry shortly.", 1)
         now = time.monotonic()
         with self._lock:
+            self._hand_slots(limit)  # the limit may have grown since the last slot was given back
             held = self._held.get(customer_id, 0)
             if held >= self.customer_slots:
                 raise Refused(429, "customer_over_share", f"This account already has {held} resizes in progress "
                               "on this server; wait for them before sending more.", 1)
             if self.in_flight >= self.max_in_flight:
                 raise Refused(503, "overloaded", "The server is at capacity; retry shortly.", 1)
-            if self.in_flight >= limit:
-                raise Refused(503, "queue_full", f"The service is at capacity (jobs wait more than "
-                              f"{self._waits.target * 1000:.0f} ms to start); retry shortly.", 1)  # type: ignore[union-attr]
             if depth is not None and depth >= self.max_queue_depth / 2:
                 share, others = self._recent.share(customer_id, now)
                 if others and share > self.customer_share:
                     raise Refused(429, "customer_over_share", "The service is busy and this account is sending most "
                                   "of its work; slow down and retry shortly.", 1)
-            self.in_flight += 1
+            if self.in_flight < limit and not self._line:
+                self.in_flight += 1
+                self._held[customer_id] = held + 1
+                self._recent.add(customer_id, now)
+                return
+            if self.line_wait <= 0 or self.in_flight + len(self._line) >= self.max_in_flight:
+                raise self._full()
+            waiter = _Waiter(customer_id)
+            self._line.append(waiter)
             self._held[customer_id] = held + 1
-            self._recent.add(customer_id, now)
+        waiter.event.wait(self.line_wait)
+        with self._lock:
+            if waiter.admitted:  # a slot was handed to it (perhaps just as the wait ended)
+                self._recent.add(customer_id, time.monotonic())
+                return
+            self._line.remove(waiter)
+            self._release(customer_id)
+        raise self._full()
 
     def leave(self, customer_id: str) -> None:
+        limit = self.limit()
         with self._lock:
             self.in_flight -= 1
-            held = self._held.get(customer_id, 0) - 1
-            if held > 0:
-                self._held[customer_id] = held
-            else:
-                self._held.pop(customer_id, None)
+            self._release(customer_id)
+            self._hand_slots(limit)
+
+    def _full(self) -> Refused:
+        if self._waits is None:
+            return Refused(503, "queue_full", "The service is at capacity; retry shortly.", 1)
+        return Refused(503, "queue_full", f"The service is at capacity (jobs wait more than "
+                       f"{self._waits.target * 1000:.0f} ms to start); retry shortly.", 1)
+
+    def _release(self, customer_id: str) -> None:
+        held = self._held.get(customer_id, 0) - 1
+        if held > 0:
+            self._held[customer_id] = held
+        else:
+            self._held.pop(customer_id, None)
+
+    def _hand_slots(self, limit: int) -> None:
+        """Slots below the limit go to the line's first requests, in order (under the lock)."""
+        while self._line and self.in_flight < limit:
+            waiter = self._line.popleft()
+            waiter.admitted = True
+            self.in_flight += 1
+            waiter.event.set()
 
 
 class QueueProbe:
@@ -275,7 +331,8 @@ def _admission() -> Admission:
                      max_queue_depth=settings.ADMISSION_MAX_QUEUE_DEPTH,
                      queue_depth=lambda: probe.ready(queue),
                      target_queue_wait=settings.ADMISSION_TARGET_QUEUE_WAIT_SECONDS,
-                     queue_wait_interval=settings.ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS)
+                     queue_wait_interval=settings.ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS,
+                     line_wait=settings.ADMISSION_LINE_WAIT_SECONDS)
 
 
 queue_probe = PerProcess(_queue_probe)

@@ -3,7 +3,7 @@
 What is measured here, and why (docs/OPERATIONS.md has what to watch; docs/adr/0005 the numbers):
 - every POST /v1/resize: its duration (a bucket at the 0.5 s SLO), its outcome (yield = served /
   (served + shed + error)) and, when refused for capacity or plan limits, why (admissions shed);
-- the stages of a resize as the code names them: auth, upload, admission, staging, enqueue, queue_wait,
+- the stages of a resize as the code names them: auth, line, upload, admission, staging, enqueue, queue_wait,
   processing, result_return;
 - at scrape time, shared state no request touches: the resize queue's depth and consumers (a
   passive declare on the broker), the oldest usage record not yet shipped (the metering spool),
@@ -57,13 +57,14 @@ RESIZE_REQUESTS = Counter(
 )
 STAGE_SECONDS = Histogram(
     "resizer_resize_stage_duration_seconds",
-    "Time a resize request spent in each stage: auth, upload, admission, staging, enqueue, queue_wait, "
+    "Time a resize request spent in each stage: auth, line (admission control, waiting in its line), upload, "
+    "admission, staging, enqueue, queue_wait, "
     "processing, result_return.",
     ["stage"], buckets=STAGE_BUCKETS,
 )
 STAGE_CPU_SECONDS = Counter(
     "resizer_resize_stage_cpu_seconds",
-    "CPU time of the request's own thread in each stage of POST /v1/resize: auth, upload, admission, "
+    "CPU time of the request's own thread in each stage of POST /v1/resize: auth, line, upload, admission, "
     "staging, enqueue, and respond (waiting for the result and building the answer). What the API tier "
     "costs per request beyond this is gunicorn's and Django's (and the reply-queue thread's).",
     ["stage"],
@@ -83,7 +84,7 @@ AUTH_SYNCED_NAME = "resizer_auth_snapshot_synced_timestamp_seconds"
 AUTH_AGE_NAME = "resizer_auth_snapshot_age_seconds"
 
 OUTCOMES = ("served", "client_error", "limited", "shed", "error")
-STAGES = ("auth", "upload", "admission", "staging", "enqueue", "queue_wait", "processing", "result_return")
+STAGES = ("auth", "line", "upload", "admission", "staging", "enqueue", "queue_wait", "processing", "result_return")
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
 

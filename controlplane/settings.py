@@ -142,6 +142,10 @@ ADMISSION_MAX_QUEUE_DEPTH = env_int("ADMISSION_MAX_QUEUE_DEPTH", 25, minimum=0)
 # 0.25 s is half the 0.5 s SLO.
 ADMISSION_TARGET_QUEUE_WAIT_SECONDS = env_float("ADMISSION_TARGET_QUEUE_WAIT_SECONDS", 0.25)
 ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS = env_float("ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS", 0.5)
+# At that limit a request stands in a FIFO line for the next slot given back, up to this long, before
+# it is 503 `queue_full` (0: refused at once). In flight and in line together stay within
+# ADMISSION_MAX_IN_FLIGHT, so the threads kept free stay free.
+ADMISSION_LINE_WAIT_SECONDS = env_float("ADMISSION_LINE_WAIT_SECONDS", 0.2)
 # How often each API process reads the queue's depth (off the request path).
 ADMISSION_QUEUE_PROBE_SECONDS = env_float("ADMISSION_QUEUE_PROBE_SECONDS", 0.5)
 

@@ -164,6 +164,8 @@ class ResizeView(APIView):
             slots.enter(customer_id)
         except admission.Refused as e:
             raise ApiError(e.status, e.code, e.detail, headers={"Retry-After": str(e.retry_after)}) from e
+        finally:
+            clock.lap("line")  # parsing and admission, with any wait in its line (ADR 0007)
         try:
             return self._resize(request, params, clock, slots)
         finally:

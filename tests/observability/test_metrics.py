@@ -32,7 +32,7 @@ WORKER_METRICS = {
     "resizer_task_duration_seconds", "resizer_task_cpu_seconds", "resizer_job_input_bytes", "resizer_job_output_bytes",
     "resizer_job_queue_wait_seconds", "resizer_jobs_failed", "resizer_metering_spool_oldest_record_age_seconds",
 }
-STAGES = ("auth", "upload", "admission", "staging", "enqueue", "queue_wait", "processing", "result_return")
+STAGES = ("auth", "line", "upload", "admission", "staging", "enqueue", "queue_wait", "processing", "result_return")
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -295,3 +295,125 @@ def test_default_bounds_leave_threads_free_and_give_no_customer_more_than_half()
     assert 1 <= settings.ADMISSION_MAX_IN_FLIGHT < 16
     assert settings.ADMISSION_CUSTOMER_SHARE == 0.5
     assert settings.ADMISSION_MAX_QUEUE_DEPTH > 0 and settings.ADMISSION_QUEUE_PROBE_SECONDS <= 1
+
+
+# --- the admission line: at the wait-driven limit, a short FIFO wait for the next slot given back ---
+
+def _lined(max_in_flight: int = 8, line_wait: float = 30.0) -> tuple[Admission, FakeClock]:
+    """Admission whose wait-driven limit is cut to 2 (standing intervals) and taken, with a line."""
+    clock = FakeClock()
+    a = Admission(max_in_flight=max_in_flight, customer_share=1.0, max_queue_depth=0, queue_depth=lambda: None,
+                  target_queue_wait=0.25, queue_wait_interval=0.5, line_wait=line_wait, clock=clock)
+    while a.limit() > 2:
+        _interval(a, clock, [5.0])
+    a.enter("x")
+    a.enter("x")
+    assert a.in_flight == 2 == a.limit()
+    return a, clock
+
+
+def _enter_in_thread(a: Admission, customer: str, outcomes: list) -> threading.Thread:
+    def go() -> None:
+        try:
+            a.enter(customer)
+            outcomes.append(customer)
+        except Refused as e:
+            outcomes.append((customer, e.status, e.code))
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
+
+
+def _until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_at_the_limit_requests_wait_in_line_and_get_the_slots_given_back_in_their_order():
+    """Before the line each of these was a 503 and a second's wait for its client, then a new draw
+    against every newcomer: past the knee some images were refused again and again."""
+    a, _ = _lined()
+    outcomes: list = []
+    threads = []
+    for n, name in enumerate(("first", "second", "third"), start=1):
+        threads.append(_enter_in_thread(a, name, outcomes))
+        _until(lambda n=n: a.in_line == n)
+    assert outcomes == [] and a.in_flight == 2
+    a.leave("x")
+    threads[0].join(10)
+    assert outcomes == ["first"] and a.in_line == 2 and a.in_flight == 2
+    a.leave("x")
+    threads[1].join(10)
+    assert outcomes == ["first", "second"] and a.in_line == 1
+    a.leave("first")
+    threads[2].join(10)
+    assert outcomes == ["first", "second", "third"] and a.in_line == 0 and a.in_flight == 2
+
+
+def test_a_newcomer_does_not_pass_the_line_when_the_limit_grows():
+    a, clock = _lined()
+    outcomes: list = []
+    waiting = _enter_in_thread(a, "waiting", outcomes)
+    _until(lambda: a.in_line == 1)
+    _interval(a, clock, [0.01])  # a job started in time: the limit grows by one
+    late = _enter_in_thread(a, "late", outcomes)
+    waiting.join(10)
+    _until(lambda: a.in_line == 1)  # the newcomer stands behind, the slot went to the one waiting
+    assert outcomes == ["waiting"] and a.in_flight == 3
+    a.leave("x")
+    late.join(10)
+    assert outcomes == ["waiting", "late"]
+
+
+def test_the_line_is_bounded_by_the_static_bound_and_its_wait():
+    a, _ = _lined(max_in_flight=4, line_wait=30.0)
+    outcomes: list = []
+    threads = [_enter_in_thread(a, f"w{i}", outcomes) for i in range(2)]
+    _until(lambda: a.in_line == 2)
+    # In flight and in line together reach the static bound (the threads kept free stay free): refused at once.
+    assert _refusal(a, "one-more") == (503, "queue_full")
+    for _ in range(2):
+        a.leave("x")
+    for thread in threads:
+        thread.join(10)
+    assert sorted(outcomes) == ["w0", "w1"]
+
+    short, _ = _lined(line_wait=0.05)
+    assert _refusal(short, "impatient") == (503, "queue_full")  # nobody gave a slot back in time
+    assert short.in_line == 0 and short.in_flight == 2
+    short.leave("x")
+    assert _refusal(short, "impatient") is None  # its place in line was given up, nothing held
+
+
+def test_requests_in_line_count_against_their_customers_share():
+    clock = FakeClock()
+    a = Admission(max_in_flight=8, customer_share=0.5, max_queue_depth=0, queue_depth=lambda: None,
+                  target_queue_wait=0.25, queue_wait_interval=0.5, line_wait=30.0, clock=clock)
+    while a.limit() > 2:
+        _interval(a, clock, [5.0])
+    assert a.customer_slots == 4
+    a.enter("greedy")
+    a.enter("greedy")  # the limit's two slots
+    outcomes: list = []
+    threads = [_enter_in_thread(a, "greedy", outcomes) for _ in range(2)]
+    _until(lambda: a.in_line == 2)
+    assert _refusal(a, "greedy") == (429, "customer_over_share")  # 2 in flight + 2 in line: its 4
+    for _ in range(2):
+        a.leave("greedy")
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == ["greedy", "greedy"] and a.in_flight == 2
+
+
+def test_without_a_line_the_limit_refuses_at_once():
+    clock = FakeClock()
+    a = Admission(max_in_flight=8, customer_share=1.0, max_queue_depth=0, queue_depth=lambda: None,
+                  target_queue_wait=0.25, queue_wait_interval=0.5, clock=clock)
+    while a.limit() > 2:
+        _interval(a, clock, [5.0])
+    a.enter("x")
+    a.enter("x")
+    assert _refusal(a, "y") == (503, "queue_full") and a.in_line == 0
