@@ -137,7 +137,8 @@ worker_send_task_events = False
 task_send_sent_event = False
 
 # A publish that cannot reach the broker fails fast so the API can answer 503 instead of hanging:
-# kombu reconnects (to the next listed node) and retries twice, then gives up. Nacks are retried by
+# kombu reconnects (to the next listed node) and retries twice, then gives up. A nack is retried twice
+# at once on the same connection (resizer.services._retry_policy), then with backoff by
 # resizer.services (PUBLISH_ATTEMPTS above).
 task_publish_retry = True
 task_publish_retry_policy = {

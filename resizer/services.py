@@ -154,8 +154,18 @@ def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
             body, exchange=celeryconfig.resize_exchange, routing_key=RESIZE_ROUTING_KEY,
             declare=[] if declared else [celeryconfig.resize_queue], serializer="json", headers=headers,
             delivery_mode=2,
-            retry=app.conf.task_publish_retry, retry_policy=app.conf.task_publish_retry_policy,
+            retry=app.conf.task_publish_retry, retry_policy=_retry_policy(app.conf.task_publish_retry_policy),
             timeout=timeout, confirm_timeout=timeout, **properties)
+
+
+def _retry_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    """kombu's retry policy for one publish, with nacks retried on the same connection. py-amqp counts
+    a nack among the recoverable *connection* errors, so kombu answered each one by dropping the
+    connection, switching to the next listed node (perhaps the dead one) and publishing again: up to
+    3 new connections a send, 15 a job under _publish's attempts, in every API process at once during
+    a leader election. In `retry_errors` a nack is retried at once on its channel instead, up to the
+    policy's max_retries; _publish's backoff comes between sends."""
+    return {**policy, "retry_errors": (MessageNacked,)}
 
 
 def _publish(send: Callable[[str, str | None, float], None], job_id: str, reply_to: str | None, *,
