@@ -200,6 +200,9 @@ METERING_BATCH_RECORDS = env_int("METERING_BATCH_RECORDS", 1000, minimum=1)
 METERING_SHIPPER = env_bool("METERING_SHIPPER", True)
 # The rollup re-reads records received this long before its watermark (commits land out of order).
 METERING_LOOKBACK_SECONDS = env_int("METERING_LOOKBACK_SECONDS", 300, minimum=0)
+# How long a rollup or billing run waits for the one running before it, then skips (the next run
+# catches up): each waiting run holds a worker process that resizes need.
+METERING_LOCK_WAIT_SECONDS = env_float("METERING_LOCK_WAIT_SECONDS", 30.0)
 # Raw records older than this are archived and leave the staging table; the rollup ignores records
 # whose event is older than this minus a day, so it never recomputes a window that was archived.
 METERING_ARCHIVE_AFTER_DAYS = env_int("METERING_ARCHIVE_AFTER_DAYS", 62, minimum=2)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import OperationalError, connection, connections, transaction
 from psycopg.conninfo import make_conninfo
 
 from controlplane.per_process import PerProcess
@@ -181,19 +181,44 @@ GROUP BY t.customer_id, t.window_start
 """
 
 
+class _Busy(Exception):
+    """Another rollup or billing run held the lock past METERING_LOCK_WAIT_SECONDS."""
+
+
 def _locked_clock(cursor: Any, key: int) -> datetime:
     """Take a transaction-scoped advisory lock, then read the clock: work done under the lock is
-    stamped later than everything committed before it."""
+    stamped later than everything committed before it. Waits for the lock at most
+    METERING_LOCK_WAIT_SECONDS, then raises _Busy: until 2026-11-22 it waited without bound, and each
+    run beat sent (every minute) while a long billing run held the lock took a worker process away
+    from resizing until its 25-minute time limit, all of them after a few minutes."""
     cursor.execute("SET LOCAL TIME ZONE 'UTC'")
-    cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])
+    cursor.execute(f"SET LOCAL lock_timeout = {max(1, int(settings.METERING_LOCK_WAIT_SECONDS * 1000))}")
+    try:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])
+    except OperationalError as e:
+        if getattr(e.__cause__, "sqlstate", None) == "55P03":  # lock_not_available
+            raise _Busy() from e
+        raise
+    cursor.execute("SET LOCAL lock_timeout = DEFAULT")  # the run's own row locks wait as usual
     cursor.execute("SELECT clock_timestamp()")
     return cursor.fetchone()[0]
+
+
+_SKIPPED = {"skipped": "another rollup or billing run held the lock; the next run catches up"}
 
 
 def usage_rollup() -> dict[str, Any]:
     """Roll raw records up per customer per hour and day. Recomputes whole windows (never adds), so
     a second or concurrent run writes nothing new; the watermark minus a look-back finds the
     windows that late records landed in."""
+    try:
+        return _usage_rollup()
+    except _Busy:
+        log.info("usage rollup skipped: %s", _SKIPPED["skipped"])
+        return dict(_SKIPPED)
+
+
+def _usage_rollup() -> dict[str, Any]:
     lookback = timedelta(seconds=settings.METERING_LOOKBACK_SECONDS)
     with transaction.atomic(), connection.cursor() as cursor:
         run_at = _locked_clock(cursor, AGGREGATION_LOCK)
@@ -240,10 +265,19 @@ WHERE r.granularity = 'day' AND r.updated_at >= %(since)s
 """
 
 
-def billing_run(*, today: date | None = None) -> dict[str, int]:
+def billing_run(*, today: date | None = None) -> dict[str, Any]:
     """Open a period for every customer month with usage; move periods past their end to grace and
     past their grace to finalized (invoice lines); append adjustments for usage that reached a
-    finalized period later. Every step is idempotent; runs are serialized with the rollup."""
+    finalized period later. Every step is idempotent; runs are serialized with the rollup (a run that
+    waited METERING_LOCK_WAIT_SECONDS for the lock is skipped: the next one does the same work)."""
+    try:
+        return _billing_run(today)
+    except _Busy:
+        log.info("billing run skipped: %s", _SKIPPED["skipped"])
+        return dict(_SKIPPED)
+
+
+def _billing_run(today: date | None) -> dict[str, Any]:
     counts = {"opened": 0, "grace": 0, "finalized": 0, "adjusted": 0}
     with transaction.atomic(), connection.cursor() as cursor:
         run_at = _locked_clock(cursor, AGGREGATION_LOCK)

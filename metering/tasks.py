@@ -15,7 +15,7 @@ def usage_rollup() -> dict[str, Any]:
 
 
 @shared_task(name="metering.tasks.billing_run", **PERIODIC_TASK_LIMITS)
-def billing_run() -> dict[str, int]:
+def billing_run() -> dict[str, Any]:
     return services.billing_run()
 
 

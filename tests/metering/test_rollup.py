@@ -138,3 +138,33 @@ def test_beat_tasks_go_to_their_own_queue_and_expire_with_their_interval():
     assert resize["queue"].name == celeryconfig.resize_queue.name
     # The resize queue's binding does not take beat's routing keys (both are on one topic exchange).
     assert not celeryconfig.periodic_queue.routing_key.startswith(celeryconfig.RESIZE_QUEUE)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_waits_for_the_one_before_it_only_so_long_then_skips(settings):
+    """Each run waited for the lock without bound: while a long billing run held it, every rollup beat
+    sent (one a minute) took a worker process away from resizing until its 25-minute time limit."""
+    import psycopg
+
+    settings.METERING_LOCK_WAIT_SECONDS = 0.3
+    results: dict[str, dict] = {}
+    with psycopg.connect(services.staging_conninfo(), autocommit=False) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", [services.AGGREGATION_LOCK])  # a run in progress
+
+        def run(name: str, fn) -> None:
+            try:
+                results[name] = fn()
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=run, args=("rollup", services.usage_rollup), daemon=True),
+                   threading.Thread(target=run, args=("billing", services.billing_run), daemon=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        still_waiting = [t for t in threads if t.is_alive()]
+        holder.rollback()  # the run in progress ends (and lets a thread still waiting finish)
+    assert not still_waiting
+    assert set(results) == {"rollup", "billing"} and all("skipped" in r for r in results.values()), results
+    assert "hours" in services.usage_rollup()  # with the lock free, a run runs
