@@ -122,8 +122,10 @@ task_time_limit = env_int("TASK_TIME_LIMIT", 30, minimum=2)
 # The beat tasks (rollup, billing, archive, staging sweep) are not resizes: a month's billing run or a
 # rollup after a long beat outage takes minutes in one transaction, and the resize limits above would
 # cut it (rolled back, then again every run, forever). Their own limits, seconds; below RabbitMQ's
-# consumer_timeout (30 min by default), past which the broker closes the worker's channel for an
-# unacked delivery (acks are late) and the worker stops with "Unrecoverable error".
+# consumer_timeout (30 min by default, counted from the delivery, so a message prefetched behind a
+# long task uses some of it waiting), past which the broker closes the worker's channel for an unacked
+# delivery (acks are late): the worker reopens it (broker_channel_error_retry) and every delivery
+# unacked on it is returned and runs again.
 PERIODIC_TASK_SOFT_TIME_LIMIT = env_int("PERIODIC_TASK_SOFT_TIME_LIMIT", 1500, minimum=1)
 PERIODIC_TASK_TIME_LIMIT = env_int("PERIODIC_TASK_TIME_LIMIT", 1700, minimum=2)
 PERIODIC_TASK_LIMITS = {"soft_time_limit": PERIODIC_TASK_SOFT_TIME_LIMIT, "time_limit": PERIODIC_TASK_TIME_LIMIT}
@@ -149,8 +151,11 @@ task_publish_retry_policy = {
 }
 
 def _every(task: str, seconds: float) -> dict[str, Any]:
-    """A beat entry whose message expires after its own interval (the next one is on its way)."""
-    return {"task": task, "schedule": seconds, "options": {"expires": seconds}}
+    """A beat entry whose message expires after its own interval (the next one is on its way). Its
+    message carries no time limits: apply_async would copy the task's, as computed in beat's
+    environment, and the worker obeys a message's limits over its own PERIODIC_TASK_* settings."""
+    return {"task": task, "schedule": seconds,
+            "options": {"expires": seconds, "time_limit": None, "soft_time_limit": None}}
 
 
 beat_schedule = {

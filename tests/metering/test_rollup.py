@@ -168,3 +168,21 @@ def test_a_run_waits_for_the_one_before_it_only_so_long_then_skips(settings):
     assert not still_waiting
     assert set(results) == {"rollup", "billing"} and all("skipped" in r for r in results.values()), results
     assert "hours" in services.usage_rollup()  # with the lock free, a run runs
+
+
+def test_beats_messages_carry_no_time_limits_so_the_workers_own_apply(monkeypatch):
+    """apply_async copied the task's limits, as beat's environment computed them, into the message,
+    and the worker obeys a message's limits over its own PERIODIC_TASK_* settings."""
+    import celeryconfig
+    import metering.tasks  # noqa: F401
+    import resizer.tasks  # noqa: F401
+    from controlplane.celery import app
+
+    sent = []
+    monkeypatch.setattr(app, "send_task", lambda name, *args, **options: sent.append(
+        (name, options.get("time_limit"), options.get("soft_time_limit"))))
+    for entry in celeryconfig.beat_schedule.values():
+        app.tasks[entry["task"]].apply_async(**entry["options"])
+        assert app.tasks[entry["task"]].time_limit == celeryconfig.PERIODIC_TASK_TIME_LIMIT, entry["task"]
+    assert len(sent) == len(celeryconfig.beat_schedule)
+    assert all(limits == [None, None] for _, *limits in sent), sent
