@@ -1,11 +1,14 @@
 """The one error format of the API: RFC 9457 problem+json with a stable machine-readable `code`."""
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 
 from resizer.staging import StagingError
@@ -64,6 +67,22 @@ def problem(status: int, code: str, detail: str, *, headers: dict[str, str] | No
     for name, value in (headers or {}).items():
         response[name] = value
     return response
+
+
+def get_only(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """A plain Django view (outside DRF: /healthz, /readyz, /metrics) that answers GET and HEAD, and
+    anything else with a 405 problem and Allow. Until 2026-11-22 a POST to one of them met Django's
+    CSRF check first: a 403 HTML page."""
+
+    @csrf_exempt
+    @functools.wraps(view)
+    def get_or_405(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method not in ("GET", "HEAD"):
+            return problem(405, "method_not_allowed", f"Method \"{request.method}\" is not allowed here; use GET.",
+                           headers={"Allow": "GET, HEAD"})
+        return view(request, *args, **kwargs)
+
+    return get_or_405
 
 
 # DRF's own exceptions, mapped to our stable codes.

@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from controlplane import metrics, views
+from controlplane.errors import get_only
 from metering import views as metering_views
 
 urlpatterns = [
@@ -13,11 +14,11 @@ urlpatterns = [
     path("v1/admin/", include("identity.urls")),
     path("v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi"),
     path("v1/docs", SpectacularSwaggerView.as_view(url_name="openapi"), name="docs"),
-    path("healthz", views.healthz, name="healthz"),
-    path("readyz", views.readyz, name="readyz"),
+    path("healthz", get_only(views.healthz), name="healthz"),
+    path("readyz", get_only(views.readyz), name="readyz"),
     path("admin/", admin.site.urls),
     # Every process of this server summed, plus queue, spool and identity state (controlplane/metrics.py).
-    path("metrics", metrics.metrics_view, name="metrics"),
+    path("metrics", get_only(metrics.metrics_view), name="metrics"),
 ]
 
 handler400 = "controlplane.errors.handler400"

@@ -493,6 +493,12 @@ def _open(data: bytes, limits: Limits) -> tuple[ImageFile.ImageFile, ImageFacts]
     with _decoding():
         try:
             im = Image.open(io.BytesIO(data), formats=_DECODERS)
+        except Image.DecompressionBombError as e:
+            # Pillow's guard (~179 MP) fires in open(), before the size check below: say our limit,
+            # not Pillow's (which read "could be decompression bomb DOS attack").
+            declared = re.search(r"\((\d+) pixels\)", str(e))
+            raise ImageTooLarge(f"image is {declared.group(1) if declared else 'more than 179000000'} pixels; "
+                                f"the limit is {limits.max_pixels} pixels") from e
         except UnidentifiedImageError as e:
             if _looks_like_ours(data[:16]):
                 raise CorruptImage("unreadable image header") from e

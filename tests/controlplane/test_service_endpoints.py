@@ -69,3 +69,18 @@ def test_the_admin_gets_its_css_and_javascript_with_debug_off(client, settings):
         response = client.get(path)
         assert response.status_code == 200, path
         assert b"".join(response.streaming_content if response.streaming else [response.content])
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+def test_the_service_endpoints_answer_other_methods_with_a_405_problem(path):
+    """They are plain Django views: a POST met Django's CSRF check first, a 403 HTML page."""
+    from django.test import Client
+
+    client = Client(enforce_csrf_checks=True)  # as a real client is checked
+    for method in ("post", "put", "delete"):
+        response = getattr(client, method)(path)
+        assert response.status_code == 405, (method, response.status_code)
+        assert response["Content-Type"] == "application/problem+json"
+        assert response.json()["code"] == "method_not_allowed" and response["Allow"] == "GET, HEAD"
+    assert client.head("/healthz").status_code == 200
