@@ -331,7 +331,8 @@ def _wait_polling(job_id: str, timeout: float) -> None:
 
 
 class JobView(APIView):
-    required_scope = "jobs"
+    # A `resize` key reads jobs too: a 202 hands it a Location (a resize-only key got 403 there).
+    required_scope = ("jobs", "resize")
 
     @extend_schema(operation_id="job", summary="A job's status, parameters and facts",
                    responses={200: JOB_SCHEMA, 404: PROBLEM})
@@ -343,7 +344,7 @@ class JobView(APIView):
 
 
 class JobResultView(APIView):
-    required_scope = "jobs"
+    required_scope = ("jobs", "resize")
 
     @extend_schema(operation_id="job_result", summary="A finished job's image",
                    responses={(200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY), 404: PROBLEM,

@@ -113,10 +113,15 @@ class HasScope(permissions.BasePermission):
         if scope is None:
             return True
         if isinstance(user, Principal):
-            if scope in user.scopes:
+            # A view may name several scopes, any of which opens it (a job's Location serves the key
+            # that made the job as well as a key made to read jobs).
+            accepted = (scope,) if isinstance(scope, str) else tuple(scope)
+            if any(s in user.scopes for s in accepted):
                 return True
-            raise ApiError(403, "insufficient_scope", f"This API key lacks the {scope!r} scope.",
-                           extra={"required_scope": scope})
+            raise ApiError(403, "insufficient_scope",
+                           f"This API key lacks the {' or '.join(repr(s) for s in accepted)} scope.",
+                           extra={"required_scope": accepted[0]})
+        scope = scope if isinstance(scope, str) else scope[0]
         if scope == "admin" and getattr(user, "is_staff", False) and user.is_active:
             method = {"HEAD": "GET", "OPTIONS": "GET"}.get(request.method, request.method)
             needed = getattr(view, "staff_permissions", {}).get(method, ())

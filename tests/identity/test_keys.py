@@ -97,6 +97,23 @@ def test_a_key_without_the_scope_is_403(client, credentials):
                            HTTP_AUTHORIZATION=f"Bearer {key}")
     assert response.status_code == 403 and response.json()["code"] == "insufficient_scope"
     assert client.get("/v1/jobs/" + "0" * 32, HTTP_AUTHORIZATION=f"Bearer {key}").status_code == 404
+    usage = client.get("/v1/usage", HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert usage.status_code == 403 and "'usage'" in usage.json()["detail"]
+
+
+def test_a_resize_key_can_follow_the_location_its_202_gives(client, credentials):
+    """A 202 hands the client a job's Location; a key with only the `resize` scope got 403 there."""
+    customer = customer_create(name="resize-only")
+    _, key = api_key_create(customer=customer, scopes=["resize"])
+    credentials.sync(full=True)
+    for path in ("/v1/jobs/" + "0" * 32, "/v1/jobs/" + "0" * 32 + "/result"):
+        response = client.get(path, HTTP_AUTHORIZATION=f"Bearer {key}")
+        assert response.status_code == 404 and response.json()["code"] == "job_not_found", path
+    _, usage_only = api_key_create(customer=customer, scopes=["usage"])
+    credentials.sync(full=True)
+    refused = client.get("/v1/jobs/" + "0" * 32, HTTP_AUTHORIZATION=f"Bearer {usage_only}")
+    assert refused.status_code == 403 and refused.json()["code"] == "insufficient_scope"
+    assert refused.json()["detail"] == "This API key lacks the 'jobs' or 'resize' scope."
 
 
 def test_the_request_path_runs_no_database_query_for_authentication(api, django_assert_num_queries):
