@@ -90,7 +90,13 @@ def _accepted(job: Job, vary: bool = False) -> HttpResponse:
     return response
 
 
-def _job_outcome(job: Job, vary: bool = False) -> HttpResponse:
+_EXPIRED = "The result was deleted after its retention period."
+# POST /v1/resize replaying an Idempotency-Key whose job's result is gone: say what to do.
+_REPLAY_EXPIRED = ("The result of the job this Idempotency-Key made was deleted after its retention period; "
+                   "send the request again with a new Idempotency-Key to resize again.")
+
+
+def _job_outcome(job: Job, vary: bool = False, expired_detail: str = _EXPIRED) -> HttpResponse:
     """The answer for a finished job: its image, or its error as a problem."""
     if job.status == FAILED:
         error = job.error or {}
@@ -100,13 +106,11 @@ def _job_outcome(job: Job, vary: bool = False) -> HttpResponse:
         return problem(error.get("status", 422), error.get("code", "job_failed"), error.get("detail", ""),
                        headers=headers, extra={"job_id": job.id})
     if job.result_expired():
-        raise ApiError(410, "result_expired", "The result was deleted after its retention period.",
-                       headers={"Location": job_location(job)})
+        raise ApiError(410, "result_expired", expired_detail, headers={"Location": job_location(job)})
     try:
         data = job_result(staging_store(), job)
     except StagingNotFound as e:
-        raise ApiError(410, "result_expired", "The result was deleted after its retention period.",
-                       headers={"Location": job_location(job)}) from e
+        raise ApiError(410, "result_expired", expired_detail, headers={"Location": job_location(job)}) from e
     assert job.output is not None
     response = HttpResponse(data, content_type=job.output["content_type"])
     response["Location"] = job_location(job)
@@ -152,7 +156,7 @@ class ResizeView(APIView):
         responses={
             (200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY, description="the resized image"),
             202: JOB_SCHEMA,
-            **{code: PROBLEM for code in (400, 401, 408, 409, 413, 415, 422, 429, 503)},
+            **{code: PROBLEM for code in (400, 401, 403, 408, 409, 410, 413, 415, 422, 429, 503)},
         },
     )
     def post(self, request: Request) -> HttpResponse:
@@ -185,6 +189,7 @@ class ResizeView(APIView):
         try:
             facts = imaging.probe(data, engine_limits())
             params = _with_format(params, imaging.output_format(params, facts))
+            imaging.output_check(params, facts, engine_limits())
         except imaging.ImageError as e:
             raise ApiError(e.status, e.code, e.message) from e
         clock.lap("upload")
@@ -262,7 +267,7 @@ class ResizeView(APIView):
             _wait_finished(job.id, waiter if created else None, settings.SYNC_WAIT_SECONDS)
             current = job_load(staging_store(), job.id) or job
             if current.finished:
-                response = _job_outcome(current, vary)
+                response = _job_outcome(current, vary, _EXPIRED if created else _REPLAY_EXPIRED)
                 if created and (queue_wait := metrics.job_stages_observe(current)) is not None:
                     slots.observe_queue_wait(queue_wait)
             else:

@@ -864,6 +864,18 @@ def _output_refusal(layout: _Layout, count: int, fmt: str, limits: Limits) -> st
     return None
 
 
+def output_check(params: Params, facts: ImageFacts, limits: Limits = Limits()) -> None:
+    """Raise OutputTooLarge when the output cannot be made whichever way up the image turns out to be
+    (its EXIF orientation is read only as it decodes): the API refuses such a request from the probe,
+    before it makes a job (which failed later, with the same error, after a trip through the queue)."""
+    fmt = output_format(params, facts)
+    count = facts.frames if facts.frames > 1 and fmt in _ANIMATED_OUTPUTS and facts.format in _ANIMATED_INPUTS else 1
+    refusals = [_output_refusal(_layout(w, h, params), count, fmt, limits)
+                for w, h in ((facts.width, facts.height), (facts.height, facts.width))]
+    if all(refusals):
+        raise OutputTooLarge(refusals[0])  # type: ignore[arg-type]
+
+
 def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
     """Decode, orient, fit, convert to sRGB, strip metadata and encode one image."""
     started = time.thread_time()

@@ -143,6 +143,21 @@ def test_idempotency_key_returns_the_same_job(api):
     assert third["Location"] != first["Location"]
 
 
+def test_a_replay_whose_result_expired_is_410_and_says_to_use_a_new_key(api):
+    from resizer.jobs import job_load, job_save
+    from resizer.staging import staging_store
+
+    key = uuid.uuid4().hex
+    first = resize(api, corpus("coffee.jpg"), "width=80", HTTP_IDEMPOTENCY_KEY=key)
+    assert first.status_code == 200
+    job = job_load(staging_store(), first["Location"].rsplit("/", 1)[-1])
+    job.result_expires_at = "2000-01-01T00:00:00Z"
+    job_save(staging_store(), job)
+    again = resize(api, corpus("coffee.jpg"), "width=80", HTTP_IDEMPOTENCY_KEY=key)
+    assert again.status_code == 410 and again.json()["code"] == "result_expired"
+    assert "new Idempotency-Key" in again.json()["detail"] and again["Location"] == first["Location"]
+
+
 def test_idempotency_key_reused_for_another_request_is_422(api):
     key = uuid.uuid4().hex
     assert resize(api, corpus("coffee.jpg"), "width=80", HTTP_IDEMPOTENCY_KEY=key).status_code == 200
@@ -172,9 +187,12 @@ def test_a_corrupt_image_that_passes_the_header_check_fails_as_its_job(api):
     assert result.status_code == 409 and result.json()["code"] == "job_failed"
 
 
-def test_output_over_the_pixel_limit_is_422(api):
+def test_output_over_the_pixel_limit_is_422_before_any_job_is_made(api):
+    """The size is known from the header: it was refused only by the worker, after a job was made,
+    queued and charged to the month's quota."""
     response = resize(api, corpus("coffee.jpg"), "width=8192&height=8192&fit=fill")
     assert response.status_code == 422 and response.json()["code"] == "output_too_large"
+    assert "job_id" not in response.json() and "Location" not in response
 
 
 @pytest.mark.parametrize("accept,expected", [

@@ -1066,3 +1066,14 @@ def test_the_colour_transform_cache_keeps_digests_not_profiles():
     assert set(imaging._icc_cache) == set(before)
     resize(encode(Image.new("RGB", (16, 16), "blue"), "PNG", icc_profile=srgb), Params(width=8, format="png"))
     assert all(len(digest) == 32 for digest, _mode in imaging._icc_cache)
+
+
+def test_output_check_refuses_only_what_no_orientation_allows():
+    """The API's check from the header: the EXIF orientation is known only once the image decodes, so
+    an output possible one way up is left to the worker."""
+    from resizer.imaging import ImageFacts, output_check
+
+    landscape = ImageFacts(format="jpeg", width=6000, height=4000, bytes=1)
+    output_check(Params(width=8192, fit="inside", enlarge=True), landscape)  # 8192x5461 this way up
+    with pytest.raises(OutputTooLarge):
+        output_check(Params(width=8192, height=8192, fit="fill"), landscape)  # 67 MP either way
