@@ -52,8 +52,10 @@ def _bad(name: str, sentence: str) -> ApiError:
 
 
 def accepted_formats(accept_header: str) -> tuple[str, ...]:
-    """Output formats named in an Accept header with q > 0 (wildcards name none)."""
-    formats = []
+    """Output formats named in an Accept header with q > 0, and "*" when a wildcard (image/*, */*) is.
+    Of AVIF and WebP, one the client rates strictly lower than the other is left out (format=auto
+    otherwise prefers AVIF whatever the q-values: `image/avif;q=0.1, image/webp` got AVIF)."""
+    qualities: dict[str, float] = {}
     for item in accept_header.split(","):
         media, *options = (part.strip() for part in item.split(";"))
         quality = 1.0
@@ -65,9 +67,16 @@ def accepted_formats(accept_header: str) -> tuple[str, ...]:
                 except ValueError:
                     quality = 0.0
         kind, _, sub = media.lower().partition("/")
-        if kind == "image" and sub in imaging.FORMATS and quality > 0:
-            formats.append(sub)
-    return tuple(formats)
+        if quality <= 0:
+            continue
+        if (kind, sub) in (("image", "*"), ("*", "*")):
+            qualities["*"] = max(quality, qualities.get("*", 0.0))
+        elif kind == "image" and sub in imaging.FORMATS:
+            qualities[sub] = max(quality, qualities.get(sub, 0.0))
+    avif, webp = qualities.get("avif"), qualities.get("webp")
+    if avif is not None and webp is not None:
+        qualities.pop("avif" if avif < webp else "webp" if webp < avif else "", None)
+    return tuple(qualities)
 
 
 def single_values(query: Any) -> dict[str, str]:
@@ -104,6 +113,11 @@ def parse_params(query: dict[str, str], accept_header: str) -> imaging.Params:
             raise _bad("enlarge", f"enlarge must be true or false, not {query['enlarge']!r}.")
         values["enlarge"] = _BOOLEANS[query["enlarge"].lower()]
     if "background" in query:
+        try:
+            imaging.parse_background(query["background"])
+        except imaging.InvalidParameters as e:
+            raise _bad("background", "background must be a hex colour (rrggbb or rrggbbaa, with or without '#'), "
+                       f"not {query['background']!r}.") from e
         values["background"] = query["background"]
     if "width" not in values and "height" not in values:
         raise _bad("width", "Give width, height, or both (whole numbers from 1 to 8192).")

@@ -85,6 +85,7 @@ def _accepted(job: Job, vary: bool = False) -> HttpResponse:
     response = JsonResponse(job_json(job), status=202)
     response["Location"] = job_location(job)
     response["Retry-After"] = "1"
+    response["Cache-Control"] = "private, no-store"  # as a GET of the job: its state changes
     if vary:
         response["Vary"] = "Accept"
     return response

@@ -88,8 +88,8 @@ class UsageView(APIView):
         if start >= end:
             raise ApiError(400, "invalid_parameter", "`from` must be before `to`.", extra={"parameter": "from"})
         if end - start > MAX_RANGE[granularity]:
-            raise ApiError(400, "range_too_large", f"At most {MAX_RANGE[granularity].days} days of {granularity}ly "
-                           "windows per request.", extra={"parameter": "from"})
+            raise ApiError(400, "range_too_large", f"At most {MAX_RANGE[granularity].days} days of "
+                           f"{'hourly' if granularity == 'hour' else 'daily'} windows per request.", extra={"parameter": "from"})
         windows = selectors.usage_windows(customer_id=request.user.customer_id, granularity=granularity,
                                           start=start, end=end)
         totals = {field: sum(_number(w[field]) for w in windows) for field in selectors.USAGE_FIELDS}

@@ -117,7 +117,8 @@ class Params:
     gravity: str = "center"  # cover crop position; contain placement
     background: str | None = None  # "#rrggbb", "rrggbb" or "rrggbbaa"
     enlarge: bool = False  # inside/outside never upscale unless True
-    accept: tuple[str, ...] = ()  # output formats the client accepts, for format="auto"
+    # Output formats the client accepts, for format="auto"; "*" when it takes any image (image/*, */*).
+    accept: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ def _format_name(value: str) -> str:
     return "jpeg" if name == "jpg" else name
 
 
-def _parse_background(value: str) -> tuple[int, int, int, int]:
+def parse_background(value: str) -> tuple[int, int, int, int]:
     digits = value.removeprefix("#")
     if len(digits) not in (6, 8) or any(c not in "0123456789abcdefABCDEF" for c in digits):
         raise InvalidParameters("background must be a hex colour: rrggbb or rrggbbaa, optionally with '#'")
@@ -225,7 +226,7 @@ def validate(params: Params) -> None:
     if params.background is not None:
         if not isinstance(params.background, str):
             raise InvalidParameters("background must be a hex colour")
-        _parse_background(params.background)
+        parse_background(params.background)
     if not isinstance(params.enlarge, bool):
         raise InvalidParameters("enlarge must be a boolean")
     if not isinstance(params.accept, (tuple, list)) or not all(isinstance(a, str) for a in params.accept):
@@ -237,6 +238,7 @@ def output_format(params: Params, facts: ImageFacts) -> str:
     wanted = _format_name(params.format) if params.format else None
     if wanted in FORMATS:
         return wanted
+    default = facts.format if facts.format in FORMATS else ("png" if facts.has_alpha else "jpeg")
     if wanted == "auto":
         accepted = {_format_name(a) for a in params.accept}
         if facts.frames > 1 and facts.format in _ANIMATED_INPUTS:
@@ -247,9 +249,13 @@ def output_format(params: Params, facts: ImageFacts) -> str:
             return "avif"
         elif "webp" in accepted:
             return "webp"
-    if facts.format in FORMATS:
-        return facts.format
-    return "png" if facts.has_alpha else "jpeg"
+        if accepted and "*" not in accepted and default not in accepted:
+            # The client named the image types it takes, and not the input's (a WebP input, a client
+            # that takes JPEG and PNG): one it named, keeping alpha where it can.
+            for fmt in (("png", "webp", "gif") if facts.has_alpha else ()) + ("jpeg", "png", "gif"):
+                if fmt in accepted:
+                    return fmt
+    return default
 
 
 def target_size(src_w: int, src_h: int, params: Params) -> tuple[int, int]:
@@ -883,7 +889,7 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
     im, facts = _open(data, limits)
     fmt = output_format(params, facts)
     animate = facts.frames > 1 and fmt in _ANIMATED_OUTPUTS and facts.format in _ANIMATED_INPUTS
-    background = _parse_background(params.background) if params.background else None
+    background = parse_background(params.background) if params.background else None
     with _decoding():
         count = facts.frames if animate else 1
         if facts.format == "png":

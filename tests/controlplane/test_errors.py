@@ -45,7 +45,9 @@ def assert_problem(response, status: int, code: str) -> dict:
     ("widht=10", "unknown_parameter"),
 ])
 def test_bad_parameters_are_400(api, query, code):
-    assert_problem(resize(api, make_image(), query), 400, code)
+    body = assert_problem(resize(api, make_image(), query), 400, code)
+    # Each names the one at fault (no size at all: width).
+    assert body["parameter"] == (query.rsplit("&", 1)[-1].split("=")[0] or "width")
 
 
 def test_empty_body_is_400(api):
@@ -225,3 +227,16 @@ def test_a_job_not_started_by_the_sync_deadline_reports_its_wait_to_admission(ap
             channel = connection.channel()
             queue.bind(channel).delete()
             exchange.bind(channel).delete()
+
+
+@pytest.mark.parametrize("header,formats", [
+    ("image/avif,image/webp,image/apng,*/*;q=0.8", ("avif", "webp", "*")),
+    ("image/avif;q=0.1, image/webp;q=0.9", ("webp",)),
+    ("image/webp;q=0.5, image/avif;q=0.5", ("webp", "avif")),
+    ("image/webp;q=0, image/*;q=0", ()),
+    ("application/json", ()),
+])
+def test_accept_is_read_with_its_q_values(header, formats):
+    from controlplane.parsing import accepted_formats
+
+    assert accepted_formats(header) == formats

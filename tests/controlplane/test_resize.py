@@ -103,6 +103,7 @@ def test_multipart_without_image_field(api):
 def test_respond_async_then_job_then_result(api):
     response = resize(api, corpus("photo-256k-3.jpg"), "width=300&format=png", HTTP_PREFER="respond-async")
     assert response.status_code == 202
+    assert response["Cache-Control"] == "private, no-store"  # a job's state, as its GET: never cached
     location = response["Location"]
     job = response.json()
     assert location == f"/v1/jobs/{job['id']}"
@@ -197,7 +198,9 @@ def test_output_over_the_pixel_limit_is_422_before_any_job_is_made(api):
 
 @pytest.mark.parametrize("accept,expected", [
     ("image/avif,image/webp", "image/avif"), ("image/webp", "image/webp"), ("image/*", "image/jpeg"),
-    ("image/png;q=0.9", "image/jpeg"),  # auto keeps the input's format where nothing better is named
+    ("image/png;q=0.9", "image/png"),  # the one it names (a JPEG input came back JPEG, which it did not)
+    ("image/png;q=0.9, */*;q=0.1", "image/jpeg"),  # any image will do: the input's format
+    ("image/avif;q=0.1, image/webp;q=0.9", "image/webp"),  # AVIF only where rated no lower than WebP
 ])
 def test_specific_accept_headers_are_answered_not_406(api, accept, expected):
     """Accept is an input to format=auto, not a renderer choice: naming image types only (a CDN that

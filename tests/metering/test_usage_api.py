@@ -69,6 +69,8 @@ def test_bad_parameters_are_400_problems(api, query, code):
     assert response.status_code == 400
     assert response["Content-Type"] == "application/problem+json"
     assert response.json()["code"] == code and response.json()["detail"]
+    if code == "range_too_large":
+        assert ("hourly" if "granularity=hour" in query else "daily") in response.json()["detail"]
 
 
 def test_usage_needs_a_key_with_the_usage_scope(client, credentials):

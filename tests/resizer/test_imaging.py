@@ -285,6 +285,12 @@ def facts(fmt: str, frames: int = 1, alpha: bool = False) -> ImageFacts:
         (Params(width=1), facts("gif", frames=3), "gif"),
         (Params(width=1, format="jpg"), facts("png"), "jpeg"),
         (Params(width=1, format="webp", accept=("avif",)), facts("png"), "webp"),
+        # A client that names the types it takes, and not the input's: one of those (a WebP came back
+        # as WebP to a client taking only JPEG and PNG).
+        (Params(width=1, format="auto", accept=("jpeg", "png")), facts("webp"), "jpeg"),
+        (Params(width=1, format="auto", accept=("jpeg", "png")), facts("webp", alpha=True), "png"),
+        (Params(width=1, format="auto", accept=("jpeg", "*")), facts("webp"), "webp"),  # any image will do
+        (Params(width=1, format="auto", accept=("png",)), facts("jpeg"), "png"),
     ],
 )
 def test_output_format(params, input_facts, expected):
