@@ -16,6 +16,9 @@ timeout = int(os.environ.get("API_TIMEOUT", 30))
 # though the job runs and is billed. The container's stop grace period must be longer (docker/compose.yml).
 graceful_timeout = int(os.environ.get("API_GRACEFUL_TIMEOUT", 25))
 keepalive = 5
+# gunicorn's control interface (gunicornc) is not used: on by default, every gunicorn on a host took the
+# same socket path ($HOME/.gunicorn/gunicorn.ctl), and a server that stopped removed another's.
+control_socket_disable = True
 limit_request_line = 8190
 limit_request_fields = 100
 limit_request_field_size = 8190

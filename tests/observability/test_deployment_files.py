@@ -299,3 +299,17 @@ def test_the_image_carries_every_package_the_settings_install():
         assert f"COPY {package}/ {package}/" in dockerfile and f"!{package}/" in ignore, package
     assert "requirements.txt" in dockerfile and 'CMD ["gunicorn", "-c", "controlplane/gunicorn.conf.py"]' in dockerfile
     assert "USER resizer" in dockerfile
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gunicorn_opens_no_control_socket_another_server_could_take(tmp_path):
+    """gunicorn 27 opens a control socket by default, at one path per user: every server on a host
+    took the same one, and a server that stopped removed another's."""
+    import httpx
+
+    from tests.processes import api_server
+
+    env = {"HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    with api_server(API_WORKERS="1", **env) as base:
+        assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+        assert not (tmp_path / ".gunicorn").exists() and not (tmp_path / "run" / "gunicorn.ctl").exists()
