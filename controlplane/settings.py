@@ -34,6 +34,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_prometheus",
     "identity",
     "resizer",
@@ -167,6 +168,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Resize images over HTTP. Authenticate with `Authorization: Bearer <key>`.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # /v1/docs loads Swagger UI from this server's static files, the version pinned in requirements.txt.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- identity: the data plane's snapshot of the management plane (docs/adr/0003) ---------------

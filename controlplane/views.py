@@ -46,7 +46,22 @@ JOB_SCHEMA = inline_serializer(
         "request_id": serializers.CharField(),
     },
 )
-PROBLEM = OpenApiResponse(description="application/problem+json with type, title, status, detail and code")
+PROBLEM = OpenApiResponse(
+    inline_serializer("Problem", {
+        "type": serializers.CharField(), "title": serializers.CharField(), "status": serializers.IntegerField(),
+        "detail": serializers.CharField(help_text="a sentence for people"),
+        "code": serializers.CharField(help_text="stable, for programs (the README lists them)"),
+    }),
+    description="RFC 9457 problem details; some carry more members (`parameter`, `job_id`, `limit_bytes`, ...)")
+
+
+def problems(*statuses: int) -> dict[tuple[int, str], OpenApiResponse]:
+    """The error answers of an operation, each as application/problem+json."""
+    return {(status, "application/problem+json"): PROBLEM for status in statuses}
+
+
+def _int_range(low: int, high: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": low, "maximum": high}
 
 
 def job_location(job: Job) -> str:
@@ -140,14 +155,15 @@ class ResizeView(APIView):
             "`Prefer: respond-async` is sent)."
         ),
         parameters=[
-            OpenApiParameter("width", int, description="1..8192; at least one of width/height"),
-            OpenApiParameter("height", int, description="1..8192"),
-            OpenApiParameter("fit", str, enum=list(imaging.FITS), description="as in sharp; default inside"),
+            OpenApiParameter("width", _int_range(1, imaging.MAX_SIDE), description="at least one of width/height"),
+            OpenApiParameter("height", _int_range(1, imaging.MAX_SIDE)),
+            OpenApiParameter("fit", str, enum=list(imaging.FITS), default="inside", description="as in sharp"),
             OpenApiParameter("format", str, enum=[*imaging.FORMATS, "auto"], description="default: the input's"),
-            OpenApiParameter("quality", int, description="1..100; default per format"),
-            OpenApiParameter("gravity", str, enum=list(imaging.GRAVITIES), description="crop anchor for cover"),
+            OpenApiParameter("quality", _int_range(1, 100), description="default per format"),
+            OpenApiParameter("gravity", str, enum=list(imaging.GRAVITIES), default="center",
+                             description="crop anchor for cover, placement for contain"),
             OpenApiParameter("background", str, description="hex colour for contain padding and alpha flattening"),
-            OpenApiParameter("enlarge", bool, description="allow upscaling for inside/outside; default false"),
+            OpenApiParameter("enlarge", bool, default=False, description="allow upscaling for inside/outside"),
             OpenApiParameter("Prefer", str, OpenApiParameter.HEADER, description="respond-async for 202"),
             OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER,
                              description="a retry with the same key returns the same job"),
@@ -156,8 +172,9 @@ class ResizeView(APIView):
                  "multipart/form-data": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}},
         responses={
             (200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY, description="the resized image"),
-            202: JOB_SCHEMA,
-            **{code: PROBLEM for code in (400, 401, 403, 408, 409, 410, 413, 415, 422, 429, 503)},
+            202: OpenApiResponse(JOB_SCHEMA, description="the job, at its Location: it takes longer than the "
+                                 "synchronous wait, or `Prefer: respond-async` asked for it"),
+            **problems(400, 401, 403, 408, 409, 410, 413, 415, 422, 429, 500, 503),
         },
     )
     def post(self, request: Request) -> HttpResponse:
@@ -341,7 +358,7 @@ class JobView(APIView):
     required_scope = ("jobs", "resize")
 
     @extend_schema(operation_id="job", summary="A job's status, parameters and facts",
-                   responses={200: JOB_SCHEMA, 404: PROBLEM})
+                   responses={200: JOB_SCHEMA, **problems(401, 403, 404, 429, 503)})
     def get(self, request: Request, job_id: str) -> HttpResponse:
         job = _customer_job(request, job_id)
         response = JsonResponse(job_json(job))
@@ -353,8 +370,8 @@ class JobResultView(APIView):
     required_scope = ("jobs", "resize")
 
     @extend_schema(operation_id="job_result", summary="A finished job's image",
-                   responses={(200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY), 404: PROBLEM,
-                              409: PROBLEM, 410: PROBLEM})
+                   responses={(200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY, description="the image"),
+                              **problems(401, 403, 404, 409, 410, 429, 503)})
     def get(self, request: Request, job_id: str) -> HttpResponse:
         job = _customer_job(request, job_id)
         if job.status == FAILED:

@@ -176,3 +176,12 @@ class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
 
     def get_security_definition(self, auto_schema: object) -> dict[str, str]:
         return {"type": "http", "scheme": "bearer", "description": "An API key: `Authorization: Bearer rsz_...`"}
+
+
+class StaffBasicAuthenticationScheme(OpenApiAuthenticationExtension):
+    target_class = "identity.authentication.StaffBasicAuthentication"
+    name = "staffBasic"
+
+    def get_security_definition(self, auto_schema: object) -> dict[str, str]:
+        return {"type": "http", "scheme": "basic",
+                "description": "A staff user's name and password (the management API only)"}

@@ -39,13 +39,37 @@ def test_openapi_document_lists_the_endpoints(client):
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     paths = document["paths"]
     assert {"/v1/resize", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result"} <= set(paths)
-    names = {p["name"] for p in paths["/v1/resize"]["post"]["parameters"]}
-    assert {"width", "height", "fit", "format", "quality"} <= names
+    parameters = {p["name"]: p["schema"] for p in paths["/v1/resize"]["post"]["parameters"]}
+    assert {"width", "height", "fit", "format", "quality"} <= set(parameters)
+    # The ranges and defaults are in the schema, not only in descriptions.
+    assert parameters["width"] == {"type": "integer", "minimum": 1, "maximum": 8192}
+    assert parameters["quality"]["minimum"] == 1 and parameters["quality"]["maximum"] == 100
+    assert parameters["fit"]["default"] == "inside" and parameters["enlarge"]["default"] is False
+    # Every error answer is a problem document, described as one.
+    problem = {"$ref": "#/components/schemas/Problem"}
+    for path, method, statuses in (("/v1/resize", "post", ("400", "401", "403", "410", "422", "429", "503")),
+                                   ("/v1/jobs/{job_id}", "get", ("401", "403", "404")),
+                                   ("/v1/jobs/{job_id}/result", "get", ("404", "409", "410"))):
+        for status in statuses:
+            content = paths[path][method]["responses"][status]["content"]
+            assert content == {"application/problem+json": {"schema": problem}}, (path, status)
+    assert {"type", "title", "status", "detail", "code"} <= set(document["components"]["schemas"]["Problem"]["properties"])
+    assert document["components"]["securitySchemes"]["staffBasic"]["scheme"] == "basic"
 
 
 def test_docs_page(client):
+    """Swagger UI comes from this server, pinned (it came from a CDN, `@latest`, needing the internet)."""
+    import re
+
     response = client.get("/v1/docs")
     assert response.status_code == 200 and b"swagger" in response.content.lower()
+    page = response.content.decode()
+    assert "cdn.jsdelivr.net" not in page and "@latest" not in page
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets), assets
+    for asset in assets:
+        fetched = client.get(asset)
+        assert fetched.status_code == 200, asset
 
 
 def test_metrics(client):
