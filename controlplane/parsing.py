@@ -105,9 +105,10 @@ def parse_params(query: dict[str, str], accept_header: str) -> imaging.Params:
             values[name] = int(raw)
     for name, choices in _CHOICES.items():
         if name in query:
-            if query[name] not in choices:
+            value = query[name].lower()  # as enlarge's true/false: `fit=Cover` was a 400
+            if value not in choices:
                 raise _bad(name, f"{name} must be one of {', '.join(choices)}, not {query[name]!r}.")
-            values[name] = query[name]
+            values[name] = value
     if "enlarge" in query:
         if query["enlarge"].lower() not in _BOOLEANS:
             raise _bad("enlarge", f"enlarge must be true or false, not {query['enlarge']!r}.")
@@ -306,7 +307,7 @@ def _multipart_image(request: HttpRequest, body: list[bytes], limit: int) -> byt
     stream = io.BytesIO(raw)  # shares raw's buffer (read only)
     del raw
     try:
-        _, files = MultiPartParser(meta, stream, request.upload_handlers, request.encoding).parse()
+        fields, files = MultiPartParser(meta, stream, request.upload_handlers, request.encoding).parse()
     except RequestDataTooBig as e:  # a form field (not a file) over DATA_UPLOAD_MAX_MEMORY_SIZE
         raise ApiError(413, "payload_too_large", "A form field of the multipart body is too large; send "
                        "only the file, in the field 'image'.") from e
@@ -314,9 +315,17 @@ def _multipart_image(request: HttpRequest, body: list[bytes], limit: int) -> byt
         raise ApiError(400, "malformed_multipart", f"The multipart body could not be parsed: {e}.") from e
     finally:
         stream.close()  # the body's last reference
+    # Parameters in form fields were ignored, and of two images the last was resized, in silence.
+    if fields:
+        name = next(iter(fields))
+        raise ApiError(400, "unknown_parameter", f"The multipart body has a field {name!r}: parameters belong "
+                       "in the query string, and the body holds only the file, in the field 'image'.",
+                       extra={"parameter": name})
     upload = files.get("image")
     if upload is None:
         raise ApiError(400, "missing_image", "The multipart body has no file in the field 'image'.")
+    if set(files) - {"image"} or len(files.getlist("image")) > 1:
+        raise ApiError(400, "malformed_multipart", "The multipart body must hold one file, in the field 'image'.")
     if upload.size is not None and upload.size > limit:
         raise _too_large(limit)
     return upload.read()

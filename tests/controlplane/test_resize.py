@@ -93,6 +93,28 @@ def test_multipart_upload(api):
     assert opened(response).width == 60
 
 
+def test_a_multipart_body_holds_the_image_only(api):
+    """A parameter sent as a form field was ignored, and of two images the last was resized, in silence."""
+    def upload(name: str = "coffee.jpg") -> io.BytesIO:
+        part = io.BytesIO(corpus(name))
+        part.name = name
+        return part
+
+    response = api.post("/v1/resize?width=60", data={"image": upload(), "height": "10"})
+    assert response.status_code == 400 and response.json()["code"] == "unknown_parameter"
+    assert response.json()["parameter"] == "height" and "query string" in response.json()["detail"]
+    response = api.post("/v1/resize?width=60", data={"image": [upload(), upload("chelsea.jpg")]})
+    assert response.status_code == 400 and response.json()["code"] == "malformed_multipart"
+    response = api.post("/v1/resize?width=60", data={"image": upload(), "other": upload("chelsea.jpg")})
+    assert response.status_code == 400 and response.json()["code"] == "malformed_multipart"
+
+
+def test_choices_are_read_whatever_their_case(api):
+    response = resize(api, corpus("coffee.jpg"), "width=60&height=60&fit=Cover&format=WEBP&gravity=North")
+    assert response.status_code == 200 and response["Content-Type"] == "image/webp"
+    assert opened(response).size == (60, 60)
+
+
 def test_multipart_without_image_field(api):
     upload = io.BytesIO(corpus("coffee.jpg"))
     upload.name = "coffee.jpg"
