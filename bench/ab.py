@@ -67,7 +67,9 @@ METRICS = {
     "staging ms": lambda s: s.get("stages", {}).get("staging_cpu_ms"),
     "enqueue ms": lambda s: s.get("stages", {}).get("enqueue_cpu_ms"),
     "enqueue <= 10 ms": lambda s: s.get("stages", {}).get("enqueue_share_le_10ms"),
+    "p50 ms": lambda s: s.get("p50_ms"),
     "p99 ms": lambda s: s.get("p99_ms"),
+    "non-200": lambda s: sum(n for code, n in s.get("statuses", {}).items() if code != "200"),
 }
 
 
