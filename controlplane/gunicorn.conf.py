@@ -9,7 +9,8 @@ workers = int(os.environ.get("API_WORKERS", multiprocessing.cpu_count()))
 # Threads, because a synchronous resize request mostly waits on its job: waiting costs no CPU.
 worker_class = "gthread"
 threads = int(os.environ.get("API_THREADS", 16))
-# Above SYNC_WAIT_SECONDS, so a waiting request is answered (202) before gunicorn gives up on it.
+# With the gthread worker this restarts a process whose main loop stopped heartbeating; it does not
+# cut a slow request (the API's own read and write bounds and HAProxy's `timeout server` do).
 timeout = int(os.environ.get("API_TIMEOUT", 30))
 # On SIGTERM (a deploy), how long requests in flight may still take: a synchronous resize waits up to
 # SYNC_WAIT_SECONDS (10) for its job, then answers. Cut short, its client never learns the job's id,
@@ -61,6 +62,33 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     from controlplane.metrics import process_gauges_start
 
     process_gauges_start()
+    _graceful_closes_off_the_main_loop()
+
+
+def _graceful_closes_off_the_main_loop() -> None:
+    """gunicorn 27's gthread worker closes a finished connection "gracefully" on its main loop: it
+    shuts the writing side, then waits up to 2 s for the client to close its own. A client that never
+    does (it sent `Connection: close`, or stopped reading) stalls the loop that accepts and dispatches
+    every other request: 10 such clients made a /healthz wait 11.5 s, 20 more than a minute. Those
+    closes run on a small pool of their own instead (the lingering sockets are held a little longer;
+    nothing else waits). Behind HAProxy, which closes its side at once, this seldom matters."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gunicorn.workers import gthread
+
+    close = gthread.TConn.close
+    if getattr(close, "off_the_main_loop", False):
+        return
+    closers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="graceful-close")
+
+    def close_off_the_main_loop(self, graceful=False):  # type: ignore[no-untyped-def]
+        if graceful:
+            closers.submit(close, self, True)
+        else:
+            close(self)
+
+    close_off_the_main_loop.off_the_main_loop = True  # type: ignore[attr-defined]
+    gthread.TConn.close = close_off_the_main_loop
 
 
 def worker_exit(server, worker):  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest
 from django.core.exceptions import RequestDataTooBig, SuspiciousMultipartForm, TooManyFieldsSent, TooManyFilesSent
+from django.core.files.uploadhandler import MemoryFileUploadHandler, TemporaryFileUploadHandler
 from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from rest_framework.negotiation import BaseContentNegotiation
 
@@ -148,6 +149,7 @@ class _Cutter:
         self._cond = threading.Condition()
         self._due: list[tuple[float, int]] = []  # a heap of (deadline, ticket)
         self._socks: dict[int, socket.socket] = {}
+        self._deadlines: dict[int, float] = {}  # each ticket's current deadline (older heap entries are stale)
         self._tickets = itertools.count()
         threading.Thread(target=self._run, name="upload-cutter", daemon=True).start()
 
@@ -155,23 +157,37 @@ class _Cutter:
         with self._cond:
             ticket = next(self._tickets)
             self._socks[ticket] = sock
-            heapq.heappush(self._due, (deadline, ticket))
-            if self._due[0][1] == ticket:  # only an earlier deadline than the one it sleeps on wakes it
-                self._cond.notify()
+            self._schedule(ticket, deadline)
             return ticket
+
+    def move(self, ticket: int, deadline: float) -> None:
+        """A new deadline for a watched socket (earlier or later)."""
+        with self._cond:
+            if ticket in self._socks and deadline != self._deadlines.get(ticket):
+                self._schedule(ticket, deadline)
+
+    def _schedule(self, ticket: int, deadline: float) -> None:
+        self._deadlines[ticket] = deadline
+        heapq.heappush(self._due, (deadline, ticket))
+        if self._due[0] == (deadline, ticket):  # only an earlier deadline than the one it sleeps on wakes it
+            self._cond.notify()
+        if len(self._due) > 64 + 4 * len(self._socks):  # mostly stale entries: drop them
+            self._due = [entry for entry in self._due if self._deadlines.get(entry[1]) == entry[0]]
+            heapq.heapify(self._due)
 
     def release(self, ticket: int) -> None:
         with self._cond:
             self._socks.pop(ticket, None)
-            if len(self._due) > 64 + 2 * len(self._socks):  # mostly released entries: drop them
-                self._due = [entry for entry in self._due if entry[1] in self._socks]
+            self._deadlines.pop(ticket, None)
+            if len(self._due) > 64 + 4 * len(self._socks):  # mostly released entries: drop them
+                self._due = [entry for entry in self._due if self._deadlines.get(entry[1]) == entry[0]]
                 heapq.heapify(self._due)
 
     def _run(self) -> None:
         with self._cond:
             while True:
-                while self._due and self._due[0][1] not in self._socks:
-                    heapq.heappop(self._due)  # released in time
+                while self._due and self._deadlines.get(self._due[0][1]) != self._due[0][0]:
+                    heapq.heappop(self._due)  # released in time, or moved
                 if not self._due:
                     self._cond.wait()
                     continue
@@ -181,6 +197,7 @@ class _Cutter:
                     self._cond.wait(wait)
                     continue
                 heapq.heappop(self._due)
+                self._deadlines.pop(ticket)
                 sock = self._socks.pop(ticket)
                 try:
                     sock.shutdown(socket.SHUT_RD)  # reads now end; the answer can still be written
@@ -195,22 +212,42 @@ _upload_cutter = PerProcess(_Cutter)
 class _BodyClock:
     """Bounds the reads of one body: each may wait UPLOAD_IDLE_TIMEOUT_SECONDS for data (a timeout on
     the connection's socket, gunicorn's), all of them together UPLOAD_TIMEOUT_SECONDS (the cutter),
-    so a slow client cannot hold a thread for long. Outside gunicorn (tests) there is no socket."""
+    and after CLIENT_RATE_GRACE_SECONDS they must average CLIENT_MIN_BYTES_PER_SECOND, so a slow
+    client cannot hold a thread (and an admission slot) for long: a body trickled at 1 KB/s held one
+    for the whole 120 s, and a dozen such uploads filled a process. Outside gunicorn (tests) there is
+    no socket. `request`: anything with the request's META (the WSGI environ), and where to note that
+    the body was given up on (upload_refused)."""
 
-    def __init__(self, request: HttpRequest, seconds: float | None = None) -> None:
+    def __init__(self, request: Any, seconds: float | None = None) -> None:
         self.request = request
         self.sock: socket.socket | None = request.META.get("gunicorn.socket")
         total = settings.UPLOAD_TIMEOUT_SECONDS if seconds is None else seconds
         self.idle = min(settings.UPLOAD_IDLE_TIMEOUT_SECONDS, total)
-        self.end = time.monotonic() + total
+        self.start = time.monotonic()
+        self.end = self.start + total
+        self.ticket: int | None = None  # the cutter's, while reading
 
-    def arm(self) -> None:
-        remaining = self.end - time.monotonic()
+    def arm(self, received: int = 0, wanted: int = 0) -> None:
+        """Before a read of `wanted` more bytes, `received` so far: refuse a body already too late or too
+        slow, and bound the read: each wait for data by the idle bound (the socket's timeout), the read
+        as a whole by when those bytes are due at the least rate (the cutter: a read asks gunicorn for
+        up to 256 KiB at once and returns only once they came, however slowly)."""
+        now = time.monotonic()
+        remaining = self.end - now
+        elapsed = now - self.start
         if remaining <= 0:
-            self.request.upload_refused = True  # type: ignore[attr-defined]  # nothing more to read from it
+            self.request.upload_refused = True  # nothing more to read from it
             raise _upload_timeout()
+        rate = settings.CLIENT_MIN_BYTES_PER_SECOND
+        if rate and elapsed > settings.CLIENT_RATE_GRACE_SECONDS and received / elapsed < rate:
+            self.request.upload_refused = True
+            raise ApiError(408, "upload_timeout", f"The body arrived at {received / elapsed / 1024:.1f} KB/s, below "
+                           f"the {rate / 1024:.0f} KB/s the service waits for; send it without pauses.")
         if self.sock is not None:
             self.sock.settimeout(min(self.idle, remaining))
+            if self.ticket is not None and rate:
+                due = self.start + max(settings.CLIENT_RATE_GRACE_SECONDS, (received + wanted) / rate) + 0.001
+                _upload_cutter().move(self.ticket, min(self.end, due))
 
     @contextmanager
     def reading(self) -> Iterator[None]:
@@ -218,7 +255,7 @@ class _BodyClock:
             yield
             return
         previous = self.sock.gettimeout()
-        ticket = _upload_cutter().watch(self.sock, self.end)
+        ticket = self.ticket = _upload_cutter().watch(self.sock, self.end)
         try:
             self.arm()
             yield
@@ -233,6 +270,7 @@ class _BodyClock:
                 raise _upload_timeout() from e
             raise ApiError(400, "malformed_body", f"The chunked body is malformed: {e}.") from e
         finally:
+            self.ticket = None
             _upload_cutter().release(ticket)
             try:
                 self.sock.settimeout(previous)
@@ -244,8 +282,9 @@ def _read_chunks(read: Callable[[int], bytes], clock: _BodyClock, limit: int, ex
     """Read a body chunk by chunk (`expected` bytes when known), refusing it past `limit`."""
     parts, size = [], 0
     while expected is None or size < expected:
-        clock.arm()
-        chunk = read(_CHUNK if expected is None else min(_CHUNK, expected - size))
+        wanted = _CHUNK if expected is None else min(_CHUNK, expected - size)
+        clock.arm(size, wanted)
+        chunk = read(wanted)
         if not chunk:
             break
         size += len(chunk)
@@ -253,7 +292,7 @@ def _read_chunks(read: Callable[[int], bytes], clock: _BodyClock, limit: int, ex
             raise _too_large(limit)
         parts.append(chunk)
     if expected is not None and size < expected:
-        clock.arm()  # 408 when the deadline cut it
+        clock.arm(size)  # 408 when the deadline cut it
         raise ApiError(400, "upload_incomplete", "The body ended before it was complete.")
     return b"".join(parts)
 
@@ -307,7 +346,10 @@ def _multipart_image(request: HttpRequest, body: list[bytes], limit: int) -> byt
     stream = io.BytesIO(raw)  # shares raw's buffer (read only)
     del raw
     try:
-        fields, files = MultiPartParser(meta, stream, request.upload_handlers, request.encoding).parse()
+        # Handlers of its own, not the request's: the request's keep their copy of the file for the
+        # request's whole life (the synchronous wait included), a second 25 MB at the limit.
+        handlers = [MemoryFileUploadHandler(request), TemporaryFileUploadHandler(request)]
+        fields, files = MultiPartParser(meta, stream, handlers, request.encoding).parse()
     except RequestDataTooBig as e:  # a form field (not a file) over DATA_UPLOAD_MAX_MEMORY_SIZE
         raise ApiError(413, "payload_too_large", "A form field of the multipart body is too large; send "
                        "only the file, in the field 'image'.") from e
@@ -315,20 +357,24 @@ def _multipart_image(request: HttpRequest, body: list[bytes], limit: int) -> byt
         raise ApiError(400, "malformed_multipart", f"The multipart body could not be parsed: {e}.") from e
     finally:
         stream.close()  # the body's last reference
+    upload = files.get("image")
+    if upload is None:
+        raise ApiError(400, "missing_image", "The multipart field 'image' holds text, not a file." if "image" in fields
+                       else "The multipart body has no file in the field 'image'.")
     # Parameters in form fields were ignored, and of two images the last was resized, in silence.
     if fields:
         name = next(iter(fields))
         raise ApiError(400, "unknown_parameter", f"The multipart body has a field {name!r}: parameters belong "
                        "in the query string, and the body holds only the file, in the field 'image'.",
                        extra={"parameter": name})
-    upload = files.get("image")
-    if upload is None:
-        raise ApiError(400, "missing_image", "The multipart body has no file in the field 'image'.")
     if set(files) - {"image"} or len(files.getlist("image")) > 1:
         raise ApiError(400, "malformed_multipart", "The multipart body must hold one file, in the field 'image'.")
     if upload.size is not None and upload.size > limit:
         raise _too_large(limit)
-    return upload.read()
+    try:
+        return upload.read()
+    finally:
+        upload.close()
 
 
 REFUSED_BODY_DISCARD_SECONDS = 2.0

@@ -123,6 +123,20 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = MAX_UPLOAD_BYTES
 # thread), and a whole upload must arrive within UPLOAD_TIMEOUT_SECONDS (25 MB at ~2 Mbit/s).
 UPLOAD_IDLE_TIMEOUT_SECONDS = env_float("UPLOAD_IDLE_TIMEOUT_SECONDS", 10.0)
 UPLOAD_TIMEOUT_SECONDS = env_float("UPLOAD_TIMEOUT_SECONDS", 120.0)
+# After their first CLIENT_RATE_GRACE_SECONDS, a body must arrive and an answer be read at
+# CLIENT_MIN_BYTES_PER_SECOND on average, or the request is cut (408 while reading; the connection
+# closed while writing): a thread must not be held by a client that trickles or never reads.
+CLIENT_MIN_BYTES_PER_SECOND = env_int("CLIENT_MIN_BYTES_PER_SECOND", 16 * 1024, minimum=0)
+CLIENT_RATE_GRACE_SECONDS = env_float("CLIENT_RATE_GRACE_SECONDS", 5.0)
+# Writing an answer: each write may wait this long for the client to take it, all of them together
+# RESPONSE_TIMEOUT_SECONDS (a 25 MB image at ~2 Mbit/s).
+RESPONSE_IDLE_TIMEOUT_SECONDS = env_float("RESPONSE_IDLE_TIMEOUT_SECONDS", 10.0)
+RESPONSE_TIMEOUT_SECONDS = env_float("RESPONSE_TIMEOUT_SECONDS", 120.0)
+# The body of any request but a resize (the management API's JSON, the admin's forms) is read whole,
+# bounded in time as above and in size by this, before Django sees it: Django's own reads (a CSRF
+# check reading a login form) had no timeout at all.
+OTHER_BODY_MAX_BYTES = DATA_UPLOAD_MAX_MEMORY_SIZE + 64 * 1024
+OTHER_BODY_TIMEOUT_SECONDS = 30.0
 # A refused request's unread body up to this size is read and discarded, so the client reads its
 # answer and keeps its connection; a larger one is cut (the connection closes).
 REFUSED_BODY_DISCARD_BYTES = env_int("REFUSED_BODY_DISCARD_BYTES", 1024 * 1024, minimum=0)

@@ -1,4 +1,12 @@
+"""The API's WSGI application: Django's, behind three guards against clients that are broken or slow
+on purpose (docs/RELIABILITY.md, "Slow and hostile clients")."""
+import io
 import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from http import HTTPStatus
+from types import SimpleNamespace
 from typing import Any
 
 from django.core.wsgi import get_wsgi_application
@@ -6,23 +14,110 @@ from django.core.wsgi import get_wsgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 _django = get_wsgi_application()
 
+from django.conf import settings  # noqa: E402  (after Django is set up)
+
+from controlplane.errors import ApiError, problem  # noqa: E402
+from controlplane.parsing import _BodyClock, _declared_length, _read_chunks  # noqa: E402
+
+# The resize view reads its own body, streamed and bounded (controlplane/parsing.py read_upload).
+_STREAMED_BODIES = frozenset({"/v1/resize"})
+_WRITE_CHUNK = 256 * 1024
+
 
 def application(environ: dict[str, Any], start_response: Any) -> Any:
-    """Django's WSGI handler, and a 400 for a Content-Type it cannot parse: Django parses it while
-    building the request, before any middleware or error handler, so `image/png; a*=nope''x` (an
-    RFC 2231 parameter in an unknown charset) escaped as gunicorn's HTML 500."""
     try:
-        return _django(environ, start_response)
+        _read_other_body(environ)
+    except ApiError as e:
+        return _answer(problem(e.status_code, e.code, str(e.detail), headers=e.headers, extra=e.extra),
+                       start_response)
+    try:
+        body = _django(environ, start_response)
     except ValueError:
+        # A Content-Type Django cannot parse: it parses it while building the request, before any
+        # middleware or error handler, so `image/png; a*=nope''x` (an RFC 2231 parameter in an unknown
+        # charset) escaped as gunicorn's HTML 500.
         from django.utils.http import parse_header_parameters
 
         try:
             parse_header_parameters(environ.get("CONTENT_TYPE", ""))
         except ValueError:
-            from controlplane.errors import problem
-
-            response = problem(400, "malformed_content_type", "The Content-Type header cannot be parsed.")
-            response["Content-Length"] = str(len(response.content))
-            start_response("400 Bad Request", list(response.items()))
-            return [response.content]
+            return _answer(problem(400, "malformed_content_type", "The Content-Type header cannot be parsed."),
+                           start_response)
         raise
+    sock = environ.get("gunicorn.socket")
+    return _PacedBody(body, sock) if sock is not None else body
+
+
+def _answer(response: Any, start_response: Any) -> list[bytes]:
+    response["Content-Length"] = str(len(response.content))
+    start_response(f"{response.status_code} {HTTPStatus(response.status_code).phrase}", list(response.items()))
+    return [response.content]
+
+
+def _read_other_body(environ: dict[str, Any]) -> None:
+    """Any body but a resize's is read here, whole, within OTHER_BODY_MAX_BYTES and the body clock's
+    bounds (idle reads, a least rate, OTHER_BODY_TIMEOUT_SECONDS in all), and handed to Django from
+    memory. Django's own reads have no timeout: a login form trickled a byte every 20 s (a CSRF check
+    reads the form before any authentication) held a thread each, and 16 of them took a node out of
+    the load balancer."""
+    if environ.get("PATH_INFO") in _STREAMED_BODIES:
+        return
+    request = SimpleNamespace(META=environ, upload_refused=False)
+    declared = _declared_length(request)  # type: ignore[arg-type]
+    chunked = declared is None and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if not declared and not chunked:
+        return
+    limit = settings.OTHER_BODY_MAX_BYTES
+    if declared is not None and declared > limit:
+        raise ApiError(413, "payload_too_large", f"The body is larger than the limit of {limit} bytes.")
+    clock = _BodyClock(request, settings.OTHER_BODY_TIMEOUT_SECONDS)
+    with clock.reading():
+        data = _read_chunks(environ["wsgi.input"].read, clock, limit, declared)
+    environ["wsgi.input"] = io.BytesIO(data)
+    environ["CONTENT_LENGTH"] = str(len(data))
+
+
+class _PacedBody:
+    """The answer's body, written in pieces, each within RESPONSE_IDLE_TIMEOUT_SECONDS (a timeout on the
+    socket, for gunicorn's write), all within RESPONSE_TIMEOUT_SECONDS, and past the first
+    CLIENT_RATE_GRACE_SECONDS at CLIENT_MIN_BYTES_PER_SECOND on average; else the connection is
+    closed. A client that never read its 17 MB result held a thread (and the result) until HAProxy's
+    35 s timeout, and 16 of them took a node out of the load balancer."""
+
+    def __init__(self, body: Iterable[bytes], sock: socket.socket) -> None:
+        self._body, self._sock = body, sock
+
+    def __iter__(self) -> Iterator[bytes]:
+        previous = self._sock.gettimeout()
+        start, sent = time.monotonic(), 0
+        try:
+            for item in self._body:
+                for offset in range(0, max(len(item), 1), _WRITE_CHUNK):
+                    elapsed = time.monotonic() - start
+                    remaining = settings.RESPONSE_TIMEOUT_SECONDS - elapsed
+                    slow = elapsed > settings.CLIENT_RATE_GRACE_SECONDS and \
+                        sent / elapsed < settings.CLIENT_MIN_BYTES_PER_SECOND
+                    if remaining <= 0 or slow:
+                        self._cut()
+                        return
+                    self._sock.settimeout(min(settings.RESPONSE_IDLE_TIMEOUT_SECONDS, remaining))
+                    piece = item[offset:offset + _WRITE_CHUNK] if len(item) > _WRITE_CHUNK else item
+                    yield piece
+                    sent += len(piece)
+        finally:
+            try:
+                self._sock.settimeout(previous)
+            except OSError:
+                pass
+
+    def _cut(self) -> None:
+        """Close the connection under gunicorn: its next write fails as a client that went away."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()

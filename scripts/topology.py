@@ -86,10 +86,11 @@ def wait_until(what: str, check: Any, timeout: float, procs: Sequence[subprocess
         time.sleep(0.2)
 
 
-def haproxy_config(lb_port: int, metrics_port: int, api_urls: Sequence[str]) -> str:
-    """The same load balancing as docker/haproxy/haproxy.cfg, on loopback ports, in front of `api_urls`."""
+def haproxy_config(lb_port: int, metrics_port: int, api_urls: Sequence[str], api_workers: int = 2) -> str:
+    """The same load balancing as docker/haproxy/haproxy.cfg, on loopback ports, in front of `api_urls`
+    (gunicorn servers of `api_workers` processes of 16 threads: maxconn as the file sizes it)."""
     servers = "\n".join(f"    server api{i + 1} {url.removeprefix('http://')} check inter 1s fall 2 rise 2"
-                        for i, url in enumerate(api_urls))
+                        f" maxconn {api_workers * 14}" for i, url in enumerate(api_urls))
     template = (ROOT / "docker" / "haproxy" / "haproxy.cfg").read_text()
     return (template.replace("bind :8080", f"bind 127.0.0.1:{lb_port}")
             .replace("bind :8404", f"bind 127.0.0.1:{metrics_port}")
@@ -368,7 +369,7 @@ class Topology:
 
     def _haproxy_config(self) -> str:
         lb_port, metrics_port = int(self.lb_url.rsplit(":", 1)[1]), int(self.lb_metrics_url.split(":")[2].split("/")[0])
-        return haproxy_config(lb_port, metrics_port, self.api_urls)
+        return haproxy_config(lb_port, metrics_port, self.api_urls, self.api_workers)
 
     def _prometheus_config(self) -> str:
         """docker/prometheus/prometheus.yml's jobs and rules, pointed at the loopback targets."""

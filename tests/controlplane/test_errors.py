@@ -240,3 +240,18 @@ def test_accept_is_read_with_its_q_values(header, formats):
     from controlplane.parsing import accepted_formats
 
     assert accepted_formats(header) == formats
+
+
+def test_a_multipart_upload_leaves_no_copy_of_the_file_with_the_request(rf):
+    """The request's own upload handlers kept the file they parsed for the request's life (the
+    synchronous wait included): a second copy of every multipart upload, 25 MB at the limit."""
+    import io
+
+    from controlplane.parsing import read_upload
+
+    upload = io.BytesIO(corpus("coffee.jpg"))
+    upload.name = "coffee.jpg"
+    request = rf.post("/v1/resize?width=10", {"image": upload})
+    data = read_upload(request, 25 * 1024 * 1024)
+    assert data == corpus("coffee.jpg")
+    assert all(getattr(handler, "file", None) is None for handler in request.upload_handlers)

@@ -253,6 +253,96 @@ def test_a_slow_body_is_cut_and_frees_its_thread(server, key):
     assert all(status == 200 for status, _ in served)
 
 
+def test_a_body_trickled_below_the_least_rate_is_cut_long_before_the_total_bound(key):
+    """100 bytes every 0.5 s beat the idle bound: such a body held its thread (and an admission slot)
+    for the whole UPLOAD_TIMEOUT_SECONDS, and a dozen filled a process."""
+    with api_server(MAX_UPLOAD_BYTES=str(2 * 1024 * 1024), UPLOAD_IDLE_TIMEOUT_SECONDS="1",
+                    UPLOAD_TIMEOUT_SECONDS="60", CLIENT_RATE_GRACE_SECONDS="1") as patient:
+        wait_authenticated(patient, key)
+        reply, seconds = _slow_body(_port(patient), key, 0.5)
+    print(f"\nedge, a body trickled at ~200 B/s: {_status(reply)} after {seconds:.1f} s")
+    assert _status(reply) == 408, reply[:300]  # uncut, no answer would come within the test's 20 s
+
+
+def test_a_slow_body_to_any_other_endpoint_is_cut_too(key):
+    """Only the resize view bounded its body reads: a login form sent to the admin (its CSRF check
+    reads the form before any authentication), paused after a few bytes, held a thread without end."""
+    with api_server(UPLOAD_IDLE_TIMEOUT_SECONDS="1", API_WORKERS="1") as patient:
+        head = (b"POST /admin/login/ HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: csrftoken=" + b"a" * 32 + b"\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nusername=a")
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", _port(patient)), timeout=20) as s:
+            s.sendall(head)
+            try:
+                reply = s.recv(65536)
+            except OSError:
+                reply = b""
+        seconds = time.monotonic() - started
+    print(f"\nedge, a paused login form: {_status(reply)} after {seconds:.1f} s")
+    assert _status(reply) == 408 and b"upload_timeout" in reply, reply[:300]
+    assert b"application/problem+json" in reply
+
+
+def test_clients_that_never_read_their_answer_do_not_hold_the_threads():
+    """A client that never read its 17 MB result held a thread (and the result) in a write without a
+    timeout: 16 of them took every thread of a process, and its health check with it."""
+    from resizer.jobs import job_create, job_succeed
+    from resizer.staging import staging_store
+
+    plan = Plan.objects.get_or_create(name="reliability-unlimited", defaults={"rate_per_second": 10_000,
+                                                                             "burst": 10_000})[0]
+    customer = customer_create(name=f"reader-{uuid.uuid4().hex[:6]}", plan=plan)
+    _, key = api_key_create(customer=customer)
+    job, _ = job_create(staging_store(), customer_id=str(customer.id), key_id="k", request_id="r",
+                        params={"width": 10}, input_facts={}, data=b"x")
+    big = os.urandom(24 * 1024 * 1024)  # past what loopback's socket buffers take in
+    job_succeed(staging_store(), job, data=big, cpu_seconds=0.0, result_ttl_seconds=600,
+                output={"format": "png", "width": 1, "height": 1, "bytes": len(big), "frames": 1,
+                        "content_type": "image/png"})
+    request = (f"GET /v1/jobs/{job.id}/result HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Authorization: Bearer {key}\r\n\r\n").encode()
+    with api_server(API_WORKERS="1", RESPONSE_IDLE_TIMEOUT_SECONDS="1", CLIENT_RATE_GRACE_SECONDS="1") as base:
+        wait_authenticated(base, key)
+        sockets = []
+        try:
+            for _ in range(20):  # more than the process's 16 threads
+                s = socket.create_connection(("127.0.0.1", _port(base)), timeout=30)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(request)
+                sockets.append(s)  # and never read
+            time.sleep(4)
+            started = time.monotonic()
+            try:
+                health = httpx.get(f"{base}/healthz", timeout=15).status_code
+            except httpx.TimeoutException:
+                health = 0
+            print(f"\nedge, 20 clients not reading 24 MB answers: /healthz {health} "
+                  f"after {time.monotonic() - started:.2f} s")
+        finally:
+            for s in sockets:
+                s.close()
+    assert health == 200
+
+
+def test_the_edge_refuses_a_body_declared_too_large_before_it_is_sent(server, key):
+    """With `Expect: 100-continue` gunicorn said "continue" before the API could refuse: megabytes of
+    a body sent for a 413."""
+    with load_balancer(server) as lb:
+        reply = _raw(_port(lb), (f"POST /v1/resize?width=10 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}"
+                                 f"\r\nContent-Length: {30 * 1024 * 1024}\r\nExpect: 100-continue\r\n\r\n").encode())
+    assert _status(reply) == 413 and b"application/problem+json" in reply, reply[:300]
+
+
+def test_the_edge_and_the_api_name_a_request_alike_whatever_id_the_client_sent(server):
+    """HAProxy kept any X-Request-Id a client sent and logged it; the API, finding it ill-formed, made
+    its own: the two logs named one request differently."""
+    with load_balancer(server) as lb:
+        echoed = httpx.get(f"{lb}/healthz", headers={"X-Request-Id": "bad id with spaces!"}, timeout=10)
+        kept = httpx.get(f"{lb}/healthz", headers={"X-Request-Id": "client-id.42"}, timeout=10)
+    assert str(uuid.UUID(echoed.headers["x-request-id"])) == echoed.headers["x-request-id"]  # HAProxy's uuid()
+    assert kept.headers["x-request-id"] == "client-id.42"
+
+
 def test_a_body_streamed_past_the_limit_through_the_load_balancer_is_refused_early(server, key):
     with load_balancer(server) as lb:
         sent = stream_past_limit(lb, key)  # 64 MB offered against a 2 MB limit
@@ -305,3 +395,23 @@ def test_schemathesis_finds_no_server_error(server, key):
         outputs.append((name, result))
     for name, result in outputs:
         assert result.returncode == 0, (name, result.stdout[-5000:] + result.stderr[-2000:])
+
+
+def test_clients_that_do_not_close_their_side_do_not_stall_the_server():
+    """gunicorn closes a finished connection "gracefully" on its main loop, waiting up to 2 s for the
+    client to close: 20 clients that sent `Connection: close` and kept their side open stalled the
+    loop that accepts and dispatches every other request for most of a minute."""
+    with api_server(API_WORKERS="1") as base:
+        lingering = []
+        try:
+            for _ in range(20):
+                s = socket.create_connection(("127.0.0.1", _port(base)), timeout=30)
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                lingering.append(s)
+            time.sleep(0.5)
+            # A deadline for waiting, far past what a free server needs; stalled, the answer took ~40 s.
+            health = httpx.get(f"{base}/healthz", timeout=10).status_code
+        finally:
+            for s in lingering:
+                s.close()
+    assert health == 200
