@@ -70,25 +70,44 @@ def _graceful_closes_off_the_main_loop() -> None:
     shuts the writing side, then waits up to 2 s for the client to close its own. A client that never
     does (it sent `Connection: close`, or stopped reading) stalls the loop that accepts and dispatches
     every other request: 10 such clients made a /healthz wait 11.5 s, 20 more than a minute. Those
-    closes run on a small pool of their own instead (the lingering sockets are held a little longer;
-    nothing else waits). Behind HAProxy, which closes its side at once, this seldom matters."""
-    from concurrent.futures import ThreadPoolExecutor
+    closes run on 4 daemon threads of their own instead, at most CLOSE_BACKLOG waiting; past that a
+    connection is closed at once (no linger), so lingering sockets stay bounded and a stopping worker
+    does not wait for them. Behind HAProxy, which closes its side at once, this seldom matters."""
+    import queue
+    import threading
 
     from gunicorn.workers import gthread
 
     close = gthread.TConn.close
     if getattr(close, "off_the_main_loop", False):
         return
-    closers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="graceful-close")
+    backlog: queue.Queue = queue.Queue(maxsize=CLOSE_BACKLOG)
+
+    def closer() -> None:
+        while True:
+            conn = backlog.get()
+            try:
+                close(conn, True)
+            except Exception:  # noqa: BLE001 - a socket already gone
+                pass
+
+    for i in range(4):
+        threading.Thread(target=closer, name=f"graceful-close-{i}", daemon=True).start()
 
     def close_off_the_main_loop(self, graceful=False):  # type: ignore[no-untyped-def]
         if graceful:
-            closers.submit(close, self, True)
-        else:
-            close(self)
+            try:
+                backlog.put_nowait(self)
+                return
+            except queue.Full:
+                pass
+        close(self)
 
     close_off_the_main_loop.off_the_main_loop = True  # type: ignore[attr-defined]
     gthread.TConn.close = close_off_the_main_loop
+
+
+CLOSE_BACKLOG = 64
 
 
 def worker_exit(server, worker):  # type: ignore[no-untyped-def]

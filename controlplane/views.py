@@ -211,7 +211,7 @@ class ResizeView(APIView):
         except imaging.ImageError as e:
             raise ApiError(e.status, e.code, e.message) from e
         clock.lap("upload")
-        vary = request.query_params.get("format") == "auto"
+        vary = request.query_params.get("format", "").lower() == "auto"  # values are case-insensitive
         respond_async = "respond-async" in request.headers.get("Prefer", "").lower()
         waiter = None
         if not respond_async:

@@ -4,6 +4,7 @@ import io
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ _django = get_wsgi_application()
 from django.conf import settings  # noqa: E402  (after Django is set up)
 
 from controlplane.errors import ApiError, problem  # noqa: E402
+from controlplane.middleware import SANE_REQUEST_ID  # noqa: E402
 from controlplane.parsing import _BodyClock, _declared_length, _read_chunks  # noqa: E402
 
 # The resize view reads its own body, streamed and bounded (controlplane/parsing.py read_upload).
@@ -29,7 +31,7 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
         _read_other_body(environ)
     except ApiError as e:
         return _answer(problem(e.status_code, e.code, str(e.detail), headers=e.headers, extra=e.extra),
-                       start_response)
+                       environ, start_response)
     try:
         body = _django(environ, start_response)
     except ValueError:
@@ -42,13 +44,19 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
             parse_header_parameters(environ.get("CONTENT_TYPE", ""))
         except ValueError:
             return _answer(problem(400, "malformed_content_type", "The Content-Type header cannot be parsed."),
-                           start_response)
+                           environ, start_response)
         raise
     sock = environ.get("gunicorn.socket")
-    return _PacedBody(body, sock) if sock is not None else body
+    file_wrapper = environ.get("wsgi.file_wrapper")
+    if sock is None or (isinstance(file_wrapper, type) and isinstance(body, file_wrapper)):
+        return body  # a static file (WhiteNoise) goes out by gunicorn's sendfile, unpaced
+    return _PacedBody(body, sock)
 
 
-def _answer(response: Any, start_response: Any) -> list[bytes]:
+def _answer(response: Any, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """An answer made here, before Django's middleware: with the request id it would have set."""
+    incoming = environ.get("HTTP_X_REQUEST_ID", "")
+    response["X-Request-Id"] = incoming if SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
     response["Content-Length"] = str(len(response.content))
     start_response(f"{response.status_code} {HTTPStatus(response.status_code).phrase}", list(response.items()))
     return [response.content]

@@ -251,8 +251,11 @@ def output_format(params: Params, facts: ImageFacts) -> str:
             return "webp"
         if accepted and "*" not in accepted and default not in accepted:
             # The client named the image types it takes, and not the input's (a WebP input, a client
-            # that takes JPEG and PNG): one it named, keeping alpha where it can.
-            for fmt in (("png", "webp", "gif") if facts.has_alpha else ()) + ("jpeg", "png", "gif"):
+            # that takes JPEG and PNG): one it named, keeping the motion (GIF, APNG) and then the alpha
+            # where it can.
+            animated = facts.frames > 1 and facts.format in _ANIMATED_INPUTS
+            for fmt in ((("gif", "png") if animated else ()) + (("png", "webp", "gif") if facts.has_alpha else ())
+                        + ("jpeg", "png", "gif")):
                 if fmt in accepted:
                     return fmt
     return default

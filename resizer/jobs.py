@@ -114,7 +114,17 @@ def job_load(store: StagingStore, job_id: str) -> Job | None:
     if not _JOB_ID.fullmatch(job_id):
         return None
     document = _read_json(store, _doc_key(job_id))
-    return _job_from(document) if document is not None else None
+    return _job_from_or_none(document, _doc_key(job_id))
+
+
+def _job_from_or_none(document: dict[str, Any] | None, key: str) -> Job | None:
+    if document is None:
+        return None
+    try:
+        return _job_from(document)
+    except TypeError as e:  # a JSON object without a job's fields
+        log.error("staging document %s is not a job (%s); treated as missing", key, e)
+        return None
 
 
 def _read_json(store: StagingStore, key: str) -> dict[str, Any] | None:
@@ -149,10 +159,13 @@ def job_create(
     input_facts: dict[str, Any],
     data: bytes,
     idempotency_key: str | None = None,
+    _tries: int = 0,
 ) -> tuple[Job, bool]:
     """Stage the input and a queued job. Returns (job, created); created is False when an earlier
     request with the same Idempotency-Key already made the job, which is then returned instead.
     Raises IdempotencyConflict when that earlier request asked for something else."""
+    if _tries >= 5:  # the key's record kept changing under us: a store in trouble
+        raise StagingError(f"the idempotency record of {idempotency_key!r} kept changing")
     job = Job(
         id=uuid.uuid4().hex,
         customer_id=customer_id,
@@ -172,23 +185,38 @@ def job_create(
         return job, True
     store.delete(_prefix(job.id))  # lost the race (or a retry): the earlier job stands
     earlier_id = _slot_job_id(store, slot, fingerprint, idempotency_key)
-    existing = job_load(store, earlier_id) if earlier_id is not None else None
+    existing = job_load(store, earlier_id) if earlier_id not in (None, _UNREADABLE) else None
     if existing is None:
-        # The key was freed meanwhile (its job never reached the queue), or its job was swept (then the
-        # key is freed here): try again.
+        # The key was freed meanwhile (its job never reached the queue), or its job was swept, or its
+        # record is unreadable (a host crash after the write): in the last two the key is freed here.
+        # Then try again (an unreadable record was retried without end until 2026-11-22, staging the
+        # upload anew each time, ~2,000 times before a RecursionError).
         if earlier_id is not None:
             store.delete(slot)
         return job_create(store, customer_id=customer_id, key_id=key_id, request_id=request_id,
-                          params=params, input_facts=input_facts, data=data, idempotency_key=idempotency_key)
+                          params=params, input_facts=input_facts, data=data, idempotency_key=idempotency_key,
+                          _tries=_tries + 1)
     return existing, False
 
 
+_UNREADABLE = "\0unreadable"  # _slot_job_id's answer for a record that exists but cannot be read
+
+
 def _slot_job_id(store: StagingStore, slot: str, fingerprint: str, idempotency_key: str) -> str | None:
-    """The job id an Idempotency-Key's record names (None: no record). Raises IdempotencyConflict
-    when the record was made for another request."""
-    earlier = _read_json(store, slot)
-    if earlier is None or not isinstance(earlier.get("job_id"), str):
+    """The job id an Idempotency-Key's record names (None: no record; _UNREADABLE: one that cannot be
+    read). Raises IdempotencyConflict when the record was made for another request."""
+    try:
+        raw = store.get(slot)
+    except StagingNotFound:
         return None
+    try:
+        earlier = json.loads(raw)
+    except ValueError:
+        earlier = None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("job_id"), str) \
+            or not isinstance(earlier.get("fingerprint"), str):
+        log.error("idempotency record %s is unreadable; the key is freed", slot)
+        return _UNREADABLE
     if earlier.get("fingerprint") != fingerprint:
         raise IdempotencyConflict(idempotency_key)
     return earlier["job_id"]
@@ -207,7 +235,7 @@ def job_by_idempotency_key(store: StagingStore, *, customer_id: str, idempotency
     job is gone). Raises IdempotencyConflict when that request asked for something else."""
     earlier_id = _slot_job_id(store, _idempotency_key(customer_id, idempotency_key), _fingerprint(params, data),
                               idempotency_key)
-    return job_load(store, earlier_id) if earlier_id is not None else None
+    return job_load(store, earlier_id) if earlier_id not in (None, _UNREADABLE) else None
 
 
 def job_release_idempotency(store: StagingStore, *, customer_id: str, idempotency_key: str) -> None:
@@ -269,8 +297,7 @@ def job_decide(store: StagingStore, job: Job) -> tuple[Job, bool]:
 
 def job_decision(store: StagingStore, job_id: str) -> Job | None:
     """The outcome decided for the job (job_decide), if any."""
-    document = _read_json(store, _decision_key(job_id))
-    return _job_from(document) if document is not None else None
+    return _job_from_or_none(_read_json(store, _decision_key(job_id)), _decision_key(job_id))
 
 
 def job_finish(store: StagingStore, job: Job, *, result_ttl_seconds: int | None = None) -> Job:

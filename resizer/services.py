@@ -18,6 +18,7 @@ from controlplane import logs
 from resizer import imaging
 from resizer.jobs import (
     QUEUED,
+    RUNNING,
     SUCCEEDED,
     Job,
     job_by_idempotency_key,
@@ -256,9 +257,15 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any,
         # this one is given back if the store lets us (best effort). Until 2026-11-22 only a failed read
         # gave it back: a store failing the result's write (a full disk: the small document writes
         # still pass) used the attempts up, and a good image ended 422 processing_failed.
+        # Only over a document still as this delivery left it: a copy of the message running at the
+        # same time may have finished the job meanwhile, and saving `running` over that made it
+        # `running` again until a later delivery concluded it.
         running.attempts -= 1
         try:
-            job_save(store, running)
+            current = job_load(store, job.id)
+            if current is not None and current.status == RUNNING and current.started_at == running.started_at \
+                    and job_decision(store, job.id) is None:
+                job_save(store, running)
         except StagingError:
             pass
         raise

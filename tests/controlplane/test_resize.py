@@ -77,6 +77,10 @@ def test_format_auto_follows_accept_and_varies(api):
     assert "Accept" in response["Vary"]
     response = resize(api, corpus("chelsea.jpg"), "width=64&format=auto", HTTP_ACCEPT="*/*")
     assert response["Content-Type"] == "image/jpeg"
+    # Values are case-insensitive, and so is the Vary that must go with auto (a shared cache would
+    # otherwise hand the WebP to a client that cannot show it).
+    response = resize(api, corpus("chelsea.jpg"), "width=64&format=AUTO", HTTP_ACCEPT="image/webp,*/*")
+    assert response["Content-Type"] == "image/webp" and "Accept" in response["Vary"]
 
 
 def test_exif_orientation_is_applied(api):

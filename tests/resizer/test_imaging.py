@@ -291,6 +291,7 @@ def facts(fmt: str, frames: int = 1, alpha: bool = False) -> ImageFacts:
         (Params(width=1, format="auto", accept=("jpeg", "png")), facts("webp", alpha=True), "png"),
         (Params(width=1, format="auto", accept=("jpeg", "*")), facts("webp"), "webp"),  # any image will do
         (Params(width=1, format="auto", accept=("png",)), facts("jpeg"), "png"),
+        (Params(width=1, format="auto", accept=("jpeg", "png")), facts("webp", frames=5), "png"),  # APNG: it moves
     ],
 )
 def test_output_format(params, input_facts, expected):

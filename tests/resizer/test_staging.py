@@ -226,7 +226,7 @@ def test_an_unreadable_job_document_is_missing_not_a_crash_and_the_sweep_goes_on
         job_save(store, job)
         expired.append(job)
     broken, _ = _create(store)
-    for content in (b"", b"{\"id\": ", b"[1, 2]", b"\xff\xfe"):
+    for content in (b"", b"{\"id\": ", b"[1, 2]", b"\xff\xfe", b"{}"):
         (store.root / _doc_key(broken.id)).write_bytes(content)
         assert job_load(store, broken.id) is None
     assert job_decision(store, broken.id) is None
@@ -235,3 +235,17 @@ def test_an_unreadable_job_document_is_missing_not_a_crash_and_the_sweep_goes_on
     old = time.time() - 7200
     os.utime(store.root / _doc_key(broken.id).rsplit("/", 1)[0], (old, old))
     assert staging_sweep(store, job_retention_seconds=3600)["jobs"] == 1  # gone with its age, like any job
+
+
+def test_an_unreadable_idempotency_record_frees_its_key(store):
+    """job_create took an unreadable record for "no record" and tried again, and again: staging the
+    upload anew each time, ~2,000 times, until a RecursionError (a 500)."""
+    from resizer.jobs import _idempotency_key
+
+    first, created = _create(store, key="K")
+    assert created
+    (store.root / _idempotency_key("c1", "K")).write_bytes(b"")  # a crash right after the write
+    again, created = _create(store, key="K")
+    assert created and again.id != first.id  # the key was freed: a fresh job, once
+    replay, created = _create(store, key="K")
+    assert not created and replay.id == again.id  # and the key holds from then on

@@ -261,3 +261,24 @@ def test_a_success_finished_late_is_visible_for_the_whole_result_ttl(monkeypatch
     later = job_load(staging_store(), job.id)
     assert not later.result_expired(decided_at + timedelta(seconds=3600 + 599))
     assert later.result_expired(decided_at + timedelta(seconds=3600 + 601))
+
+
+def test_giving_the_attempt_back_never_undoes_a_copy_that_finished_meanwhile(monkeypatch):
+    """Two copies of one message ran at once; the other finished the job while this one's result write
+    failed: this one's give-back saved its `running` document over the finished one."""
+    from resizer import services
+    from resizer.staging import StagingError
+
+    real = services.job_mark_succeeded
+    job = _job(corpus("coffee.jpg"))
+    with app.producer_or_acquire() as producer:
+        def the_other_copy_finishes_then_this_write_fails(*args, **kwargs):
+            monkeypatch.setattr(services, "job_mark_succeeded", real)
+            other = job_run(job_id=job.id, reply_to=None, producer=producer)  # the other copy, start to end
+            assert other.status == SUCCEEDED
+            raise StagingError("No space left on device")
+
+        monkeypatch.setattr(services, "job_mark_succeeded", the_other_copy_finishes_then_this_write_fails)
+        with pytest.raises(StagingError):
+            job_run(job_id=job.id, reply_to=None, producer=producer)
+    assert job_load(staging_store(), job.id).status == SUCCEEDED
