@@ -159,8 +159,10 @@ ADMISSION_TARGET_QUEUE_WAIT_SECONDS = env_float("ADMISSION_TARGET_QUEUE_WAIT_SEC
 ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS = env_float("ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS", 0.5)
 # At that limit a request stands in a FIFO line for the next slot given back, up to this long, before
 # it is 503 `queue_full` (0: refused at once). In flight and in line together stay within
-# ADMISSION_MAX_IN_FLIGHT, so the threads kept free stay free.
-ADMISSION_LINE_WAIT_SECONDS = env_float("ADMISSION_LINE_WAIT_SECONDS", 0.2)
+# ADMISSION_MAX_IN_FLIGHT, so the threads kept free stay free. Part of the SLO's 0.5 s with the queue
+# wait's target (0.25 s) and the job itself: at 0.2 s the chaos suite's overload put the admitted
+# requests' p99 at 537 ms (ADR 0007).
+ADMISSION_LINE_WAIT_SECONDS = env_float("ADMISSION_LINE_WAIT_SECONDS", 0.1)
 # How often each API process reads the queue's depth (off the request path).
 ADMISSION_QUEUE_PROBE_SECONDS = env_float("ADMISSION_QUEUE_PROBE_SECONDS", 0.5)
 
