@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 from django.conf import settings
@@ -239,7 +240,7 @@ class _BodyClock:
             self.request.upload_refused = True  # nothing more to read from it
             raise _upload_timeout()
         rate = settings.CLIENT_MIN_BYTES_PER_SECOND
-        if rate and elapsed > settings.CLIENT_RATE_GRACE_SECONDS and received / elapsed < rate:
+        if below_least_rate(received, elapsed):
             self.request.upload_refused = True
             raise ApiError(408, "upload_timeout", f"The body arrived at {received / elapsed / 1024:.1f} KB/s, below "
                            f"the {rate / 1024:.0f} KB/s the service waits for; send it without pauses.")
@@ -303,15 +304,46 @@ def _declared_length(request: HttpRequest) -> int | None:
     return int(content_length) if content_length.isascii() and content_length.isdigit() else None
 
 
+def _framing(request: Any) -> tuple[int | None, bool]:
+    """(the declared length, whether the body is chunked instead)."""
+    declared = _declared_length(request)
+    return declared, declared is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+
+
+def below_least_rate(moved: int, elapsed: float) -> bool:
+    """Past its grace, a body arriving or an answer being read slower than CLIENT_MIN_BYTES_PER_SECOND
+    on average (0: no such bound)."""
+    rate = settings.CLIENT_MIN_BYTES_PER_SECOND
+    return bool(rate) and elapsed > settings.CLIENT_RATE_GRACE_SECONDS and moved / elapsed < rate
+
+
+def read_other_body(environ: dict[str, Any]) -> None:
+    """Read a request's body (any but a resize's, which read_upload streams) whole, within
+    OTHER_BODY_MAX_BYTES and the body clock's bounds (OTHER_BODY_TIMEOUT_SECONDS in all), and put it
+    back in `environ` for Django to read from memory: Django's own reads have no timeout. Raises
+    ApiError (413, 408, 400)."""
+    request = SimpleNamespace(META=environ, upload_refused=False)
+    declared, chunked = _framing(request)
+    if not declared and not chunked:
+        return
+    limit = settings.OTHER_BODY_MAX_BYTES
+    if declared is not None and declared > limit:
+        raise ApiError(413, "payload_too_large", f"The body is larger than the limit of {limit} bytes.")
+    clock = _BodyClock(request, settings.OTHER_BODY_TIMEOUT_SECONDS)
+    with clock.reading():
+        data = _read_chunks(environ["wsgi.input"].read, clock, limit, declared)
+    environ["wsgi.input"] = io.BytesIO(data)
+    environ["CONTENT_LENGTH"] = str(len(data))
+
+
 def read_upload(request: HttpRequest, limit: int) -> bytes:
     """The image bytes of a raw or multipart body, refusing oversize bodies before reading them."""
-    declared = _declared_length(request)
+    declared, chunked = _framing(request)
     multipart = request.content_type == "multipart/form-data"
-    if declared is not None and declared > limit + (_MULTIPART_SLACK if multipart else 0):
+    body_limit = limit + (_MULTIPART_SLACK if multipart else 0)
+    if declared is not None and declared > body_limit:
         raise _too_large(limit)
     clock = _BodyClock(request)
-    chunked = declared is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
-    body_limit = limit + (_MULTIPART_SLACK if multipart else 0)
     with clock.reading():
         if chunked:
             # A streamed body: read only up to the limit, then refuse, never buffering (or draining) the rest.
@@ -385,8 +417,7 @@ def discard_unread_body(request: HttpRequest, limit: int) -> None:
     early, or failed while parsing), when the body is at most `limit` bytes: the client then reads the
     answer and can reuse its connection. A larger body is left alone; the connection closes after
     the answer."""
-    declared = _declared_length(request)
-    chunked = declared is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+    declared, chunked = _framing(request)
     if (declared is None and not chunked) or (declared is not None and declared > limit):
         return
     if getattr(request, "upload_refused", False):

@@ -204,14 +204,15 @@ class ResizeView(APIView):
         django_request: HttpRequest = request._request
         data = read_upload(django_request, settings.MAX_UPLOAD_BYTES)
         django_request.resize_input_bytes = len(data)  # type: ignore[attr-defined]
+        vary = params.format == "auto"  # the answer depends on Accept
+        limits = engine_limits()
         try:
-            facts = imaging.probe(data, engine_limits())
+            facts = imaging.probe(data, limits)
             params = _with_format(params, imaging.output_format(params, facts))
-            imaging.output_check(params, facts, engine_limits())
+            imaging.output_check(params, facts, limits)
         except imaging.ImageError as e:
             raise ApiError(e.status, e.code, e.message) from e
         clock.lap("upload")
-        vary = request.query_params.get("format", "").lower() == "auto"  # values are case-insensitive
         respond_async = "respond-async" in request.headers.get("Prefer", "").lower()
         waiter = None
         if not respond_async:

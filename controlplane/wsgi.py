@@ -1,13 +1,11 @@
 """The API's WSGI application: Django's, behind three guards against clients that are broken or slow
 on purpose (docs/RELIABILITY.md, "Slow and hostile clients")."""
-import io
 import os
 import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
-from types import SimpleNamespace
 from typing import Any
 
 from django.core.wsgi import get_wsgi_application
@@ -19,7 +17,7 @@ from django.conf import settings  # noqa: E402  (after Django is set up)
 
 from controlplane.errors import ApiError, problem  # noqa: E402
 from controlplane.middleware import SANE_REQUEST_ID  # noqa: E402
-from controlplane.parsing import _BodyClock, _declared_length, _read_chunks  # noqa: E402
+from controlplane.parsing import below_least_rate, read_other_body  # noqa: E402
 
 # The resize view reads its own body, streamed and bounded (controlplane/parsing.py read_upload).
 _STREAMED_BODIES = frozenset({"/v1/resize"})
@@ -28,7 +26,11 @@ _WRITE_CHUNK = 256 * 1024
 
 def application(environ: dict[str, Any], start_response: Any) -> Any:
     try:
-        _read_other_body(environ)
+        # Any body but a resize's (which the view streams, bounded) is read here, within the body
+        # bounds: a login form trickled a byte every 20 s (a CSRF check reads the form before any
+        # authentication) held a thread each, and 16 of them took a node out of the load balancer.
+        if environ.get("PATH_INFO") not in _STREAMED_BODIES:
+            read_other_body(environ)
     except ApiError as e:
         return _answer(problem(e.status_code, e.code, str(e.detail), headers=e.headers, extra=e.extra),
                        environ, start_response)
@@ -62,29 +64,6 @@ def _answer(response: Any, environ: dict[str, Any], start_response: Any) -> list
     return [response.content]
 
 
-def _read_other_body(environ: dict[str, Any]) -> None:
-    """Any body but a resize's is read here, whole, within OTHER_BODY_MAX_BYTES and the body clock's
-    bounds (idle reads, a least rate, OTHER_BODY_TIMEOUT_SECONDS in all), and handed to Django from
-    memory. Django's own reads have no timeout: a login form trickled a byte every 20 s (a CSRF check
-    reads the form before any authentication) held a thread each, and 16 of them took a node out of
-    the load balancer."""
-    if environ.get("PATH_INFO") in _STREAMED_BODIES:
-        return
-    request = SimpleNamespace(META=environ, upload_refused=False)
-    declared = _declared_length(request)  # type: ignore[arg-type]
-    chunked = declared is None and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    if not declared and not chunked:
-        return
-    limit = settings.OTHER_BODY_MAX_BYTES
-    if declared is not None and declared > limit:
-        raise ApiError(413, "payload_too_large", f"The body is larger than the limit of {limit} bytes.")
-    clock = _BodyClock(request, settings.OTHER_BODY_TIMEOUT_SECONDS)
-    with clock.reading():
-        data = _read_chunks(environ["wsgi.input"].read, clock, limit, declared)
-    environ["wsgi.input"] = io.BytesIO(data)
-    environ["CONTENT_LENGTH"] = str(len(data))
-
-
 class _PacedBody:
     """The answer's body, written in pieces, each within RESPONSE_IDLE_TIMEOUT_SECONDS (a timeout on the
     socket, for gunicorn's write), all within RESPONSE_TIMEOUT_SECONDS, and past the first
@@ -103,9 +82,7 @@ class _PacedBody:
                 for offset in range(0, max(len(item), 1), _WRITE_CHUNK):
                     elapsed = time.monotonic() - start
                     remaining = settings.RESPONSE_TIMEOUT_SECONDS - elapsed
-                    slow = elapsed > settings.CLIENT_RATE_GRACE_SECONDS and \
-                        sent / elapsed < settings.CLIENT_MIN_BYTES_PER_SECOND
-                    if remaining <= 0 or slow:
+                    if remaining <= 0 or below_least_rate(sent, elapsed):
                         self._cut()
                         return
                     self._sock.settimeout(min(settings.RESPONSE_IDLE_TIMEOUT_SECONDS, remaining))

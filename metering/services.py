@@ -2,10 +2,12 @@
 up per hour and day, move billing periods to finalized invoices, and archive old raw records."""
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -204,21 +206,27 @@ def _locked_clock(cursor: Any, key: int) -> datetime:
     return cursor.fetchone()[0]
 
 
-_SKIPPED = {"skipped": "another rollup or billing run held the lock; the next run catches up"}
+def _skipped_when_busy(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """A run that waited METERING_LOCK_WAIT_SECONDS for the one before it is skipped (_Busy): the next
+    run does the same work."""
+
+    @functools.wraps(run)
+    def run_or_skip(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return run(*args, **kwargs)
+        except _Busy:
+            skipped = "another rollup or billing run held the lock; the next run catches up"
+            log.info("%s skipped: %s", run.__name__, skipped)
+            return {"skipped": skipped}
+
+    return run_or_skip
 
 
+@_skipped_when_busy
 def usage_rollup() -> dict[str, Any]:
     """Roll raw records up per customer per hour and day. Recomputes whole windows (never adds), so
     a second or concurrent run writes nothing new; the watermark minus a look-back finds the
     windows that late records landed in."""
-    try:
-        return _usage_rollup()
-    except _Busy:
-        log.info("usage rollup skipped: %s", _SKIPPED["skipped"])
-        return dict(_SKIPPED)
-
-
-def _usage_rollup() -> dict[str, Any]:
     lookback = timedelta(seconds=settings.METERING_LOOKBACK_SECONDS)
     with transaction.atomic(), connection.cursor() as cursor:
         run_at = _locked_clock(cursor, AGGREGATION_LOCK)
@@ -265,19 +273,12 @@ WHERE r.granularity = 'day' AND r.updated_at >= %(since)s
 """
 
 
+@_skipped_when_busy
 def billing_run(*, today: date | None = None) -> dict[str, Any]:
     """Open a period for every customer month with usage; move periods past their end to grace and
     past their grace to finalized (invoice lines); append adjustments for usage that reached a
     finalized period later. Every step is idempotent; runs are serialized with the rollup (a run that
     waited METERING_LOCK_WAIT_SECONDS for the lock is skipped: the next one does the same work)."""
-    try:
-        return _billing_run(today)
-    except _Busy:
-        log.info("billing run skipped: %s", _SKIPPED["skipped"])
-        return dict(_SKIPPED)
-
-
-def _billing_run(today: date | None) -> dict[str, Any]:
     counts = {"opened": 0, "grace": 0, "finalized": 0, "adjusted": 0}
     with transaction.atomic(), connection.cursor() as cursor:
         run_at = _locked_clock(cursor, AGGREGATION_LOCK)

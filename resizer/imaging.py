@@ -898,10 +898,7 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
         if facts.format == "png":
             # A PNG's eXIf chunk may follow the pixels, and Pillow reads it only by decoding: refuse
             # an output too large either way up before paying for that decode.
-            refusals = [_output_refusal(_layout(w, h, params), count, fmt, limits)
-                        for w, h in ((facts.width, facts.height), (facts.height, facts.width))]
-            if all(refusals):
-                raise OutputTooLarge(refusals[0])
+            output_check(params, facts, limits)
             im.load()
         if facts.format == "tiff":
             # Pillow turns a TIFF upright on load by getexif(), which falls back to an XMP orientation,

@@ -113,11 +113,12 @@ def job_load(store: StagingStore, job_id: str) -> Job | None:
     # braces, "urn:uuid:" and non-ASCII digits, which as a path could be too long (a 503) or another spelling.
     if not _JOB_ID.fullmatch(job_id):
         return None
-    document = _read_json(store, _doc_key(job_id))
-    return _job_from_or_none(document, _doc_key(job_id))
+    return _read_job(store, _doc_key(job_id))
 
 
-def _job_from_or_none(document: dict[str, Any] | None, key: str) -> Job | None:
+def _read_job(store: StagingStore, key: str) -> Job | None:
+    """A job document of the store, or None when there is none, or none readable (_read_json)."""
+    document = _read_json(store, key)
     if document is None:
         return None
     try:
@@ -217,7 +218,7 @@ def _slot_job_id(store: StagingStore, slot: str, fingerprint: str, idempotency_k
             or not isinstance(earlier.get("fingerprint"), str):
         log.error("idempotency record %s is unreadable; the key is freed", slot)
         return _UNREADABLE
-    if earlier.get("fingerprint") != fingerprint:
+    if earlier["fingerprint"] != fingerprint:
         raise IdempotencyConflict(idempotency_key)
     return earlier["job_id"]
 
@@ -297,7 +298,7 @@ def job_decide(store: StagingStore, job: Job) -> tuple[Job, bool]:
 
 def job_decision(store: StagingStore, job_id: str) -> Job | None:
     """The outcome decided for the job (job_decide), if any."""
-    return _job_from_or_none(_read_json(store, _decision_key(job_id)), _decision_key(job_id))
+    return _read_job(store, _decision_key(job_id))
 
 
 def job_finish(store: StagingStore, job: Job, *, result_ttl_seconds: int | None = None) -> Job:

@@ -221,59 +221,67 @@ def job_run(*, job_id: str, reply_to: str | None, producer: Any,
     job_start(store, job)
     running = replace(job)  # the document as saved now, for giving the attempt back
     try:
-        try:
-            data = job_input(store, job)
-            result = imaging.resize(data, imaging.Params(**job.params), engine_limits())
-        except imaging.ImageError as e:
-            job_mark_failed(job, status=e.status, code=e.code, detail=e.message)
-        except SoftTimeLimitExceeded:
-            job_mark_failed(job, status=422, code="processing_timeout",
-                            detail="The image took longer to process than the time limit allows.")
-        except MemoryError:
-            job_mark_failed(job, status=422, code="image_too_complex",
-                            detail="The image needs more memory to process than a worker may use.")
-        except StagingNotFound:
-            job_mark_failed(job, status=500, code="input_lost", detail="The uploaded image was lost before processing.")
-        except StagingError:
-            raise
-        except Exception:
-            log.exception("job %s failed on a bug", job.id)
-            job_mark_failed(job, status=500, code="internal_error", detail="The job failed on a server error.")
-        else:
-            out = result.output
-            job_mark_succeeded(
-                store,
-                job,
-                data=result.data,
-                output={"format": out.format, "width": out.width, "height": out.height, "bytes": out.bytes,
-                        "frames": out.frames, "content_type": result.content_type},
-                cpu_seconds=result.cpu_seconds,
-                result_ttl_seconds=settings.RESULT_TTL_SECONDS,
-            )
+        _job_process(store, job)
         decided, _ = job_decide(store, job)
     except StagingError:
-        # The store is away (reading the input, writing the result, recording the outcome): the task
-        # requeues the job for another try. The attempt budget is for deliveries the image killed, so
-        # this one is given back if the store lets us (best effort). Until 2026-11-22 only a failed read
-        # gave it back: a store failing the result's write (a full disk: the small document writes
-        # still pass) used the attempts up, and a good image ended 422 processing_failed.
-        # Only over a document still as this delivery left it: a copy of the message running at the
-        # same time may have finished the job meanwhile, and saving `running` over that made it
-        # `running` again until a later delivery concluded it.
-        running.attempts -= 1
-        try:
-            current = job_load(store, job.id)
-            if current is not None and current.status == RUNNING and current.started_at == running.started_at \
-                    and job_decision(store, job.id) is None:
-                job_save(store, running)
-        except StagingError:
-            pass
+        _job_give_attempt_back(store, running)
         raise
-    return _job_conclude(store, decided, producer=producer, reply_to=reply_to, decided=True)
+    return _job_finish_decided(store, decided, producer=producer, reply_to=reply_to)
 
 
-def _job_conclude(store: StagingStore, job: Job, *, producer: Any, reply_to: str | None,
-                  decided: bool = False) -> Job:
+def _job_process(store: StagingStore, job: Job) -> None:
+    """Resize the job's input and mark the job, in memory, succeeded (its result stored) or failed.
+    Raises StagingError when the store is away (the task requeues the job)."""
+    try:
+        data = job_input(store, job)
+        result = imaging.resize(data, imaging.Params(**job.params), engine_limits())
+    except imaging.ImageError as e:
+        job_mark_failed(job, status=e.status, code=e.code, detail=e.message)
+    except SoftTimeLimitExceeded:
+        job_mark_failed(job, status=422, code="processing_timeout",
+                        detail="The image took longer to process than the time limit allows.")
+    except MemoryError:
+        job_mark_failed(job, status=422, code="image_too_complex",
+                        detail="The image needs more memory to process than a worker may use.")
+    except StagingNotFound:
+        job_mark_failed(job, status=500, code="input_lost", detail="The uploaded image was lost before processing.")
+    except StagingError:
+        raise
+    except Exception:
+        log.exception("job %s failed on a bug", job.id)
+        job_mark_failed(job, status=500, code="internal_error", detail="The job failed on a server error.")
+    else:
+        out = result.output
+        job_mark_succeeded(
+            store,
+            job,
+            data=result.data,
+            output={"format": out.format, "width": out.width, "height": out.height, "bytes": out.bytes,
+                    "frames": out.frames, "content_type": result.content_type},
+            cpu_seconds=result.cpu_seconds,
+            result_ttl_seconds=settings.RESULT_TTL_SECONDS,
+        )
+
+
+def _job_give_attempt_back(store: StagingStore, running: Job) -> None:
+    """The store failed this delivery (reading the input, writing the result, recording the outcome):
+    the attempt budget is for deliveries the image killed, so this one is given back if the store lets
+    us (best effort). Until 2026-11-22 only a failed read gave it back: a store failing the result's
+    write (a full disk: the small document writes still pass) used the attempts up, and a good image
+    ended 422 processing_failed. Only over a document still as this delivery left it: a copy of the
+    message running at the same time may have finished the job meanwhile, and saving `running` over
+    that made it `running` again until a later delivery concluded it."""
+    running.attempts -= 1
+    try:
+        current = job_load(store, running.id)
+        if current is not None and current.status == RUNNING and current.started_at == running.started_at \
+                and job_decision(store, running.id) is None:
+            job_save(store, running)
+    except StagingError:
+        pass
+
+
+def _job_conclude(store: StagingStore, job: Job, *, producer: Any, reply_to: str | None) -> Job:
     """Decide, record, reveal, then announce a job finished in memory. The outcome is claimed first
     (job_decide, atomic): another delivery of the job (a copy of its message, or a redelivery while
     the first still ran) or the API (failing a publish that looked lost) may have decided it already,
@@ -282,11 +290,15 @@ def _job_conclude(store: StagingStore, job: Job, *, producer: Any, reply_to: str
     that (it re-reads the document each second), so no image is ever served without its record. If the
     worker dies or the store fails between the record and the document, the redelivery finishes the
     job as decided, and writes the same record (the staging table keeps the first of an id). A spool
-    that cannot be written raises (a StagingError: the task requeues the job). `decided`: `job` is
-    the outcome job_decide returned already. A result written by a delivery whose outcome lost to a
-    failure is deleted: image bytes are kept only to be fetched (the sweep deletes any left)."""
-    if not decided:
-        job, _ = job_decide(store, job)
+    that cannot be written raises (a StagingError: the task requeues the job)."""
+    decided, _ = job_decide(store, job)
+    return _job_finish_decided(store, decided, producer=producer, reply_to=reply_to)
+
+
+def _job_finish_decided(store: StagingStore, job: Job, *, producer: Any, reply_to: str | None) -> Job:
+    """Record, reveal, then announce a job as job_decide returned it. A result written by a delivery
+    whose outcome lost to a failure is deleted: image bytes are kept only to be fetched (the sweep
+    deletes any left)."""
     usage_record_emit(job=job)
     if job.status != SUCCEEDED:
         try:
