@@ -63,6 +63,37 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
 
     process_gauges_start()
     _graceful_closes_off_the_main_loop()
+    _own_errors_as_problems()
+
+
+# gunicorn's own refusals (a request it cannot parse, before Django sees it), by status: the API's codes.
+EDGE_ERROR_CODES = {400: "malformed_request", 403: "forbidden", 414: "uri_too_long", 417: "expectation_failed",
+                    431: "headers_too_large", 500: "internal_error", 501: "not_implemented"}
+
+
+def _own_errors_as_problems() -> None:
+    """gunicorn answers a request it cannot parse (a request line over 8190 bytes, 100 headers, a
+    malformed chunk size, ...) itself, with an HTML page: the one answer of the API that was not
+    problem+json with a code. Its writer is replaced with one that is; gunicorn still picks the status
+    and the sentence (what was wrong, as the client sent it, cut to 200 characters)."""
+    import json
+
+    from gunicorn import util
+
+    if getattr(util.write_error, "problem_json", False):
+        return
+
+    def write_problem(sock, status_int, reason, mesg):  # type: ignore[no-untyped-def]
+        code = EDGE_ERROR_CODES.get(status_int, "malformed_request" if 400 <= status_int < 500 else "internal_error")
+        detail = f"{reason}: {mesg[:200]}" if mesg else f"{reason}."
+        body = json.dumps({"type": f"https://docs.resizer.example/problems/{code}", "title": reason,
+                           "status": status_int, "detail": detail, "code": code}).encode()
+        head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+                f"Content-Type: application/problem+json\r\nContent-Length: {len(body)}\r\n\r\n")
+        util.write_nonblock(sock, head.encode("latin-1") + body)
+
+    write_problem.problem_json = True  # type: ignore[attr-defined]
+    util.write_error = write_problem
 
 
 def _graceful_closes_off_the_main_loop() -> None:
