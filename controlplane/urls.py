@@ -4,7 +4,10 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from controlplane import metrics, views
 from controlplane.errors import get_only
+from identity.authentication import admin_login_throttled
 from metering import views as metering_views
+
+admin.site.login = admin_login_throttled(admin.site.login)  # type: ignore[method-assign]
 
 urlpatterns = [
     path("v1/resize", views.ResizeView.as_view(), name="resize"),

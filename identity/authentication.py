@@ -2,6 +2,7 @@
 monthly quotas, all answered from the process's credential cache (identity/dataplane.py)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -15,7 +16,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions, throttling
 from rest_framework.request import Request
 
-from controlplane.errors import ApiError
+from controlplane.errors import ApiError, problem
 from identity.dataplane import AuthFailed, AuthUnavailable, Principal, QuotaUnconfirmed, credential_cache
 
 if TYPE_CHECKING:  # DRF imports this module while rest_framework.views is still loading
@@ -78,26 +79,60 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
             # The stored hash unchanged: a password changed (or reset) since takes effect at once.
             if user is not None and hmac.compare_digest(user.password, verified[2]):
                 return user, None
-        with cls._lock:
-            while cls._failures and now - cls._failures[0] > 60:
-                cls._failures.popleft()
-            if len(cls._failures) >= cls.FAILURES_PER_MINUTE:
-                raise ApiError(429, "login_throttled", "Too many failed Basic logins on this server; use an API "
-                               "key with the admin scope, or retry later.",
-                               headers={"Retry-After": str(max(1, int(61 - (now - cls._failures[0]))))})
+        retry_after = cls.throttled()
+        if retry_after is not None:
+            raise ApiError(429, "login_throttled", "Too many failed logins on this server; use an API key "
+                           "with the admin scope, or retry later.", headers={"Retry-After": str(retry_after)})
         try:
             user, auth = super().authenticate_credentials(userid, password, request)
         except exceptions.AuthenticationFailed:
             # The name's verified entry stays: a flood of wrong passwords for a script's own user name
             # must not log the script out (the entry matches only the password it verified).
-            with cls._lock:
-                cls._failures.append(time.monotonic())
+            cls.failed()
             raise
         with cls._lock:
             if len(cls._verified) >= 1000:  # staff accounts are few; a flood of names must not grow it
                 cls._verified.clear()
             cls._verified[userid] = (digest, user.pk, user.password, time.monotonic() + cls.VERIFIED_SECONDS)
         return user, auth
+
+    @classmethod
+    def throttled(cls) -> int | None:
+        """Seconds until a password may be checked again on this process, or None: the cap counts the
+        failures of Basic logins and of the admin's login form together (the same PBKDF2 each)."""
+        now = time.monotonic()
+        with cls._lock:
+            while cls._failures and now - cls._failures[0] > 60:
+                cls._failures.popleft()
+            if len(cls._failures) >= cls.FAILURES_PER_MINUTE:
+                return max(1, int(61 - (now - cls._failures[0])))
+        return None
+
+    @classmethod
+    def failed(cls) -> None:
+        with cls._lock:
+            cls._failures.append(time.monotonic())
+
+
+def admin_login_throttled(login: Any) -> Any:
+    """Django admin's login view under the same cap of failed logins as Basic auth: the form checked
+    every password it was sent (a million-round PBKDF2 each, a guessing oracle and a third of a
+    CPU-second), and a session it opens also reaches the management API. Past the cap a POST is
+    refused with 429 before any hashing; a failed login is the form answered again (200)."""
+
+    @functools.wraps(login)
+    def view(request: Any, extra_context: Any = None) -> Any:
+        if request.method == "POST":
+            retry_after = StaffBasicAuthentication.throttled()
+            if retry_after is not None:
+                return problem(429, "login_throttled", "Too many failed logins on this server; retry later.",
+                               headers={"Retry-After": str(retry_after)})
+        response = login(request, extra_context)
+        if request.method == "POST" and response.status_code == 200:
+            StaffBasicAuthentication.failed()
+        return response
+
+    return view
 
 
 class HasScope(permissions.BasePermission):

@@ -99,6 +99,22 @@ class _Bucket:
     updated: float
 
 
+# The heartbeat's and the quota flush's transactions wait at most this long for a row lock, and are
+# ended by the server after this long idle: one process paused inside its flush (a stopped container, a
+# partition) held a busy customer's quota row until Postgres's TCP keepalive gave up (hours), every
+# other process's round waited on it, and none followed the feed: revocations stopped reaching them,
+# and after 15 minutes every request was 503 (found by review, 2026-11-22). Now a round that meets a
+# held lock fails its flush (the counts are kept for the next) and the next round follows the feed.
+FLUSH_LOCK_TIMEOUT_MS = 1000
+FLUSH_IDLE_TIMEOUT_MS = 5000
+
+
+def _bounded_waits(cursor: Any) -> None:
+    cursor.execute(f"SET LOCAL lock_timeout = {int(FLUSH_LOCK_TIMEOUT_MS)}")
+    cursor.execute(f"SET LOCAL statement_timeout = {int(FLUSH_IDLE_TIMEOUT_MS)}")
+    cursor.execute(f"SET LOCAL idle_in_transaction_session_timeout = {int(FLUSH_IDLE_TIMEOUT_MS)}")
+
+
 class QuotaUnconfirmed(Exception):
     """The monthly quota cannot be confirmed now (totals stale): a short retry, not a month's wait."""
 
@@ -134,6 +150,7 @@ class CredentialCache:
         self._quota_month = _month()
         self._last_used: dict[str, datetime] = {}
         self._last_full = 0.0
+        self._feed_read_at: datetime | None = None  # the database's clock at the last successful feed read
         # Held by each sync round and by close(): a round in progress ends before the process says goodbye.
         self._round_lock = threading.Lock()
         self._closed = False
@@ -284,8 +301,8 @@ class CredentialCache:
 
     def _sync_full(self) -> None:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT coalesce(max(id), 0) FROM identity_change")
-            version = cursor.fetchone()[0]
+            cursor.execute("SELECT coalesce(max(id), 0), now() FROM identity_change")
+            version, read_at = cursor.fetchone()
             cursor.execute(_CREDENTIALS_SQL)
             by_prefix = dict(_credential(row) for row in cursor.fetchall())
         prefixes_of: dict[str, set[str]] = {}
@@ -294,18 +311,26 @@ class CredentialCache:
         with self._lock:
             self._by_prefix, self._prefixes_of = by_prefix, prefixes_of
             self._last_change_id = self.version = version
+        self._feed_read_at = read_at
 
     def _sync_changes(self) -> None:
         # Feed ids can commit out of order (a lower id may appear after a higher one was read):
-        # changes of the last AUTH_FEED_LOOKBACK_SECONDS are always re-applied, which is idempotent.
+        # changes made up to AUTH_FEED_LOOKBACK_SECONDS before the last successful read are always
+        # re-applied, which is idempotent. Counted back from that read, not from now: a process that
+        # could not read the feed for longer than the look-back (Postgres away from it for a minute)
+        # skipped a change that committed late meanwhile (a revocation honoured until the next full
+        # resync, up to 5 minutes on; found by review, 2026-11-22).
         with connection.cursor() as cursor:
+            cursor.execute("SELECT now()")
+            read_at = cursor.fetchone()[0]
             cursor.execute(
-                "SELECT customer_id, max(id) FROM identity_change WHERE id > %s OR created_at > now() - %s * interval '1 second'"
-                " GROUP BY customer_id",
-                [self._last_change_id, settings.AUTH_FEED_LOOKBACK_SECONDS],
+                "SELECT customer_id, max(id) FROM identity_change"
+                " WHERE id > %s OR created_at > %s - %s * interval '1 second' GROUP BY customer_id",
+                [self._last_change_id, self._feed_read_at or read_at, settings.AUTH_FEED_LOOKBACK_SECONDS],
             )
             changed = cursor.fetchall()
             if not changed:
+                self._feed_read_at = read_at
                 return
             customers = [row[0] for row in changed]
             cursor.execute(_CREDENTIALS_SQL + " AND k.customer_id = ANY(%s)", [customers])
@@ -325,6 +350,7 @@ class CredentialCache:
         with self._lock:
             self._by_prefix = by_prefix
             self._last_change_id = self.version = max(self._last_change_id, *(row[1] for row in changed))
+        self._feed_read_at = read_at
         if before != dict(fresh):
             # A revocation, suspension or new key reaches the file too (not only at the next full
             # resync): a process that starts during a database outage must not bring back a revoked key.
@@ -335,6 +361,7 @@ class CredentialCache:
         # The heartbeat commits on its own: a flush that fails must not make the other processes stop
         # counting this one (their shares of every rate would grow). Times are the database's clock.
         with transaction.atomic(), connection.cursor() as cursor:
+            _bounded_waits(cursor)
             cursor.execute(
                 "INSERT INTO identity_apiprocess (name, seen_at) VALUES (%s, now())"
                 " ON CONFLICT (name) DO UPDATE SET seen_at = EXCLUDED.seen_at", [self.process_name])
@@ -359,6 +386,7 @@ class CredentialCache:
             month = self._quota_month
         try:
             with transaction.atomic(), connection.cursor() as cursor:
+                _bounded_waits(cursor)
                 # Rows in one order (customer, then key) in every process: two flushes taking the same
                 # rows' locks in opposite orders deadlock (Postgres aborts one after deadlock_timeout).
                 for customer_id, delta in sorted(pending.items()):

@@ -339,3 +339,27 @@ def test_a_deleted_customers_feed_row_is_written_after_the_cascade_waited():
     holder.join(10)
     row = Change.objects.filter(customer_id=customer_id).latest("id")
     assert row.created_at >= released_at[0]
+
+
+def test_failed_admin_form_logins_are_capped_with_basic_ones(client, monkeypatch):
+    """The admin's login form checked every password it was sent (the same PBKDF2 as Basic, and a
+    session it opens reaches the management API too), without any cap: found by review, 25 wrong
+    passwords in a row all checked. Its failures count against the same per-process cap as Basic's."""
+    from identity.authentication import StaffBasicAuthentication
+
+    monkeypatch.setattr(StaffBasicAuthentication, "FAILURES_PER_MINUTE", 3)
+    monkeypatch.setattr(StaffBasicAuthentication, "_failures", __import__("collections").deque())
+    monkeypatch.setattr(StaffBasicAuthentication, "_verified", {})
+    User.objects.create_user("ops", password="right-password", is_staff=True)
+    answers = [client.post("/admin/login/?next=/admin/", {"username": "ops", "password": f"guess-{i}"}).status_code
+               for i in range(3)]
+    assert answers == [200, 200, 200]  # the form again, with its error
+    throttled = client.post("/admin/login/?next=/admin/", {"username": "ops", "password": "right-password"})
+    assert throttled.status_code == 429 and throttled.json()["code"] == "login_throttled"
+    assert 1 <= int(throttled["Retry-After"]) <= 61
+    # One budget: Basic logins wait too.
+    basic = client.get("/v1/admin/customers", HTTP_AUTHORIZATION="Basic " + base64.b64encode(b"ops:x").decode())
+    assert basic.status_code == 429
+    monkeypatch.setattr(StaffBasicAuthentication, "_failures", __import__("collections").deque())
+    assert client.post("/admin/login/?next=/admin/",
+                       {"username": "ops", "password": "right-password"}).status_code == 302

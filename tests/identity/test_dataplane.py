@@ -233,3 +233,132 @@ def test_close_flushes_the_last_counts_and_no_round_runs_after_it(tmp_path):
     assert not ApiProcess.objects.filter(name=cache.process_name).exists()
     cache.sync(full=False)  # a round the background thread had already begun: nothing happens
     assert not ApiProcess.objects.filter(name=cache.process_name).exists()
+
+
+def _raw():
+    """A second session on the test database (another API process, or a writer)."""
+    import psycopg
+
+    s = connection.settings_dict
+    return psycopg.connect(dbname=s["NAME"], host=s["HOST"] or None, port=s["PORT"] or None,
+                           user=s["USER"] or None, password=s["PASSWORD"] or None)
+
+
+def _round(cache: CredentialCache, errors: list[Exception]) -> None:
+    """One poller round on a thread of its own, as the background thread runs it."""
+    try:
+        cache.sync(full=False)
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        errors.append(e)
+    finally:
+        connection.close()
+
+
+def test_a_peer_stalled_in_its_flush_does_not_stop_revocations_reaching_this_process(tmp_path, monkeypatch):
+    """Another process's flush updated a busy customer's quota row and stalled inside its transaction
+    (its host paused): this process's flush waited on that row lock without bound, its rounds stopped,
+    and no revocation reached it (found by review: still accepted 6 s after, against the 5 s bound).
+    The flush now gives up on a held lock (its counts kept for the next round) and the round ends."""
+    import identity.dataplane as dataplane
+
+    monkeypatch.setattr(dataplane, "FLUSH_LOCK_TIMEOUT_MS", 300)
+    busy, busy_key = _quota_customer("busy", 10**6, used=1)
+    victim = customer_create(name="victim")
+    victim_row, victim_key = api_key_create(customer=victim)
+    cache = _cache(tmp_path)
+    cache.sync(full=True)
+    busy_principal = cache.authenticate(busy_key)
+    cache.authenticate(victim_key)
+    peer = _raw()
+    peer.execute("UPDATE identity_quotausage SET used = used + 1 WHERE customer_id = %s", [busy.pk])
+    errors: list[Exception] = []
+    try:
+        assert cache.charge_quota(busy_principal)  # a count of busy's to flush: the flush needs that row
+        first = threading.Thread(target=_round, args=(cache, errors), daemon=True)
+        first.start()
+        first.join(30)  # a deadline for waiting, not a measurement: unbounded, it waited for the peer
+        assert not first.is_alive()
+        assert len(errors) == 1 and "lock timeout" in str(errors[0]), errors
+        api_key_revoke(api_key=victim_row, actor="staff:ops")
+        second = threading.Thread(target=_round, args=(cache, errors), daemon=True)
+        second.start()
+        second.join(30)
+        assert not second.is_alive()
+        with pytest.raises(Exception) as refused:  # the revocation is followed while the lock is held
+            cache.authenticate(victim_key)
+        assert getattr(refused.value, "code", None) == "unauthorized"
+    finally:
+        peer.rollback()
+        peer.close()
+    cache.sync(full=False)  # the lock gone: the count kept from the failed flushes reaches the total
+    assert QuotaUsage.objects.get(customer=busy, month=_month()).used == 2
+
+
+def test_a_process_stalled_inside_its_flush_has_its_transaction_ended_by_the_server(tmp_path, monkeypatch):
+    """The other half: the stalled process's own flush transaction is ended by the server once idle
+    (idle_in_transaction_session_timeout), so its row locks do not outlive a pause of its host; the
+    counts it was flushing are kept for its next round."""
+    import identity.dataplane as dataplane
+    import identity.services
+
+    monkeypatch.setattr(dataplane, "FLUSH_IDLE_TIMEOUT_MS", 500)
+    busy, busy_key = _quota_customer("paused", 10**6, used=1)
+    cache = _cache(tmp_path)
+    cache.sync(full=True)
+    assert cache.charge_quota(cache.authenticate(busy_key))
+    touched = threading.Event()
+    released = threading.Event()
+    real_touch = identity.services.api_keys_touch
+
+    def paused_touch(**kwargs):  # the process stops here, inside its flush, after its quota update
+        touched.set()
+        released.wait(30)
+        return real_touch(**kwargs)
+
+    monkeypatch.setattr(identity.services, "api_keys_touch", paused_touch)
+    errors: list[Exception] = []
+    stalled = threading.Thread(target=_round, args=(cache, errors), daemon=True)
+    stalled.start()
+    assert touched.wait(30)
+    peer = _raw()
+    try:
+        # Waits until the server ends the paused transaction (a deadline, not a measurement: unbounded,
+        # the lock was held for as long as the pause).
+        peer.execute("SET lock_timeout = 20000")
+        peer.execute("UPDATE identity_quotausage SET used = used + 1 WHERE customer_id = %s", [busy.pk])
+        peer.commit()
+    finally:
+        peer.close()
+        released.set()
+        stalled.join(30)
+    assert errors  # the paused flush failed (its connection ended), not committed
+    monkeypatch.setattr(identity.services, "api_keys_touch", real_touch)
+    cache.sync(full=False)
+    assert QuotaUsage.objects.get(customer=busy, month=_month()).used == 3  # 1 + the peer's 1 + ours, once
+
+
+def test_a_change_committed_late_is_applied_after_a_feed_gap_longer_than_the_lookback(tmp_path, settings):
+    """A revocation whose feed row took id N but committed after N+1 had been read: the look-back
+    re-reads it, but it was counted back from now, so a process that could not read the feed for
+    longer than the look-back skipped it until the next full resync (found by review). It is counted
+    back from the last successful read now."""
+    import time
+
+    settings.AUTH_FEED_LOOKBACK_SECONDS = 2  # 30 s in production, scaled down
+    a = customer_create(name="late-a")
+    a_row, a_key = api_key_create(customer=a)
+    b = customer_create(name="late-b")
+    cache = _cache(tmp_path)
+    cache.sync(full=True)
+    writer = _raw()
+    writer.execute("UPDATE identity_apikey SET revoked_at = now() WHERE id = %s", [a_row.pk])
+    writer.execute("INSERT INTO identity_change (customer_id) VALUES (%s)", [a.pk])
+    api_key_create(customer=b)  # feed row N+1, committed first
+    cache.sync(full=False)  # reads N+1: its version passes N
+    writer.commit()
+    writer.close()
+    time.sleep(2.5)  # this process's reads fail meanwhile (Postgres away from it): longer than the look-back
+    cache.sync(full=False)
+    with pytest.raises(Exception) as refused:
+        cache.authenticate(a_key)
+    assert getattr(refused.value, "code", None) == "unauthorized"
