@@ -149,7 +149,9 @@ class CredentialCache:
         self._quota_flushing: dict[str, int] = {}  # customer -> admitted here, being flushed now
         self._quota_month = _month()
         self._last_used: dict[str, datetime] = {}
-        self._last_full = 0.0
+        # A process that starts from the file reloads everything first, whatever the machine's uptime
+        # (time.monotonic() counts from boot: within 5 minutes of one, 0.0 read as "reloaded just now").
+        self._last_full = float("-inf")
         self._feed_read_at: datetime | None = None  # the database's clock at the last successful feed read
         # Held by each sync round and by close(): a round in progress ends before the process says goodbye.
         self._round_lock = threading.Lock()
@@ -440,6 +442,10 @@ class CredentialCache:
                       "quota_used": dict(self._quota_used)}
         document = {"synced_at": self.synced_at or time.time(), "version": self.version, "database": _database_identity(),
                     **shares, "credentials": {p: asdict(c) for p, c in self._by_prefix.items()}}
+        if _file_version(self.snapshot_path) > self.version:
+            # Another process on this host wrote a newer one (a revocation this one has not read yet):
+            # a full reload's file, written after its heartbeat and flush, must not bring the key back.
+            return
         tmp = self.snapshot_path.with_suffix(f".tmp{os.getpid()}")
         try:
             self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
@@ -471,6 +477,15 @@ class CredentialCache:
         self.synced_at, self.version = synced_at, version
         self._last_change_id = self.version
         self.processes, self._quota_used = processes, quota_used
+
+
+def _file_version(path: Path) -> int:
+    """The change-feed version of the snapshot file at `path` (of this database), 0 if none or unreadable."""
+    try:
+        document = json.loads(path.read_text())
+        return int(document["version"]) if document.get("database") == _database_identity() else 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
 
 
 def _database_identity() -> str:

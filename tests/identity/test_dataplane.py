@@ -362,3 +362,21 @@ def test_a_change_committed_late_is_applied_after_a_feed_gap_longer_than_the_loo
     with pytest.raises(Exception) as refused:
         cache.authenticate(a_key)
     assert getattr(refused.value, "code", None) == "unauthorized"
+
+
+def test_a_process_behind_does_not_overwrite_a_newer_snapshot_file(tmp_path):
+    """Processes on a host share the file. One behind the feed (its full reload read the keys before
+    a revocation, and wrote the file after its heartbeat and flush) replaced a file that already had
+    the revocation: a process started from it in an outage took the revoked key back (found by review)."""
+    customer = customer_create(name="shared-file")
+    key_row, key = api_key_create(customer=customer)
+    behind, ahead = _cache(tmp_path, "shared.json"), _cache(tmp_path, "shared.json")
+    behind.sync(full=True)
+    ahead.sync(full=True)
+    api_key_revoke(api_key=key_row, actor="test")
+    ahead.sync(full=False)  # writes the revocation to the file
+    behind._save_file()  # its older snapshot
+    started_in_outage = _cache(tmp_path, "shared.json")
+    with pytest.raises(Exception) as refused:
+        started_in_outage.authenticate(key)
+    assert getattr(refused.value, "code", None) == "unauthorized"
