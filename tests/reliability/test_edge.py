@@ -8,6 +8,7 @@ a gunicorn thread. Bodies are streamed through, so gunicorn bounds their reads i
 (UPLOAD_IDLE_TIMEOUT_SECONDS, UPLOAD_TIMEOUT_SECONDS)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
-import json
 import pytest
 
 from identity.models import SCOPES, Plan
