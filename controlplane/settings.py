@@ -221,6 +221,17 @@ METERING_BATCH_RECORDS = env_int("METERING_BATCH_RECORDS", 1000, minimum=1)
 METERING_SHIPPER = env_bool("METERING_SHIPPER", True)
 # The rollup re-reads records received this long before its watermark (commits land out of order).
 METERING_LOOKBACK_SECONDS = env_int("METERING_LOOKBACK_SECONDS", 300, minimum=0)
+# A shipment's transaction: each statement (its COPY, its INSERT) runs at most this long, and the
+# transaction may sit idle (after its INSERT, before its COMMIT: a paused container, a partition) at
+# most this long before Postgres aborts it; its segments stay and ship again. A shipped row's
+# received_at (its INSERT's clock) becomes visible at most their sum later, so the look-back must be longer.
+METERING_SHIP_STATEMENT_TIMEOUT_SECONDS = env_int("METERING_SHIP_STATEMENT_TIMEOUT_SECONDS", 60, minimum=1)
+METERING_SHIP_IDLE_TIMEOUT_SECONDS = env_int("METERING_SHIP_IDLE_TIMEOUT_SECONDS", 60, minimum=1)
+if METERING_LOOKBACK_SECONDS <= METERING_SHIP_STATEMENT_TIMEOUT_SECONDS + METERING_SHIP_IDLE_TIMEOUT_SECONDS:
+    raise ValueError(
+        f"METERING_LOOKBACK_SECONDS={METERING_LOOKBACK_SECONDS} must exceed METERING_SHIP_STATEMENT_TIMEOUT_SECONDS"
+        f" + METERING_SHIP_IDLE_TIMEOUT_SECONDS ({METERING_SHIP_STATEMENT_TIMEOUT_SECONDS}"
+        f" + {METERING_SHIP_IDLE_TIMEOUT_SECONDS}): a shipment committing that late would never be rolled up")
 # How long a rollup or billing run waits for the one running before it, then skips (the next run
 # catches up): each waiting run holds a worker process that resizes need.
 METERING_LOCK_WAIT_SECONDS = env_float("METERING_LOCK_WAIT_SECONDS", 30.0)

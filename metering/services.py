@@ -82,10 +82,16 @@ def usage_record(job: Job) -> dict[str, Any]:
     }
 
 
+def _shipper(directory: Path) -> Shipper:
+    return Shipper(directory, batch_records=settings.METERING_BATCH_RECORDS,
+                   statement_timeout=settings.METERING_SHIP_STATEMENT_TIMEOUT_SECONDS,
+                   idle_timeout=settings.METERING_SHIP_IDLE_TIMEOUT_SECONDS)
+
+
 def _local_spool() -> Spool:
     spool = Spool(Path(settings.METERING_SPOOL_DIR), segment_records=settings.METERING_BATCH_RECORDS)
     if settings.METERING_SHIPPER:
-        shipper = Shipper(Path(settings.METERING_SPOOL_DIR), batch_records=settings.METERING_BATCH_RECORDS)
+        shipper = _shipper(Path(settings.METERING_SPOOL_DIR))
         ShipperThread(shipper, conninfo=staging_conninfo, interval=settings.METERING_FLUSH_SECONDS,
                       wake=spool.rotated)
     return spool
@@ -124,7 +130,7 @@ def staging_conninfo() -> str:
 
 def usage_ship(*, directory: Path | None = None, conninfo: str | None = None) -> int:
     """Ship a spool directory once (what the shipper thread does every tick). Raises ShipError."""
-    shipper = Shipper(Path(directory or settings.METERING_SPOOL_DIR), batch_records=settings.METERING_BATCH_RECORDS)
+    shipper = _shipper(Path(directory or settings.METERING_SPOOL_DIR))
     try:
         return shipper.ship(conninfo=conninfo or staging_conninfo())
     finally:

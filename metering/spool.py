@@ -197,9 +197,14 @@ class Shipper:
     `batch_records` records, each batch one transaction: COPY into a temporary table, then
     INSERT ... ON CONFLICT (id) DO NOTHING, so a batch shipped twice inserts nothing the second time."""
 
-    def __init__(self, directory: Path, *, batch_records: int) -> None:
+    def __init__(self, directory: Path, *, batch_records: int, statement_timeout: float = 60,
+                 idle_timeout: float = 60) -> None:
         self.directory = Path(directory)
         self.batch_records = batch_records
+        # Seconds; their sum bounds how long after a row's received_at its commit can land (settings.py
+        # requires METERING_LOOKBACK_SECONDS to exceed it).
+        self.statement_timeout = statement_timeout
+        self.idle_timeout = idle_timeout
         self._connection: psycopg.Connection[Any] | None = None
         self._conninfo: str | None = None
 
@@ -383,9 +388,13 @@ class Shipper:
         connection = self._connect(conninfo)
         cols = ", ".join(COLUMNS)
         with connection.transaction(), connection.cursor() as cursor:
-            # In the transaction, not as a startup option a pooler (PgBouncer) may refuse or ignore:
-            # the rollup's look-back relies on no shipment taking longer than this.
-            cursor.execute("SET LOCAL statement_timeout = 60000")
+            # In the transaction, not as startup options a pooler (PgBouncer) may refuse or ignore: the
+            # rollup's look-back relies on no shipment committing later than these after its INSERT read
+            # the clock. The statement timeout bounds the INSERT; the idle timeout the wait between it and
+            # the COMMIT (a paused or partitioned shipper): past it Postgres aborts the transaction and
+            # ends the session, the COMMIT fails, the segments stay and the batch ships again.
+            cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(self.statement_timeout * 1000))}")
+            cursor.execute(f"SET LOCAL idle_in_transaction_session_timeout = {max(1, int(self.idle_timeout * 1000))}")
             cursor.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS usage_incoming"
                 " (LIKE metering_usagerecord INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"

@@ -235,3 +235,66 @@ def test_a_row_the_table_refuses_whose_reject_cannot_be_written_keeps_only_its_s
     shipper.close()
     assert count(customer) == 2
     assert (spool_dir / "a-1-x-000001.jsonl").exists() and not (spool_dir / "b-1-x-000001.jsonl").exists()
+
+
+def test_a_shipment_stalled_before_its_commit_is_aborted_shipped_again_and_rolled_up(spool_dir, settings, monkeypatch):
+    """received_at is the INSERT's clock and the rollup looks back METERING_LOOKBACK_SECONDS before its
+    watermark: a shipper paused between its INSERT and its COMMIT (a frozen container, a partition)
+    committed rows older than the look-back, and no rollup ever counted them. The transaction now
+    has an idle timeout: it is aborted, its segment stays, and the next shipment is rolled up.
+    (Scaled down: a 1 s look-back, a 0.5 s idle timeout, a 3 s stall.)"""
+    import psycopg
+
+    from metering import services
+    from metering.models import UsageRollup
+
+    settings.METERING_LOOKBACK_SECONDS = 1
+    customer = uuid.uuid4()
+    Spool(spool_dir, segment_records=1000).append(usage(customer))
+    services.usage_rollup()  # a watermark exists before the shipment
+
+    class StallAfterInsert(psycopg.Cursor):
+        def execute(self, query, *args, **kwargs):
+            result = super().execute(query, *args, **kwargs)
+            if str(query).startswith("INSERT INTO metering_usagerecord"):
+                for _ in range(2):  # rollups run while the shipment waits to commit
+                    time.sleep(1.5)
+                    services.usage_rollup()
+            return result
+
+    stalled = Shipper(spool_dir, batch_records=1000, idle_timeout=0.5)
+    connect = stalled._connect
+
+    def stalling_connect(conninfo):
+        connection = connect(conninfo)
+        connection.cursor_factory = StallAfterInsert
+        return connection
+
+    monkeypatch.setattr(stalled, "_connect", stalling_connect)
+    try:
+        stalled.ship(conninfo=staging_conninfo())
+    except ShipError:
+        pass  # aborted by Postgres: the COMMIT failed
+    stalled.close()
+    shipper = Shipper(spool_dir, batch_records=1000)
+    shipper.ship(conninfo=staging_conninfo())
+    shipper.close()
+    for _ in range(2):
+        services.usage_rollup()
+    assert count(customer) == 1 and shipper.pending() == 0
+    assert UsageRollup.objects.filter(customer_id=customer, granularity="hour").values_list("images", flat=True)[0] == 1
+
+
+@pytest.mark.parametrize("env", [
+    {"METERING_LOOKBACK_SECONDS": "100"},  # under the default 60 + 60
+    {"METERING_SHIP_IDLE_TIMEOUT_SECONDS": "250"},
+])
+def test_settings_refuse_a_look_back_shorter_than_a_shipment_may_take(env):
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", "import controlplane.settings"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, **env})
+    assert proc.returncode != 0 and "must exceed" in proc.stderr
+    ok = subprocess.run([sys.executable, "-c", "import controlplane.settings"], cwd=ROOT, capture_output=True,
+                        text=True, env={**os.environ, "METERING_LOOKBACK_SECONDS": "121"})
+    assert ok.returncode == 0, ok.stderr
