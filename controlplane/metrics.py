@@ -354,9 +354,29 @@ def _first_record_time(path: Path) -> float | None:
         return None
 
 
+def _set_aside_records(directory: Path) -> int:
+    """Records in a set-aside directory (rejected/, bad/): the lines of its files, and 1 for an entry
+    that cannot be read as a file (a directory, an I/O error): at least one record waits there."""
+    total = 0
+    try:
+        entries = sorted(directory.iterdir())[:_SPOOL_SCAN_LIMIT]
+    except OSError:
+        return 0
+    for path in entries:
+        try:
+            with open(path, "rb") as f:
+                lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        except OSError:
+            lines = 0
+        total += max(1, lines)
+    return total
+
+
 class SpoolCollector:
     """Metering lag on this host: the age of the oldest usage record still in the local spool (not
-    yet shipped to the staging table), and how many segment files wait."""
+    yet shipped to the staging table), how many segment files wait, and how many records were set
+    aside for an operator (rejected/: refused by the table; bad/: unreadable segments), which never
+    ship by themselves."""
 
     def __init__(self, directory: Callable[[], str]) -> None:
         self.directory = directory
@@ -374,6 +394,13 @@ class SpoolCollector:
                                 value=age)
         yield GaugeMetricFamily("resizer_metering_spool_segments", "Spool segment files waiting to be shipped.",
                                 value=len(segments))
+        set_aside = GaugeMetricFamily("resizer_metering_spool_set_aside_records",
+                                      "Usage records set aside in this host's spool for an operator, never shipped by "
+                                      "themselves: rejected (the staging table refused them), bad (unreadable segments; "
+                                      "an entry that cannot be read counts 1).", labels=["place"])
+        for place in ("rejected", "bad"):
+            set_aside.add_metric([place], _set_aside_records(directory / place))
+        yield set_aside
 
 
 class CollectorGroup:

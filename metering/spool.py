@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import IO, Any
@@ -58,7 +58,27 @@ class SpoolError(StagingError):
 
 
 class ShipError(Exception):
-    """The staging table is unreachable; every segment stays in the spool for the next attempt."""
+    """The staging table is unreachable, or refuses records for a reason that is not theirs (a column a
+    deploy added, a constraint): every segment stays in the spool for the next attempt."""
+
+
+# Refusals that are the table's, not one record's: the shipper fills every column it copies, so a NOT
+# NULL it breaks is on a column it does not know (a deploy added one without a default). (A missing
+# column or table, a privilege, is a ProgrammingError: never taken for a record's fault either.)
+_TABLE_WIDE = (psycopg.errors.NotNullViolation,)
+
+
+def _plain_row() -> tuple[Any, ...]:
+    """An ordinary succeeded record, inserted and rolled back to tell a table that refuses every record
+    from records that are bad themselves."""
+    return record_row({
+        "id": uuid.uuid4().hex, "customer_id": str(uuid.uuid4()), "key_id": str(uuid.uuid4()),
+        "request_id": uuid.uuid4().hex, "event_time": datetime.now(timezone.utc).isoformat(), "outcome": "succeeded",
+        "attempts": 1, "input_format": "jpeg", "input_width": 1000, "input_height": 500, "input_bytes": 250_000,
+        "input_megapixels": "0.5", "output_format": "jpeg", "output_width": 200, "output_height": 100,
+        "output_bytes": 9_000, "output_megapixels": "0.02", "cpu_seconds": "0.007", "wall_seconds": "0.009",
+        "params": {"width": 200},
+    })
 
 
 def _linked(handle: IO[bytes], path: Path) -> bool:
@@ -209,8 +229,9 @@ class Shipper:
         self._conninfo: str | None = None
 
     def ship(self, *, conninfo: str) -> int:
-        """Returns the records shipped (inserted or already there). Raises ShipError, leaving the
-        spool as it was, when the staging table cannot be reached."""
+        """Returns the rows inserted (not those already there, nor records set aside). Raises ShipError,
+        leaving the batch's segments in the spool, when the staging table cannot be reached or refuses
+        records for a reason that is not theirs (the batches before it are shipped)."""
         shipped = 0
         group: list[tuple[Path, IO[bytes]]] = []
         rows: list[_Pending] = []
@@ -320,22 +341,33 @@ class Shipper:
             rejected.mkdir(exist_ok=True)
             fsync_dir(self.directory)  # the new directory's entry, before its segment goes
         target = rejected / path.name
-        new = not target.exists()
-        with open(target, "ab") as f:
-            f.write(line + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if new:
-            fsync_dir(rejected)
+        for _ in range(3):
+            new = not target.exists()
+            with open(target, "ab") as f:
+                # Locked, and still the file named `target`: `reship_rejected` moves a reject file back
+                # into the spool under the same lock, and a line appended after that would go with it.
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                if not _linked(f, target):
+                    continue
+                f.write(line + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if new:
+                fsync_dir(rejected)
+            return
+        raise OSError(f"{target} kept moving")
 
     def _commit(self, group: list[tuple[Path, IO[bytes]]], rows: list[_Pending],
                 rejects: list[tuple[Path, bytes, str]], conninfo: str) -> int:
+        inserted = 0
         try:
             if rows:
-                self._insert([row for row, _, _ in rows], conninfo)
-        except (psycopg.DataError, psycopg.IntegrityError):
+                inserted = self._insert([row for row, _, _ in rows], conninfo)
+        except (psycopg.DataError, psycopg.IntegrityError) as e:
             # Find the rows the table refuses, ship the rest; the refused are set aside with the others.
-            rejects = rejects + self._insert_each(rows, conninfo)
+            # Unless the refusal is the table's (ShipError: every segment of the batch stays).
+            inserted, refused = self._insert_each(rows, conninfo, e)
+            rejects = rejects + refused
         except psycopg.Error as e:
             self.close()
             raise ShipError(f"usage records not shipped: {type(e).__name__}: {e}") from e
@@ -359,7 +391,7 @@ class Shipper:
                     log.error("usage spool %s: shipped but not removed (%s); it will be shipped again", path.name, e)
             handle.close()
         group.clear()
-        return len(rows)
+        return inserted
 
     def _quarantine(self, path: Path, error: OSError) -> None:
         """Move a segment that cannot be read to `bad/` for an operator, so the segments after it ship."""
@@ -371,23 +403,55 @@ class Shipper:
         except OSError as e:
             log.error("usage spool %s: could not be set aside either (%s); skipped", path.name, e)
 
-    def _insert_each(self, rows: list[_Pending], conninfo: str) -> list[tuple[Path, bytes, str]]:
-        """Insert the rows one by one; returns those the table refuses."""
-        refused = []
+    def _insert_each(self, rows: list[_Pending], conninfo: str,
+                     error: psycopg.Error) -> tuple[int, list[tuple[Path, bytes, str]]]:
+        """After the batch was refused with `error`: insert the rows one by one; returns how many were
+        inserted and those the table refuses. Raises ShipError (the batch's segments stay, and the
+        shipper backs off) when the refusal is the table's, not the records': until 2026-11-22 a column
+        a deploy added NOT NULL without a default, or a CHECK no record passes, sent every record to
+        rejected/, deleted the segments and counted them as shipped."""
+        self._table_accepts_records(error, conninfo)
+        inserted, refused = 0, []
         for row, path, line in rows:
             try:
-                self._insert([row], conninfo)
+                inserted += self._insert([row], conninfo)
+            except _TABLE_WIDE as e:
+                raise self._table_refuses(e) from e
             except (psycopg.DataError, psycopg.IntegrityError) as e:
                 refused.append((path, line, f"{type(e).__name__}: {e}"))
             except psycopg.Error as e:
                 self.close()
                 raise ShipError(f"usage records not shipped: {type(e).__name__}: {e}") from e
-        return refused
+        if len(rows) > 1 and len(refused) == len(rows):
+            # Nothing was inserted (so nothing committed): every segment of the batch can stay.
+            raise ShipError(f"usage records not shipped: the staging table refused every one of a batch of "
+                            f"{len(rows)} one by one (first: {refused[0][2]}); its segments stay: "
+                            + ", ".join(sorted({path.name for path, _, _ in refused})))
+        return inserted, refused
 
-    def _insert(self, rows: list[tuple[Any, ...]], conninfo: str) -> None:
+    def _table_accepts_records(self, error: psycopg.Error, conninfo: str) -> None:
+        """Raise ShipError if the batch's refusal is the table's: an error of a kind no record causes,
+        or an ordinary record (inserted, then rolled back) refused too."""
+        if isinstance(error, _TABLE_WIDE):
+            raise self._table_refuses(error) from error
+        try:
+            self._insert([_plain_row()], conninfo, rollback=True)
+        except (psycopg.DataError, psycopg.IntegrityError) as e:
+            raise self._table_refuses(e) from e
+        except psycopg.Error as e:
+            self.close()
+            raise ShipError(f"usage records not shipped: {type(e).__name__}: {e}") from e
+
+    def _table_refuses(self, error: psycopg.Error) -> ShipError:
+        self.close()  # a new session next time: a fresh temporary table, like the table as it is then
+        return ShipError(f"usage records not shipped: the staging table refuses any record "
+                         f"({type(error).__name__}: {error}); every segment stays")
+
+    def _insert(self, rows: list[tuple[Any, ...]], conninfo: str, *, rollback: bool = False) -> int:
+        """Insert the rows in one transaction (rolled back if `rollback`); returns how many were new."""
         connection = self._connect(conninfo)
         cols = ", ".join(COLUMNS)
-        with connection.transaction(), connection.cursor() as cursor:
+        with connection.transaction(force_rollback=rollback), connection.cursor() as cursor:
             # In the transaction, not as startup options a pooler (PgBouncer) may refuse or ignore: the
             # rollup's look-back relies on no shipment committing later than these after its INSERT read
             # the clock. The statement timeout bounds the INSERT; the idle timeout the wait between it and
@@ -406,6 +470,7 @@ class Shipper:
                 f"INSERT INTO metering_usagerecord ({cols}, received_at)"
                 f" SELECT {cols}, clock_timestamp() FROM usage_incoming ON CONFLICT (id) DO NOTHING"
             )
+            return max(0, cursor.rowcount)
 
     def _connect(self, conninfo: str) -> psycopg.Connection[Any]:
         if self._connection is not None and (self._connection.closed or conninfo != self._conninfo):
@@ -414,6 +479,27 @@ class Shipper:
             self._connection = psycopg.connect(conninfo, connect_timeout=2, autocommit=True)
             self._conninfo = conninfo
         return self._connection
+
+
+def reship_rejected(directory: Path) -> list[Path]:
+    """Move every file of `<directory>/rejected/` back into the spool as a segment (after the cause
+    was fixed: a deploy's column, a constraint); the next shipment ships them, and sets aside again
+    whatever the table still refuses. Returns the new segments' paths."""
+    directory = Path(directory)
+    moved = []
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for path in sorted((directory / "rejected").glob(f"*{_SUFFIX}")):
+        with open(path, "rb") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # no shipper is appending a reject to it meanwhile
+            if not _linked(handle, path):
+                continue
+            target = directory / f"reshipped-{stamp}-{path.name}"
+            os.rename(path, target)
+            moved.append(target)
+    if moved:
+        fsync_dir(directory)
+        fsync_dir(directory / "rejected")
+    return moved
 
 
 class ShipperThread:

@@ -40,8 +40,9 @@ def test_n_records_land_once_even_when_a_batch_is_shipped_twice(spool_dir):
 
     assert Shipper(spool_dir, batch_records=50).ship(conninfo=staging_conninfo()) == 100
     assert count(customer) == 100 and not list(spool_dir.glob("*.jsonl"))
-    # The same batches again (a shipper that died after its commit, before deleting them): a no-op.
-    assert Shipper(copy, batch_records=1000).ship(conninfo=staging_conninfo()) == 100
+    # The same batches again (a shipper that died after its commit, before deleting them): a no-op,
+    # and counted as such (ship() counts the rows it inserted).
+    assert Shipper(copy, batch_records=1000).ship(conninfo=staging_conninfo()) == 0
     assert count(customer) == 100
     row = UsageRecord.objects.get(id=records[0]["id"])
     assert (row.input_bytes, str(row.output_megapixels), row.outcome) == (250_000, "0.020000", "succeeded")
@@ -298,3 +299,121 @@ def test_settings_refuse_a_look_back_shorter_than_a_shipment_may_take(env):
     ok = subprocess.run([sys.executable, "-c", "import controlplane.settings"], cwd=ROOT, capture_output=True,
                         text=True, env={**os.environ, "METERING_LOOKBACK_SECONDS": "121"})
     assert ok.returncode == 0, ok.stderr
+
+
+class _Deploy:
+    """Changes to the staging table, as a careless deploy would make them; `fix()` (or the test's end) undoes them."""
+
+    def __init__(self) -> None:
+        self.undo: list[str] = []
+
+    def _run(self, sql: str) -> None:
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+
+    def __call__(self, sql: str, revert: str) -> None:
+        self._run(sql)
+        self.undo.append(revert)
+
+    def fix(self) -> None:
+        while self.undo:
+            self._run(self.undo.pop())
+
+
+@pytest.fixture
+def deploy_change():
+    deploy = _Deploy()
+    yield deploy
+    deploy.fix()
+
+
+@pytest.mark.parametrize("records", [1, 3])
+@pytest.mark.parametrize("change", [
+    # As a Django migration adds a NOT NULL field: with a default for the rows there, then dropped.
+    ("ALTER TABLE metering_usagerecord ADD COLUMN region text NOT NULL DEFAULT 'eu';"
+     " ALTER TABLE metering_usagerecord ALTER COLUMN region DROP DEFAULT",
+     "ALTER TABLE metering_usagerecord DROP COLUMN region"),
+    ("ALTER TABLE metering_usagerecord ADD CONSTRAINT received_long_ago CHECK (received_at < '2000-01-01') NOT VALID",
+     "ALTER TABLE metering_usagerecord DROP CONSTRAINT received_long_ago"),
+], ids=["not-null-column", "check-no-record-passes"])
+def test_a_table_that_refuses_every_record_keeps_the_spool_and_backs_off(spool_dir, deploy_change, change, records):
+    """A refusal that is the table's, not the records': every record was sent to rejected/, the
+    segments deleted, ship() counted them as shipped and the spool gauges read 0."""
+    customer = uuid.uuid4()
+    Spool(spool_dir, segment_records=1000).append(usage(customer))  # shipped before the deploy
+    assert Shipper(spool_dir, batch_records=1000).ship(conninfo=staging_conninfo()) == 1
+    deploy_change(*change)
+    spool = Spool(spool_dir, segment_records=1000)
+    for _ in range(records):
+        spool.append(usage(customer))
+    shipper = Shipper(spool_dir, batch_records=1000)
+    with pytest.raises(ShipError, match="refuse"):
+        shipper.ship(conninfo=staging_conninfo())
+    assert count(customer) == 1 and shipper.pending() == 1
+    assert not (spool_dir / "rejected").exists()
+    shipper.close()
+    deploy_change.fix()  # another deploy fixes the table: everything ships by itself
+    assert shipper.ship(conninfo=staging_conninfo()) == records
+    shipper.close()
+    assert count(customer) == 1 + records and shipper.pending() == 0
+
+
+def test_ship_counts_only_the_rows_it_inserted(spool_dir):
+    """Rows the table refused (here a NUL byte, which passes the record's own checks) were counted as
+    shipped."""
+    import json
+
+    customer = uuid.uuid4()
+    refused = {**usage(customer), "request_id": "a\u0000b"}
+    (spool_dir / "a-1-x-000001.jsonl").write_bytes(
+        "".join(json.dumps(r) + "\n" for r in (usage(customer), refused, usage(customer))).encode())
+    shipper = Shipper(spool_dir, batch_records=1000)
+    assert shipper.ship(conninfo=staging_conninfo()) == 2
+    shipper.close()
+    assert count(customer) == 2
+    assert (spool_dir / "rejected" / "a-1-x-000001.jsonl").read_text().count("\n") == 1
+
+
+def test_records_set_aside_are_counted_by_the_spool_gauges(spool_dir):
+    import json
+
+    from controlplane.metrics import SpoolCollector
+
+    (spool_dir / "rejected").mkdir()
+    (spool_dir / "rejected" / "a-1-x-000001.jsonl").write_text(json.dumps(usage(uuid.uuid4())) + "\n{}\n")
+    (spool_dir / "bad").mkdir()
+    (spool_dir / "bad" / "b-1-x-000001.jsonl").mkdir()  # unreadable: counted as one
+    (spool_dir / "bad" / "c-1-x-000001.jsonl").write_text("{}\n{}\n{}\n")
+    samples = {(f.name, tuple(s.labels.items())): s.value for f in SpoolCollector(lambda: str(spool_dir)).collect()
+               for s in f.samples}
+    assert samples[("resizer_metering_spool_set_aside_records", (("place", "rejected"),))] == 2
+    assert samples[("resizer_metering_spool_set_aside_records", (("place", "bad"),))] == 4
+    assert samples[("resizer_metering_spool_segments", ())] == 0
+
+
+def test_rejected_records_are_reshipped_by_the_management_command(spool_dir, settings, deploy_change):
+    """After the cause is fixed, `manage.py metering_reship_rejected` moves rejected/ back into the spool
+    and ships it; what the table still refuses is set aside again."""
+    import io
+    import json
+
+    from django.core.management import call_command
+
+    customer = uuid.uuid4()
+    deploy_change("ALTER TABLE metering_usagerecord ADD CONSTRAINT no_png CHECK (input_format <> 'png') NOT VALID",
+                  "ALTER TABLE metering_usagerecord DROP CONSTRAINT no_png")
+    (spool_dir / "a-1-x-000001.jsonl").write_bytes(
+        "".join(json.dumps(usage(customer, input_format=f)) + "\n" for f in ("png", "jpeg", "png")).encode()
+        + (json.dumps({**usage(customer), "customer_id": "x"}) + "\n").encode())
+    assert Shipper(spool_dir, batch_records=1000).ship(conninfo=staging_conninfo()) == 1
+    assert (spool_dir / "rejected" / "a-1-x-000001.jsonl").read_text().count("\n") == 3
+    deploy_change.fix()
+    settings.METERING_SPOOL_DIR = str(spool_dir)
+    out = io.StringIO()
+    call_command("metering_reship_rejected", stdout=out)
+    assert json.loads(out.getvalue()) == {"moved": 1, "inserted": 2}
+    assert count(customer) == 3
+    # The record no table takes is set aside again, under its new segment's name.
+    assert [p.read_text().count("\n") for p in (spool_dir / "rejected").iterdir()] == [1]

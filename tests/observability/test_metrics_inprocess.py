@@ -74,7 +74,8 @@ def test_spool_lag_is_the_oldest_unshipped_record(tmp_path):
 
     collector = SpoolCollector(lambda: str(tmp_path))
     values = {f.name: f.samples[0].value for f in collector.collect()}
-    assert values == {"resizer_metering_spool_oldest_record_age_seconds": 0.0, "resizer_metering_spool_segments": 0}
+    assert values == {"resizer_metering_spool_oldest_record_age_seconds": 0.0, "resizer_metering_spool_segments": 0,
+                      "resizer_metering_spool_set_aside_records": 0}  # (its first sample: rejected/)
     segment("host-1-aaaa-000001.jsonl", 30)
     segment("host-2-bbbb-000001.jsonl", 300)
     (tmp_path / "host-3-cccc-000001.jsonl").write_bytes(b"")  # a segment just created, no record yet
