@@ -65,6 +65,10 @@ class PricePlanAdmin(admin.ModelAdmin):
     list_display = ("name", "currency", "is_default")
     inlines = [PriceTierInline]
 
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # The default plan is never deleted (models.py refuses it too): billing opens every period with it.
+        return not (obj is not None and obj.is_default) and super().has_delete_permission(request, obj)
+
     def save_model(self, request: HttpRequest, obj: PricePlan, form: Any, change: bool) -> None:
         if obj.is_default:  # inside the admin's transaction: the old default is unticked with this save
             PricePlan.objects.filter(is_default=True).exclude(pk=obj.pk).update(is_default=False)

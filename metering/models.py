@@ -2,6 +2,8 @@
 billing periods with their invoice lines and appended adjustments, and the archive's file index."""
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import models
 from django.db.models.functions import Now
 
@@ -91,9 +93,27 @@ class Watermark(models.Model):
     value = models.DateTimeField()
 
 
+def _refuse_deleting_the_default(plans: Any) -> None:
+    """Billing opens every period with the default plan: deleted (allowed while no period used it),
+    periods opened with no plan and finalizing them failed every run. Checked before anything is
+    deleted, so the caller's transaction stays usable."""
+    default = [plan for plan in plans if plan.is_default]
+    if default:
+        raise models.ProtectedError("the default price plan cannot be deleted: make another plan the default first",
+                                    set(default))
+
+
+class PricePlanQuerySet(models.QuerySet):
+    def delete(self) -> tuple[int, dict[str, int]]:
+        _refuse_deleting_the_default(self.filter(is_default=True))
+        return super().delete()
+
+
 class PricePlan(models.Model):
     """Prices per axis, in graduated tiers. Treat a plan that has billed as frozen: finalized
-    periods keep a copy of the tiers they were priced with."""
+    periods keep a copy of the tiers they were priced with. The default plan cannot be deleted."""
+
+    objects = PricePlanQuerySet.as_manager()
 
     name = models.CharField(max_length=100, unique=True)
     currency = models.CharField(max_length=3, default="USD")
@@ -106,6 +126,10 @@ class PricePlan(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        _refuse_deleting_the_default(PricePlan.objects.filter(pk=self.pk, is_default=True))
+        return super().delete(*args, **kwargs)
 
 
 class PriceTier(models.Model):

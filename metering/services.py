@@ -286,6 +286,7 @@ def billing_run(*, today: date | None = None) -> dict[str, Any]:
     finalized period later. Every step is idempotent; runs are serialized with the rollup (a run that
     waited METERING_LOCK_WAIT_SECONDS for the lock is skipped: the next one does the same work)."""
     counts = {"opened": 0, "grace": 0, "finalized": 0, "adjusted": 0}
+    failed = 0
     with transaction.atomic(), connection.cursor() as cursor:
         run_at = _locked_clock(cursor, AGGREGATION_LOCK)
         today = today or run_at.date()
@@ -304,12 +305,23 @@ def billing_run(*, today: date | None = None) -> dict[str, Any]:
             status=BillingPeriod.Status.GRACE)
         due = today - timedelta(days=settings.BILLING_GRACE_DAYS)
         for period in BillingPeriod.objects.filter(status=BillingPeriod.Status.GRACE, end__lte=due):
-            billing_period_finalize(period=period, at=run_at)
+            # A savepoint per period: one that cannot be priced (no plan, say) stays in grace, logged,
+            # and is tried again next run; until 2026-11-22 it rolled back every customer's invoice, every run.
+            try:
+                with transaction.atomic():
+                    billing_period_finalize(period=period, at=run_at)
+            except Exception:  # noqa: BLE001 - whatever it is, the other customers are billed
+                log.exception("billing: period %s (customer %s, %s) not finalized; it stays in grace",
+                              period.pk, period.customer_id, f"{period.start:%Y-%m}")
+                failed += 1
+                continue
             counts["finalized"] += 1
         cursor.execute(_TO_RECONCILE_SQL, {"since": since})
         for (period_id,) in cursor.fetchall():
             counts["adjusted"] += billing_period_reconcile(period=BillingPeriod.objects.get(pk=period_id), at=run_at)
         Watermark.objects.update_or_create(name="billing", defaults={"value": run_at})
+    if failed:
+        counts["not_finalized"] = failed
     return counts
 
 

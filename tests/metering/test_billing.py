@@ -275,3 +275,47 @@ def test_usage_of_a_deleted_customer_is_reported_not_dropped_in_silence(caplog):
     with caplog.at_level("WARNING", logger="metering.services"):
         services.billing_run(today=START)
     assert any(str(gone) in r.getMessage() and "not billed" in r.getMessage() for r in caplog.records)
+
+
+def test_the_default_plan_cannot_be_deleted_in_admin_or_anywhere(standard_plan, admin_client):
+    """Deleting the default before any period used it was allowed (PROTECT guards only plans in use):
+    periods then opened with no plan, and finalizing them failed every billing run."""
+    from django.db.models import ProtectedError
+
+    page = admin_client.post(f"/admin/metering/priceplan/{standard_plan.pk}/delete/", {"post": "yes"})
+    assert page.status_code == 403
+    bulk = admin_client.post("/admin/metering/priceplan/", {"action": "delete_selected", "post": "yes",
+                                                            "_selected_action": [standard_plan.pk]})
+    assert bulk.status_code == 403  # perms_needed: the default is among them
+    assert PricePlan.objects.filter(pk=standard_plan.pk, is_default=True).exists()
+    with pytest.raises(ProtectedError):
+        standard_plan.delete()
+    with pytest.raises(ProtectedError):
+        PricePlan.objects.filter(pk=standard_plan.pk).delete()
+    assert PricePlan.objects.filter(pk=standard_plan.pk).exists()
+    draft = PricePlan.objects.create(name="draft")  # any other plan not in use still goes
+    assert admin_client.post(f"/admin/metering/priceplan/{draft.pk}/delete/", {"post": "yes"}).status_code == 302
+    assert not PricePlan.objects.filter(pk=draft.pk).exists()
+
+
+def test_one_period_that_cannot_be_priced_does_not_stop_the_others(customer, tiny_plan, standard_plan, caplog):
+    """All due periods were finalized in one transaction: one raising NoPricePlan (opened while no plan
+    was the default) rolled back every customer's invoice, every run."""
+    from identity.services import customer_create
+
+    unpriced = customer_create(name="no-plan")
+    PricePlan.objects.filter(pk=standard_plan.pk).update(is_default=False)  # as if the default were gone
+    insert(usage(customer.id, at=AT), usage(unpriced.id, at=AT))
+    services.usage_rollup()
+    services.billing_run(today=START)
+    assert BillingPeriod.objects.get(customer=unpriced).plan is None
+    result = services.billing_run(today=END + timedelta(days=30))
+    assert (result["finalized"], result["not_finalized"]) == (1, 1)
+    assert BillingPeriod.objects.get(customer=customer).status == "finalized"
+    stuck = BillingPeriod.objects.get(customer=unpriced)
+    assert stuck.status == "grace" and not stuck.lines.exists()
+    assert "not finalized" in caplog.text and "NoPricePlan" in caplog.text
+    # Once a plan can price it, the next run finalizes it.
+    PricePlan.objects.filter(pk=standard_plan.pk).update(is_default=True)
+    assert services.billing_run(today=END + timedelta(days=31))["finalized"] == 1
+    assert BillingPeriod.objects.get(customer=unpriced).status == "finalized"
