@@ -65,6 +65,12 @@ class PricePlanAdmin(admin.ModelAdmin):
     list_display = ("name", "currency", "is_default")
     inlines = [PriceTierInline]
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        # Its currency, like its tiers, prices invoices being computed: frozen once the plan is in use
+        # (until 2026-11-22 it could be edited, re-denominating open periods' amounts).
+        fields = super().get_readonly_fields(request, obj)
+        return (*fields, "currency") if _plan_in_use(obj) else fields
+
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # The default plan is never deleted (models.py refuses it too): billing opens every period with it.
         return not (obj is not None and obj.is_default) and super().has_delete_permission(request, obj)

@@ -319,3 +319,20 @@ def test_one_period_that_cannot_be_priced_does_not_stop_the_others(customer, tin
     PricePlan.objects.filter(pk=standard_plan.pk).update(is_default=True)
     assert services.billing_run(today=END + timedelta(days=31))["finalized"] == 1
     assert BillingPeriod.objects.get(customer=unpriced).status == "finalized"
+
+
+def test_a_plan_in_use_has_a_frozen_currency(customer, standard_plan, admin_client):
+    """Tiers froze once a plan was in use, its currency did not: an edit re-denominated the amounts
+    of every period the plan prices."""
+    form = {"name": "standard", "currency": "EUR", "is_default": "on", "tiers-TOTAL_FORMS": "0",
+            "tiers-INITIAL_FORMS": "0", "tiers-MIN_NUM_FORMS": "0", "tiers-MAX_NUM_FORMS": "1000"}
+    draft = PricePlan.objects.create(name="draft")  # not in use: its currency can still change
+    saved = admin_client.post(f"/admin/metering/priceplan/{draft.pk}/change/", {**form, "name": "draft", "is_default": ""})
+    assert saved.status_code == 302 and PricePlan.objects.get(pk=draft.pk).currency == "EUR"
+    insert(usage(customer.id, at=AT))
+    services.usage_rollup()
+    services.billing_run(today=START)  # opens a period with the default plan
+    page = admin_client.get(f"/admin/metering/priceplan/{standard_plan.pk}/change/")
+    assert page.status_code == 200 and b'name="currency"' not in page.content
+    admin_client.post(f"/admin/metering/priceplan/{standard_plan.pk}/change/", form)
+    assert PricePlan.objects.get(pk=standard_plan.pk).currency == "USD"
