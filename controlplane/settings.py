@@ -241,6 +241,12 @@ METERING_ARCHIVE_AFTER_DAYS = env_int("METERING_ARCHIVE_AFTER_DAYS", 62, minimum
 METERING_ARCHIVE_URL = env_str("METERING_ARCHIVE_URL", f"file://{BASE_DIR / 'var' / 'archive'}")
 # A billing period stays in grace (late usage still lands on its invoice) this long after it ends.
 BILLING_GRACE_DAYS = env_int("BILLING_GRACE_DAYS", 3, minimum=0)
+# The rollup ignores events older than the archive age minus a day: a period's first day must still be
+# rolled up when the period finalizes, up to 31 + BILLING_GRACE_DAYS days later.
+if METERING_ARCHIVE_AFTER_DAYS <= 31 + BILLING_GRACE_DAYS + 1:
+    raise ValueError(
+        f"METERING_ARCHIVE_AFTER_DAYS={METERING_ARCHIVE_AFTER_DAYS} must exceed 31 + BILLING_GRACE_DAYS + 1"
+        f" ({31 + BILLING_GRACE_DAYS + 1}): usage of a month must still be rolled up when its invoice is finalized")
 
 # The broker, queue, publish and attempt settings live in celeryconfig.py (one place for the queue).
 

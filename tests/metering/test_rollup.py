@@ -67,11 +67,27 @@ def test_a_late_record_is_added_to_its_own_window_only():
     assert [w for w in snapshot(customer) if w["window_start"] >= T0.replace(hour=0)] == on_time
 
 
-def test_records_older_than_the_archive_horizon_are_not_rolled_up(settings):
+def test_records_older_than_the_archive_horizon_are_not_rolled_up_and_said_so(settings, caplog):
+    """They were dropped in silence: now logged and counted in the run's result."""
     customer = uuid.uuid4()
     insert(usage(customer, at=datetime.now(timezone.utc) - timedelta(days=settings.METERING_ARCHIVE_AFTER_DAYS)))
-    services.usage_rollup()
+    result = services.usage_rollup()
     assert not snapshot(customer)
+    assert result["too_old"] == 1 and "arrived after the rollup horizon" in caplog.text
+
+
+@pytest.mark.parametrize("env", [{"METERING_ARCHIVE_AFTER_DAYS": "35"},
+                                 {"BILLING_GRACE_DAYS": "30"}])
+def test_settings_refuse_an_archive_age_that_would_leave_a_period_unrolled(env):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", "import controlplane.settings"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, **env})
+    assert proc.returncode != 0 and "must exceed 31 + BILLING_GRACE_DAYS + 1" in proc.stderr
 
 
 @pytest.mark.django_db(transaction=True)
