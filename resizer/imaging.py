@@ -404,10 +404,20 @@ def _gif_check(data: bytes, limits: Limits) -> None:
 _JPEG_MAX_SEGMENTS = 1_000
 _JPEG_MAX_FILL = 4_096
 _JPEG_FILL = re.compile(rb"\xff+")
+# Scans, counted as SOS markers from the first one to the end of the file (0xFF in entropy-coded data
+# is stuffed as FF 00, so the count is exact but for a COM or APPn segment between scans that happens
+# to hold FF DA: an overcount, never an undercount). libjpeg writes 10 scans for a progressive colour
+# image (6 grey), mozjpeg's scan search about as many, jpegtran scripts rarely more than a few dozen;
+# an MPO's second picture adds its own. libjpeg walks every block of the image again for each scan,
+# even a bogus repeated one (a warning only), in one C call no time limit can interrupt: 3,000 copies
+# of a 31-byte scan on a 4000x4000 grey image cost ~3.7 s of worker CPU. At this bound a 50 MP image
+# costs about a second at worst.
+_JPEG_MAX_SCANS = 256
 
 
 def _jpeg_check(data: bytes) -> None:
-    """Refuse a JPEG whose header (SOI to the first scan) is flooded with segments or fill bytes."""
+    """Refuse a JPEG whose header (SOI to the first scan) is flooded with segments or fill bytes, or
+    which holds more scans than any encoder writes."""
     position, segments, fill = 2, 0, 0
     while position < len(data) and data[position] == 0xFF:
         run = _JPEG_FILL.match(data, position)
@@ -418,7 +428,12 @@ def _jpeg_check(data: bytes) -> None:
         if run.end() >= len(data):
             return  # cut short: Pillow says so
         marker = data[run.end()]
-        if marker in (0xDA, 0xD9):  # start of scan, end of image: the header is over
+        if marker == 0xDA:  # start of scan: the header is over
+            scans = data.count(b"\xff\xda", run.end() - 1)
+            if scans > _JPEG_MAX_SCANS:
+                raise CorruptImage(f"the JPEG has {scans} scans; at most {_JPEG_MAX_SCANS} are accepted")
+            return
+        if marker == 0xD9:  # end of image
             return
         segments += 1
         if segments > _JPEG_MAX_SEGMENTS:

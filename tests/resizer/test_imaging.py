@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -1084,3 +1085,23 @@ def test_output_check_refuses_only_what_no_orientation_allows():
     output_check(Params(width=8192, fit="inside", enlarge=True), landscape)  # 8192x5461 this way up
     with pytest.raises(OutputTooLarge):
         output_check(Params(width=8192, height=8192, fit="fill"), landscape)  # 67 MP either way
+
+
+def _jpeg_of_scans(extra: int) -> bytes:
+    """A small progressive JPEG with its second scan (an AC scan) repeated `extra` more times."""
+    base = encode(Image.new("L", (64, 64), 128), "JPEG", progressive=True, quality=90)
+    second, third = [m.start() for m in re.finditer(rb"\xff\xda", base)][1:3]
+    return base[:-2] + base[second:third] * extra + b"\xff\xd9"
+
+
+def test_a_progressive_jpeg_of_countless_scans_is_refused_before_decoding(monkeypatch):
+    """libjpeg walks every block again for each scan, even a bogus repeat (a warning only), in one C
+    call: 3,000 copies of a 31-byte scan on a 4000x4000 grey image cost ~3.7 s of worker CPU."""
+    assert decode(_jpeg_of_scans(200)).size == (64, 64)  # libjpeg takes such a file, warning only
+    assert resize(_jpeg_of_scans(200), Params(width=8)).output.width == 8  # within the bound
+    assert probe(corpus("hubble-progressive.jpg")).format == "jpeg"  # a real progressive file: 10 scans
+    flood = _jpeg_of_scans(300)
+    _refuse_decoding(monkeypatch)
+    for call in (lambda: probe(flood), lambda: resize(flood, Params(width=8))):
+        with pytest.raises(CorruptImage, match="scans"):
+            call()
