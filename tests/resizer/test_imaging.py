@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from PIL import EpsImagePlugin, Image, ImageChops, ImageDraw, ImageFile, ImageStat
+from PIL import EpsImagePlugin, Image, ImageChops, ImageDraw, ImageFile, ImageStat, JpegImagePlugin
 
 from resizer.imaging import (
     FITS,
@@ -1105,3 +1105,25 @@ def test_a_progressive_jpeg_of_countless_scans_is_refused_before_decoding(monkey
     for call in (lambda: probe(flood), lambda: resize(flood, Params(width=8))):
         with pytest.raises(CorruptImage, match="scans"):
             call()
+
+
+def _jpeg_with_junk(junk: bytes) -> bytes:
+    """A small JPEG with `junk` between its APP0 segment and the next."""
+    good = encode(Image.new("RGB", (8, 8), "red"), "JPEG")
+    cut = 4 + int.from_bytes(good[4:6], "big")
+    return good[:cut] + junk + good[cut:]
+
+
+@pytest.mark.parametrize("junk,times", [(b"\x00", 1_000_000), (b"\xff\x00", 500_000),
+                                        (b"\x00\xff\xfe\x00\x02", 2_000)])  # junk hid a segment flood
+def test_junk_between_jpeg_segments_is_refused_before_pillow_walks_it(junk, times, monkeypatch):
+    """_jpeg_check stopped at the first byte that is not 0xFF, and Pillow skips such junk (and FF 00)
+    one byte per Python loop: 26 MB of zeros cost ~1.7 s of the API's CPU in probe()."""
+    assert probe(_jpeg_with_junk(junk * 20)).width == 8  # a little junk is read past, as libjpeg does
+    assert probe(_jpeg_with_junk(b"\x00" * 60_000)).width == 8
+
+    def walk(self):
+        raise AssertionError("Pillow walked the header")
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "_open", walk)
+    with pytest.raises(CorruptImage):
+        probe(_jpeg_with_junk(junk * times))
