@@ -433,6 +433,21 @@ def test_transparent_animation_keeps_transparency(fmt):
     assert out[1].getpixel((5, 10))[3] == 0 and out[1].getpixel((35, 10))[3] == 255
 
 
+@pytest.mark.parametrize("band", [(0, 0, 39, 3), (0, 0, 2, 39), (0, 36, 39, 39)])
+def test_opaque_black_at_a_later_gif_frame_s_edge_is_not_cut_away(band):
+    """With disposal 2, Pillow's GIF writer crops a later frame to where it differs from the first
+    frame's transparent index, and compared colours: that entry was black, so a later frame's opaque
+    black edge rows (or columns) fell outside its rectangle and showed transparent."""
+    first = Image.new("RGBA", (40, 40), (200, 30, 30, 255))
+    first.putpixel((20, 20), (0, 0, 0, 0))
+    second = Image.new("RGBA", (40, 40), (30, 200, 30, 255))
+    ImageDraw.Draw(second).rectangle(band, fill=(0, 0, 0, 255))
+    apng = encode(first, "PNG", save_all=True, append_images=[second], duration=[200, 200], loop=0)
+    out = frames_of_rgba(resize(apng, Params(width=40, format="gif")).data)
+    assert out[0].getpixel((20, 20))[3] == 0 and out[0].getpixel((0, 0)) == (200, 30, 30, 255)
+    assert out[1].getpixel(band[:2]) == (0, 0, 0, 255) and out[1].getpixel((20, 20)) == (30, 200, 30, 255)
+
+
 def frames_of_rgba(data: bytes) -> list[Image.Image]:
     im = Image.open(io.BytesIO(data))
     out = []
