@@ -876,6 +876,15 @@ _MAX_FRAME_MS = {"gif": 655_350, "png": 65_535, "webp": 16_777_215}
 _MAX_PLAYS = 65_535  # GIF's loop count and the others' play count are 16-bit in practice
 
 
+def _gif_delay(ms: int) -> int:
+    """A frame's duration as a GIF can hold it: centiseconds, rounded (Pillow truncates: 33 ms became
+    30), and at least 20 ms, since browsers play 0 and 10 ms as 100 ms (a 16 ms frame of a 60 fps WebP
+    played six times too slowly). 0 stays 0, as the input asked (browsers' 100 ms either way)."""
+    if ms <= 0:
+        return 0
+    return min(max(20, (ms + 5) // 10 * 10), _MAX_FRAME_MS["gif"])
+
+
 def _plays(input_format: str, loop: Any) -> int:
     """How many times the input animation plays (0: forever). Pillow's `loop` is a GIF's NETSCAPE
     repeat count (N repeats = N + 1 plays; no block = once) but WebP's and APNG's play count; AVIF's
@@ -903,7 +912,7 @@ def _encode(
         # or exif straight from it: start clean so no metadata reaches the output.
         frame.info = {"transparency": frame.info["transparency"]} if "transparency" in frame.info else {}
     if len(frames) > 1:
-        durations = [min(max(0, d), _MAX_FRAME_MS[fmt]) for d in durations]
+        durations = [_gif_delay(d) if fmt == "gif" else min(max(0, d), _MAX_FRAME_MS[fmt]) for d in durations]
         plays = min(plays, _MAX_PLAYS)
         options.update(save_all=True, append_images=frames[1:], duration=durations)
         if fmt == "gif":

@@ -395,6 +395,22 @@ def test_durations_and_play_counts_past_a_format_s_fields_are_clamped_not_500(fm
     assert _plays_of(resize(many_plays, Params(width=10, format=fmt)).data) == 65_535
 
 
+@pytest.mark.parametrize("given,written", [(0, 0), (5, 20), (10, 20), (16, 20), (24, 20), (25, 30), (33, 30),
+                                           (35, 40), (1_000_000, 655_350)])
+def test_gif_frame_delays_are_rounded_and_never_below_what_browsers_play(given, written):
+    """GIF delays are centiseconds: Pillow truncated (33 ms became 30) and a 16 ms frame became 10 ms,
+    which browsers play at 100 ms (six times too slow). 0 stays 0."""
+    frames = [Image.new("RGB", (20, 10), (i * 80, 0, 0)) for i in range(3)]
+    webp = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=[given, 100, given],
+                  loop=0, lossless=True)
+    out = Image.open(io.BytesIO(resize(webp, Params(width=20, format="gif")).data))
+    delays = []
+    for i in range(out.n_frames):
+        out.seek(i)
+        delays.append(out.info.get("duration"))
+    assert delays == [written, 100, written]
+
+
 @pytest.mark.parametrize("fmt", ["gif", "webp", "png"])
 def test_an_apng_s_default_image_is_not_an_animation_frame(fmt):
     """The IDAT image of an APNG with default_image is the still fallback for viewers without APNG;
