@@ -876,6 +876,25 @@ _MAX_FRAME_MS = {"gif": 655_350, "png": 65_535, "webp": 16_777_215}
 _MAX_PLAYS = 65_535  # GIF's loop count and the others' play count are 16-bit in practice
 
 
+def _gif_merge_repeats(frames: list[Image.Image], durations: list[int]) -> tuple[list[Image.Image], list[int]]:
+    """Consecutive frames that look the same (after the resize and the palette) as one frame, shown
+    for their summed duration. Pillow's GIF writer merges them itself, but adds the durations after
+    they were clamped to the 16-bit field: two identical 400 s frames overflowed it ('int too big to
+    convert', a 422 for a valid input). Merged here, the sum is clamped like any other delay; frames
+    left unmerged here differ in some pixel, so the writer merges none (it compares palette indices
+    or, when the palettes differ, RGBA as here)."""
+    kept, kept_durations, previous = [frames[0]], [max(0, durations[0])], frames[0].convert("RGBA")
+    for frame, duration in zip(frames[1:], durations[1:], strict=True):
+        pixels = frame.convert("RGBA")  # as much memory as the writer's own comparison takes
+        if not ImageChops.difference(pixels, previous).getbbox(alpha_only=False):
+            kept_durations[-1] += max(0, duration)
+            continue
+        kept.append(frame)
+        kept_durations.append(max(0, duration))
+        previous = pixels
+    return kept, kept_durations
+
+
 def _gif_delay(ms: int) -> int:
     """A frame's duration as a GIF can hold it: centiseconds, rounded (Pillow truncates: 33 ms became
     30), and at least 20 ms, since browsers play 0 and 10 ms as 100 ms (a 16 ms frame of a 60 fps WebP
@@ -898,13 +917,15 @@ def _plays(input_format: str, loop: Any) -> int:
 
 def _encode(
     frames: list[Image.Image], fmt: str, quality: int | None, durations: list[int], plays: int,
-) -> tuple[bytes, Image.Image]:
-    """Encoded bytes, and the first frame as it was handed to the encoder."""
+) -> tuple[bytes, Image.Image, int]:
+    """Encoded bytes, the first frame as it was handed to the encoder, and how many frames were written."""
     options = dict(ENCODER_DEFAULTS[fmt])
     if quality is not None and fmt in _LOSSY:
         options["quality"] = quality
     if fmt == "gif":
         frames = [_gif_frame(f) for f in frames]
+        if len(frames) > 1:
+            frames, durations = _gif_merge_repeats(frames, durations)
         if len(frames) > 1 and "transparency" in frames[0].info:
             frames = _gif_key_colour(frames)
     for frame in frames:
@@ -929,7 +950,7 @@ def _encode(
         # pixels, leaves VP8X's alpha flag clear, so decoders treat the uncovered (transparent)
         # canvas as opaque. The spec says the flag is set if any frame has transparency: set it.
         data = data[:20] + bytes([data[20] | 0x10]) + data[21:]
-    return data, frames[0]
+    return data, frames[0], len(frames)
 
 
 # --- the pipeline -------------------------------------------------------------------------------
@@ -1047,9 +1068,9 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
             frames = [f.convert("RGBA" if clear else "RGB") for f in frames]
 
     try:
-        out, first = _encode(frames, fmt, params.quality, durations, _plays(facts.format, loop))
+        out, first, written = _encode(frames, fmt, params.quality, durations, _plays(facts.format, loop))
     except _DECODE_ERRORS as e:  # an encoder's refusal (a value its format cannot hold) is a 422, not a 500
         raise CorruptImage(f"could not encode the image as {fmt}: {e}") from e
     has_alpha = first.mode in _ALPHA_MODES or "transparency" in first.info
-    output = ImageFacts(fmt, first.width, first.height, len(out), len(frames), first.mode, has_alpha)
+    output = ImageFacts(fmt, first.width, first.height, len(out), written, first.mode, has_alpha)
     return Result(out, CONTENT_TYPES[fmt], facts, output, time.thread_time() - started)
