@@ -611,6 +611,16 @@ def _png_grey_transparency(im: Image.Image, data: bytes) -> None:
         im.info["transparency"] = clear * (255 // ((1 << depth) - 1))
 
 
+def _png_rgb16_transparency(im: Image.Image, data: bytes) -> None:
+    """A 16-bit RGB PNG's tRNS colour on the 8-bit scale Pillow decodes its samples to (their high
+    bytes): Pillow keeps the 16-bit key, which then matched nothing, and the transparent pixels came
+    out opaque. Approximate, as well as 8-bit samples allow: a pixel whose high bytes match the key's
+    is transparent whatever its low bytes, so up to 255 near colours per channel go with it."""
+    key = im.info.get("transparency")
+    if data[24] == 16 and data[25] == 2 and isinstance(key, tuple) and len(key) == 3:
+        im.info["transparency"] = tuple(v >> 8 for v in key)
+
+
 def _working_mode(im: Image.Image) -> Image.Image:
     """A mode Pillow can resample properly: L, LA, RGB, RGBA or CMYK (palette resizes as nearest)."""
     mode = im.mode
@@ -994,6 +1004,7 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
             # an output too large either way up before paying for that decode.
             output_check(params, facts, limits)
             im.load()
+            _png_rgb16_transparency(im, data)  # once: an APNG's frames share this info dict
         if facts.format == "tiff":
             # Pillow turns a TIFF upright on load by getexif(), which falls back to an XMP orientation,
             # while its size at open followed the EXIF tag alone: the picture turned under a canvas of

@@ -1099,6 +1099,25 @@ def test_a_low_bit_grey_png_keeps_its_transparent_grey(depth, clear):
     assert on_red.getpixel((7, 0))[0] < 60  # the opaque black pixels stay black
 
 
+def test_a_16_bit_rgb_png_keeps_its_transparent_colour():
+    """Pillow decodes a 16-bit RGB PNG's samples to their high bytes but keeps its 16-bit tRNS key,
+    which then matched nothing: the transparent pixels came out opaque, (128, 18, 86)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    key, blue = b"\x80\x80\x12\x34\x56\x78", b"\x00\x00\x00\x00\xff\xff"
+    rows = b"".join(b"\0" + key * 2 + blue * 2 for _ in range(4))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0))
+           + chunk(b"tRNS", key) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    assert probe(png).has_alpha
+    for fmt in ("png", "webp"):
+        out = decode(resize(png, Params(width=4, format=fmt)).data).convert("RGBA")
+        assert out.getpixel((0, 0))[3] == 0 and close(list(out.getpixel((3, 0))), [0, 0, 255, 255], 8)
+    on_red = decode(resize(png, Params(width=4, format="jpeg", background="ff0000")).data).convert("RGB")
+    assert close(list(on_red.getpixel((0, 0))), [255, 0, 0], 40) and on_red.getpixel((3, 0))[2] > 200
+
+
 def _pack_bits(values: list[int], depth: int) -> bytes:
     bits = "".join(format(v, f"0{depth}b") for v in values)
     bits += "0" * (-len(bits) % 8)
