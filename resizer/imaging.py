@@ -621,6 +621,13 @@ def _png_rgb16_transparency(im: Image.Image, data: bytes) -> None:
         im.info["transparency"] = tuple(v >> 8 for v in key)
 
 
+def _tiff_bits(im: Image.Image) -> int:
+    """A 16-bit-mode image's bits a sample: a TIFF's BitsPerSample when it says 9 to 15, else 16."""
+    bits = getattr(im, "tag_v2", {}).get(258) if im.format == "TIFF" else None
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    return bits if isinstance(bits, int) and 9 <= bits <= 16 else 16
+
+
 def _working_mode(im: Image.Image) -> Image.Image:
     """A mode Pillow can resample properly: L, LA, RGB, RGBA or CMYK (palette resizes as nearest)."""
     mode = im.mode
@@ -634,9 +641,12 @@ def _working_mode(im: Image.Image) -> Image.Image:
         return im.convert(mode.upper())
     if mode.startswith("I;16"):
         # 16-bit samples become 8-bit by v/256, always: a plain convert("L") clips them to white, and
-        # guessing from the brightest sample would make a dark 16-bit image (all <= 255) white.
+        # guessing from the brightest sample would make a dark 16-bit image (all <= 255) white. A TIFF
+        # of fewer bits a sample (12: scientific and medical cameras) is also I;16 in Pillow, with
+        # values up to 2^bits - 1: scaled by its declared depth (v/16 at 12 bits; it came out nearly black).
         grey = im.convert("I")
-        out = grey.point(lambda v: v / 256).convert("L")
+        scale = 1 << (_tiff_bits(im) - 8)
+        out = grey.point(lambda v: v / scale).convert("L")
         out.info.pop("transparency", None)  # a 16-bit tRNS value means nothing to an 8-bit image
         clear = im.info.get("transparency")
         if isinstance(clear, int):

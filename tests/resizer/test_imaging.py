@@ -1130,6 +1130,31 @@ def test_a_float_tiff_on_the_zero_to_one_scale_is_not_black():
     assert out.getextrema()[1] > 200
 
 
+def _grey_tiff(bits: int, samples: list[int], width: int) -> bytes:
+    """An uncompressed grey TIFF of `bits` bits a sample (Pillow writes no 12-bit TIFF)."""
+    rows = [samples[i:i + width] for i in range(0, len(samples), width)]
+    pixels = b"".join(struct.pack(f"<{width}H", *row) if bits == 16 else _pack_bits(row, bits) for row in rows)
+    tags = [(256, 3, width), (257, 3, len(rows)), (258, 3, bits), (259, 3, 1), (262, 3, 1), (273, 4, 0),
+            (277, 3, 1), (278, 3, len(rows)), (279, 4, len(pixels))]
+    start = 8 + 2 + 12 * len(tags) + 4
+    directory = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHI", tag, kind, 1)
+        + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", start if tag == 273 else value))
+        for tag, kind, value in tags) + b"\0\0\0\0"
+    return b"II*\x00" + struct.pack("<I", 8) + directory + pixels
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_a_grey_tiff_is_scaled_by_its_declared_bit_depth(bits):
+    """Pillow opens a 12-bit grey TIFF as I;16 with values up to 4095; taken as 16-bit (v/256), white
+    came out 15 of 255."""
+    top = (1 << bits) - 1
+    tiff = _grey_tiff(bits, [top, top // 2, 0, top], 2)
+    assert decode(tiff).mode.startswith("I;16")
+    out = decode(resize(tiff, Params(width=2, format="png")).data).convert("L")
+    assert [out.getpixel((x, y)) for y in (0, 1) for x in (0, 1)] == [255, 127, 0, 255]
+
+
 def test_the_colour_transform_cache_keeps_digests_not_profiles():
     """Keyed by the profile's bytes, the cache held up to 32 profiles (~24 MB each in a WebP) alive in
     every worker child; a profile over 1 MB is built for its job and not kept."""
