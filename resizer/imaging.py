@@ -427,11 +427,11 @@ def _jpeg_check(data: bytes) -> None:
         if data[position] != 0xFF:  # junk between segments: Pillow skips it byte by byte, so do we, at C speed
             found = data.find(b"\xff", position)
             junk += (len(data) if found < 0 else found) - position
-            if junk > _JPEG_MAX_JUNK:
-                raise CorruptImage(f"the JPEG has more than {_JPEG_MAX_JUNK} stray bytes between its header segments")
-            if found < 0:
-                return  # cut short: Pillow says so
-            position = found
+            position = len(data) if found < 0 else found
+        if junk > _JPEG_MAX_JUNK:
+            raise CorruptImage(f"the JPEG has more than {_JPEG_MAX_JUNK} stray bytes between its header segments")
+        if position >= len(data):
+            return  # cut short: Pillow says so
         run = _JPEG_FILL.match(data, position)
         assert run is not None
         fill += run.end() - position - 1
@@ -449,8 +449,6 @@ def _jpeg_check(data: bytes) -> None:
             return
         if marker == 0x00:  # FF 00 (stuffed 0xFF) outside a scan: Pillow skips it as junk, so do we
             junk += 2
-            if junk > _JPEG_MAX_JUNK:
-                raise CorruptImage(f"the JPEG has more than {_JPEG_MAX_JUNK} stray bytes between its header segments")
             position = run.end() + 1
             continue
         segments += 1
