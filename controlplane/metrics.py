@@ -127,12 +127,15 @@ class StageClock:
 
 
 
-def job_stages_observe(job: Job) -> float | None:
+def job_stages_observe(job: Job, published: float) -> float | None:
     """The stages the job document timed (wall clocks of the API and worker hosts): queue_wait
-    (created -> started), processing (started -> finished), result_return (finished -> now).
-    Returns the queue wait in seconds (None when the document lacks it)."""
+    (`published`, the API's wall time when the broker confirmed the message -> started), processing
+    (started -> finished), result_return (finished -> now). Returns the queue wait in seconds (None
+    when the document lacks it). Until 2026-11-22 the queue wait ran from the document's creation,
+    before the input was staged and the message published: a broker slow to confirm showed as queue
+    wait, and admission control (ADR 0007), which follows it, shed `queue_full` with idle workers."""
     started, finished = parse_time(job.started_at), parse_time(job.finished_at)
-    queue_wait = job.queue_wait()
+    queue_wait = max(0.0, started.timestamp() - published) if started else None
     if queue_wait is not None:
         STAGE_SECONDS.labels("queue_wait").observe(queue_wait)
     if started and finished:

@@ -281,13 +281,13 @@ class ResizeView(APIView):
                  clock: metrics.StageClock, slots: admission.Admission) -> HttpResponse:
         if respond_async:
             return _accepted(job, vary)
-        started = time.monotonic()
+        started, published = time.monotonic(), time.time()
         try:
             _wait_finished(job.id, waiter if created else None, settings.SYNC_WAIT_SECONDS)
             current = job_load(staging_store(), job.id) or job
             if current.finished:
                 response = _job_outcome(current, vary, _EXPIRED if created else _REPLAY_EXPIRED)
-                if created and (queue_wait := metrics.job_stages_observe(current)) is not None:
+                if created and (queue_wait := metrics.job_stages_observe(current, published)) is not None:
                     slots.observe_queue_wait(queue_wait)
             else:
                 response = _accepted(current, vary)

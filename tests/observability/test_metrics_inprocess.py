@@ -29,6 +29,35 @@ def _sum(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
+def test_queue_wait_does_not_include_the_apis_own_staging_and_enqueue(api, monkeypatch):
+    """queue_wait ran from the job document's creation, before the input was staged and the message
+    published: a broker slow to confirm showed as queue wait, which admission control follows (ADR
+    0007: it sheds queue_full with idle workers). Found by review; now it runs from the confirm."""
+    import time
+
+    from resizer import services
+
+    original = services._send
+
+    def slow_confirm(job_id, reply_to, timeout):  # type: ignore[no-untyped-def]
+        time.sleep(0.4)  # the broker takes 0.4 s to confirm; the message is not in the queue before
+        original(job_id, reply_to, timeout)
+
+    monkeypatch.setattr(services, "_send", slow_confirm)
+    before = _samples(api)
+    response = api.post("/v1/resize?width=64", data=corpus("photo-256k-0.jpg"), content_type="image/jpeg")
+    assert response.status_code == 200
+    after = _samples(api)
+
+    def grew(stage: str) -> float:
+        name = "resizer_resize_stage_duration_seconds_sum"
+        return _sum(after, name, stage=stage) - _sum(before, name, stage=stage)
+
+    assert grew("enqueue") >= 0.4
+    # The message sat in the queue only until the idle worker took it: far less than the 0.4 s.
+    assert grew("queue_wait") < 0.3, (grew("queue_wait"), grew("enqueue"))
+
+
 def test_metrics_in_one_process_move_with_a_resize(api):
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     before = _samples(api)
