@@ -968,7 +968,15 @@ def _encode(
         # pixels, leaves VP8X's alpha flag clear, so decoders treat the uncovered (transparent)
         # canvas as opaque. The spec says the flag is set if any frame has transparency: set it.
         data = data[:20] + bytes([data[20] | 0x10]) + data[21:]
-    return data, frames[0], len(frames)
+    written = len(frames)
+    if written > 1 and fmt in ("png", "webp"):
+        # Their writers merge frames that come out the same (Pillow's APNG writer: identical pixels;
+        # libwebp: no changed rectangle, within its lossy tolerance) into one, longer frame: the
+        # output's frame count, which output pixels and the bill count, is read back from the file's
+        # chunks (no decoding). It said the frames handed over (3 for 2 written).
+        with Image.open(io.BytesIO(data)) as out:
+            written = int(getattr(out, "n_frames", 1))
+    return data, frames[0], written
 
 
 # --- the pipeline -------------------------------------------------------------------------------

@@ -428,6 +428,19 @@ def test_gif_frames_made_identical_by_the_resize_are_merged_within_the_delay_fie
     assert _gif_delays(result.data) == written and result.output.frames == 2
 
 
+@pytest.mark.parametrize("fmt", ["png", "webp", "gif"])
+def test_the_output_frame_count_is_what_the_file_holds(fmt):
+    """APNG's and WebP's writers merge frames that come out the same into one: the output's facts (and
+    the output pixels billed) counted the frames handed to them, 3 where the file holds 2."""
+    red = Image.new("RGB", (40, 20), "red")
+    dotted = red.copy()
+    dotted.putpixel((39, 10), (0, 0, 255))  # cropped away by cover + west: the same frame as red
+    apng = encode(red, "PNG", save_all=True, append_images=[dotted, Image.new("RGB", (40, 20), "green")],
+                  duration=[100, 100, 100], loop=0)
+    result = resize(apng, Params(width=10, height=10, fit="cover", gravity="west", format=fmt))
+    assert result.output.frames == len(frames_of(result.data)) == 2
+
+
 @pytest.mark.parametrize("fmt", ["gif", "webp", "png"])
 def test_an_apng_s_default_image_is_not_an_animation_frame(fmt):
     """The IDAT image of an APNG with default_image is the still fallback for viewers without APNG;
