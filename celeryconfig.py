@@ -111,6 +111,9 @@ task_reject_on_worker_lost = True
 task_acks_on_failure = True
 task_acks_on_timeout = False
 worker_prefetch_multiplier = 1
+# Celery's prefork pool, plus a count of the children that die (killed, crashed, cut at the hard time
+# limit) kept by the worker's main process: a dead child records nothing itself (docs/adr/0005).
+worker_pool = "controlplane.worker_pool:MeteredTaskPool"
 # A channel the broker closed (a consumer timeout, a queue deleted under the worker) is reopened, as a
 # lost connection is, instead of stopping the worker.
 broker_channel_error_retry = True

@@ -2,12 +2,15 @@
 (WORKER_METRICS_BIND) as the sum of its pool's children (controlplane/metrics_dir.py).
 
 Per delivery of a job: wall and CPU seconds by how it ended, the input and output sizes, the
-failures by their stable code, and how long the job waited in the queue. At scrape time: the
-metering lag of this host's spool. No label carries a customer id.
+failures by their stable code, and how long the job waited in the queue. In the main process: the
+pool's children that died (killed, crashed, or cut at the hard time limit), which never finish their
+own measurements. At scrape time: the metering lag of this host's spool. No label carries a customer id.
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from typing import Any
 
@@ -33,7 +36,45 @@ JOB_QUEUE_WAIT = Histogram("resizer_job_queue_wait_seconds",
                            "From the job's creation by the API to its start on a worker (two hosts' clocks).",
                            ["queue"], buckets=WAIT_BUCKETS)
 JOBS_FAILED = Counter("resizer_jobs_failed", "Jobs that finished failed, by their stable error code.", ["code"])
+# Counted by the worker's main process (controlplane/worker_pool.py): a child that dies mid-job records
+# no duration and no failure of its own, and its job is delivered again (after JOB_MAX_ATTEMPTS such
+# deaths it fails processing_failed, a client-error code).
+CHILD_LOST_REASONS = ("time_limit", "killed", "signal", "exited")
+CHILDREN_LOST = Counter(
+    "resizer_worker_children_lost",
+    "Pool children that died other than by a clean exit or recycling, by reason: time_limit (the worker "
+    "killed it at the task's hard time limit), killed (SIGKILL from elsewhere: the OOM killer, an "
+    "operator), signal (another signal: a segfault, an abort), exited (a non-zero exit status).",
+    ["reason"],
+)
 
+
+def child_lost_reason(exitcode: int | None, *, timed_out: bool) -> str | None:
+    """Why a pool child ended, for CHILDREN_LOST; None for a clean exit (0, or billiard's recycle
+    status 155 after max tasks or memory per child)."""
+    if timed_out:
+        return "time_limit"
+    if exitcode is None or exitcode in (0, 0x9B):
+        return None
+    if exitcode == -signal.SIGKILL:
+        return "killed"
+    return "signal" if exitcode < 0 else "exited"
+
+
+def child_exited(pid: int, exitcode: int | None, *, timed_out: bool = False, controlled: bool = False) -> str | None:
+    """In the worker's main process, once a pool child has been reaped: count it if it died (unless
+    the pool ended it on purpose: a revoke with terminate, a shrink), and drop its live gauges from
+    the metrics directory (a child killed by a signal never ran its own worker_process_shutdown; its
+    counters and histograms stay summed, as they must). Returns the reason counted, if any."""
+    reason = None if controlled and not timed_out else child_lost_reason(exitcode, timed_out=timed_out)
+    if reason is not None:
+        CHILDREN_LOST.labels(reason).inc()
+        log.warning("worker child %s lost (%s, exit status %s)", pid, reason, exitcode)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+    return reason
 
 
 class TaskMeter:
@@ -97,6 +138,8 @@ def exporter_start(bind: str) -> int | None:
         TASK_SECONDS.labels(status)
         TASK_CPU_SECONDS.labels(status)
     JOB_QUEUE_WAIT.labels(celeryconfig.RESIZE_QUEUE)
+    for reason in CHILD_LOST_REASONS:
+        CHILDREN_LOST.labels(reason)
     registry = prometheus_client.CollectorRegistry(auto_describe=False)
     spool = SpoolCollector(lambda: settings.METERING_SPOOL_DIR)
     registry.register(CollectorGroup([process_registry(), spool]))  # type: ignore[arg-type]
