@@ -195,6 +195,12 @@ class TcpProxy:
     def cut(self) -> None:
         with self._lock:
             if self._listener is not None:
+                # shutdown() first: close() alone leaves a thread blocked in accept() on the socket,
+                # which then goes on taking (and forwarding) new connections.
+                try:
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self._listener.close()
                 self._listener = None
             for a, b in self._pairs:
