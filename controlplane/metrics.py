@@ -7,7 +7,8 @@ What is measured here, and why (docs/OPERATIONS.md has what to watch; docs/adr/0
   processing, result_return;
 - at scrape time, shared state no request touches: the resize queue's depth and consumers (a
   passive declare on the broker), the oldest usage record not yet shipped (the metering spool),
-  and the age of the oldest identity snapshot among this server's processes.
+  the age of the oldest identity snapshot among this server's processes, and how long ago beat's
+  metering jobs (rollup, billing, archive) last succeeded (one query of their watermark rows).
 
 Under gunicorn every process writes its values to PROMETHEUS_MULTIPROC_DIR (controlplane/metrics_dir.py)
 and /metrics sums them; in one process (tests, runserver) the default registry serves. No label
@@ -435,6 +436,61 @@ class SpoolCollector:
         yield set_aside
 
 
+# Beat's tasks that leave a row in metering_watermark when a run succeeds: task (the beat entry's
+# task name, last part) -> the row's name. The staging sweep leaves none (docs/OPERATIONS.md).
+PERIODIC_WATERMARKS = {"usage_rollup": "rollup", "billing_run": "billing", "usage_archive": "archive"}
+_PERIODIC_SQL = ("SELECT name, EXTRACT(EPOCH FROM clock_timestamp() - value)::float8 FROM metering_watermark "
+                 "WHERE name = ANY(%s)")
+
+
+def _periodic_ages() -> dict[str, float]:
+    """{watermark name: seconds since it was written}, both times by the database's clock. One query,
+    bounded by a statement timeout (and the connection's connect_timeout, DATABASE_CONNECT_TIMEOUT)."""
+    from django.db import connection, transaction
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"SET LOCAL statement_timeout = {int(PeriodicCollector.timeout_seconds * 1000)}")
+        cursor.execute(_PERIODIC_SQL, [list(PERIODIC_WATERMARKS.values())])
+        return {name: float(age) for name, age in cursor.fetchall()}
+
+
+class PeriodicCollector:
+    """How long ago each periodic metering job last succeeded (the age of its watermark row), and the
+    interval beat runs it at (this node's configuration): beat stopped, a job failing every run, or
+    runs always skipped show as an age growing past a few intervals. No sample for a job that never
+    ran, nor any age when Postgres cannot be read (the scrape itself never fails for it)."""
+
+    timeout_seconds = 1.0
+
+    def __init__(self, read: Callable[[], dict[str, float]] = _periodic_ages) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        import celeryconfig
+
+        try:
+            ages = self.read()
+        except Exception as e:  # Postgres away, a timeout, no table yet: no ages this scrape
+            logging.getLogger(__name__).debug("periodic job ages not read: %s", e)
+            ages = {}
+        age = GaugeMetricFamily("resizer_periodic_last_success_age_seconds",
+                                "Seconds since the periodic job last succeeded (its watermark row in Postgres, "
+                                "by the database's clock): rollup and billing, when their last run began; the "
+                                "archive, when its last run ended.", labels=["task"])
+        interval = GaugeMetricFamily("resizer_periodic_interval_seconds",
+                                     "The interval beat runs the periodic job at (this node's configuration).",
+                                     labels=["task"])
+        schedule = {entry["task"].rsplit(".", 1)[-1]: float(entry["schedule"])
+                    for entry in celeryconfig.beat_schedule.values()}
+        for task, name in PERIODIC_WATERMARKS.items():
+            if name in ages:
+                age.add_metric([task], max(0.0, ages[name]))
+            if task in schedule:
+                interval.add_metric([task], schedule[task])
+        yield age
+        yield interval
+
+
 class CollectorGroup:
     """Several collectors as one (what generate_latest and a registry need: a collect())."""
 
@@ -458,6 +514,7 @@ def process_registry() -> Any:
 
 _queue_collector = QueueCollector()
 _spool_collector = SpoolCollector(lambda: settings.METERING_SPOOL_DIR)
+_periodic_collector = PeriodicCollector()
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
@@ -466,6 +523,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
         auth_snapshot_record()
     except Exception as e:
         logging.getLogger(__name__).debug("auth snapshot gauge not updated: %s", e)
-    collectors = CollectorGroup([_WithAuthAge(process_registry()), _queue_collector, _spool_collector])
+    collectors = CollectorGroup([_WithAuthAge(process_registry()), _queue_collector, _spool_collector,
+                                 _periodic_collector])
     return HttpResponse(prometheus_client.generate_latest(collectors),  # type: ignore[arg-type]
                         content_type=prometheus_client.CONTENT_TYPE_LATEST)

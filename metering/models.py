@@ -87,7 +87,9 @@ class UsageRollup(models.Model):
 
 
 class Watermark(models.Model):
-    """How far a periodic job has read (the rollup: received_at of raw records)."""
+    """How far a periodic job has read (the rollup and billing: the database clock when their last
+    successful run began, which the next one reads from), or when it last ran to the end (the
+    archive). /metrics exports the age of each (controlplane/metrics.py)."""
 
     name = models.CharField(max_length=32, primary_key=True)
     value = models.DateTimeField()

@@ -423,6 +423,12 @@ def _jsonable(value: Any) -> Any:
     return str(value)  # UUID, Decimal: exact as text
 
 
+_ARCHIVE_RAN_SQL = """
+INSERT INTO metering_watermark (name, value) VALUES ('archive', clock_timestamp())
+ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value
+"""
+
+
 def usage_archive(*, now: datetime | None = None, max_days: int = 10_000) -> dict[str, int]:
     """Export raw records of whole UTC days older than METERING_ARCHIVE_AFTER_DAYS, one gzip'd JSON
     lines file per customer and day; read each file back and check its count and SHA-256 before
@@ -444,6 +450,9 @@ def usage_archive(*, now: datetime | None = None, max_days: int = 10_000) -> dic
                 while records := _archive_part(cursor, store, customer_id=customer_id, day=day):
                     done["records"] += records
                     done["files"] += 1
+            # The run's trace (no watermark is read back: every run looks at every day past the cutoff):
+            # when the last complete run ended, for the age /metrics exports (controlplane/metrics.py).
+            cursor.execute(_ARCHIVE_RAN_SQL)
         finally:
             cursor.execute("SELECT pg_advisory_unlock(%s)", [ARCHIVE_LOCK])
     return done

@@ -26,11 +26,12 @@ API_METRICS = {
     "resizer_resize_stage_cpu_seconds", "resizer_admission_in_flight_limit",
     "resizer_admissions_shed", "resizer_auth_snapshot_age_seconds", "resizer_queue_messages_ready",
     "resizer_queue_consumers", "resizer_metering_spool_oldest_record_age_seconds", "resizer_metering_spool_segments",
-    "django_http_requests_latency_seconds_by_view_method",
+    "django_http_requests_latency_seconds_by_view_method", "resizer_periodic_interval_seconds",
 }
 WORKER_METRICS = {
     "resizer_task_duration_seconds", "resizer_task_cpu_seconds", "resizer_job_input_bytes", "resizer_job_output_bytes",
     "resizer_job_queue_wait_seconds", "resizer_jobs_failed", "resizer_metering_spool_oldest_record_age_seconds",
+    "resizer_worker_children_lost",
 }
 STAGES = ("auth", "line", "upload", "admission", "staging", "enqueue", "queue_wait", "processing", "result_return")
 

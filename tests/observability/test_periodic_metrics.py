@@ -1,0 +1,94 @@
+"""How long ago beat's metering jobs last succeeded, on the API's /metrics: the age of each job's
+watermark row (rollup, billing, and the archive's, which a complete archive run writes), with the
+interval beat runs it at; read at scrape time in one bounded query, and a scrape that still answers,
+without ages, when Postgres is away."""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import httpx
+import pytest
+from django.db import connection
+from prometheus_client.parser import text_string_to_metric_families
+
+from metering import services
+from metering.models import Watermark
+from tests.processes import TcpProxy, api_server, database_url_for_tests
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+AGE = "resizer_periodic_last_success_age_seconds"
+INTERVAL = "resizer_periodic_interval_seconds"
+
+
+def _by_task(text: str, name: str) -> dict[str, float]:
+    return {s.labels["task"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == name}
+
+
+def _db_now():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        return cursor.fetchone()[0]
+
+
+def test_ages_of_the_last_successful_runs_are_on_metrics(client):
+    # No job ran yet: no age (not 0, not a made-up one); the intervals are there.
+    page = client.get("/metrics").content.decode()
+    assert _by_task(page, AGE) == {}
+    assert _by_task(page, INTERVAL) == {"usage_rollup": 60.0, "billing_run": 300.0, "usage_archive": 3600.0}
+
+    services.usage_rollup()
+    services.usage_archive()
+    # A billing run 20 minutes ago, by the database's clock.
+    Watermark.objects.update_or_create(name="billing", defaults={"value": _db_now() - timedelta(minutes=20)})
+    ages = _by_task(client.get("/metrics").content.decode(), AGE)
+    assert set(ages) == {"usage_rollup", "billing_run", "usage_archive"}
+    assert 0 <= ages["usage_rollup"] < 30 and 0 <= ages["usage_archive"] < 30
+    assert 1200 <= ages["billing_run"] < 1230
+    # Ages grow between runs.
+    time.sleep(1.1)
+    assert _by_task(client.get("/metrics").content.decode(), AGE)["usage_rollup"] >= ages["usage_rollup"] + 1
+
+
+def test_an_archive_run_leaves_its_trace_only_when_it_ran():
+    from django.db import connections
+
+    other = connections.create_connection("default")  # another archiver, at work
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s)", [services.ARCHIVE_LOCK])
+        assert services.usage_archive() == {"files": 0, "records": 0}
+        assert not Watermark.objects.filter(name="archive").exists()
+    finally:
+        other.close()  # its session lock goes with it
+    services.usage_archive()
+    assert Watermark.objects.filter(name="archive").exists()
+
+
+def test_the_scrape_answers_without_ages_when_postgres_is_away():
+    services.usage_rollup()
+    from django.db import connection as db
+
+    proxy = TcpProxy(int(db.settings_dict["PORT"] or 5432), db.settings_dict["HOST"] or "127.0.0.1")
+    try:
+        with api_server(API_WORKERS="1", DATABASE_URL=database_url_for_tests(port=proxy.port)) as base:
+            page = httpx.get(f"{base}/metrics", timeout=10)
+            assert page.status_code == 200 and _by_task(page.text, AGE).keys() == {"usage_rollup"}
+            proxy.cut()
+            started = time.monotonic()
+            page = httpx.get(f"{base}/metrics", timeout=10)
+            took = time.monotonic() - started
+            assert page.status_code == 200, page.text[:500]
+            assert _by_task(page.text, AGE) == {}
+            assert _by_task(page.text, INTERVAL)["usage_rollup"] == 60.0
+            assert "resizer_resize_requests_total" in page.text  # the rest of the page is there
+            assert took < 4, took  # the connect is bounded (DATABASE_CONNECT_TIMEOUT, 2 s)
+            proxy.restore()
+            deadline = time.monotonic() + 15
+            while "usage_rollup" not in _by_task(httpx.get(f"{base}/metrics", timeout=10).text, AGE):
+                assert time.monotonic() < deadline, "ages did not come back with Postgres"
+                time.sleep(0.5)
+    finally:
+        proxy.close()
