@@ -76,7 +76,10 @@ def test_a_child_killed_at_the_hard_time_limit_is_counted_as_such(tmp_path):
                     TASK_SOFT_TIME_LIMIT="0", JOB_MAX_ATTEMPTS="1") as worker:
         _wait("the exporter did not answer", lambda: LOST in httpx.get(f"http://127.0.0.1:{port}/metrics").text)
         job, _ = job_create(staging_store(), customer_id=str(uuid.uuid4()), key_id=str(uuid.uuid4()), request_id="r",
-                            params={"width": 4000, "height": None, "fit": "inside", "format": "png", "quality": None,
+                            # 7000 px (37 MP) of noise as PNG: ~4x the usual slow job, so the hard limit
+                            # lands mid-job even when the worker's main process, starved of CPU on a busy
+                            # machine, hears of the job's start late (with 4000 px it once finished first).
+                            params={"width": 7000, "height": None, "fit": "inside", "format": "png", "quality": None,
                                     "gravity": "center", "background": None, "enlarge": True},
                             input_facts={}, data=slow_image())
         app.send_task("resizer.tasks.resize", args=[job.id], task_id=job.id, exchange=worker.queue,
