@@ -422,11 +422,10 @@ class Shipper:
             except psycopg.Error as e:
                 self.close()
                 raise ShipError(f"usage records not shipped: {type(e).__name__}: {e}") from e
-        if len(rows) > 1 and len(refused) == len(rows):
-            # Nothing was inserted (so nothing committed): every segment of the batch can stay.
-            raise ShipError(f"usage records not shipped: the staging table refused every one of a batch of "
-                            f"{len(rows)} one by one (first: {refused[0][2]}); its segments stay: "
-                            + ", ".join(sorted({path.name for path, _, _ in refused})))
+        # The table took an ordinary record (above): what it refuses now is the records' own fault, set
+        # aside even when the whole batch is refused. Kept in the spool instead (as for a while on
+        # 2026-11-22), a full segment of bad records came first on every try and stopped the host's
+        # metering for good.
         return inserted, refused
 
     def _table_accepts_records(self, error: psycopg.Error, conninfo: str) -> None:

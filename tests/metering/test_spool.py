@@ -376,6 +376,25 @@ def test_ship_counts_only_the_rows_it_inserted(spool_dir):
     assert (spool_dir / "rejected" / "a-1-x-000001.jsonl").read_text().count("\n") == 1
 
 
+def test_a_batch_of_only_bad_records_is_set_aside_and_the_spool_goes_on(spool_dir):
+    """Found by review: once the table had taken an ordinary record, a batch whose records were all
+    refused one by one still raised ShipError and stayed; shipped in name order, it came first on
+    every try, and nothing after it ever shipped."""
+    import json
+
+    customer = uuid.uuid4()
+    (spool_dir / "a-1-x-000001.jsonl").write_bytes(
+        "".join(json.dumps({**usage(customer), "request_id": "a\u0000b"}) + "\n" for _ in range(2)).encode())
+    (spool_dir / "b-1-x-000001.jsonl").write_bytes((json.dumps(usage(customer)) + "\n").encode())
+    shipper = Shipper(spool_dir, batch_records=2)
+    try:
+        assert shipper.ship(conninfo=staging_conninfo()) == 1
+    finally:
+        shipper.close()
+    assert count(customer) == 1 and shipper.pending() == 0
+    assert (spool_dir / "rejected" / "a-1-x-000001.jsonl").read_text().count("\n") == 2
+
+
 def test_records_set_aside_are_counted_by_the_spool_gauges(spool_dir):
     import json
 
