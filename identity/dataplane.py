@@ -9,6 +9,7 @@ See docs/adr/0003-identity-planes.md.
 """
 from __future__ import annotations
 
+import fcntl
 import hmac
 import json
 import logging
@@ -442,17 +443,22 @@ class CredentialCache:
                       "quota_used": dict(self._quota_used)}
         document = {"synced_at": self.synced_at or time.time(), "version": self.version, "database": _database_identity(),
                     **shares, "credentials": {p: asdict(c) for p, c in self._by_prefix.items()}}
-        if _file_version(self.snapshot_path) > self.version:
-            # Another process on this host wrote a newer one (a revocation this one has not read yet):
-            # a full reload's file, written after its heartbeat and flush, must not bring the key back.
-            return
         tmp = self.snapshot_path.with_suffix(f".tmp{os.getpid()}")
         try:
             self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
             # Hashes only (no key can be rebuilt from them), but still nobody else's to read.
             tmp.touch(mode=0o600)
             tmp.write_text(json.dumps(document))
-            os.replace(tmp, self.snapshot_path)
+            # The check and the rename under one lock of the host's processes: another process on this
+            # host may have written a newer file (a revocation this one has not read yet), and a full
+            # reload's file, written after its heartbeat and flush, must not bring the key back. Checked
+            # outside the lock, a newer file written between the check and the rename was replaced.
+            with open(self.snapshot_path.with_suffix(".lock"), "a") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                if _file_version(self.snapshot_path) > self.version:
+                    tmp.unlink()
+                    return
+                os.replace(tmp, self.snapshot_path)
         except OSError as e:
             log.warning("identity snapshot not saved to %s: %s", self.snapshot_path, e)
 

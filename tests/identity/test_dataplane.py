@@ -380,3 +380,41 @@ def test_a_process_behind_does_not_overwrite_a_newer_snapshot_file(tmp_path):
     with pytest.raises(Exception) as refused:
         started_in_outage.authenticate(key)
     assert getattr(refused.value, "code", None) == "unauthorized"
+
+
+def test_a_newer_snapshot_file_written_during_anothers_save_is_not_replaced(tmp_path, monkeypatch):
+    """The version check and the rename were apart (the document's serialization between them): a
+    process behind that passed its check replaced a file another process wrote meanwhile, revocation
+    and all (found by review). Both are under one lock of the host's processes now."""
+    import identity.dataplane as dataplane
+
+    customer = customer_create(name="shared-file-race")
+    key_row, key = api_key_create(customer=customer)
+    behind, ahead = _cache(tmp_path, "shared.json"), _cache(tmp_path, "shared.json")
+    behind.sync(full=True)
+    ahead.sync(full=True)
+    api_key_revoke(api_key=key_row, actor="test")
+    real_write_text = dataplane.Path.write_text
+    raced = []
+
+    def write_text(path, text, *args, **kwargs):  # behind is writing its file: ahead saves the revocation now
+        written = real_write_text(path, text, *args, **kwargs)
+        if not raced and path.name.startswith("shared.tmp"):
+            raced.append(path)
+            real_getpid = dataplane.os.getpid
+            monkeypatch.setattr(dataplane.os, "getpid", lambda: 999_999)  # another process: its own temporary file
+            try:
+                ahead.sync(full=False)
+            finally:
+                monkeypatch.setattr(dataplane.os, "getpid", real_getpid)
+        return written
+
+    monkeypatch.setattr(dataplane.Path, "write_text", write_text)
+    behind._save_file()
+    monkeypatch.undo()
+    assert raced
+    started_in_outage = _cache(tmp_path, "shared.json")
+    with pytest.raises(Exception) as refused:
+        started_in_outage.authenticate(key)
+    assert getattr(refused.value, "code", None) == "unauthorized"
+    assert not list(tmp_path.glob("shared.tmp*"))
