@@ -179,9 +179,10 @@ def test_the_slo_histogram_counts_the_waits_before_django_behind_the_load_balanc
         with ThreadPoolExecutor(8) as pool:
             client_seconds = list(pool.map(resize, range(8)))
         after = scrape(f"{base}/metrics")
-        # A client's own stamp is replaced at the edge, so it cannot skew the histogram.
+        # A client's own stamp is replaced at the edge, so it cannot skew the histogram: a plausible one
+        # (20 s ago, within what edge_wait believes) would add 20 s to the edge stage if it went through.
         forged = httpx.post(f"{lb}/v1/resize?width=64", content=image, timeout=30,
-                            headers={**headers, "X-Request-Start": "t=1"})
+                            headers={**headers, "X-Request-Start": f"t={int((time.time() - 20) * 1e6)}"})
         assert forged.status_code == 200
         forged_after = scrape(f"{base}/metrics")
 
@@ -197,7 +198,7 @@ def test_the_slo_histogram_counts_the_waits_before_django_behind_the_load_balanc
     # clients' time is waiting, which the histogram must hold (started at Django it held ~a quarter).
     assert measured >= sum(client_seconds) - len(client_seconds) * min(client_seconds), (measured, sorted(client_seconds))
     assert edge > 0
-    assert grew(forged_after, "resizer_resize_request_duration_seconds_sum", after, outcome="served") < 30
+    assert grew(forged_after, "resizer_resize_stage_duration_seconds_sum", after, stage="edge") < 1
 
 
 def test_edge_wait_reads_the_load_balancers_stamp_and_nothing_else():
