@@ -404,11 +404,10 @@ def _gif_check(data: bytes, limits: Limits) -> None:
 _JPEG_MAX_SEGMENTS = 1_000
 _JPEG_MAX_FILL = 4_096
 _JPEG_FILL = re.compile(rb"\xff+")
-# Scans, counted as SOS markers from the first one to the end of the file (0xFF in entropy-coded data
-# is stuffed as FF 00, so the count is exact but for a COM or APPn segment between scans that happens
-# to hold FF DA: an overcount, never an undercount). libjpeg writes 10 scans for a progressive colour
-# image (6 grey), mozjpeg's scan search about as many, jpegtran scripts rarely more than a few dozen;
-# an MPO's second picture adds its own. libjpeg walks every block of the image again for each scan,
+# Scans, counted by walking the markers from the first scan to the end of the image
+# (_jpeg_scans_check). libjpeg writes 10 scans for a progressive colour
+# image (6 grey), mozjpeg's scan search about as many, jpegtran scripts rarely more than a few dozen.
+# libjpeg walks every block of the image again for each scan,
 # even a bogus repeated one (a warning only), in one C call no time limit can interrupt: 3,000 copies
 # of a 31-byte scan on a 4000x4000 grey image cost ~3.7 s of worker CPU. At this bound a 50 MP image
 # costs about a second at worst.
@@ -417,6 +416,36 @@ _JPEG_MAX_SCANS = 256
 # 1.7 s of the API's CPU in probe(), ~65 ns a byte). libjpeg warns of "extraneous bytes" and reads
 # on; real files have none or a handful. This many cost Pillow ~4 ms.
 _JPEG_MAX_JUNK = 65_536
+
+
+# A marker that can end entropy-coded data: 0xFF then anything but 0x00 (a stuffed 0xFF), a restart
+# (0xD0-0xD7) or another 0xFF (fill).
+_JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
+
+
+def _jpeg_scans_check(data: bytes, position: int) -> None:
+    """Refuse more than _JPEG_MAX_SCANS scans, walking the markers from the first scan (at `position`)
+    to the end of the image: each segment skipped by its length, each scan's entropy-coded data to the
+    next marker (a regular expression: C speed). Whatever follows the end of the image is not read: a
+    motion photo carries its video there, and counting FF DA pairs to the end of the file (as at first,
+    2026-11-22) found one in every 64 KiB of it and refused such a photo past ~16 MB. Markers between
+    the scans are bounded too (real files have two or three a scan)."""
+    scans = markers = 0
+    while position + 4 <= len(data):
+        marker = data[position + 1]
+        if marker == 0xD9:  # end of image
+            return
+        markers += 1
+        if marker == 0xDA:
+            scans += 1
+            if scans > _JPEG_MAX_SCANS:
+                raise CorruptImage(f"the JPEG has more than {_JPEG_MAX_SCANS} scans")
+        if markers > _JPEG_MAX_SEGMENTS + 4 * _JPEG_MAX_SCANS:
+            raise CorruptImage(f"the JPEG has more than {_JPEG_MAX_SEGMENTS + 4 * _JPEG_MAX_SCANS} segments between its scans")
+        found = _JPEG_MARKER.search(data, position + 2 + struct.unpack_from(">H", data, position + 2)[0])
+        if found is None:
+            return  # cut short: Pillow says so
+        position = found.start()
 
 
 def _jpeg_check(data: bytes) -> None:
@@ -441,9 +470,7 @@ def _jpeg_check(data: bytes) -> None:
             return  # cut short: Pillow says so
         marker = data[run.end()]
         if marker == 0xDA:  # start of scan: the header is over
-            scans = data.count(b"\xff\xda", run.end() - 1)
-            if scans > _JPEG_MAX_SCANS:
-                raise CorruptImage(f"the JPEG has {scans} scans; at most {_JPEG_MAX_SCANS} are accepted")
+            _jpeg_scans_check(data, run.end() - 1)
             return
         if marker == 0xD9:  # end of image
             return

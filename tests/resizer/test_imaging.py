@@ -1214,6 +1214,19 @@ def test_a_progressive_jpeg_of_countless_scans_is_refused_before_decoding(monkey
             call()
 
 
+def test_what_follows_a_jpegs_end_is_not_counted_as_scans(monkeypatch):
+    """A motion photo carries its video after the JPEG's end. Scans were counted as FF DA pairs to the
+    end of the file, about one in every 64 KiB of such data: a photo with a ~17 MB video was refused
+    as corrupt_image (found by review)."""
+    photo = encode(Image.new("RGB", (64, 48), "red"), "JPEG", progressive=True)
+    trailer = random.Random(7).randbytes(300 * 65_536)  # ~300 FF DA pairs by chance: more than the bound
+    assert trailer.count(b"\xff\xda") > 256
+    assert probe(photo + trailer).width == 64
+    # The scans themselves are still counted, wherever the end of the image is.
+    with pytest.raises(CorruptImage, match="scans"):
+        probe(_jpeg_of_scans(300) + trailer)
+
+
 def _jpeg_with_junk(junk: bytes) -> bytes:
     """A small JPEG with `junk` between its APP0 segment and the next."""
     good = encode(Image.new("RGB", (8, 8), "red"), "JPEG")
