@@ -443,6 +443,12 @@ _PERIODIC_SQL = ("SELECT name, EXTRACT(EPOCH FROM clock_timestamp() - value)::fl
                  "WHERE name = ANY(%s)")
 
 
+# Billing periods still in grace a day after their grace ended: billing runs on (its age stays
+# fresh) but cannot finalize them (a period that cannot be priced stays in grace, logged): never invoiced.
+_OVERDUE_SQL = ("SELECT count(*) FROM metering_billingperiod WHERE status = 'grace' AND \"end\" <= current_date - %s")
+BILLING_OVERDUE = "billing_periods_overdue"
+
+
 def _periodic_ages() -> dict[str, float]:
     """{watermark name: seconds since it was written}, both times by the database's clock. One query,
     bounded by a statement timeout (and the connection's connect_timeout, DATABASE_CONNECT_TIMEOUT)."""
@@ -451,7 +457,10 @@ def _periodic_ages() -> dict[str, float]:
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL statement_timeout = {int(PeriodicCollector.timeout_seconds * 1000)}")
         cursor.execute(_PERIODIC_SQL, [list(PERIODIC_WATERMARKS.values())])
-        return {name: float(age) for name, age in cursor.fetchall()}
+        readings = {name: float(age) for name, age in cursor.fetchall()}
+        cursor.execute(_OVERDUE_SQL, [settings.BILLING_GRACE_DAYS + 1])
+        readings[BILLING_OVERDUE] = float(cursor.fetchone()[0])
+        return readings
 
 
 class PeriodicCollector:
@@ -489,6 +498,11 @@ class PeriodicCollector:
                 interval.add_metric([task], schedule[task])
         yield age
         yield interval
+        if BILLING_OVERDUE in ages:
+            yield GaugeMetricFamily(
+                "resizer_billing_periods_overdue", "Billing periods still in grace a day after their grace ended: "
+                "billing runs but cannot finalize them (its log says why); never invoiced until fixed.",
+                value=ages[BILLING_OVERDUE])
 
 
 class CollectorGroup:

@@ -92,3 +92,27 @@ def test_the_scrape_answers_without_ages_when_postgres_is_away():
                 time.sleep(0.5)
     finally:
         proxy.close()
+
+
+def test_periods_billing_cannot_finalize_are_counted(client):
+    """Billing finalizes each period on its own (one that cannot be priced stays in grace, logged), so
+    billing itself stays fresh: a period never invoiced showed nowhere but a log line (found by review)."""
+    from datetime import date
+
+    from identity.services import customer_create
+    from metering.models import BillingPeriod
+
+    def overdue() -> float:
+        page = client.get("/metrics").content.decode()
+        return [s.value for f in text_string_to_metric_families(page) for s in f.samples
+                if s.name == "resizer_billing_periods_overdue"][0]
+
+    assert overdue() == 0
+    customer = customer_create(name="overdue")
+    today = date.today()
+    BillingPeriod.objects.create(customer=customer, start=today - timedelta(days=40), end=today - timedelta(days=3),
+                                 status=BillingPeriod.Status.GRACE)  # its grace (3 days) ends today: not yet
+    assert overdue() == 0
+    BillingPeriod.objects.create(customer=customer, start=today - timedelta(days=80), end=today - timedelta(days=40),
+                                 status=BillingPeriod.Status.GRACE)
+    assert overdue() == 1
