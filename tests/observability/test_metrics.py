@@ -176,8 +176,8 @@ def test_the_slo_histogram_counts_the_waits_before_django_behind_the_load_balanc
             assert r.status_code == 200, r.text[:200]
             return time.perf_counter() - started
 
-        with ThreadPoolExecutor(8) as pool:
-            client_seconds = list(pool.map(resize, range(8)))
+        with ThreadPoolExecutor(16) as pool:
+            client_seconds = list(pool.map(resize, range(16)))
         after = scrape(f"{base}/metrics")
         # A client's own stamp is replaced at the edge, so it cannot skew the histogram: a plausible one
         # (20 s ago, within what edge_wait believes) would add 20 s to the edge stage if it went through.
@@ -191,12 +191,14 @@ def test_the_slo_histogram_counts_the_waits_before_django_behind_the_load_balanc
 
     measured = grew(after, "resizer_resize_request_duration_seconds_sum", before, outcome="served")
     edge = grew(after, "resizer_resize_stage_duration_seconds_sum", before, stage="edge")
-    print(f"\n8 resizes on one thread behind HAProxy: clients {sum(client_seconds):.2f} s in all "
+    print(f"\n16 resizes on one thread behind HAProxy: clients {sum(client_seconds):.2f} s in all "
           f"(max {max(client_seconds):.2f}), histogram {measured:.2f} s, of which edge {edge:.2f} s")
-    # Seven of the eight waited for the one thread. What each request pays whatever the wait (its
-    # client's own work and connection, the resize) is at most the fastest one's time; the rest of the
-    # clients' time is waiting, which the histogram must hold (started at Django it held ~a quarter).
-    assert measured >= sum(client_seconds) - len(client_seconds) * min(client_seconds), (measured, sorted(client_seconds))
+    # Fifteen of the sixteen waited for the one thread: most of what the clients saw is that wait, the
+    # rest each client's own work and connection. Started at Django the histogram held about a fifth of
+    # the clients' time (0.48 of 2.53 s with 8 resizes); from the edge, most of it. (Subtracting the
+    # fastest client's time for each request's own share, as at first, was as large as the margin and
+    # failed now and then.)
+    assert measured >= 0.5 * sum(client_seconds), (measured, sorted(client_seconds))
     assert edge > 0
     assert grew(forged_after, "resizer_resize_stage_duration_seconds_sum", after, stage="edge") < 1
 
