@@ -7,7 +7,7 @@ from functools import partial
 
 from celery import Celery
 from celery.signals import (task_postrun, task_prerun, worker_init, worker_process_init,
-                            worker_process_shutdown, worker_ready, worker_shutdown)
+                            worker_ready, worker_shutdown)
 from celery.worker.consumer import Consumer
 
 import celeryconfig
@@ -80,14 +80,6 @@ def _start_usage_shipping(**_: object) -> None:
     from metering.services import local_spool
 
     local_spool()
-
-
-@worker_process_shutdown.connect
-def _worker_child_metrics_dead(pid: int | None = None, **_: object) -> None:
-    if os.environ.get(metrics_dir.ENV):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid or os.getpid())
 
 
 @worker_shutdown.connect

@@ -80,13 +80,15 @@ def _own_errors_as_problems() -> None:
 
     from gunicorn import util
 
+    from controlplane.errors import PROBLEM_TYPE_BASE  # the application is loaded by now
+
     if getattr(util.write_error, "problem_json", False):
         return
 
     def write_problem(sock, status_int, reason, mesg):  # type: ignore[no-untyped-def]
         code = EDGE_ERROR_CODES.get(status_int, "malformed_request" if 400 <= status_int < 500 else "internal_error")
         detail = f"{reason}: {mesg[:200]}" if mesg else f"{reason}."
-        body = json.dumps({"type": f"https://docs.resizer.example/problems/{code}", "title": reason,
+        body = json.dumps({"type": PROBLEM_TYPE_BASE + code, "title": reason,
                            "status": status_int, "detail": detail, "code": code}).encode()
         head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
                 f"Content-Type: application/problem+json\r\nContent-Length: {len(body)}\r\n\r\n")

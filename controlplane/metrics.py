@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import prometheus_client
 from django.conf import settings
@@ -446,21 +446,24 @@ _PERIODIC_SQL = ("SELECT name, EXTRACT(EPOCH FROM clock_timestamp() - value)::fl
 # Billing periods still in grace a day after their grace ended: billing runs on (its age stays
 # fresh) but cannot finalize them (a period that cannot be priced stays in grace, logged): never invoiced.
 _OVERDUE_SQL = ("SELECT count(*) FROM metering_billingperiod WHERE status = 'grace' AND \"end\" <= current_date - %s")
-BILLING_OVERDUE = "billing_periods_overdue"
 
 
-def _periodic_ages() -> dict[str, float]:
-    """{watermark name: seconds since it was written}, both times by the database's clock. One query,
-    bounded by a statement timeout (and the connection's connect_timeout, DATABASE_CONNECT_TIMEOUT)."""
+class PeriodicReadings(NamedTuple):
+    ages: dict[str, float]  # watermark name -> seconds since it was written (the database's clock)
+    billing_overdue: int  # periods billing cannot finalize
+
+
+def _periodic_readings() -> PeriodicReadings:
+    """Both read in one transaction, bounded by a statement timeout (and the connection's
+    connect_timeout, DATABASE_CONNECT_TIMEOUT)."""
     from django.db import connection, transaction
 
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL statement_timeout = {int(PeriodicCollector.timeout_seconds * 1000)}")
         cursor.execute(_PERIODIC_SQL, [list(PERIODIC_WATERMARKS.values())])
-        readings = {name: float(age) for name, age in cursor.fetchall()}
+        ages = {name: float(age) for name, age in cursor.fetchall()}
         cursor.execute(_OVERDUE_SQL, [settings.BILLING_GRACE_DAYS + 1])
-        readings[BILLING_OVERDUE] = float(cursor.fetchone()[0])
-        return readings
+        return PeriodicReadings(ages, cursor.fetchone()[0])
 
 
 class PeriodicCollector:
@@ -471,17 +474,19 @@ class PeriodicCollector:
 
     timeout_seconds = 1.0
 
-    def __init__(self, read: Callable[[], dict[str, float]] = _periodic_ages) -> None:
+    def __init__(self, read: Callable[[], PeriodicReadings] = _periodic_readings) -> None:
         self.read = read
 
     def collect(self) -> Iterator[Metric]:
         import celeryconfig
 
+        readings: PeriodicReadings | None
         try:
-            ages = self.read()
+            readings = self.read()
         except Exception as e:  # Postgres away, a timeout, no table yet: no ages this scrape
             logging.getLogger(__name__).debug("periodic job ages not read: %s", e)
-            ages = {}
+            readings = None
+        ages = readings.ages if readings else {}
         age = GaugeMetricFamily("resizer_periodic_last_success_age_seconds",
                                 "Seconds since the periodic job last succeeded (its watermark row in Postgres, "
                                 "by the database's clock): rollup and billing, when their last run began; the "
@@ -498,11 +503,11 @@ class PeriodicCollector:
                 interval.add_metric([task], schedule[task])
         yield age
         yield interval
-        if BILLING_OVERDUE in ages:
+        if readings:
             yield GaugeMetricFamily(
                 "resizer_billing_periods_overdue", "Billing periods still in grace a day after their grace ended: "
                 "billing runs but cannot finalize them (its log says why); never invoiced until fixed.",
-                value=ages[BILLING_OVERDUE])
+                value=readings.billing_overdue)
 
 
 class CollectorGroup:

@@ -19,6 +19,13 @@ def _cache(tmp_path, name: str = "snapshot.json") -> CredentialCache:
                            snapshot_path=tmp_path / name, background=False, process_name=f"test-{name}")
 
 
+def _assert_refused(cache: CredentialCache, key: str) -> None:
+    """The key is not accepted: unknown or revoked (unauthorized)."""
+    with pytest.raises(Exception) as refused:
+        cache.authenticate(key)
+    assert getattr(refused.value, "code", None) == "unauthorized"
+
+
 def _quota_customer(name: str, quota: int, used: int = 0):
     """A customer on a plan of `quota` images a month (rate out of the way), `used` of them this
     month already; returns it and a key of its."""
@@ -48,9 +55,7 @@ def test_a_process_started_from_the_file_knows_the_latest_revocation_and_the_quo
     running.sync(full=False)  # the revocation, from the change feed: the file follows
 
     started_in_outage = _cache(tmp_path)  # never syncs: it has the file only
-    with pytest.raises(Exception) as refused:
-        started_in_outage.authenticate(key)
-    assert getattr(refused.value, "code", None) == "unauthorized"
+    _assert_refused(started_in_outage, key)
     other = started_in_outage.authenticate(other_key)
     assert not started_in_outage.charge_quota(other)  # the month's 3 images are used
     assert started_in_outage.processes == running.processes >= 1
@@ -239,9 +244,9 @@ def _raw():
     """A second session on the test database (another API process, or a writer)."""
     import psycopg
 
-    s = connection.settings_dict
-    return psycopg.connect(dbname=s["NAME"], host=s["HOST"] or None, port=s["PORT"] or None,
-                           user=s["USER"] or None, password=s["PASSWORD"] or None)
+    from tests.processes import database_url_for_tests
+
+    return psycopg.connect(database_url_for_tests())
 
 
 def _round(cache: CredentialCache, errors: list[Exception]) -> None:
@@ -284,9 +289,7 @@ def test_a_peer_stalled_in_its_flush_does_not_stop_revocations_reaching_this_pro
         second.start()
         second.join(30)
         assert not second.is_alive()
-        with pytest.raises(Exception) as refused:  # the revocation is followed while the lock is held
-            cache.authenticate(victim_key)
-        assert getattr(refused.value, "code", None) == "unauthorized"
+        _assert_refused(cache, victim_key)  # the revocation is followed while the lock is held
     finally:
         peer.rollback()
         peer.close()
@@ -359,27 +362,29 @@ def test_a_change_committed_late_is_applied_after_a_feed_gap_longer_than_the_loo
     writer.close()
     time.sleep(2.5)  # this process's reads fail meanwhile (Postgres away from it): longer than the look-back
     cache.sync(full=False)
-    with pytest.raises(Exception) as refused:
-        cache.authenticate(a_key)
-    assert getattr(refused.value, "code", None) == "unauthorized"
+    _assert_refused(cache, a_key)
+
+
+def _two_processes_sharing_a_file_then_a_revocation(tmp_path) -> tuple[str, CredentialCache, CredentialCache]:
+    """Two processes of one host (one snapshot file), both synced; then a key of theirs is revoked,
+    which neither has read yet. Returns the key and the two caches."""
+    key_row, key = api_key_create(customer=customer_create(name="shared-file"))
+    behind, ahead = _cache(tmp_path, "shared.json"), _cache(tmp_path, "shared.json")
+    behind.sync(full=True)
+    ahead.sync(full=True)
+    api_key_revoke(api_key=key_row, actor="test")
+    return key, behind, ahead
 
 
 def test_a_process_behind_does_not_overwrite_a_newer_snapshot_file(tmp_path):
     """Processes on a host share the file. One behind the feed (its full reload read the keys before
     a revocation, and wrote the file after its heartbeat and flush) replaced a file that already had
     the revocation: a process started from it in an outage took the revoked key back (found by review)."""
-    customer = customer_create(name="shared-file")
-    key_row, key = api_key_create(customer=customer)
-    behind, ahead = _cache(tmp_path, "shared.json"), _cache(tmp_path, "shared.json")
-    behind.sync(full=True)
-    ahead.sync(full=True)
-    api_key_revoke(api_key=key_row, actor="test")
+    key, behind, ahead = _two_processes_sharing_a_file_then_a_revocation(tmp_path)
     ahead.sync(full=False)  # writes the revocation to the file
     behind._save_file()  # its older snapshot
     started_in_outage = _cache(tmp_path, "shared.json")
-    with pytest.raises(Exception) as refused:
-        started_in_outage.authenticate(key)
-    assert getattr(refused.value, "code", None) == "unauthorized"
+    _assert_refused(started_in_outage, key)
 
 
 def test_a_newer_snapshot_file_written_during_anothers_save_is_not_replaced(tmp_path, monkeypatch):
@@ -388,12 +393,7 @@ def test_a_newer_snapshot_file_written_during_anothers_save_is_not_replaced(tmp_
     and all (found by review). Both are under one lock of the host's processes now."""
     import identity.dataplane as dataplane
 
-    customer = customer_create(name="shared-file-race")
-    key_row, key = api_key_create(customer=customer)
-    behind, ahead = _cache(tmp_path, "shared.json"), _cache(tmp_path, "shared.json")
-    behind.sync(full=True)
-    ahead.sync(full=True)
-    api_key_revoke(api_key=key_row, actor="test")
+    key, behind, ahead = _two_processes_sharing_a_file_then_a_revocation(tmp_path)
     real_write_text = dataplane.Path.write_text
     raced = []
 
@@ -414,7 +414,5 @@ def test_a_newer_snapshot_file_written_during_anothers_save_is_not_replaced(tmp_
     monkeypatch.undo()
     assert raced
     started_in_outage = _cache(tmp_path, "shared.json")
-    with pytest.raises(Exception) as refused:
-        started_in_outage.authenticate(key)
-    assert getattr(refused.value, "code", None) == "unauthorized"
+    _assert_refused(started_in_outage, key)
     assert not list(tmp_path.glob("shared.tmp*"))

@@ -413,7 +413,7 @@ def test_records_set_aside_are_counted_by_the_spool_gauges(spool_dir):
 
 
 def test_rejected_records_are_reshipped_by_the_management_command(spool_dir, settings, deploy_change):
-    """After the cause is fixed, `manage.py metering_reship_rejected` moves rejected/ back into the spool
+    """After the cause is fixed, `manage.py metering_run reship` moves rejected/ back into the spool
     and ships it; what the table still refuses is set aside again."""
     import io
     import json
@@ -431,7 +431,7 @@ def test_rejected_records_are_reshipped_by_the_management_command(spool_dir, set
     deploy_change.fix()
     settings.METERING_SPOOL_DIR = str(spool_dir)
     out = io.StringIO()
-    call_command("metering_reship_rejected", stdout=out)
+    call_command("metering_run", "reship", stdout=out)
     assert json.loads(out.getvalue()) == {"moved": 1, "inserted": 2}
     assert count(customer) == 3
     # The record no table takes is set aside again, under its new segment's name.
