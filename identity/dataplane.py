@@ -324,8 +324,18 @@ class CredentialCache:
         # skipped a change that committed late meanwhile (a revocation honoured until the next full
         # resync, up to 5 minutes on; found by review, 2026-11-22).
         with connection.cursor() as cursor:
-            cursor.execute("SELECT now()")
-            read_at = cursor.fetchone()[0]
+            cursor.execute("SELECT now(), coalesce(max(id), 0) FROM identity_change")
+            read_at, feed_max = cursor.fetchone()
+            if feed_max < self._last_change_id:
+                # The feed went back: the database was restored from a backup taken before changes this
+                # process applied. Ids below what it has read are given out again, and the look-back
+                # would see only the last 30 s of them: reload everything now, not at the next resync.
+                log.warning("identity change feed is at %s, behind this process's %s (a restored database?):"
+                            " reloading every credential", feed_max, self._last_change_id)
+                self._sync_full()
+                self._last_full = time.monotonic()
+                self._save_file()
+                return
             cursor.execute(
                 "SELECT customer_id, max(id) FROM identity_change"
                 " WHERE id > %s OR created_at > %s - %s * interval '1 second' GROUP BY customer_id",
@@ -455,7 +465,8 @@ class CredentialCache:
             # outside the lock, a newer file written between the check and the rename was replaced.
             with open(self.snapshot_path.with_suffix(".lock"), "a") as lock:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-                if _file_version(self.snapshot_path) > self.version:
+                on_file = _file_version(self.snapshot_path)
+                if on_file > self.version and not _feed_behind(on_file):
                     tmp.unlink()
                     return
                 os.replace(tmp, self.snapshot_path)
@@ -492,6 +503,20 @@ def _file_version(path: Path) -> int:
         return int(document["version"]) if document.get("database") == _database_identity() else 0
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return 0
+
+
+def _feed_behind(version: int) -> bool:
+    """Whether the change feed has not reached `version`: a file of that version is then from a future
+    the database no longer has (it was restored from a backup taken before it), not another process's
+    newer read, and kept it would bring back keys and revocations the restore undid for any process
+    started from it in an outage. False if the database cannot be asked (the file is kept)."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT coalesce(max(id), 0) FROM identity_change")
+            return cursor.fetchone()[0] < version
+    except Exception as e:  # noqa: BLE001 - keeping the file is the safe side
+        log.warning("identity snapshot: could not read the change feed's head (%s: %s)", type(e).__name__, e)
+        return False
 
 
 def _database_identity() -> str:

@@ -416,3 +416,48 @@ def test_a_newer_snapshot_file_written_during_anothers_save_is_not_replaced(tmp_
     started_in_outage = _cache(tmp_path, "shared.json")
     _assert_refused(started_in_outage, key)
     assert not list(tmp_path.glob("shared.tmp*"))
+
+
+def _restore_to_before_a_new_key(tmp_path) -> tuple[str, str, CredentialCache]:
+    """A process follows the feed to a new key (and writes it to the host's file); then the database
+    is restored from a backup taken before that key: its rows and its feed row are gone, and the feed's
+    sequence is back where the backup left it. Returns an older key, the lost key and the process."""
+    customer = customer_create(name="restored")
+    _, kept_key = api_key_create(customer=customer)
+    running = _cache(tmp_path, "restored.json")
+    running.sync(full=True)
+    lost_row, lost_key = api_key_create(customer=customer)
+    running.sync(full=False)
+    running.authenticate(lost_key)
+    with connection.cursor() as cursor:  # the restore
+        cursor.execute("DELETE FROM identity_change WHERE id = (SELECT max(id) FROM identity_change)")
+        cursor.execute("DELETE FROM identity_apikey WHERE id = %s", [lost_row.pk])
+        # The backup is older than the look-back (its changes are not re-read every round anyway).
+        cursor.execute("UPDATE identity_change SET created_at = created_at - interval '1 hour'")
+        cursor.execute("SELECT setval(pg_get_serial_sequence('identity_change', 'id'),"
+                       " (SELECT max(id) FROM identity_change))")
+    return kept_key, lost_key, running
+
+
+def test_a_snapshot_file_from_before_a_database_restore_is_replaced(tmp_path):
+    """The file's version was ahead of the restored feed, so every process's file counted as older than
+    it and was never written: a process started in an outage took the restored-away key, until the feed
+    passed the old version (suspected in the seventh session, confirmed and fixed in the eighth)."""
+    kept_key, lost_key, _ = _restore_to_before_a_new_key(tmp_path)
+    restarted = _cache(tmp_path, "restored.json")
+    restarted.sync(full=True)  # a process started after the restore: its full reload writes the file
+    started_in_outage = _cache(tmp_path, "restored.json")
+    started_in_outage.authenticate(kept_key)
+    _assert_refused(started_in_outage, lost_key)
+
+
+def test_a_running_process_reloads_when_the_change_feed_goes_back(tmp_path):
+    """A process that lived through a restore kept the key the restore took away, and skipped changes
+    whose ids it had seen before the restore (older than the look-back) until its next full resync, up
+    to 5 minutes on. A feed behind the process now reloads everything at once."""
+    kept_key, lost_key, running = _restore_to_before_a_new_key(tmp_path)
+    running.sync(full=False)
+    running.authenticate(kept_key)
+    _assert_refused(running, lost_key)
+    started_in_outage = _cache(tmp_path, "restored.json")  # the file followed
+    _assert_refused(started_in_outage, lost_key)
