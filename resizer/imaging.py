@@ -245,6 +245,13 @@ def output_format(params: Params, facts: ImageFacts) -> str:
             # Our AVIF output is a still: prefer WebP, or else the input's format, to keep the motion.
             if "webp" in accepted:
                 return "webp"
+            if default not in _ANIMATED_OUTPUTS:
+                # An animated AVIF: its own format would come back a still. WebP where the client takes
+                # any image (or says nothing), else a type it names that moves (it came back a still AVIF
+                # even to `Accept: */*`: found by review, 2026-11-22).
+                for fmt in (("webp",) if not accepted or "*" in accepted else ()) + ("gif", "png"):
+                    if fmt == "webp" or fmt in accepted:
+                        return fmt
         elif "avif" in accepted:
             return "avif"
         elif "webp" in accepted:

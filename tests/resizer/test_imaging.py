@@ -293,6 +293,12 @@ def facts(fmt: str, frames: int = 1, alpha: bool = False) -> ImageFacts:
         (Params(width=1, format="auto", accept=("jpeg", "*")), facts("webp"), "webp"),  # any image will do
         (Params(width=1, format="auto", accept=("png",)), facts("jpeg"), "png"),
         (Params(width=1, format="auto", accept=("jpeg", "png")), facts("webp", frames=5), "png"),  # APNG: it moves
+        # An animated AVIF: AVIF output is a still, so a format that moves, where the client takes one.
+        (Params(width=1, format="auto"), facts("avif", frames=8), "webp"),
+        (Params(width=1, format="auto", accept=("*",)), facts("avif", frames=8), "webp"),
+        (Params(width=1, format="auto", accept=("avif", "gif")), facts("avif", frames=8), "gif"),
+        (Params(width=1, format="auto", accept=("avif", "jpeg")), facts("avif", frames=8), "avif"),  # nothing it takes moves
+        (Params(width=1), facts("avif", frames=8), "avif"),  # no format: the input's, a still
     ],
 )
 def test_output_format(params, input_facts, expected):
