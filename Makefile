@@ -50,7 +50,7 @@ topology-start: venv services
 topology-stop:
 	$(PY) scripts/topology.py stop
 
-# This service against thumbor and the in-process ceiling, on this machine (docs/BENCHMARKS.md; ~14 min).
+# This service against thumbor and the in-process ceiling, on this machine (docs/BENCHMARKS.md; ~17 min).
 # Installs thumbor into bench/.thumbor-venv on first use. The other benchmarks: bench/*.py.
 bench: migrate
 	$(PY) bench/bench_peers.py
