@@ -28,6 +28,7 @@ class Stack:
     api_pid: int  # gunicorn's master (its workers are its children)
     worker_pid: int  # the Celery worker's main process (its pool processes are its children)
     log: Path
+    queue: str  # the resize queue (RESIZE_QUEUE)
 
 
 _CUSTOMERS = """
@@ -79,7 +80,8 @@ def stack(*, api_workers: int = 2, worker_concurrency: int = 2, customers: int =
         except RuntimeError as e:
             raise RuntimeError(f"{e}; see {log_path}") from None
         time.sleep(2)  # the worker declares its queue and starts consuming
-        yield Stack(base=base, keys=keys, api_pid=procs[0].pid, worker_pid=procs[1].pid, log=log_path)
+        yield Stack(base=base, keys=keys, api_pid=procs[0].pid, worker_pid=procs[1].pid, log=log_path,
+                    queue=env["RESIZE_QUEUE"])
     finally:
         try:
             os.killpg(procs[1].pid, signal.SIGTERM)  # the worker's process group (several, with -P solo)

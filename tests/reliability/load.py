@@ -176,3 +176,32 @@ def timeline(answers: list[Answer], origin: float, start: float = -1e9, end: flo
         else:
             runs.append([round(offset, 1), round(offset, 1), label, 1])
     return runs
+
+
+class QueueDepth:
+    """The ready messages of a queue, asked of RabbitMQ itself (a passive declare) every `every`
+    seconds in a thread while the `with` block runs: how many jobs waited for a worker. `samples`
+    holds every reading."""
+
+    def __init__(self, queue: str, every: float = 0.05) -> None:
+        self.queue, self.every = queue, every
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="queue-depth", daemon=True)
+
+    def __enter__(self) -> "QueueDepth":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _sample(self) -> None:
+        from controlplane.celery import app
+
+        with app.connection_for_write() as connection:
+            channel = connection.channel()
+            while not self._stop.is_set():
+                self.samples.append(channel.queue_declare(queue=self.queue, passive=True).message_count)
+                self._stop.wait(self.every)
