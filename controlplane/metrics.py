@@ -467,8 +467,8 @@ def _periodic_readings() -> PeriodicReadings:
 
 
 class PeriodicCollector:
-    """How long ago each periodic metering job last succeeded (the age of its watermark row), and the
-    interval beat runs it at (this node's configuration): beat stopped, a job failing every run, or
+    """How long ago each periodic job last succeeded (the metering jobs: the age of their watermark row;
+    the staging sweep: of its mark in the staging store), and the interval beat runs it at (this node's configuration): beat stopped, a job failing every run, or
     runs always skipped show as an age growing past a few intervals. No sample for a job that never
     ran, nor any age when Postgres cannot be read (the scrape itself never fails for it)."""
 
@@ -476,6 +476,19 @@ class PeriodicCollector:
 
     def __init__(self, read: Callable[[], PeriodicReadings] = _periodic_readings) -> None:
         self.read = read
+
+    @staticmethod
+    def staging_sweep_age() -> float | None:
+        """The staging sweep's age, from its mark in the staging store (this host's clock): the sweep
+        keeps no watermark in Postgres. None if no sweep finished yet, or the store cannot be read."""
+        from resizer.jobs import staging_sweep_age
+        from resizer.staging import staging_store
+
+        try:
+            return staging_sweep_age(staging_store())
+        except Exception as e:  # noqa: BLE001 - the scrape never fails for it
+            logging.getLogger(__name__).debug("staging sweep age not read: %s", e)
+            return None
 
     def collect(self) -> Iterator[Metric]:
         import celeryconfig
@@ -490,7 +503,8 @@ class PeriodicCollector:
         age = GaugeMetricFamily("resizer_periodic_last_success_age_seconds",
                                 "Seconds since the periodic job last succeeded (its watermark row in Postgres, "
                                 "by the database's clock): rollup and billing, when their last run began; the "
-                                "archive, when its last run ended.", labels=["task"])
+                                "archive, when its last run ended; the staging sweep, when its last run ended "
+                                "(its mark in the staging store).", labels=["task"])
         interval = GaugeMetricFamily("resizer_periodic_interval_seconds",
                                      "The interval beat runs the periodic job at (this node's configuration).",
                                      labels=["task"])
@@ -501,6 +515,11 @@ class PeriodicCollector:
                 age.add_metric([task], max(0.0, ages[name]))
             if task in schedule:
                 interval.add_metric([task], schedule[task])
+        sweep_age = self.staging_sweep_age()
+        if sweep_age is not None:
+            age.add_metric(["staging_sweep"], max(0.0, sweep_age))
+        if "staging_sweep" in schedule:
+            interval.add_metric(["staging_sweep"], schedule["staging_sweep"])
         yield age
         yield interval
         if readings:

@@ -20,6 +20,7 @@ from resizer.staging import PROBE_PREFIX, PROBE_RETENTION_SECONDS, StagingError,
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)
 UNFINISHED_RETENTION_FACTOR = 7  # see staging_sweep
+SWEEP_MARK_KEY = "sweep/finished"  # written by each sweep that finished (not under a prefix it sweeps)
 
 log = logging.getLogger(__name__)
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -367,4 +368,12 @@ def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[st
     for key, age in store.scan(PROBE_PREFIX, depth=1):
         if age > PROBE_RETENTION_SECONDS:  # a check holds its probe file for milliseconds
             delete(key, "probes")
+    # The trace of a finished sweep: its age is on /metrics (StagingSweepStale). Without it a sweep that
+    # stopped (beat down, the task failing every run) showed only as a disk filling up with results.
+    store.put(SWEEP_MARK_KEY, json.dumps({**removed, "finished_at": now.isoformat()}).encode())
     return removed
+
+
+def staging_sweep_age(store: StagingStore) -> float | None:
+    """Seconds since the last staging sweep finished (its mark's age); None if none ever did."""
+    return next((age for key, age in store.scan(SWEEP_MARK_KEY.split("/")[0], depth=1) if key == SWEEP_MARK_KEY), None)

@@ -33,11 +33,13 @@ def _db_now():
         return cursor.fetchone()[0]
 
 
-def test_ages_of_the_last_successful_runs_are_on_metrics(client):
+def test_ages_of_the_last_successful_runs_are_on_metrics(client, settings, tmp_path):
+    settings.STAGING_URL = f"file://{tmp_path}"  # a store no sweep has run on
     # No job ran yet: no age (not 0, not a made-up one); the intervals are there.
     page = client.get("/metrics").content.decode()
     assert _by_task(page, AGE) == {}
-    assert _by_task(page, INTERVAL) == {"usage_rollup": 60.0, "billing_run": 300.0, "usage_archive": 3600.0}
+    assert _by_task(page, INTERVAL) == {"usage_rollup": 60.0, "billing_run": 300.0, "usage_archive": 3600.0,
+                                        "staging_sweep": 60.0}
 
     services.usage_rollup()
     services.usage_archive()
@@ -50,6 +52,24 @@ def test_ages_of_the_last_successful_runs_are_on_metrics(client):
     # Ages grow between runs.
     time.sleep(1.1)
     assert _by_task(client.get("/metrics").content.decode(), AGE)["usage_rollup"] >= ages["usage_rollup"] + 1
+
+
+def test_the_staging_sweeps_age_is_on_metrics(client, settings, tmp_path):
+    """The sweep keeps no watermark in Postgres: it left no trace, so a sweep that stopped showed only
+    as the staging filesystem filling up. Each finished sweep now writes a mark in the store."""
+    import os
+
+    from resizer.jobs import SWEEP_MARK_KEY, staging_sweep
+    from resizer.staging import staging_store
+
+    settings.STAGING_URL = f"file://{tmp_path}"
+    assert "staging_sweep" not in _by_task(client.get("/metrics").content.decode(), AGE)
+    staging_sweep(staging_store(), job_retention_seconds=3600)
+    assert 0 <= _by_task(client.get("/metrics").content.decode(), AGE)["staging_sweep"] < 30
+    # The last sweep finished ten minutes ago (beat stopped since): the age says so.
+    mark = tmp_path / SWEEP_MARK_KEY
+    os.utime(mark, (time.time() - 600, time.time() - 600))
+    assert 600 <= _by_task(client.get("/metrics").content.decode(), AGE)["staging_sweep"] < 630
 
 
 def test_an_archive_run_leaves_its_trace_only_when_it_ran():
