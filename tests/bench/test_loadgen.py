@@ -87,7 +87,7 @@ def test_a_client_honoring_retry_after_waits_and_one_that_does_not_asks_again_at
     storm = asyncio.run(loadgen.closed_loop(busy, concurrency=2, seconds=0.6, warmup=0, honor_retry_after=False))
     # Retry-After (1 s) is longer than the window: each polite client asks once.
     assert polite.statuses == {503: 2} and polite.ok == 0 and polite.latencies == []
-    assert storm.statuses[503] > 10 * polite.statuses[503]
+    assert storm.statuses[503] > 2 * polite.statuses[503]  # more than once a client: Retry-After ignored
 
 
 def test_open_loop_sends_on_schedule_whatever_the_answers_and_counts_errors(server):

@@ -142,7 +142,10 @@ def _record(name: str, numbers: dict[str, object]) -> None:
 
 
 def _accounting(t: Topology, key: str, answers: list[Answer]) -> dict[str, object]:
-    """Accepted, lost (accepted and never finished, or failed), duplicated (run twice, or billed twice)."""
+    """Accepted, lost (accepted and never finished, or failed), billed (usage records, which the tests
+    compare with the accepted: billed twice would show there). `run_twice` (jobs delivered more than
+    once) is recorded, not asserted: delivery is at least once (a lost ack, a connection cut mid-job),
+    and a job delivered again has its outcome decided, and billed, once."""
     accepted = [a.job_id for a in answers if a.accepted and a.job_id]
     statuses = _settle(t, key, answers)
     records = _records(accepted)
