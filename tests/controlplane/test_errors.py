@@ -178,19 +178,36 @@ def test_the_store_failing_after_the_job_was_accepted_answers_202_with_its_locat
     assert job_load(staging_store(), job_id) is not None
 
 
-def test_the_database_away_is_503_not_500(api, monkeypatch):
-    """A DRF view reading Postgres (usage, the management API) answered 500 internal_error."""
-    from django.db import OperationalError
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)  # the server, another process, must see the customer
+def test_the_database_away_is_503_not_500():
+    """A DRF view reading Postgres (usage, the management API) answered 500 internal_error. A real
+    API server whose only path to Postgres runs through a proxy, cut: authentication goes on from the
+    credential cache, and the usage read meets a database that is really gone."""
+    import httpx
+    from django.db import connection
 
-    from metering import selectors
+    from identity.services import api_key_create, customer_create
+    from tests.processes import TcpProxy, api_server, database_url_for_tests, wait_authenticated
 
-    def away(**kwargs):
-        raise OperationalError("connection refused")
-
-    monkeypatch.setattr(selectors, "usage_windows", away)
-    response = api.get("/v1/usage?granularity=day&from=2026-11-01&to=2026-11-02")
-    assert_problem(response, 503, "database_unavailable")
-    assert response["Retry-After"]
+    _, key = api_key_create(customer=customer_create(name="db-away"))
+    proxy = TcpProxy(int(connection.settings_dict["PORT"] or 5432), connection.settings_dict["HOST"] or "127.0.0.1")
+    usage = "/v1/usage?granularity=day&from=2026-11-01&to=2026-11-02"
+    try:
+        with api_server(API_WORKERS="1", DATABASE_URL=database_url_for_tests(port=proxy.port)) as base, \
+                httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
+            wait_authenticated(base, key)
+            assert http.get(usage).status_code == 200  # through the proxy, Postgres answers
+            proxy.cut()
+            response = http.get(usage)
+    finally:
+        proxy.close()
+    assert response.status_code == 503, response.text[:300]
+    assert response.headers["Content-Type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == 503 and body["code"] == "database_unavailable"
+    assert body["type"].endswith("database_unavailable") and body["title"] and body["detail"]
+    assert response.headers["Retry-After"] == "5"
 
 
 def test_a_refusal_is_not_logged_again_by_django(api, caplog):
