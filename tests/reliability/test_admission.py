@@ -417,3 +417,106 @@ def test_without_a_line_the_limit_refuses_at_once():
     a.enter("x")
     a.enter("x")
     assert _refusal(a, "y") == (503, "queue_full") and a.in_line == 0
+
+
+# --- the door: refusals decided before Django, for requests any sender would have refused --------
+
+def test_the_door_refuses_what_enter_would_refuse_whoever_sent_it_and_nothing_else():
+    full = _admission(depth=10, max_depth=10)
+    assert full.at_the_door().code == "queue_full" and _refusal(full, "anyone") == (503, "queue_full")
+    busy = _admission(max_in_flight=2, share=1.0)
+    busy.enter("a")
+    assert busy.at_the_door() is None  # a slot is free
+    busy.enter("a")
+    assert (busy.at_the_door().status, busy.at_the_door().code) == (503, "overloaded") == _refusal(busy, "b")
+    # A customer over its share is refused by enter(), after authentication, not at the door.
+    shared = _admission(max_in_flight=4, share=0.5)
+    shared.enter("flood")
+    shared.enter("flood")
+    assert shared.at_the_door() is None and _refusal(shared, "flood") == (429, "customer_over_share")
+    assert shared.in_flight == 2  # the door takes nothing
+
+
+def test_the_door_lets_a_request_stand_in_the_line_while_it_has_room():
+    a, _ = _lined(max_in_flight=4, line_wait=30.0)  # the limit's 2 slots taken, room for 2 in line
+    assert a.at_the_door() is None
+    outcomes: list = []
+    threads = [_enter_in_thread(a, f"w{i}", outcomes) for i in range(2)]
+    _until(lambda: a.in_line == 2)
+    refused = a.at_the_door()
+    assert refused is not None and (refused.status, refused.code) == (503, "queue_full") == _refusal(a, "late")
+    for _ in range(2):
+        a.leave("x")
+    for thread in threads:
+        thread.join(10)
+    assert sorted(outcomes) == ["w0", "w1"]
+
+    clock = FakeClock()
+    no_line = Admission(max_in_flight=8, customer_share=1.0, max_queue_depth=0, queue_depth=lambda: None,
+                        target_queue_wait=0.25, queue_wait_interval=0.5, clock=clock)
+    while no_line.limit() > 2:
+        _interval(no_line, clock, [5.0])
+    no_line.enter("x")
+    no_line.enter("x")
+    assert no_line.at_the_door().code == "queue_full" == _refusal(no_line, "y")[1]
+
+
+def _wsgi_post(body: bytes, **headers: str) -> tuple[str, dict[str, str], bytes, int]:
+    """POST /v1/resize through the API's WSGI application (gunicorn's side of it, in this process):
+    the status line, the headers, the body, and how much of the request body was read."""
+    import io
+
+    from controlplane.wsgi import application
+
+    stream = io.BytesIO(body)
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/resize", "QUERY_STRING": "width=50",
+               "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "image/jpeg", "SERVER_NAME": "localhost",
+               "SERVER_PORT": "80", "wsgi.input": stream, "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO(),
+               **{f"HTTP_{k.upper()}": v for k, v in headers.items()}}
+    answer: dict = {}
+
+    def start_response(status: str, response_headers: list, exc_info=None):  # type: ignore[no-untyped-def]
+        answer["status"], answer["headers"] = status, dict(response_headers)
+
+    chunks = application(environ, start_response)
+    content = b"".join(chunks)
+    getattr(chunks, "close", lambda: None)()
+    return answer["status"], answer["headers"], content, stream.tell()
+
+
+@pytest.mark.django_db
+def test_a_refusal_at_the_door_is_a_problem_counted_and_logged_before_authentication(tight_admission):
+    """In a retry storm a refusal went through Django, DRF and authentication first: ~1.6 ms of API CPU
+    each (bench_peers.py's storm step), the CPU the workers needed. Refused at the door it is answered
+    before any of them: no key needed to learn the service is full."""
+    import json
+    import logging
+
+    from prometheus_client import REGISTRY
+
+    a, _ = tight_admission
+    a.enter("someone")
+    a.enter("someone-else")  # the process is full
+    sample = ("resizer_resize_requests_total", {"outcome": "shed", "code": "overloaded"})
+    before = REGISTRY.get_sample_value(*sample) or 0.0
+    body = corpus("coffee.jpg")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    access = logging.getLogger("controlplane.access")
+    access.addHandler(handler)
+    try:
+        status, headers, content, read = _wsgi_post(body, X_REQUEST_ID="door-1")  # no Authorization
+    finally:
+        access.removeHandler(handler)
+    assert status.startswith("503") and headers["Content-Type"] == "application/problem+json"
+    assert json.loads(content)["code"] == "overloaded" and headers["Retry-After"] == "1"
+    assert headers["X-Request-Id"] == "door-1"
+    assert read == len(body)  # the body was discarded: the connection stays usable
+    assert REGISTRY.get_sample_value(*sample) == before + 1
+    assert [r for r in records if r.getMessage() == "resize answered" and r.code == "overloaded"]
+    assert a.in_flight == 2
+
+    a.leave("someone")  # room again: the request goes on to Django, and without a key it is refused there
+    status, _, content, _ = _wsgi_post(body)
+    assert status.startswith("401") and json.loads(content)["code"] == "unauthorized"
