@@ -169,24 +169,6 @@ class Admission:
     def in_line(self) -> int:
         return len(self._line)
 
-    def at_the_door(self) -> Refused | None:
-        """The refusal any request would get now, whoever sent it, or None: the queue at its depth
-        bound, or every slot and every place in the line taken. Asked before the request is parsed or
-        authenticated (controlplane/wsgi.py): in a retry storm a refusal that went through Django, DRF
-        and authentication cost ~1.6 ms of API CPU, and those refusals took the CPU the workers needed.
-        It takes nothing: an admitted request still goes through enter()."""
-        limit = self.limit()
-        depth = self._queue_depth() if self.max_queue_depth else None
-        if depth is not None and depth >= self.max_queue_depth:
-            return Refused(503, "queue_full", f"The service is at capacity ({depth} jobs waiting); retry shortly.", 1)
-        with self._lock:
-            self._hand_slots(limit)
-            if self.in_flight >= self.max_in_flight:
-                return Refused(503, "overloaded", "The server is at capacity; retry shortly.", 1)
-            if self.in_flight >= limit and (self.line_wait <= 0 or self.in_flight + len(self._line) >= self.max_in_flight):
-                return self._full()
-        return None
-
     def enter(self, customer_id: str) -> None:
         """Take a slot for the customer (standing in the line for one if there is room), or raise Refused."""
         limit = self.limit()

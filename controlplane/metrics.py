@@ -229,39 +229,31 @@ class ResizeMetricsMiddleware:
         response = self.get_response(request)
         if request.method != "POST" or not _resize_path_request(request):
             return response
-        resize_answered(request.META, response, arrived, started, getattr(request, "resize_input_bytes", None))
+        edge = edge_wait(request.META.get("HTTP_X_REQUEST_START"), arrived)
+        if edge is not None:
+            STAGE_SECONDS.labels("edge").observe(edge)
+        elapsed = time.perf_counter() - started + (edge or 0.0)
+        status = response.status_code
+        outcome = outcome_of(status)
+        code = ("accepted" if status == 202 else "ok") if status < 400 else _problem_code(response)
+        input_bytes = getattr(request, "resize_input_bytes", None)
+        if input_bytes is None:
+            try:
+                input_bytes = int(request.META.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                input_bytes = 0
+        RESIZE_REQUEST_SECONDS.labels(outcome, "lt_1mb" if input_bytes < SLO_INPUT_BYTES else "ge_1mb").observe(elapsed)
+        RESIZE_REQUESTS.labels(outcome, code).inc()
+        if status in (429, 503):
+            ADMISSIONS_SHED.labels(code).inc()
+        location = response.get("Location", "")
+        job_id = location.rsplit("/", 1)[-1] if location.startswith("/v1/jobs/") else None
+        log.info("resize answered", extra={
+            "status": status, "outcome": outcome, "code": code, "duration_ms": round(elapsed * 1000, 2),
+            "edge_ms": None if edge is None else round(edge * 1000, 2),
+            "input_bytes": input_bytes, "job_id": job_id,
+        })
         return response
-
-
-def resize_answered(meta: dict[str, Any], response: HttpResponse, arrived: float, started: float,
-                    input_bytes: int | None = None) -> None:
-    """Count and log one answer to POST /v1/resize: the SLO's histogram (from the load balancer's stamp),
-    the outcome and code, a shed, and the `resize answered` line. `arrived` is time.time() and `started`
-    time.perf_counter() at its arrival; `input_bytes` the upload's size when it was read (else the
-    declared length). By the middleware, and by the WSGI application for a refusal at the door."""
-    edge = edge_wait(meta.get("HTTP_X_REQUEST_START"), arrived)
-    if edge is not None:
-        STAGE_SECONDS.labels("edge").observe(edge)
-    elapsed = time.perf_counter() - started + (edge or 0.0)
-    status = response.status_code
-    outcome = outcome_of(status)
-    code = ("accepted" if status == 202 else "ok") if status < 400 else _problem_code(response)
-    if input_bytes is None:
-        try:
-            input_bytes = int(meta.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            input_bytes = 0
-    RESIZE_REQUEST_SECONDS.labels(outcome, "lt_1mb" if input_bytes < SLO_INPUT_BYTES else "ge_1mb").observe(elapsed)
-    RESIZE_REQUESTS.labels(outcome, code).inc()
-    if status in (429, 503):
-        ADMISSIONS_SHED.labels(code).inc()
-    location = response.get("Location", "")
-    job_id = location.rsplit("/", 1)[-1] if location.startswith("/v1/jobs/") else None
-    log.info("resize answered", extra={
-        "status": status, "outcome": outcome, "code": code, "duration_ms": round(elapsed * 1000, 2),
-        "edge_ms": None if edge is None else round(edge * 1000, 2),
-        "input_bytes": input_bytes, "job_id": job_id,
-    })
 
 
 # --- the identity snapshot's age, per process ---------------------------------------------------

@@ -1,13 +1,11 @@
 """The API's WSGI application: Django's, behind three guards against clients that are broken or slow
-on purpose (docs/RELIABILITY.md, "Slow and hostile clients"), and admission's door: a resize that
-admission control would refuse whoever sent it is refused here, before Django (ADR 0007)."""
+on purpose (docs/RELIABILITY.md, "Slow and hostile clients")."""
 import os
 import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
-from types import SimpleNamespace
 from typing import Any
 
 from django.core.wsgi import get_wsgi_application
@@ -17,11 +15,9 @@ _django = get_wsgi_application()
 
 from django.conf import settings  # noqa: E402  (after Django is set up)
 
-from controlplane import admission, metrics  # noqa: E402
 from controlplane.errors import ApiError, problem  # noqa: E402
-from controlplane.logs import request_id_var  # noqa: E402
 from controlplane.middleware import SANE_REQUEST_ID  # noqa: E402
-from controlplane.parsing import below_least_rate, discard_unread_body, read_other_body  # noqa: E402
+from controlplane.parsing import below_least_rate, read_other_body  # noqa: E402
 
 # The resize view reads its own body, streamed and bounded (controlplane/parsing.py read_upload).
 _STREAMED_BODIES = frozenset({"/v1/resize"})
@@ -29,11 +25,6 @@ _WRITE_CHUNK = 256 * 1024
 
 
 def application(environ: dict[str, Any], start_response: Any) -> Any:
-    if environ.get("PATH_INFO") == "/v1/resize" and environ.get("REQUEST_METHOD") == "POST":
-        arrived, started = time.time(), time.perf_counter()
-        refused = admission.admission().at_the_door()
-        if refused is not None:
-            return _refuse_at_the_door(refused, environ, start_response, arrived, started)
     try:
         # Any body but a resize's (which the view streams, bounded) is read here, within the body
         # bounds: a login form trickled a byte every 20 s (a CSRF check reads the form before any
@@ -62,24 +53,6 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
     if sock is None or (isinstance(file_wrapper, type) and isinstance(body, file_wrapper)):
         return body  # a static file (WhiteNoise) goes out by gunicorn's sendfile, unpaced
     return _PacedBody(body, sock)
-
-
-def _refuse_at_the_door(refused: admission.Refused, environ: dict[str, Any], start_response: Any,
-                        arrived: float, started: float) -> list[bytes]:
-    """A resize admission control refuses whoever sent it (the queue at its bound, every slot and place
-    in the line taken), answered before Django, DRF and authentication: the cheapest refusal a retry
-    storm can get. Its body is discarded as the view's refusals' are (the client reads the answer and
-    keeps its connection), and it is counted and logged as they are."""
-    response = problem(refused.status, refused.code, refused.detail, headers={"Retry-After": str(refused.retry_after)})
-    discard_unread_body(SimpleNamespace(META=environ, upload_refused=False, read=environ["wsgi.input"].read),
-                        settings.REFUSED_BODY_DISCARD_BYTES)
-    answer = _answer(response, environ, start_response)
-    token = request_id_var.set(response["X-Request-Id"])
-    try:
-        metrics.resize_answered(environ, response, arrived, started)
-    finally:
-        request_id_var.reset(token)
-    return answer
 
 
 def _answer(response: Any, environ: dict[str, Any], start_response: Any) -> list[bytes]:
