@@ -468,9 +468,10 @@ def _periodic_readings() -> PeriodicReadings:
 
 class PeriodicCollector:
     """How long ago each periodic job last succeeded (the metering jobs: the age of their watermark row;
-    the staging sweep: of its mark in the staging store), and the interval beat runs it at (this node's configuration): beat stopped, a job failing every run, or
-    runs always skipped show as an age growing past a few intervals. No sample for a job that never
-    ran, nor any age when Postgres cannot be read (the scrape itself never fails for it)."""
+    the staging sweep: of its mark in the staging store), and the interval beat runs it at (this node's
+    configuration): beat stopped, a job failing every run, or runs always skipped show as an age growing
+    past a few intervals. No sample for a job that never ran, nor any metering age when Postgres cannot
+    be read (the scrape itself never fails for it)."""
 
     timeout_seconds = 1.0
 
