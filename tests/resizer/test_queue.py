@@ -2,6 +2,7 @@
 poison message instead of letting it loop, and a worker that gives up on a job that keeps dying."""
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -17,11 +18,23 @@ def _rabbitmqctl_queue(name: str) -> str:
     return next((line for line in out.splitlines() if line.split("\t")[0] == name), "")
 
 
+def _rabbitmqctl_queue_arguments(name: str) -> dict:
+    """The queue's declared arguments as RabbitMQ holds them ({name: value}), parsed from
+    rabbitmqctl's JSON (each argument is [name, AMQP type, value])."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "arguments", "--formatter", "json"],
+                         capture_output=True, text=True, timeout=60).stdout
+    queue = next((q for q in json.loads(out) if q["name"] == name), None)
+    assert queue is not None, f"queue {name} is not on the broker"
+    return {arg_name: value for arg_name, _type, value in queue["arguments"]}
+
+
 def test_resize_queue_is_quorum_with_delivery_limit_and_dead_letter(worker):
     line = _rabbitmqctl_queue(celeryconfig.RESIZE_QUEUE)
     assert "\tquorum\t" in line
-    assert "x-delivery-limit" in line and str(celeryconfig.DELIVERY_LIMIT) in line
-    assert f"{celeryconfig.RESIZE_QUEUE}.dlx" in line
+    arguments = _rabbitmqctl_queue_arguments(celeryconfig.RESIZE_QUEUE)
+    assert arguments["x-queue-type"] == "quorum"
+    assert arguments["x-delivery-limit"] == celeryconfig.DELIVERY_LIMIT
+    assert arguments["x-dead-letter-exchange"] == f"{celeryconfig.RESIZE_QUEUE}.dlx"
     assert "\tquorum\t" in _rabbitmqctl_queue(f"{celeryconfig.RESIZE_QUEUE}.dead")
 
 
