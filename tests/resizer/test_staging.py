@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -36,22 +35,31 @@ def test_keys_cannot_escape_the_root(store):
             store.put(key, b"")
 
 
-def test_put_new_has_exactly_one_winner_under_contention(store):
-    wins = []
-    barrier = threading.Barrier(8)
+def test_put_new_has_exactly_one_winner_under_contention(store, monkeypatch):
+    """Two put_new calls on one key, the second run inside the first one's window: after the first
+    wrote its temporary file, just before it links (or renames) it into place. Threads racing freely
+    hit that window only some of the time; here it is hit every time. Create-if-absent must still
+    leave exactly one winner, whose content the key holds."""
+    slot = store.root / "slot"
+    results: dict[str, bool] = {}
+    entered = []
 
-    def contend(i: int) -> None:
-        barrier.wait()
-        if store.put_new("slot", str(i).encode()):
-            wins.append(i)
+    def inside_the_window(real):
+        def commit(src, dst, *args, **kwargs):
+            if os.fspath(dst) == os.fspath(slot) and not entered:  # the first call's commit, only
+                entered.append(True)
+                results["second"] = store.put_new("slot", b"second")
+            return real(src, dst, *args, **kwargs)
+        return commit
 
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(wins) == 1
-    assert store.get("slot") == str(wins[0]).encode()
+    for name in ("link", "replace", "rename"):
+        monkeypatch.setattr(os, name, inside_the_window(getattr(os, name)))
+    results["first"] = store.put_new("slot", b"first")
+    monkeypatch.undo()
+    assert entered  # the second call did run inside the first one's window
+    assert sorted(results.values()) == [False, True], results  # exactly one winner
+    winner = next(name for name, won in results.items() if won)
+    assert store.get("slot") == winner.encode()
 
 
 def _create(store, data=b"img", params=None, key=None, customer="c1"):
