@@ -1,8 +1,12 @@
 """job_run, the worker side of a job, against the real staging store and a real broker producer."""
 from __future__ import annotations
 
+import errno
+import os
+import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
@@ -101,14 +105,47 @@ def test_two_deliveries_of_one_job_at_once_end_on_the_first_outcome(monkeypatch)
     assert late.status == stored.status == SUCCEEDED and stored.output == copies[0].output
 
 
+def _feed_fifo(path: Path, data: bytes, timeout: float = 20.0) -> None:
+    """Write `data` into the FIFO at `path` for the process blocked reading it. If no reader comes
+    within `timeout`, the FIFO is replaced by a regular file holding `data` (nobody is left blocked)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader has it open
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            if time.monotonic() > deadline:
+                tmp = path.with_name(".tmp-fed")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+                return
+            time.sleep(0.02)
+            continue
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+
+
 def test_a_publish_whose_confirm_was_lost_but_whose_job_a_worker_took_is_not_a_503(monkeypatch, worker):
     """The message reached the queue, its confirm did not reach the API (the node died in between):
-    a worker runs the job. The API must not answer 503 and fail a job that runs and is billed."""
-    import time
-
+    a worker runs the job. The API must not answer 503 and fail a job that runs and is billed.
+    The job is held `running` (taken, not decided) while the API handles the lost confirm: its input is
+    a FIFO, so the real worker blocks reading it until the test writes the image in. Were the worker
+    let run, it had usually decided the job by then, and job_decide's claim answered instead of the
+    "a worker took the job" branch this is about."""
     from resizer import services
+    from resizer.jobs import job_decision
+
+    image = corpus("coffee.jpg")
+    held: list[Path] = []
 
     def published_then_confirm_lost(job_id, reply_to, timeout):
+        fifo = staging_store().root / input_key(job_id)
+        fifo.unlink()
+        os.mkfifo(fifo)  # the worker that takes the job blocks on its input: it cannot decide it
+        held.append(fifo)
         real_send(job_id, reply_to, timeout)
         deadline = time.monotonic() + 20
         while job_load(staging_store(), job_id).status == "queued":  # the worker takes it
@@ -118,11 +155,17 @@ def test_a_publish_whose_confirm_was_lost_but_whose_job_a_worker_took_is_not_a_5
 
     real_send = services._send
     monkeypatch.setattr(services, "_send", published_then_confirm_lost)
-    job, created = services.job_submit(
-        customer_id=str(uuid.uuid4()), key_id=str(uuid.uuid4()), request_id="r", params=imaging.Params(width=50),
-        input_facts=imaging.probe(corpus("coffee.jpg")), data=corpus("coffee.jpg"), idempotency_key=None,
-        reply_to=None)
-    assert created and job.status != "failed"
+    try:
+        job, created = services.job_submit(
+            customer_id=str(uuid.uuid4()), key_id=str(uuid.uuid4()), request_id="r",
+            params=imaging.Params(width=50), input_facts=imaging.probe(image), data=image, idempotency_key=None,
+            reply_to=None)
+        # Answered while the worker still held the job undecided: the job as the worker took it.
+        assert job_decision(staging_store(), job.id) is None
+        assert created and job.status == "running" and job.attempts == 1
+    finally:
+        for fifo in held:
+            _feed_fifo(fifo, image)  # let the worker go on
     deadline = time.monotonic() + 20
     while not (done := job_load(staging_store(), job.id)).finished:
         assert time.monotonic() < deadline
