@@ -69,6 +69,21 @@ class Worker:
     proc: subprocess.Popen[bytes]
     log: Path
 
+    @property
+    def spool(self) -> Path:
+        """Its usage spool directory (what its children emit, until their shipper takes it)."""
+        return STAGING_DIR.parent / f"{self.queue}-spool"
+
+    def ship_spool(self) -> None:
+        """Ship whatever is left in its spool to the test database, from this process; once the worker
+        has exited (its locks are gone), that is every record it emitted. Asserts the spool is empty."""
+        from metering.services import usage_ship
+        from metering.spool import Shipper
+
+        assert self.proc.poll() is not None, "stop the worker first: a live one may still emit or hold a segment"
+        usage_ship(directory=self.spool)
+        assert Shipper(self.spool, batch_records=1).pending() == 0, list(self.spool.iterdir())
+
     def children(self) -> list[int]:
         """The pool's child processes (the ones that run tasks)."""
         try:
