@@ -273,10 +273,11 @@ def test_a_shipment_stalled_before_its_commit_is_aborted_shipped_again_and_rolle
 
     monkeypatch.setattr(stalled, "_connect", stalling_connect)
     try:
-        stalled.ship(conninfo=staging_conninfo())
-    except ShipError:
-        pass  # aborted by Postgres: the COMMIT failed
-    stalled.close()
+        with pytest.raises(ShipError):  # aborted by Postgres: the COMMIT failed
+            stalled.ship(conninfo=staging_conninfo())
+    finally:
+        stalled.close()
+    assert count(customer) == 0 and stalled.pending() == 1  # nothing committed; the segment stays
     shipper = Shipper(spool_dir, batch_records=1000)
     shipper.ship(conninfo=staging_conninfo())
     shipper.close()
