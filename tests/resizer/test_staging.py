@@ -150,13 +150,21 @@ def test_the_sweep_removes_temporary_files_left_behind_by_a_killed_writer(store)
 
 def test_a_directory_delete_that_fails_part_way_is_an_error(store):
     """rmtree with its errors ignored reported a job deleted while part of it was still there."""
-    if shutil.which("chattr") is None or os.geteuid() != 0:
-        pytest.skip("needs chattr and root to make a file undeletable")
     job, _ = _create(store)
     pinned = store.root / output_key(job.id)
     pinned.write_bytes(b"out")
-    if subprocess.run(["chattr", "+i", str(pinned)], capture_output=True).returncode != 0:
-        pytest.skip("this filesystem has no immutable attribute")
+    if os.geteuid() == 0:  # root deletes whatever the permissions say: the immutable attribute
+        assert shutil.which("chattr"), "chattr is not installed (e2fsprogs)"
+        if subprocess.run(["chattr", "+i", str(pinned)], capture_output=True).returncode != 0:
+            pytest.skip("this filesystem has no immutable attribute, and root ignores permissions")
+
+        def unpin() -> None:
+            subprocess.run(["chattr", "-i", str(pinned)], check=True)
+    else:  # anyone else: a directory it may not write to
+        pinned.parent.chmod(0o500)
+
+        def unpin() -> None:
+            pinned.parent.chmod(0o700)
     try:
         with pytest.raises(StagingError):
             store.delete(output_key(job.id).rsplit("/", 1)[0])
@@ -169,7 +177,7 @@ def test_a_directory_delete_that_fails_part_way_is_an_error(store):
         swept = staging_sweep(store, job_retention_seconds=3600)
         assert swept["failed"] == 1 and swept["jobs"] == 1 and job_load(store, other.id) is None
     finally:
-        subprocess.run(["chattr", "-i", str(pinned)], check=True)
+        unpin()
     assert store.delete(output_key(job.id).rsplit("/", 1)[0]) is True
     assert not pinned.parent.exists()
 
