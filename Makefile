@@ -26,7 +26,6 @@ migrate: venv services-core
 
 # The whole stack in the foreground (API on 127.0.0.1:8000, a worker, beat); Ctrl-C stops it.
 run: migrate
-	scripts/demo_key.sh
 	scripts/run.sh
 
 # The whole suite, against the real PostgreSQL and the real RabbitMQ.

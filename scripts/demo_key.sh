@@ -11,6 +11,6 @@ cat <<EOT
 
   Try:  curl -sS -X POST -H "Authorization: Bearer $key" \\
           --data-binary @../shared/corpus/photo-256k-0.jpg \\
-          "http://127.0.0.1:8000/v1/resize?width=256" -o thumb.jpg -D -
+          "http://127.0.0.1:8000/v1/resize?width=256" -o /tmp/thumb.jpg -D -
 
 EOT
