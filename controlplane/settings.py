@@ -106,6 +106,8 @@ WHITENOISE_USE_FINDERS = True  # served from the apps' static directories: no co
 MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 25 * 1024 * 1024, minimum=1)
 # Declared input pixels (width x height), checked from the image header before decoding.
 MAX_INPUT_PIXELS = env_int("MAX_INPUT_PIXELS", 50_000_000, minimum=1)
+# The encoded output's bytes (422 output_too_large past it): within the pixel limit a noisy PNG was 117 MB.
+MAX_OUTPUT_BYTES = env_int("MAX_OUTPUT_BYTES", 64 * 1024 * 1024, minimum=1)
 # How long a synchronous POST /v1/resize waits for its job before answering 202 + Location.
 SYNC_WAIT_SECONDS = env_float("SYNC_WAIT_SECONDS", 10.0)
 # Results are downloaded right away; they are deleted after this (then GET .../result -> 410).

@@ -1,14 +1,16 @@
 """The customer REST API: thin views over resizer.services and resizer.jobs."""
 from __future__ import annotations
 
+import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers
@@ -22,7 +24,7 @@ from controlplane.parsing import discard_unread_body, parse_params, read_upload,
 from identity.authentication import monthly_quota_charge, monthly_quota_refund
 from identity.dataplane import credential_cache
 from resizer import imaging
-from resizer.jobs import FAILED, SUCCEEDED, IdempotencyConflict, Job, job_load, job_result
+from resizer.jobs import FAILED, SUCCEEDED, IdempotencyConflict, Job, job_load, job_result_open
 from resizer.notify import JobWaiter, job_waiter
 from resizer.services import QueueUnavailable, engine_limits, job_replay, job_submit
 from resizer.staging import StagingError, StagingNotFound, staging_store
@@ -112,7 +114,19 @@ _REPLAY_EXPIRED = ("The result of the job this Idempotency-Key made was deleted 
                    "send the request again with a new Idempotency-Key to resize again.")
 
 
-def _job_outcome(job: Job, vary: bool = False, expired_detail: str = _EXPIRED) -> HttpResponse:
+RESULT_STREAM_ABOVE_BYTES = 1024 * 1024  # results larger than this are read from the store in pieces
+_RESULT_PIECE_BYTES = 256 * 1024
+
+
+def _file_pieces(result: BinaryIO) -> Iterator[bytes]:
+    try:
+        while piece := result.read(_RESULT_PIECE_BYTES):
+            yield piece
+    finally:
+        result.close()
+
+
+def _job_outcome(job: Job, vary: bool = False, expired_detail: str = _EXPIRED) -> HttpResponse | StreamingHttpResponse:
     """The answer for a finished job: its image, or its error as a problem."""
     if job.status == FAILED:
         error = job.error or {}
@@ -124,11 +138,26 @@ def _job_outcome(job: Job, vary: bool = False, expired_detail: str = _EXPIRED) -
     if job.result_expired():
         raise ApiError(410, "result_expired", expired_detail, headers={"Location": job_location(job)})
     try:
-        data = job_result(staging_store(), job)
+        result = job_result_open(staging_store(), job)
     except StagingNotFound as e:
         raise ApiError(410, "result_expired", expired_detail, headers={"Location": job_location(job)}) from e
     assert job.output is not None
-    response = HttpResponse(data, content_type=job.output["content_type"])
+    try:
+        size = os.fstat(result.fileno()).st_size
+        small = size <= RESULT_STREAM_ABOVE_BYTES
+        data = result.read() if small else b""
+    except OSError as e:
+        result.close()
+        raise StagingError(f"staging read failed: {e}") from e
+    if small:
+        result.close()
+        response: HttpResponse | StreamingHttpResponse = HttpResponse(data, content_type=job.output["content_type"])
+    else:
+        # Read in pieces as the client takes them (the WSGI application paces them): held whole, a
+        # large result cost a thread's memory per download, and slow readers of one 58 MB result took
+        # a node's memory (found by the security review).
+        response = StreamingHttpResponse(_file_pieces(result), content_type=job.output["content_type"])
+        response["Content-Length"] = str(size)
     response["Location"] = job_location(job)
     response["Content-Disposition"] = f'inline; filename="{job.id}.{job.output["format"]}"'
     response["Cache-Control"] = "private, no-store"

@@ -128,6 +128,9 @@ class Limits:
     max_frames: int = 300
     max_animation_pixels: int = 200_000_000
     max_output_pixels: int = 50_000_000
+    # The encoded output's bytes: 50 MP of noise as PNG is 117 MB (and 58 MB as JPEG at quality 100),
+    # each held in the worker's memory, kept in the staging store and sent to the client.
+    max_output_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -1132,6 +1135,9 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
         out, first, written = _encode(frames, fmt, params.quality, durations, _plays(facts.format, loop))
     except _DECODE_ERRORS as e:  # an encoder's refusal (a value its format cannot hold) is a 422, not a 500
         raise CorruptImage(f"could not encode the image as {fmt}: {e}") from e
+    if len(out) > limits.max_output_bytes:
+        raise OutputTooLarge(f"the {fmt} image is {len(out) / 1e6:.1f} MB encoded; the limit is "
+                             f"{limits.max_output_bytes / 1e6:.1f} MB (ask for fewer pixels, or a more compact format)")
     has_alpha = first.mode in _ALPHA_MODES or "transparency" in first.info
     output = ImageFacts(fmt, first.width, first.height, len(out), written, first.mode, has_alpha)
     return Result(out, CONTENT_TYPES[fmt], facts, output, time.thread_time() - started)

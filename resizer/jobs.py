@@ -13,7 +13,7 @@ import re
 import uuid
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, BinaryIO
 
 from resizer.staging import PROBE_PREFIX, PROBE_RETENTION_SECONDS, StagingError, StagingNotFound, StagingStore
 
@@ -333,6 +333,11 @@ def job_input(store: StagingStore, job: Job) -> bytes:
 
 def job_result(store: StagingStore, job: Job) -> bytes:
     return store.get(output_key(job.id))
+
+
+def job_result_open(store: StagingStore, job: Job) -> BinaryIO:
+    """The job's result as a file to read in pieces (the caller closes it)."""
+    return store.open(output_key(job.id))
 
 
 def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[str, int]:

@@ -54,7 +54,8 @@ class QueueUnavailable(Exception):
 
 
 def engine_limits() -> imaging.Limits:
-    return imaging.Limits(max_input_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_INPUT_PIXELS)
+    return imaging.Limits(max_input_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_INPUT_PIXELS,
+                          max_output_bytes=settings.MAX_OUTPUT_BYTES)
 
 
 def job_submit(

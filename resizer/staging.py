@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 
@@ -38,6 +38,10 @@ class StagingStore(Protocol):
         ...
 
     def get(self, key: str) -> bytes: ...
+
+    def open(self, key: str) -> BinaryIO:
+        """The object at `key` to read in pieces (a result too large to hold whole)."""
+        ...
 
     def delete(self, key: str) -> bool:
         """Delete `key` and everything under it as a prefix; False when there was nothing."""
@@ -108,6 +112,14 @@ class DirectoryStore:
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StagingNotFound(key) from None
+        except OSError as e:
+            raise StagingError(f"staging read failed: {e}") from e
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
         except FileNotFoundError:
             raise StagingNotFound(key) from None
         except OSError as e:

@@ -115,3 +115,31 @@ def test_a_job_whose_document_is_unreadable_is_404_not_a_500(api, customer_key):
     for path in (f"/v1/jobs/{job.id}", f"/v1/jobs/{job.id}/result"):
         response = api.get(path)
         assert response.status_code == 404 and response.json()["code"] == "job_not_found", path
+
+
+def test_a_large_result_is_read_from_the_store_in_pieces(api, customer_key):
+    """A result was read whole into the answering thread's memory: slow readers of one 58 MB result
+    (within the pixel limit) took a node's memory, 115 MB a download with a 117 MB PNG (found by the
+    security review). Past 1 MiB it is read in pieces as the client takes them, and a sweep deleting the
+    file meanwhile does not cut the download short."""
+    import os
+
+    from controlplane.views import RESULT_STREAM_ABOVE_BYTES
+
+    data = os.urandom(3 * 1024 * 1024)
+    job = job_succeed(staging_store(), staged_job(str(customer_key[0].id)), data=data, cpu_seconds=0.01,
+                      result_ttl_seconds=600, output={"format": "png", "width": 1, "height": 1, "bytes": len(data),
+                                                      "frames": 1, "content_type": "image/png"})
+    assert len(data) > RESULT_STREAM_ABOVE_BYTES
+    response = api.get(f"/v1/jobs/{job.id}/result")
+    assert response.status_code == 200 and response.streaming
+    assert response["Content-Length"] == str(len(data)) and response["Content-Type"] == "image/png"
+    pieces = iter(response.streaming_content)
+    first = next(pieces)
+    assert len(first) < len(data)  # not one piece: the whole result was never in memory at once
+    staging_store().delete(output_key(job.id))  # swept while the client reads
+    assert first + b"".join(pieces) == data
+    response.close()
+
+    small = api.get(f"/v1/jobs/{succeeded_job(str(customer_key[0].id)).id}/result")
+    assert not small.streaming and small.content == b"img"

@@ -242,6 +242,19 @@ def test_sliver_images():
     assert decode(result.data).size == (100, 1)
 
 
+def test_an_output_past_the_byte_limit_is_refused_not_kept():
+    """The pixel limit bounds a decode, not an encoded file: 50 MP of noise came out as a 117 MB PNG
+    (58 MB as JPEG at quality 100), held in the worker, kept in staging and served whole (found by the
+    security review). Past `max_output_bytes` it is output_too_large."""
+    noise = Image.frombytes("RGB", (300, 300), random.Random(7).randbytes(300 * 300 * 3))
+    data = encode(noise, "PNG")
+    made = resize(data, Params(width=300, format="png"))
+    assert len(made.data) > 200_000  # noise does not compress
+    with pytest.raises(OutputTooLarge, match="MB encoded"):
+        resize(data, Params(width=300, format="png"), Limits(max_output_bytes=200_000))
+    assert len(resize(data, Params(width=300, format="jpeg", quality=60), Limits(max_output_bytes=200_000)).data) < 200_000
+
+
 # --- formats -----------------------------------------------------------------------------------
 
 def small_photo() -> Image.Image:
