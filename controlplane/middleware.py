@@ -7,7 +7,7 @@ from typing import Callable
 
 from django.http import HttpRequest, HttpResponse
 
-SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # whole: fullmatch (`$` let "id\n" through)
 
 
 class RequestIdMiddleware:
@@ -16,7 +16,7 @@ class RequestIdMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         incoming = request.headers.get("X-Request-Id", "")
-        request.request_id = incoming if SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex  # type: ignore[attr-defined]
+        request.request_id = incoming if SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex  # type: ignore[attr-defined]
         response = self.get_response(request)
         response["X-Request-Id"] = request.request_id  # type: ignore[attr-defined]
         return response

@@ -58,7 +58,7 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
 def _answer(response: Any, environ: dict[str, Any], start_response: Any) -> list[bytes]:
     """An answer made here, before Django's middleware: with the request id it would have set."""
     incoming = environ.get("HTTP_X_REQUEST_ID", "")
-    response["X-Request-Id"] = incoming if SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    response["X-Request-Id"] = incoming if SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
     response["Content-Length"] = str(len(response.content))
     start_response(f"{response.status_code} {HTTPStatus(response.status_code).phrase}", list(response.items()))
     return [response.content]

@@ -108,3 +108,13 @@ def test_the_service_endpoints_answer_other_methods_with_a_405_problem(path):
         assert response["Content-Type"] == "application/problem+json"
         assert response.json()["code"] == "method_not_allowed" and response["Allow"] == "GET, HEAD"
     assert client.head("/healthz").status_code == 200
+
+
+def test_a_request_id_with_a_trailing_newline_is_replaced_not_echoed(client):
+    """`^...$` matched "abc\\n" (`$` before a final newline): echoed, that is a header with a newline in
+    it (found by the security review; gunicorn strips it on the wire, a WSGI server that does not would
+    have a 500 or a split header)."""
+    response = client.get("/healthz", HTTP_X_REQUEST_ID="abc\n")
+    assert response.status_code == 200
+    assert response["X-Request-Id"] != "abc\n" and len(response["X-Request-Id"]) == 32
+    assert client.get("/healthz", HTTP_X_REQUEST_ID="abc").headers["X-Request-Id"] == "abc"

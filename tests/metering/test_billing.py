@@ -336,3 +336,16 @@ def test_a_plan_in_use_has_a_frozen_currency(customer, standard_plan, admin_clie
     assert page.status_code == 200 and b'name="currency"' not in page.content
     admin_client.post(f"/admin/metering/priceplan/{standard_plan.pk}/change/", form)
     assert PricePlan.objects.get(pk=standard_plan.pk).currency == "USD"
+
+
+def test_the_report_quotes_text_a_spreadsheet_would_run_as_a_formula(customer, tiny_plan, standard_plan):
+    """Customer names are chosen by whoever creates them: `=HYPERLINK(...)` went into the CSV as it
+    was, and a spreadsheet opening the report ran it (found by the security review)."""
+    customer.name = '=HYPERLINK("http://attacker.example","invoice")'
+    customer.save()
+    insert(*[usage(customer.id, at=AT + timedelta(minutes=i)) for i in range(2)])
+    services.usage_rollup()
+    services.billing_run(today=START)
+    rows = _report(customer)[1:]
+    assert rows and all(row[1] == "'" + customer.name for row in rows)
+    assert all(not cell.startswith(("=", "+", "@")) for row in rows for cell in row)
