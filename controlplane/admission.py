@@ -300,6 +300,39 @@ def _is_not_found(error: Exception) -> bool:
     return getattr(error, "code", None) == 404 or type(error).__name__ == "NotFound"
 
 
+class CustomerThreads:
+    """How many of this process's threads each customer's requests hold, from authentication until
+    their answer has been written (a streamed result: its last piece), at most `limit` each. The resize
+    slots above end when the job does; a client reading its answers slowly (above the least rate: a
+    large result takes minutes) held a thread on past them, and one customer's slow downloads could
+    take every thread of every node (found by the security review)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, customer_id: str) -> bool:
+        with self._lock:
+            held = self._held.get(customer_id, 0)
+            if held >= self.limit:
+                return False
+            self._held[customer_id] = held + 1
+            return True
+
+    def give(self, customer_id: str) -> None:
+        with self._lock:
+            held = self._held.get(customer_id, 0) - 1
+            if held > 0:
+                self._held[customer_id] = held
+            else:
+                self._held.pop(customer_id, None)
+
+    def held(self, customer_id: str) -> int:
+        with self._lock:
+            return self._held.get(customer_id, 0)
+
+
 # --- the process's instances (made after fork: threads do not survive one) -----------------------
 
 def probe_connection() -> Any:
@@ -335,5 +368,12 @@ def _admission() -> Admission:
                      line_wait=settings.ADMISSION_LINE_WAIT_SECONDS)
 
 
+def _customer_threads() -> CustomerThreads:
+    from django.conf import settings
+
+    return CustomerThreads(settings.CUSTOMER_MAX_THREADS)
+
+
 queue_probe = PerProcess(_queue_probe)
 admission = PerProcess(_admission)
+customer_threads = PerProcess(_customer_threads)

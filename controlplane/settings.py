@@ -150,6 +150,11 @@ ADMISSION_MAX_IN_FLIGHT = env_int("ADMISSION_MAX_IN_FLIGHT", max(1, env_int("API
                                   minimum=1)
 # No customer holds more than this share of a process's slots (at least one); past it 429 `customer_over_share`.
 ADMISSION_CUSTOMER_SHARE = env_float("ADMISSION_CUSTOMER_SHARE", 0.5)
+# Of a process's threads, the most one customer's requests (any endpoint) may hold at once, from
+# authentication until their answer is written: a customer reading large results slowly (above the
+# least rate) could otherwise hold every thread of every node. 429 customer_over_share past it.
+CUSTOMER_MAX_THREADS = env_int("CUSTOMER_MAX_THREADS",
+                               max(1, int(env_int("API_THREADS", 16, minimum=1) * ADMISSION_CUSTOMER_SHARE)), minimum=1)
 # Ready jobs in the resize queue past which new resizes are 503 `queue_full` (0: no check). Size it as
 # the workers' drain rate × 0.25 s: a job admitted at the bound still starts within the 0.5 s SLO.
 ADMISSION_MAX_QUEUE_DEPTH = env_int("ADMISSION_MAX_QUEUE_DEPTH", 25, minimum=0)

@@ -11,6 +11,7 @@ from typing import Any, BinaryIO
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers
@@ -166,7 +167,38 @@ def _job_outcome(job: Job, vary: bool = False, expired_detail: str = _EXPIRED) -
     return response
 
 
-class ResizeView(APIView):
+class CustomerView(APIView):
+    """A customer's endpoint: its request holds one of the customer's threads in this process
+    (admission.CustomerThreads) from authentication until its answer is written, whatever the answer."""
+
+    _thread_of: str | None = None
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # authentication, scope, rate limit
+        customer_id = getattr(request.user, "customer_id", None)
+        if customer_id is not None:
+            threads = admission.customer_threads()
+            if not threads.take(customer_id):
+                raise ApiError(429, "customer_over_share", f"This account already has {threads.limit} requests in "
+                               "progress on this server (answers still being read count); wait for them before "
+                               "sending more.", headers={"Retry-After": "1"})
+            self._thread_of = customer_id
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        response = None
+        try:
+            response = super().dispatch(request, *args, **kwargs)
+            return response
+        finally:
+            if self._thread_of is not None:
+                customer_id, threads = self._thread_of, admission.customer_threads()
+                if response is not None:  # given back once the server has written the answer (close())
+                    response._resource_closers.append(lambda: threads.give(customer_id))
+                else:
+                    threads.give(customer_id)
+
+
+class ResizeView(CustomerView):
     required_scope = "resize"
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
@@ -383,7 +415,7 @@ def _wait_polling(job_id: str, timeout: float) -> None:
         time.sleep(min(next(delays, _POLL_SECONDS[-1]), remaining))
 
 
-class JobView(APIView):
+class JobView(CustomerView):
     # A `resize` key reads jobs too: a 202 hands it a Location (a resize-only key got 403 there).
     required_scope = ("jobs", "resize")
 
@@ -396,7 +428,7 @@ class JobView(APIView):
         return response
 
 
-class JobResultView(APIView):
+class JobResultView(CustomerView):
     required_scope = ("jobs", "resize")
 
     @extend_schema(operation_id="job_result", summary="A finished job's image",

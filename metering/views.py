@@ -8,9 +8,9 @@ from typing import Any
 from django.http import HttpResponse, JsonResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.request import Request
-from rest_framework.views import APIView
 
 from controlplane.errors import ApiError
+from controlplane.views import CustomerView
 from metering import selectors
 
 STEP = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -52,7 +52,7 @@ def _number(value: Any) -> int | float:
     return float(value) if isinstance(value, Decimal) else int(value or 0)
 
 
-class UsageView(APIView):
+class UsageView(CustomerView):
     required_scope = "usage"
 
     @extend_schema(

@@ -143,3 +143,42 @@ def test_a_large_result_is_read_from_the_store_in_pieces(api, customer_key):
 
     small = api.get(f"/v1/jobs/{succeeded_job(str(customer_key[0].id)).id}/result")
     assert not small.streaming and small.content == b"img"
+
+
+def test_a_customer_holds_at_most_its_share_of_a_process_threads_until_its_answers_are_read(
+        api, customer_key, settings, credentials):
+    """Resize slots end with the job, but a client reading large results slowly (above the least rate)
+    held a thread each for minutes: one customer could take every thread of every node (found by the
+    security review). Its requests now hold at most CUSTOMER_MAX_THREADS of a process's threads, each
+    until its answer has been written, and past that it is 429 while others are served."""
+    import os
+
+    from controlplane import admission
+    from identity.services import api_key_create
+
+    settings.CUSTOMER_MAX_THREADS = 2
+    admission.customer_threads.reset()
+    customer_id = str(customer_key[0].id)
+    data = os.urandom(2 * 1024 * 1024)
+    job = job_succeed(staging_store(), staged_job(customer_id), data=data, cpu_seconds=0.01, result_ttl_seconds=600,
+                      output={"format": "png", "width": 1, "height": 1, "bytes": len(data), "frames": 1,
+                              "content_type": "image/png"})
+    try:
+        slow = [api.get(f"/v1/jobs/{job.id}/result") for _ in range(2)]  # two downloads, not yet read
+        assert all(r.status_code == 200 and r.streaming for r in slow)
+        refused = api.get(f"/v1/jobs/{job.id}")  # any endpoint of the customer's
+        assert refused.status_code == 429 and refused.json()["code"] == "customer_over_share"
+        assert refused["Retry-After"] == "1"
+        other = customer_create(name="someone-else")
+        _, other_key = api_key_create(customer=other)
+        credentials.sync(full=True)
+        assert api.get(f"/v1/jobs/{staged_job(str(other.id)).id}",
+                       HTTP_AUTHORIZATION=f"Bearer {other_key}").status_code == 200
+        assert b"".join(slow[0].streaming_content) == data  # read to the end: its thread is given back
+        slow[0].close()
+        assert api.get(f"/v1/jobs/{job.id}").status_code == 200
+        assert api.get("/v1/jobs/" + "0" * 32).status_code == 404  # a refusal gives its thread back too
+        slow[1].close()  # the client went away: given back as well
+        assert admission.customer_threads().held(customer_id) == 0
+    finally:
+        admission.customer_threads.reset()
