@@ -95,6 +95,16 @@ for _option, _value in (("keepalives", 1), ("keepalives_idle", 10), ("keepalives
     DATABASES["default"]["OPTIONS"].setdefault(_option, _value)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# Staff passwords (createsuperuser, the admin's password forms): at least 12 characters, not common,
+# not all digits, not like the user's name. The admin's login is reachable through the load balancer;
+# none of this applied before (createsuperuser took "password"; found by the security review).
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_TZ = True

@@ -363,3 +363,15 @@ def test_failed_admin_form_logins_are_capped_with_basic_ones(client, monkeypatch
     monkeypatch.setattr(StaffBasicAuthentication, "_failures", __import__("collections").deque())
     assert client.post("/admin/login/?next=/admin/",
                        {"username": "ops", "password": "right-password"}).status_code == 302
+
+
+def test_staff_passwords_are_checked():
+    """createsuperuser took "password" for the account that runs the admin and the management API,
+    whose login the load balancer serves publicly (found by the security review)."""
+    from django.contrib.auth.password_validation import validate_password
+    from django.core.exceptions import ValidationError
+
+    for weak in ("password", "12345678901234", "short-Pw1", "ops-operations"):
+        with pytest.raises(ValidationError):
+            validate_password(weak, User(username="ops-operations"))
+    validate_password("correct horse battery staple", User(username="ops"))
