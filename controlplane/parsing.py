@@ -54,10 +54,13 @@ def _bad(name: str, sentence: str) -> ApiError:
 
 
 def accepted_formats(accept_header: str) -> tuple[str, ...]:
-    """Output formats named in an Accept header with q > 0, and "*" when a wildcard (image/*, */*) is.
-    Of AVIF and WebP, one the client rates strictly lower than the other is left out (format=auto
-    otherwise prefers AVIF whatever the q-values: `image/avif;q=0.1, image/webp` got AVIF)."""
+    """Output formats named in an Accept header with q > 0, and "*" when a wildcard (image/*, */*) is;
+    then `-name` for each format it refuses (named with q=0 only): format=auto never picks those, even
+    where a wildcard accepts any image. Of AVIF and WebP, one the client rates strictly lower than the
+    other is left out (format=auto otherwise prefers AVIF whatever the q-values: `image/avif;q=0.1,
+    image/webp` got AVIF)."""
     qualities: dict[str, float] = {}
+    refused: set[str] = set()
     for item in accept_header.split(","):
         media, *options = (part.strip() for part in item.split(";"))
         quality = 1.0
@@ -70,6 +73,8 @@ def accepted_formats(accept_header: str) -> tuple[str, ...]:
                     quality = 0.0
         kind, _, sub = media.lower().partition("/")
         if quality <= 0:
+            if kind == "image" and sub in imaging.FORMATS:
+                refused.add(sub)
             continue
         if (kind, sub) in (("image", "*"), ("*", "*")):
             qualities["*"] = max(quality, qualities.get("*", 0.0))
@@ -78,7 +83,7 @@ def accepted_formats(accept_header: str) -> tuple[str, ...]:
     avif, webp = qualities.get("avif"), qualities.get("webp")
     if avif is not None and webp is not None:
         qualities.pop("avif" if avif < webp else "webp" if webp < avif else "", None)
-    return tuple(qualities)
+    return tuple(qualities) + tuple(f"-{name}" for name in sorted(refused - set(qualities)))
 
 
 def single_values(query: Any) -> dict[str, str]:

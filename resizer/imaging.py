@@ -243,8 +243,16 @@ def output_format(params: Params, facts: ImageFacts) -> str:
         return wanted
     default = facts.format if facts.format in FORMATS else ("png" if facts.has_alpha else "jpeg")
     if wanted == "auto":
-        accepted = {_format_name(a) for a in params.accept}
-        if facts.frames > 1 and facts.format in _ANIMATED_INPUTS:
+        names = [_format_name(a) for a in params.accept]
+        # `-name`: a format the client refuses (q=0; controlplane/parsing.py): never picked, wildcard or not.
+        refused = {name[1:] for name in names if name.startswith("-")}
+        accepted = {name for name in names if not name.startswith("-")}
+        animated = facts.frames > 1 and facts.format in _ANIMATED_INPUTS
+        # Where the client named types and not the input's, or refused the input's: one it takes,
+        # keeping the motion (GIF, APNG) and then the alpha where it can.
+        fallbacks = ((("gif", "png") if animated else ()) + (("png", "webp", "gif") if facts.has_alpha else ())
+                     + ("jpeg", "png", "gif"))
+        if animated:
             # Our AVIF output is a still: prefer WebP, or else the input's format, to keep the motion.
             if "webp" in accepted:
                 return "webp"
@@ -252,21 +260,17 @@ def output_format(params: Params, facts: ImageFacts) -> str:
                 # An animated AVIF: its own format would come back a still. WebP where the client takes
                 # any image (or says nothing), else a type it names that moves (it came back a still AVIF
                 # even to `Accept: */*`: found by review, 2026-11-22).
-                for fmt in (("webp",) if not accepted or "*" in accepted else ()) + ("gif", "png"):
-                    if fmt == "webp" or fmt in accepted:
+                anything = not accepted or "*" in accepted
+                for fmt in ("webp", "gif", "png"):
+                    if fmt not in refused and (fmt in accepted or anything):
                         return fmt
         elif "avif" in accepted:
             return "avif"
         elif "webp" in accepted:
             return "webp"
-        if accepted and "*" not in accepted and default not in accepted:
-            # The client named the image types it takes, and not the input's (a WebP input, a client
-            # that takes JPEG and PNG): one it named, keeping the motion (GIF, APNG) and then the alpha
-            # where it can.
-            animated = facts.frames > 1 and facts.format in _ANIMATED_INPUTS
-            for fmt in ((("gif", "png") if animated else ()) + (("png", "webp", "gif") if facts.has_alpha else ())
-                        + ("jpeg", "png", "gif")):
-                if fmt in accepted:
+        if default in refused or (accepted and "*" not in accepted and default not in accepted):
+            for fmt in fallbacks:
+                if fmt in accepted or ("*" in accepted and fmt not in refused):
                     return fmt
     return default
 

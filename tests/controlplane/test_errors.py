@@ -263,7 +263,9 @@ def test_a_job_not_started_by_the_sync_deadline_reports_its_wait_to_admission(ap
     ("image/avif,image/webp,image/apng,*/*;q=0.8", ("avif", "webp", "*")),
     ("image/avif;q=0.1, image/webp;q=0.9", ("webp",)),
     ("image/webp;q=0.5, image/avif;q=0.5", ("webp", "avif")),
-    ("image/webp;q=0, image/*;q=0", ()),
+    ("image/webp;q=0, image/*;q=0", ("-webp",)),  # refused: auto never picks it
+    ("image/webp;q=0, */*", ("*", "-webp")),
+    ("image/webp;q=0, image/webp;q=0.5", ("webp",)),  # named twice: the higher q counts
     ("application/json", ()),
 ])
 def test_accept_is_read_with_its_q_values(header, formats):

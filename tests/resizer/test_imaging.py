@@ -312,6 +312,13 @@ def facts(fmt: str, frames: int = 1, alpha: bool = False) -> ImageFacts:
         (Params(width=1, format="auto", accept=("avif", "gif")), facts("avif", frames=8), "gif"),
         (Params(width=1, format="auto", accept=("avif", "jpeg")), facts("avif", frames=8), "avif"),  # nothing it takes moves
         (Params(width=1), facts("avif", frames=8), "avif"),  # no format: the input's, a still
+        # A format the client refuses (q=0, `-name`) is never picked, a wildcard notwithstanding (WebP
+        # came back to `image/webp;q=0, */*` for an animated AVIF: found by the diff review).
+        (Params(width=1, format="auto", accept=("*", "-webp")), facts("avif", frames=8), "gif"),
+        (Params(width=1, format="auto", accept=("-webp",)), facts("avif", frames=8), "gif"),
+        (Params(width=1, format="auto", accept=("*", "-webp")), facts("webp"), "jpeg"),
+        (Params(width=1, format="auto", accept=("*", "-webp")), facts("webp", alpha=True), "png"),
+        (Params(width=1, format="auto", accept=("*", "-jpeg")), facts("jpeg"), "png"),
     ],
 )
 def test_output_format(params, input_facts, expected):
