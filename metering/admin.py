@@ -125,7 +125,7 @@ def _csv(periods: QuerySet[BillingPeriod], filename: str) -> HttpResponse:
     writer = csv.writer(response)
     writer.writerow(selectors.REPORT_HEADER)
     for period in periods.select_related("customer"):
-        writer.writerows(selectors.billing_report_rows(period=period))
+        writer.writerows(map(selectors.spreadsheet_safe, selectors.billing_report_rows(period=period)))
     return response
 
 

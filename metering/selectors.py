@@ -94,6 +94,23 @@ REPORT_HEADER = ["customer_id", "customer", "period_start", "period_end", "statu
                  "kind", "axis", "unit", "quantity", "amount", "reason", "at"]
 
 
+def spreadsheet_safe(row: list[Any]) -> list[Any]:
+    """The row with each text cell a spreadsheet would run as a formula (a customer named
+    `=HYPERLINK(...)`, a plan or an adjustment's reason starting with =, +, - or @) quoted with a
+    leading apostrophe; numbers, negative amounts included, left as they are. For every CSV of the
+    report (the command and the admin's downloads)."""
+    return [_spreadsheet_cell(value) for value in row]
+
+
+def _spreadsheet_cell(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
 def billing_report_rows(*, period: BillingPeriod) -> Iterator[list[Any]]:
     """One row per invoice line and adjustment, then the total. An unfinalized period is priced
     provisionally, from the current rollups and the plan in force, marked `provisional`."""

@@ -338,14 +338,19 @@ def test_a_plan_in_use_has_a_frozen_currency(customer, standard_plan, admin_clie
     assert PricePlan.objects.get(pk=standard_plan.pk).currency == "USD"
 
 
-def test_the_report_quotes_text_a_spreadsheet_would_run_as_a_formula(customer, tiny_plan, standard_plan):
+def test_the_report_quotes_text_a_spreadsheet_would_run_as_a_formula(customer, tiny_plan, standard_plan,
+                                                                     admin_client):
     """Customer names are chosen by whoever creates them: `=HYPERLINK(...)` went into the CSV as it
-    was, and a spreadsheet opening the report ran it (found by the security review)."""
+    was, and a spreadsheet opening the report ran it (found by the security review; the admin's
+    download too, found by the diff review)."""
     customer.name = '=HYPERLINK("http://attacker.example","invoice")'
     customer.save()
     insert(*[usage(customer.id, at=AT + timedelta(minutes=i)) for i in range(2)])
     services.usage_rollup()
     services.billing_run(today=START)
-    rows = _report(customer)[1:]
-    assert rows and all(row[1] == "'" + customer.name for row in rows)
-    assert all(not cell.startswith(("=", "+", "@")) for row in rows for cell in row)
+    period = BillingPeriod.objects.get(customer=customer, start=START)
+    exported = admin_client.get(f"/admin/metering/billingperiod/{period.pk}/csv/")
+    assert exported.status_code == 200
+    for rows in (_report(customer)[1:], list(csv.reader(io.StringIO(exported.content.decode())))[1:]):
+        assert rows and all(row[1] == "'" + customer.name for row in rows)
+        assert all(not cell.startswith(("=", "+", "@")) for row in rows for cell in row)

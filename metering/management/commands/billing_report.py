@@ -39,19 +39,7 @@ class Command(BaseCommand):
         writer = csv.writer(self.stdout)
         writer.writerow(selectors.REPORT_HEADER)
         for p in periods:
-            writer.writerows([_cell(value) for value in row] for row in selectors.billing_report_rows(period=p))
-
-
-def _cell(value: object) -> object:
-    """A text cell a spreadsheet would run as a formula (a customer named `=HYPERLINK(...)`, a plan or
-    an adjustment's reason starting with =, +, - or @) is quoted with a leading apostrophe; numbers,
-    negative amounts included, are left as they are."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        try:
-            float(value)
-        except ValueError:
-            return "'" + value
-    return value
+            writer.writerows(map(selectors.spreadsheet_safe, selectors.billing_report_rows(period=p)))
 
 
 def _is_uuid(value: str) -> bool:
