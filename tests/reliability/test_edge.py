@@ -369,7 +369,10 @@ def test_clients_that_never_read_their_answer_do_not_hold_the_threads():
                         "content_type": "image/png"})
     request = (f"GET /v1/jobs/{job.id}/result HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                f"Authorization: Bearer {key}\r\n\r\n").encode()
-    with api_server(API_WORKERS="1", RESPONSE_IDLE_TIMEOUT_SECONDS="1", CLIENT_RATE_GRACE_SECONDS="1") as base:
+    # One customer may hold all 16 threads here: with its usual cap (8) the other requests were refused
+    # and /healthz kept its threads whatever the answers' write bounds did (found by the diff review).
+    with api_server(API_WORKERS="1", RESPONSE_IDLE_TIMEOUT_SECONDS="1", CLIENT_RATE_GRACE_SECONDS="1",
+                    CUSTOMER_MAX_THREADS="100") as base:
         wait_authenticated(base, key)
         sockets = []
         try:
@@ -390,6 +393,52 @@ def test_clients_that_never_read_their_answer_do_not_hold_the_threads():
             for s in sockets:
                 s.close()
     assert health == 200
+
+
+def test_a_customers_downloads_hold_its_threads_until_the_server_has_written_them():
+    """Under gunicorn: a customer's requests hold at most CUSTOMER_MAX_THREADS of a process's threads,
+    each until its answer is written, and a download its client walked away from gives its thread back
+    once the server gives up on it (gunicorn closes the response: Django's closers run)."""
+    from resizer.jobs import job_create, job_succeed
+    from resizer.staging import staging_store
+
+    plan = Plan.objects.get_or_create(name="reliability-unlimited", defaults={"rate_per_second": 10_000,
+                                                                             "burst": 10_000})[0]
+    customer = customer_create(name=f"hoarder-{uuid.uuid4().hex[:6]}", plan=plan)
+    _, key = api_key_create(customer=customer)
+    job, _ = job_create(staging_store(), customer_id=str(customer.id), key_id="k", request_id="r",
+                        params={"width": 10}, input_facts={}, data=b"x")
+    big = os.urandom(24 * 1024 * 1024)
+    job_succeed(staging_store(), job, data=big, cpu_seconds=0.0, result_ttl_seconds=600,
+                output={"format": "png", "width": 1, "height": 1, "bytes": len(big), "frames": 1,
+                        "content_type": "image/png"})
+    request = (f"GET /v1/jobs/{job.id}/result HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Authorization: Bearer {key}\r\n\r\n").encode()
+    headers = {"Authorization": f"Bearer {key}"}
+    with api_server(API_WORKERS="1", CUSTOMER_MAX_THREADS="2", RESPONSE_IDLE_TIMEOUT_SECONDS="2",
+                    CLIENT_RATE_GRACE_SECONDS="1") as base:
+        wait_authenticated(base, key)
+        sockets = []
+        try:
+            for _ in range(2):  # two downloads, never read
+                s = socket.create_connection(("127.0.0.1", _port(base)), timeout=30)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(request)
+                sockets.append(s)
+            deadline = time.monotonic() + 10
+            while (third := httpx.get(f"{base}/v1/jobs/{job.id}", headers=headers, timeout=10)).status_code == 200:
+                assert time.monotonic() < deadline, "the two downloads never held their threads"
+                time.sleep(0.1)
+            assert third.status_code == 429 and third.json()["code"] == "customer_over_share", third.text
+            assert third.headers["retry-after"] == "1"
+        finally:
+            for s in sockets:
+                s.close()
+        # Walked away: the server's write fails or times out, it closes the answer, the threads come back.
+        deadline = time.monotonic() + 20
+        while (after := httpx.get(f"{base}/v1/jobs/{job.id}", headers=headers, timeout=10)).status_code != 200:
+            assert after.status_code == 429 and time.monotonic() < deadline, after.text
+            time.sleep(0.2)
 
 
 def test_the_edge_refuses_a_body_declared_too_large_before_it_is_sent(server, key):
