@@ -25,7 +25,7 @@ migrate: venv services-core
 	$(PY) manage.py migrate --noinput -v 0
 
 # The whole stack in the foreground (API on 127.0.0.1:8000, a worker, beat); Ctrl-C stops it.
-run: migrate
+run: venv services-core
 	scripts/run.sh
 
 # The whole suite, against the real PostgreSQL and the real RabbitMQ.

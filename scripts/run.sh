@@ -12,26 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p var
 
-# One stack per host (it uses the host's `resizer` database and `resize` queue): its ports must be
-# free before anything starts. A second `make run` started its worker, which took jobs from the
-# shared queue whose inputs live in the other checkout's var/, before gunicorn failed to bind.
-.venv/bin/python - <<'EOF' || exit 1
-import os, socket, sys
-for name, default in (("API_BIND", "127.0.0.1:8000"), ("WORKER_METRICS_BIND", "127.0.0.1:9808")):
-    bind = os.environ.get(name, default)
-    if not bind:
-        continue
-    host, _, port = bind.rpartition(":")
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind((host or "0.0.0.0", int(port)))
-    except OSError as e:
-        sys.exit(f"run: {bind} ({name}) is in use ({e.strerror}): another `make run`, or something else, holds it."
-                 f" Stop it, or set {name} (one stack per host: they share the database and the queue).")
-    finally:
-        s.close()
-EOF
+.venv/bin/python scripts/check_ports.py || exit 1  # one stack per host: before anything starts or changes
+.venv/bin/python manage.py migrate --noinput -v 0 || exit 1
 if [[ $(trap -p INT) == "trap -- '' SIGINT" ]]; then
   # Started in the background by a non-interactive shell: SIGINT is ignored and cannot be trapped.
   echo "run: SIGINT is ignored here (started in the background): stop it with TERM (kill <pid>)" >&2
