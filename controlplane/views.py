@@ -144,7 +144,8 @@ def _job_outcome(job: Job, vary: bool = False, expired_detail: str = _EXPIRED) -
         raise ApiError(410, "result_expired", expired_detail, headers={"Location": job_location(job)}) from e
     assert job.output is not None
     try:
-        size = os.fstat(result.fileno()).st_size
+        size = result.seek(0, os.SEEK_END)  # (not fstat: a store's object need not be a file)
+        result.seek(0)
         small = size <= RESULT_STREAM_ABOVE_BYTES
         data = result.read() if small else b""
     except OSError as e:
@@ -193,6 +194,8 @@ class CustomerView(APIView):
             if self._thread_of is not None:
                 customer_id, threads = self._thread_of, admission.customer_threads()
                 if response is not None:  # given back once the server has written the answer (close())
+                    # On this response object: a middleware that replaced it after the view (none does)
+                    # would leave the slot held for the process's life.
                     response._resource_closers.append(lambda: threads.give(customer_id))
                 else:
                     threads.give(customer_id)

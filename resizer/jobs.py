@@ -373,9 +373,13 @@ def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[st
     for key, age in store.scan(PROBE_PREFIX, depth=1):
         if age > PROBE_RETENTION_SECONDS:  # a check holds its probe file for milliseconds
             delete(key, "probes")
+    mark_dir = SWEEP_MARK_KEY.split("/")[0]
+    for key, age in store.scan(mark_dir, depth=1):
+        if key != SWEEP_MARK_KEY and age > PROBE_RETENTION_SECONDS:  # a mark's temporary file, its writer killed
+            delete(key, "probes")
     # The trace of a finished sweep: its age is on /metrics (StagingSweepStale). Without it a sweep that
     # stopped (beat down, the task failing every run) showed only as a disk filling up with results.
-    store.put(SWEEP_MARK_KEY, json.dumps({**removed, "finished_at": now.isoformat()}).encode())
+    store.put(SWEEP_MARK_KEY, json.dumps({**removed, "finished_at": _now().isoformat()}).encode())
     return removed
 
 

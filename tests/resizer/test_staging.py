@@ -265,3 +265,18 @@ def test_an_unreadable_idempotency_record_frees_its_key(store):
     assert created and again.id != first.id  # the key was freed: a fresh job, once
     replay, created = _create(store, key="K")
     assert not created and replay.id == again.id  # and the key holds from then on
+
+
+def test_the_sweep_leaves_its_mark_and_removes_a_marks_temporary_file_left_behind(store):
+    """Each sweep writes sweep/finished (its age is on /metrics); a writer killed while writing it left
+    a temporary file there that no sweep removed (found by the diff review)."""
+    from resizer.jobs import SWEEP_MARK_KEY
+
+    staging_sweep(store, job_retention_seconds=3600)
+    assert (store.root / SWEEP_MARK_KEY).exists()
+    left = store.root / "sweep" / ".tmp-killed"
+    left.write_bytes(b"{")
+    old = time.time() - 7200
+    os.utime(left, (old, old))
+    staging_sweep(store, job_retention_seconds=3600)
+    assert not left.exists() and (store.root / SWEEP_MARK_KEY).exists()
