@@ -58,7 +58,8 @@ def accepted_formats(accept_header: str) -> tuple[str, ...]:
     then `-name` for each format it refuses (named with q=0 only): format=auto never picks those, even
     where a wildcard accepts any image. Of AVIF and WebP, one the client rates strictly lower than the
     other is left out (format=auto otherwise prefers AVIF whatever the q-values: `image/avif;q=0.1,
-    image/webp` got AVIF)."""
+    image/webp` got AVIF); WebP left out so stays as `~webp`, taken where AVIF cannot serve (an
+    animation: our AVIF is a still)."""
     qualities: dict[str, float] = {}
     refused: set[str] = set()
     for item in accept_header.split(","):
@@ -81,9 +82,11 @@ def accepted_formats(accept_header: str) -> tuple[str, ...]:
         elif kind == "image" and sub in imaging.FORMATS:
             qualities[sub] = max(quality, qualities.get(sub, 0.0))
     avif, webp = qualities.get("avif"), qualities.get("webp")
+    second = ()
     if avif is not None and webp is not None:
         qualities.pop("avif" if avif < webp else "webp" if webp < avif else "", None)
-    return tuple(qualities) + tuple(f"-{name}" for name in sorted(refused - set(qualities)))
+        second = ("~webp",) if webp < avif else ()
+    return tuple(qualities) + second + tuple(f"-{name}" for name in sorted(refused - set(qualities)))
 
 
 def single_values(query: Any) -> dict[str, str]:

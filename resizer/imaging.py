@@ -245,8 +245,9 @@ def output_format(params: Params, facts: ImageFacts) -> str:
     if wanted == "auto":
         names = [_format_name(a) for a in params.accept]
         # `-name`: a format the client refuses (q=0; controlplane/parsing.py): never picked, wildcard or not.
+        # `~webp`: taken, but rated below AVIF: only where AVIF cannot serve (an animation).
         refused = {name[1:] for name in names if name.startswith("-")}
-        accepted = {name for name in names if not name.startswith("-")}
+        accepted = {name for name in names if not name.startswith(("-", "~"))}
         animated = facts.frames > 1 and facts.format in _ANIMATED_INPUTS
         # Where the client named types and not the input's, or refused the input's: one it takes,
         # keeping the motion (GIF, APNG) and then the alpha where it can.
@@ -254,7 +255,7 @@ def output_format(params: Params, facts: ImageFacts) -> str:
                      + ("jpeg", "png", "gif"))
         if animated:
             # Our AVIF output is a still: prefer WebP, or else the input's format, to keep the motion.
-            if "webp" in accepted:
+            if "webp" in accepted or "~webp" in names:
                 return "webp"
             if default not in _ANIMATED_OUTPUTS:
                 # An animated AVIF: its own format would come back a still. WebP where the client takes

@@ -265,6 +265,7 @@ def test_a_job_not_started_by_the_sync_deadline_reports_its_wait_to_admission(ap
     ("image/webp;q=0.5, image/avif;q=0.5", ("webp", "avif")),
     ("image/webp;q=0, image/*;q=0", ("-webp",)),  # refused: auto never picks it
     ("image/webp;q=0, */*", ("*", "-webp")),
+    ("image/avif, image/webp;q=0.9", ("avif", "~webp")),  # WebP, rated lower: only where AVIF cannot serve
     ("image/webp;q=0, image/webp;q=0.5", ("webp",)),  # named twice: the higher q counts
     ("application/json", ()),
 ])

@@ -319,6 +319,10 @@ def facts(fmt: str, frames: int = 1, alpha: bool = False) -> ImageFacts:
         (Params(width=1, format="auto", accept=("*", "-webp")), facts("webp"), "jpeg"),
         (Params(width=1, format="auto", accept=("*", "-webp")), facts("webp", alpha=True), "png"),
         (Params(width=1, format="auto", accept=("*", "-jpeg")), facts("jpeg"), "png"),
+        # WebP rated below AVIF (`~webp`): a still gets AVIF, an animation WebP (it came back a still AVIF).
+        (Params(width=1, format="auto", accept=("avif", "~webp")), facts("jpeg"), "avif"),
+        (Params(width=1, format="auto", accept=("avif", "~webp")), facts("gif", frames=4), "webp"),
+        (Params(width=1, format="auto", accept=("avif", "~webp")), facts("avif", frames=4), "webp"),
     ],
 )
 def test_output_format(params, input_facts, expected):
