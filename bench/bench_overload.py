@@ -27,14 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 from bench.stack import stack  # noqa: E402
-from tests.reliability.load import Load, QueueDepth, percentile  # noqa: E402
+from tests.reliability.load import OVERLOAD_BOUNDS, Load, QueueDepth, percentile  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
-CONFIGS = {
-    "without": {"ADMISSION_MAX_IN_FLIGHT": "1000", "ADMISSION_MAX_QUEUE_DEPTH": "0",
-                "ADMISSION_TARGET_QUEUE_WAIT_SECONDS": "0"},
-    "with": {"ADMISSION_MAX_IN_FLIGHT": "4", "ADMISSION_MAX_QUEUE_DEPTH": "3", "ADMISSION_QUEUE_PROBE_SECONDS": "0.25"},
-}
+CONFIGS = {"without": OVERLOAD_BOUNDS["without admission control"], "with": OVERLOAD_BOUNDS["with admission control"]}
 WARM_UP = 2.0  # seconds; each process's first requests also connect to the broker
 
 

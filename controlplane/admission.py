@@ -222,11 +222,7 @@ class Admission:
                        f"{self._waits.target * 1000:.0f} ms to start); retry shortly.", 1)
 
     def _release(self, customer_id: str) -> None:
-        held = self._held.get(customer_id, 0) - 1
-        if held > 0:
-            self._held[customer_id] = held
-        else:
-            self._held.pop(customer_id, None)
+        _count_down(self._held, customer_id)
 
     def _hand_slots(self, limit: int) -> None:
         """Slots below the limit go to the line's first requests, in order (under the lock)."""
@@ -300,6 +296,16 @@ def _is_not_found(error: Exception) -> bool:
     return getattr(error, "code", None) == 404 or type(error).__name__ == "NotFound"
 
 
+def _count_down(held: dict[str, int], customer_id: str) -> None:
+    """One fewer held by the customer; a customer holding none leaves the map (it would grow with every
+    customer ever seen). Under its owner's lock."""
+    count = held.get(customer_id, 0) - 1
+    if count > 0:
+        held[customer_id] = count
+    else:
+        held.pop(customer_id, None)
+
+
 class CustomerThreads:
     """How many of this process's threads each customer's requests hold, from authentication until
     their answer has been written (a streamed result: its last piece), at most `limit` each. The resize
@@ -322,11 +328,7 @@ class CustomerThreads:
 
     def give(self, customer_id: str) -> None:
         with self._lock:
-            held = self._held.get(customer_id, 0) - 1
-            if held > 0:
-                self._held[customer_id] = held
-            else:
-                self._held.pop(customer_id, None)
+            _count_down(self._held, customer_id)
 
     def held(self, customer_id: str) -> int:
         with self._lock:

@@ -7,7 +7,12 @@ from typing import Callable
 
 from django.http import HttpRequest, HttpResponse
 
-SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # whole: fullmatch (`$` let "id\n" through)
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # whole: fullmatch (`$` let "id\n" through)
+
+
+def request_id_for(incoming: str) -> str:
+    """The client's X-Request-Id if it is sane, else a new one."""
+    return incoming if _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
 
 
 class RequestIdMiddleware:
@@ -15,8 +20,7 @@ class RequestIdMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        incoming = request.headers.get("X-Request-Id", "")
-        request.request_id = incoming if SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex  # type: ignore[attr-defined]
+        request.request_id = request_id_for(request.headers.get("X-Request-Id", ""))  # type: ignore[attr-defined]
         response = self.get_response(request)
         response["X-Request-Id"] = request.request_id  # type: ignore[attr-defined]
         return response

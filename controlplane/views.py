@@ -146,12 +146,11 @@ def _job_outcome(job: Job, vary: bool = False, expired_detail: str = _EXPIRED) -
     try:
         size = result.seek(0, os.SEEK_END)  # (not fstat: a store's object need not be a file)
         result.seek(0)
-        small = size <= RESULT_STREAM_ABOVE_BYTES
-        data = result.read() if small else b""
+        data = result.read() if size <= RESULT_STREAM_ABOVE_BYTES else None
     except OSError as e:
         result.close()
         raise StagingError(f"staging read failed: {e}") from e
-    if small:
+    if data is not None:
         result.close()
         response: HttpResponse | StreamingHttpResponse = HttpResponse(data, content_type=job.output["content_type"])
     else:

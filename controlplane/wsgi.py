@@ -3,7 +3,6 @@ on purpose (docs/RELIABILITY.md, "Slow and hostile clients")."""
 import os
 import socket
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
@@ -16,7 +15,7 @@ _django = get_wsgi_application()
 from django.conf import settings  # noqa: E402  (after Django is set up)
 
 from controlplane.errors import ApiError, problem  # noqa: E402
-from controlplane.middleware import SANE_REQUEST_ID  # noqa: E402
+from controlplane.middleware import request_id_for  # noqa: E402
 from controlplane.parsing import below_least_rate, read_other_body  # noqa: E402
 
 # The resize view reads its own body, streamed and bounded (controlplane/parsing.py read_upload).
@@ -57,8 +56,7 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
 
 def _answer(response: Any, environ: dict[str, Any], start_response: Any) -> list[bytes]:
     """An answer made here, before Django's middleware: with the request id it would have set."""
-    incoming = environ.get("HTTP_X_REQUEST_ID", "")
-    response["X-Request-Id"] = incoming if SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    response["X-Request-Id"] = request_id_for(environ.get("HTTP_X_REQUEST_ID", ""))
     response["Content-Length"] = str(len(response.content))
     start_response(f"{response.status_code} {HTTPStatus(response.status_code).phrase}", list(response.items()))
     return [response.content]

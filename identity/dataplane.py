@@ -269,11 +269,11 @@ class CredentialCache:
                             "quota counts is lost", type(e).__name__, e)
 
     def _sync(self, *, full: bool) -> None:
+        if not full:
+            full = not self._sync_changes()  # False: the feed went back (a restored database)
         if full:
             self._sync_full()
             self._last_full = time.monotonic()
-        else:
-            self._sync_changes()
         # The credentials are fresh now, whatever the flush below does: a flush that fails (its
         # counts are kept for the next round) must not age the snapshot into 503s for everyone.
         self.synced_at = time.time()
@@ -316,7 +316,9 @@ class CredentialCache:
             self._last_change_id = self.version = version
         self._feed_read_at = read_at
 
-    def _sync_changes(self) -> None:
+    def _sync_changes(self) -> bool:
+        """Apply the feed's changes since the last read; False (nothing applied) when the feed is behind
+        this process, and everything must be reloaded."""
         # Feed ids can commit out of order (a lower id may appear after a higher one was read):
         # changes made up to AUTH_FEED_LOOKBACK_SECONDS before the last successful read are always
         # re-applied, which is idempotent. Counted back from that read, not from now: a process that
@@ -332,10 +334,7 @@ class CredentialCache:
                 # would see only the last 30 s of them: reload everything now, not at the next resync.
                 log.warning("identity change feed is at %s, behind this process's %s (a restored database?):"
                             " reloading every credential", feed_max, self._last_change_id)
-                self._sync_full()
-                self._last_full = time.monotonic()
-                self._save_file()
-                return
+                return False
             cursor.execute(
                 "SELECT customer_id, max(id) FROM identity_change"
                 " WHERE id > %s OR created_at > %s - %s * interval '1 second' GROUP BY customer_id",
@@ -344,7 +343,7 @@ class CredentialCache:
             changed = cursor.fetchall()
             if not changed:
                 self._feed_read_at = read_at
-                return
+                return True
             customers = [row[0] for row in changed]
             cursor.execute(_CREDENTIALS_SQL + " AND k.customer_id = ANY(%s)", [customers])
             fresh = [_credential(row) for row in cursor.fetchall()]
@@ -369,6 +368,7 @@ class CredentialCache:
             # resync): a process that starts during a database outage must not bring back a revoked key.
             # The look-back re-reads recent changes every round; only a real difference is written.
             self._save_file()
+        return True
 
     def _heartbeat_and_flush(self) -> None:
         # The heartbeat commits on its own: a flush that fails must not make the other processes stop

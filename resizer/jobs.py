@@ -20,7 +20,8 @@ from resizer.staging import PROBE_PREFIX, PROBE_RETENTION_SECONDS, StagingError,
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)
 UNFINISHED_RETENTION_FACTOR = 7  # see staging_sweep
-SWEEP_MARK_KEY = "sweep/finished"  # written by each sweep that finished (not under a prefix it sweeps)
+SWEEP_PREFIX = "sweep"  # the sweep's own: none of the prefixes it sweeps
+SWEEP_MARK_KEY = f"{SWEEP_PREFIX}/finished"  # written by each sweep that finished
 
 log = logging.getLogger(__name__)
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -331,10 +332,6 @@ def job_input(store: StagingStore, job: Job) -> bytes:
     return store.get(input_key(job.id))
 
 
-def job_result(store: StagingStore, job: Job) -> bytes:
-    return store.get(output_key(job.id))
-
-
 def job_result_open(store: StagingStore, job: Job) -> BinaryIO:
     """The job's result as a file to read in pieces (the caller closes it)."""
     return store.open(output_key(job.id))
@@ -373,8 +370,7 @@ def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[st
     for key, age in store.scan(PROBE_PREFIX, depth=1):
         if age > PROBE_RETENTION_SECONDS:  # a check holds its probe file for milliseconds
             delete(key, "probes")
-    mark_dir = SWEEP_MARK_KEY.split("/")[0]
-    for key, age in store.scan(mark_dir, depth=1):
+    for key, age in store.scan(SWEEP_PREFIX, depth=1):
         if key != SWEEP_MARK_KEY and age > PROBE_RETENTION_SECONDS:  # a mark's temporary file, its writer killed
             delete(key, "probes")
     # The trace of a finished sweep: its age is on /metrics (StagingSweepStale). Without it a sweep that
@@ -385,4 +381,4 @@ def staging_sweep(store: StagingStore, *, job_retention_seconds: int) -> dict[st
 
 def staging_sweep_age(store: StagingStore) -> float | None:
     """Seconds since the last staging sweep finished (its mark's age); None if none ever did."""
-    return next((age for key, age in store.scan(SWEEP_MARK_KEY.split("/")[0], depth=1) if key == SWEEP_MARK_KEY), None)
+    return next((age for key, age in store.scan(SWEEP_PREFIX, depth=1) if key == SWEEP_MARK_KEY), None)

@@ -110,12 +110,11 @@ class DirectoryStore:
         return created
 
     def get(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise StagingNotFound(key) from None
-        except OSError as e:
-            raise StagingError(f"staging read failed: {e}") from e
+        with self.open(key) as f:
+            try:
+                return f.read()
+            except OSError as e:
+                raise StagingError(f"staging read failed: {e}") from e
 
     def open(self, key: str) -> BinaryIO:
         try:

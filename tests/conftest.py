@@ -132,3 +132,25 @@ def api(client, customer_key):
     """A Django test client that authenticates as a fresh customer."""
     client.defaults["HTTP_AUTHORIZATION"] = f"Bearer {customer_key[1]}"
     return client
+
+
+@pytest.fixture
+def nacking_queue(monkeypatch):
+    """The resize queue, for this test, is a private one that holds nothing (x-max-length 0,
+    reject-publish): RabbitMQ itself nacks every publish to it, as a quorum queue does between leaders."""
+    import celeryconfig
+    from kombu import Exchange, Queue
+
+    from controlplane.celery import app
+
+    name = f"test.nacking.{uuid.uuid4().hex[:8]}"
+    exchange = Exchange(name, type="topic", durable=False)
+    queue = Queue(name, exchange, routing_key="#", durable=False,
+                  queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    monkeypatch.setattr(celeryconfig, "resize_exchange", exchange)
+    monkeypatch.setattr(celeryconfig, "resize_queue", queue)
+    yield queue
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        queue.bind(channel).delete()
+        exchange.bind(channel).delete()

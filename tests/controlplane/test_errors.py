@@ -126,36 +126,19 @@ def test_server_error_is_problem_json(rf):
     assert b'"code": "internal_error"' in response.content
 
 
-def test_a_job_the_queue_refused_leaves_no_waiter_behind(api, monkeypatch):
+def test_a_job_the_queue_refused_leaves_no_waiter_behind(api, monkeypatch, nacking_queue):
     """The request expected the job's completion notice before publishing; when the broker refuses
     the job, the expectation goes too (it leaked before: one per refused job, until the cap cleared
     every waiting request's at once). The refusal is the broker's own: a private queue that holds
     nothing (x-max-length 0, reject-publish), so RabbitMQ nacks the publish."""
-    import uuid
-
-    from kombu import Exchange, Queue
-
     import celeryconfig
-    from controlplane.celery import app
     from resizer.notify import job_waiter
 
-    name = f"{celeryconfig.RESIZE_QUEUE}.refusing.{uuid.uuid4().hex[:8]}"
-    exchange = Exchange(name, type="topic", durable=True)
-    queue = Queue(name, exchange, routing_key="#", queue_arguments={
-        "x-queue-type": "classic", "x-max-length": 0, "x-overflow": "reject-publish"})
-    monkeypatch.setattr(celeryconfig, "resize_exchange", exchange)
-    monkeypatch.setattr(celeryconfig, "resize_queue", queue)
     monkeypatch.setattr(celeryconfig, "PUBLISH_ATTEMPTS", 1)
     waiter = job_waiter()
     assert waiter.usable(startup_wait=10)
     before = len(waiter._events)
-    try:
-        response = resize(api, make_image())
-    finally:
-        with app.connection_for_write() as connection:
-            channel = connection.channel()
-            queue.bind(channel).delete()
-            exchange.bind(channel).delete()
+    response = resize(api, make_image())
     assert_problem(response, 503, "queue_unavailable")
     assert response["Retry-After"] == "2"
     assert len(waiter._events) == before

@@ -19,12 +19,12 @@ def staged_job(customer_id: str):
     return job
 
 
-def succeeded_job(customer_id: str):
-    """A staged job that succeeded with a 3-byte JPEG result (b"img"), kept for 10 minutes."""
+def succeeded_job(customer_id: str, data: bytes = b"img", fmt: str = "jpeg"):
+    """A staged job that succeeded with `data` as its result (by default a 3-byte JPEG), kept for 10 minutes."""
     job = staged_job(customer_id)
-    return job_succeed(staging_store(), job, data=b"img", cpu_seconds=0.01, result_ttl_seconds=600,
-                       output={"format": "jpeg", "width": 1, "height": 1, "bytes": 3, "frames": 1,
-                               "content_type": "image/jpeg"})
+    return job_succeed(staging_store(), job, data=data, cpu_seconds=0.01, result_ttl_seconds=600,
+                       output={"format": fmt, "width": 1, "height": 1, "bytes": len(data), "frames": 1,
+                               "content_type": f"image/{fmt}"})
 
 
 def test_queued_job_result_is_409(api, customer_key):
@@ -127,9 +127,7 @@ def test_a_large_result_is_read_from_the_store_in_pieces(api, customer_key):
     from controlplane.views import RESULT_STREAM_ABOVE_BYTES
 
     data = os.urandom(3 * 1024 * 1024)
-    job = job_succeed(staging_store(), staged_job(str(customer_key[0].id)), data=data, cpu_seconds=0.01,
-                      result_ttl_seconds=600, output={"format": "png", "width": 1, "height": 1, "bytes": len(data),
-                                                      "frames": 1, "content_type": "image/png"})
+    job = succeeded_job(str(customer_key[0].id), data, "png")
     assert len(data) > RESULT_STREAM_ABOVE_BYTES
     response = api.get(f"/v1/jobs/{job.id}/result")
     assert response.status_code == 200 and response.streaming
@@ -160,9 +158,7 @@ def test_a_customer_holds_at_most_its_share_of_a_process_threads_until_its_answe
     admission.customer_threads.reset()
     customer_id = str(customer_key[0].id)
     data = os.urandom(2 * 1024 * 1024)
-    job = job_succeed(staging_store(), staged_job(customer_id), data=data, cpu_seconds=0.01, result_ttl_seconds=600,
-                      output={"format": "png", "width": 1, "height": 1, "bytes": len(data), "frames": 1,
-                              "content_type": "image/png"})
+    job = succeeded_job(customer_id, data, "png")
     try:
         slow = [api.get(f"/v1/jobs/{job.id}/result") for _ in range(2)]  # two downloads, not yet read
         assert all(r.status_code == 200 and r.streaming for r in slow)

@@ -122,31 +122,16 @@ def test_spool_lag_is_the_oldest_unshipped_record(tmp_path):
 
 
 
-def test_a_failed_publish_is_timed_in_the_enqueue_stage(api, monkeypatch):
+def test_a_failed_publish_is_timed_in_the_enqueue_stage(api, monkeypatch, nacking_queue):
     """Only successful publishes were timed: with the broker refusing jobs, the enqueue stage's p99
     (the panel the runbook points to) looked normal. A private queue that holds nothing: the broker
     really nacks the publish."""
-    from kombu import Exchange, Queue
-
     import celeryconfig
-    from controlplane.celery import app
 
-    name = f"{celeryconfig.RESIZE_QUEUE}.full"
-    exchange = Exchange(name, type="topic", durable=True)
-    queue = Queue(name, exchange, routing_key="#", queue_arguments={
-        "x-queue-type": "classic", "x-max-length": 0, "x-overflow": "reject-publish"})
-    monkeypatch.setattr(celeryconfig, "resize_exchange", exchange)
-    monkeypatch.setattr(celeryconfig, "resize_queue", queue)
     monkeypatch.setattr(celeryconfig, "PUBLISH_ATTEMPTS", 1)
     before = _samples(api)
-    try:
-        response = api.post("/v1/resize?width=64", data=corpus("photo-256k-0.jpg"), content_type="image/jpeg")
-        assert response.status_code == 503 and response.json()["code"] == "queue_unavailable"
-    finally:
-        with app.connection_for_write() as connection:
-            channel = connection.channel()
-            queue.bind(channel).delete()
-            exchange.bind(channel).delete()
+    response = api.post("/v1/resize?width=64", data=corpus("photo-256k-0.jpg"), content_type="image/jpeg")
+    assert response.status_code == 503 and response.json()["code"] == "queue_unavailable"
     after = _samples(api)
     stage = "resizer_resize_stage_duration_seconds_count"
     assert _sum(after, stage, stage="enqueue") - _sum(before, stage, stage="enqueue") == 1

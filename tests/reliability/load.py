@@ -12,6 +12,17 @@ from dataclasses import dataclass, field
 import httpx
 
 
+# The overload comparison's two API servers (tests/reliability/test_overload.py asserts what they do to
+# the queue, bench/bench_overload.py measures their latencies): every request admitted, or admission
+# control sized as ADR 0006 says for one worker process draining ~11 jobs/s (in flight 4, depth 3).
+OVERLOAD_BOUNDS = {
+    "without admission control": {"ADMISSION_MAX_IN_FLIGHT": "1000", "ADMISSION_MAX_QUEUE_DEPTH": "0",
+                                  "ADMISSION_TARGET_QUEUE_WAIT_SECONDS": "0"},
+    "with admission control": {"ADMISSION_MAX_IN_FLIGHT": "4", "ADMISSION_MAX_QUEUE_DEPTH": "3",
+                               "ADMISSION_QUEUE_PROBE_SECONDS": "0.25"},
+}
+
+
 @dataclass
 class Answer:
     started: float  # time.monotonic()

@@ -20,7 +20,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -351,24 +351,31 @@ def test_a_slow_body_to_any_other_endpoint_is_cut_too(key):
     assert b"application/problem+json" in reply and b"X-Request-Id: " in reply  # answered before Django
 
 
-def test_clients_that_never_read_their_answer_do_not_hold_the_threads():
-    """A client that never read its 17 MB result held a thread (and the result) in a write without a
-    timeout: 16 of them took every thread of a process, and its health check with it."""
+def _a_customer_with_a_large_result(name: str) -> tuple[str, Any, bytes]:
+    """A customer (its rate out of the way) with a finished job whose result is 24 MB, past what
+    loopback's socket buffers take in: its key, the job, and a raw GET of the result."""
     from resizer.jobs import job_create, job_succeed
     from resizer.staging import staging_store
 
     plan = Plan.objects.get_or_create(name="reliability-unlimited", defaults={"rate_per_second": 10_000,
                                                                              "burst": 10_000})[0]
-    customer = customer_create(name=f"reader-{uuid.uuid4().hex[:6]}", plan=plan)
+    customer = customer_create(name=f"{name}-{uuid.uuid4().hex[:6]}", plan=plan)
     _, key = api_key_create(customer=customer)
     job, _ = job_create(staging_store(), customer_id=str(customer.id), key_id="k", request_id="r",
                         params={"width": 10}, input_facts={}, data=b"x")
-    big = os.urandom(24 * 1024 * 1024)  # past what loopback's socket buffers take in
+    big = os.urandom(24 * 1024 * 1024)
     job_succeed(staging_store(), job, data=big, cpu_seconds=0.0, result_ttl_seconds=600,
                 output={"format": "png", "width": 1, "height": 1, "bytes": len(big), "frames": 1,
                         "content_type": "image/png"})
     request = (f"GET /v1/jobs/{job.id}/result HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                f"Authorization: Bearer {key}\r\n\r\n").encode()
+    return key, job, request
+
+
+def test_clients_that_never_read_their_answer_do_not_hold_the_threads():
+    """A client that never read its 17 MB result held a thread (and the result) in a write without a
+    timeout: 16 of them took every thread of a process, and its health check with it."""
+    key, job, request = _a_customer_with_a_large_result("reader")
     # One customer may hold all 16 threads here: with its usual cap (8) the other requests were refused
     # and /healthz kept its threads whatever the answers' write bounds did (found by the diff review).
     with api_server(API_WORKERS="1", RESPONSE_IDLE_TIMEOUT_SECONDS="1", CLIENT_RATE_GRACE_SECONDS="1",
@@ -399,21 +406,7 @@ def test_a_customers_downloads_hold_its_threads_until_the_server_has_written_the
     """Under gunicorn: a customer's requests hold at most CUSTOMER_MAX_THREADS of a process's threads,
     each until its answer is written, and a download its client walked away from gives its thread back
     once the server gives up on it (gunicorn closes the response: Django's closers run)."""
-    from resizer.jobs import job_create, job_succeed
-    from resizer.staging import staging_store
-
-    plan = Plan.objects.get_or_create(name="reliability-unlimited", defaults={"rate_per_second": 10_000,
-                                                                             "burst": 10_000})[0]
-    customer = customer_create(name=f"hoarder-{uuid.uuid4().hex[:6]}", plan=plan)
-    _, key = api_key_create(customer=customer)
-    job, _ = job_create(staging_store(), customer_id=str(customer.id), key_id="k", request_id="r",
-                        params={"width": 10}, input_facts={}, data=b"x")
-    big = os.urandom(24 * 1024 * 1024)
-    job_succeed(staging_store(), job, data=big, cpu_seconds=0.0, result_ttl_seconds=600,
-                output={"format": "png", "width": 1, "height": 1, "bytes": len(big), "frames": 1,
-                        "content_type": "image/png"})
-    request = (f"GET /v1/jobs/{job.id}/result HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               f"Authorization: Bearer {key}\r\n\r\n").encode()
+    key, job, request = _a_customer_with_a_large_result("hoarder")
     headers = {"Authorization": f"Bearer {key}"}
     with api_server(API_WORKERS="1", CUSTOMER_MAX_THREADS="2", RESPONSE_IDLE_TIMEOUT_SECONDS="2",
                     CLIENT_RATE_GRACE_SECONDS="1") as base:

@@ -118,18 +118,13 @@ def test_admission_control_keeps_the_queue_short_when_offered_more_than_the_work
     bench/bench_overload.py (docs/RELIABILITY.md) and only printed here: asserted, they failed one run
     in six on this machine."""
     from tests.processes import own_worker
-    from tests.reliability.load import QueueDepth
+    from tests.reliability.load import OVERLOAD_BOUNDS, QueueDepth
 
     keys = [_key(f"overload{i}") for i in range(4)]
     image = corpus("photo-900k.jpg")
     runs, depths = {}, {}
     with own_worker("overload") as worker:
-        for name, bounds in (("without admission control", {"ADMISSION_MAX_IN_FLIGHT": "1000",
-                                                             "ADMISSION_MAX_QUEUE_DEPTH": "0",
-                                                             "ADMISSION_TARGET_QUEUE_WAIT_SECONDS": "0"}),
-                             ("with admission control", {"ADMISSION_MAX_IN_FLIGHT": "4",
-                                                         "ADMISSION_MAX_QUEUE_DEPTH": "3",
-                                                         "ADMISSION_QUEUE_PROBE_SECONDS": "0.25"})):
+        for name, bounds in OVERLOAD_BOUNDS.items():
             with api_server(API_WORKERS="1", RESIZE_QUEUE=worker.queue, **bounds) as base:
                 for key in keys:
                     wait_authenticated(base, key)

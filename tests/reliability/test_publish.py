@@ -8,7 +8,6 @@ in test_chaos.py: the leader kill)."""
 from __future__ import annotations
 
 import time
-import uuid
 from types import SimpleNamespace
 
 import pytest
@@ -117,27 +116,6 @@ def test_a_broker_that_cannot_be_reached_is_not_retried_here():
     with pytest.raises(OperationalError):
         _publish(send, "c" * 32, None, sleep=pauses)
     assert len(send.calls) == 1 and pauses.delays == []
-
-
-@pytest.fixture
-def nacking_queue(monkeypatch):
-    """The resize queue, for this test, is a private one that holds nothing (x-max-length 0,
-    reject-publish): RabbitMQ itself nacks every publish to it, as a quorum queue does between leaders."""
-    from kombu import Exchange, Queue
-
-    from controlplane.celery import app
-
-    name = f"test.nacking.{uuid.uuid4().hex[:8]}"
-    exchange = Exchange(name, type="topic", durable=False)
-    queue = Queue(name, exchange, routing_key="#", durable=False,
-                  queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
-    monkeypatch.setattr(celeryconfig, "resize_exchange", exchange)
-    monkeypatch.setattr(celeryconfig, "resize_queue", queue)
-    yield queue
-    with app.connection_for_write() as connection:
-        channel = connection.channel()
-        queue.bind(channel).delete()
-        exchange.bind(channel).delete()
 
 
 def test_the_real_publish_nacked_by_the_broker_is_tried_publish_attempts_times(nacking_queue, monkeypatch):

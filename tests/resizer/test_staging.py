@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from resizer.jobs import (IdempotencyConflict, job_create, job_load, job_result, job_save, job_succeed, output_key,
+from resizer.jobs import (IdempotencyConflict, job_create, job_load, job_result_open, job_save, job_succeed, output_key,
                           staging_sweep)
 from resizer.staging import DirectoryStore, StagingError, StagingNotFound
 
@@ -87,7 +87,7 @@ def test_sweep_drops_expired_results_then_old_jobs(store):
     job_save(store, job)
     assert staging_sweep(store, job_retention_seconds=3600)["results"] == 1
     with pytest.raises(StagingNotFound):
-        job_result(store, job)
+        job_result_open(store, job)
     assert job_load(store, job.id) is not None  # the document stays (GET says 410, not 404)
     old = time.time() - 7200
     os.utime(store.root / output_key(job.id).rsplit("/", 1)[0], (old, old))
