@@ -247,6 +247,8 @@ class QueueProbe:
         self._values: dict[str, tuple[int, int]] = {}
         self._at = 0.0  # monotonic time of the last successful probe
         self.first = threading.Event()  # set after the first attempt, successful or not
+        self._retry_now = threading.Event()  # cuts a backoff short (fresh())
+        self._probed = threading.Condition()  # notified after each successful probe
         threading.Thread(target=self._run, name="queue-probe", daemon=True).start()
 
     def values(self) -> dict[str, tuple[int, int]] | None:
@@ -254,6 +256,18 @@ class QueueProbe:
         if time.monotonic() - self._at > self.stale_after:
             return None
         return dict(self._values)
+
+    def fresh(self, timeout: float) -> dict[str, tuple[int, int]] | None:
+        """values(), or when they are stale, the next successful probe's within `timeout`: a probe waiting
+        out its backoff after a failure tries again at once (/readyz, asked every few seconds, so a
+        broker that is back is seen as soon as it is asked about, not after the backoff)."""
+        values = self.values()
+        if values is not None:
+            return values
+        with self._probed:
+            self._retry_now.set()
+            self._probed.wait_for(lambda: self.values() is not None, timeout)
+        return self.values()
 
     def ready(self, queue: str) -> int | None:
         values = self.values()
@@ -279,7 +293,10 @@ class QueueProbe:
                                 # same channel by itself: opening another here leaked one every probe.
                                 if not _is_not_found(e):
                                     raise
-                        self._values, self._at = values, time.monotonic()
+                        with self._probed:
+                            self._values, self._at = values, time.monotonic()
+                            self._probed.notify_all()
+                        self._retry_now.clear()  # asked for while this round was out: answered
                         self.first.set()
                         backoff = self.interval
                         time.sleep(self.interval)
@@ -288,7 +305,8 @@ class QueueProbe:
                 self.first.set()
                 # Exponential backoff with jitter, capped: every API process probes, and they must
                 # not reconnect in step when the broker returns.
-                time.sleep(backoff * (0.5 + _jitter.random()))
+                if self._retry_now.wait(backoff * (0.5 + _jitter.random())):
+                    self._retry_now.clear()
                 backoff = min(backoff * 2, 5.0)
 
 

@@ -19,7 +19,6 @@ from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from controlplane import admission, metrics
-from controlplane.celery import app as celery_app
 from controlplane.errors import ApiError, problem
 from controlplane.parsing import discard_unread_body, parse_params, read_upload, single_values
 from identity.authentication import monthly_quota_charge, monthly_quota_refund
@@ -454,56 +453,96 @@ def healthz(request: HttpRequest) -> HttpResponse:
 
 
 class _DatabaseProbe:
-    """`SELECT 1` on a connection of its own, in a thread of its own, waited for at most WAIT seconds:
-    a database that does not answer (a partition: the connect alone takes its 2 s timeout) made
-    /readyz slower than the load balancer's check interval, and every node was taken out for an
-    outage that should leave them serving. One probe at a time; a readyz arriving while one is still
-    out reports it as slow."""
+    """A query (`SELECT pg_backend_pid()`) on a connection of its own, kept between checks, in a thread of its own, waited for at
+    most WAIT seconds: a database that does not answer (a partition: the connect alone takes its 2 s
+    timeout) made /readyz slower than the load balancer's check interval, and every node was taken
+    out for an outage that should leave them serving. One probe at a time; a readyz arriving while
+    one is still out reports it as slow. A failed query is tried once more on a new connection (the
+    kept one may have been closed by the server meanwhile); with no check for IDLE_SECONDS the
+    connection is closed. Until 2026-11-22 each check connected
+    anew: a PostgreSQL backend started and ended for every check of every node."""
 
     WAIT = 0.5
+    IDLE_SECONDS = 30  # the kept connection is closed when no check has come for this long
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._asked = self._answered = 0  # checks asked for, and the last one the probe has answered
         self._result = "degraded: not probed yet"
+        self.backend_pid: int | None = None
 
     def state(self) -> str:
-        with self._lock:
+        with self._changed:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._probe, name="readyz-database", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="readyz-database", daemon=True)
                 self._thread.start()
-            thread = self._thread
-        thread.join(self.WAIT)
-        if thread.is_alive():
-            return f"degraded: no answer in {self.WAIT:g} s"
-        return self._result
+            self._asked += 1
+            asked = self._asked
+            self._changed.notify_all()
+            if not self._changed.wait_for(lambda: self._answered >= asked, self.WAIT):
+                return f"degraded: no answer in {self.WAIT:g} s"
+            return self._result
 
-    def _probe(self) -> None:
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                asked_again = self._changed.wait_for(lambda: self._asked > self._answered, self.IDLE_SECONDS)
+                asked = self._asked
+            if not asked_again:
+                self._close()  # nobody is checking (no load balancer): hold no connection for nothing
+                continue
+            result = self._probe()
+            with self._changed:
+                self._result, self._answered = result, asked
+                self._changed.notify_all()
+
+    def _probe(self) -> str:
         try:
-            connection.ensure_connection()
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT 1")
-            self._result = "ok"
+            return self._select_1()
+        except Exception:
+            self._close()  # perhaps closed by the server while kept: try once on a new connection
+        try:
+            return self._select_1()
         except Exception as e:
-            self._result = f"degraded: {type(e).__name__}"
-        finally:
-            connection.close()  # this thread's own connection
+            self._close()
+            return f"degraded: {type(e).__name__}"
+
+    def _select_1(self) -> str:
+        connection.ensure_connection()  # this thread's own connection
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            self.backend_pid = cursor.fetchone()[0]  # which server process answered (tests)
+        return "ok"
+
+    @staticmethod
+    def _close() -> None:
+        try:
+            connection.close()
+        except Exception:
+            pass  # a broken connection is dropped all the same
 
 
 _database_probe = _DatabaseProbe()
+
+
+def _broker_state() -> str:
+    """What the process's queue probe last heard from the broker (controlplane/admission.py: a passive
+    declare of the resize queue every ADMISSION_QUEUE_PROBE_SECONDS, on a connection it keeps); when
+    that is stale, the probe tries again at once and the check waits up to 1 s for it. Until 2026-11-22
+    each check opened a connection of its own: a TCP and AMQP handshake every check of every node."""
+    probe = admission.queue_probe()
+    probe.first.wait(3)  # a process's first check: let its probe try once
+    if probe.fresh(timeout=1.0) is None:  # a probe in its backoff tries again now
+        return f"unavailable: no answer in {probe.stale_after:g} s"
+    return "ok"
 
 
 def readyz(request: HttpRequest) -> HttpResponse:
     """Ready to serve resizes: the broker and the staging store answer, and the identity snapshot
     is fresh enough to trust. A database outage alone is `degraded` (200): this node still
     authenticates from its snapshot and resizes, so a load balancer must keep sending it traffic."""
-    checks: dict[str, str] = {"database": _database_probe.state()}
-    try:
-        with celery_app.connection_for_write() as broker:
-            broker.ensure_connection(max_retries=1, timeout=2)
-        checks["broker"] = "ok"
-    except Exception as e:
-        checks["broker"] = f"unavailable: {type(e).__name__}"
+    checks: dict[str, str] = {"database": _database_probe.state(), "broker": _broker_state()}
     try:
         staging_store().check()
         checks["staging"] = "ok"

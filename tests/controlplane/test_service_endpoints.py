@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from scripts.topology import free_port
+
 pytestmark = pytest.mark.django_db
 
 
@@ -19,11 +21,48 @@ def test_readyz_ready_when_everything_answers(client, credentials):
                                                               "identity": "ok"}}
 
 
-def test_readyz_503_names_the_broker_when_it_is_unreachable(client, credentials, monkeypatch):
+def test_readyz_keeps_its_database_connection_and_replaces_a_closed_one(client, credentials):
+    """Each check connected to PostgreSQL anew (a server process started and ended every check of every
+    node). The probe keeps its connection; one the server closed meanwhile is replaced within the check."""
+    from django.db import connection
+
+    from controlplane.views import _database_probe
+
+    assert client.get("/readyz").json()["checks"]["database"] == "ok"
+    first = _database_probe.backend_pid
+    assert client.get("/readyz").json()["checks"]["database"] == "ok"
+    assert _database_probe.backend_pid == first
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [first])
+        assert cursor.fetchone()[0]
+    assert client.get("/readyz").json()["checks"]["database"] == "ok"
+    assert _database_probe.backend_pid not in (None, first)
+
+
+def test_readyz_asks_the_queue_probe_and_opens_no_connection_of_its_own(client, credentials, monkeypatch):
+    """The broker's state is what the process's queue probe last heard on the connection it keeps. Each
+    check used to open a connection of its own (a TCP and AMQP handshake every check): with the app's
+    broker URL pointing nowhere, that check said `unavailable` while the broker was fine."""
+    from controlplane.admission import queue_probe
     from controlplane.celery import app
 
-    # A port nothing listens on: the same answer as a stopped broker, without stopping the shared one.
-    monkeypatch.setattr(app.conf, "broker_url", "amqp://guest:guest@127.0.0.1:1//")
+    assert queue_probe().first.wait(10)
+    monkeypatch.setattr(app.conf, "broker_url", f"amqp://guest:guest@127.0.0.1:{free_port()}//")
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.content
+    assert response.json()["checks"]["broker"] == "ok"
+
+
+def test_readyz_503_names_the_broker_when_it_is_unreachable(client, credentials, monkeypatch):
+    from kombu import Connection
+
+    from controlplane import admission
+
+    # A probe whose broker is a port nothing listens on: the same answer as a stopped broker, without
+    # stopping the shared one.
+    nowhere = admission.QueueProbe(("resize",), lambda: Connection(
+        f"amqp://guest:guest@127.0.0.1:{free_port()}//", connect_timeout=1), interval=0.1, stale_after=0.5)
+    monkeypatch.setattr(admission, "queue_probe", lambda: nowhere)
     response = client.get("/readyz")
     assert response.status_code == 503
     body = response.json()

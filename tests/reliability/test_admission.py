@@ -218,6 +218,25 @@ def test_the_probe_reads_a_queues_depth_off_the_request_path_and_goes_stale_with
     assert connecting_threads and threading.current_thread() not in connecting_threads
 
 
+def test_a_stale_probe_asked_for_fresh_values_tries_again_at_once():
+    """/readyz asks for fresh values: a probe waiting out its backoff after a failure tries again at
+    once, so a broker that is back is seen when asked about, not up to 7.5 s later (the backoff here
+    is 15-45 s, the wait 10 s)."""
+    from controlplane.celery import app
+
+    broker_back = threading.Event()
+
+    def connect() -> Connection:
+        if broker_back.is_set():
+            return app.connection_for_read()
+        return Connection(f"amqp://guest:guest@127.0.0.1:{free_port()}//", connect_timeout=1)
+
+    probe = QueueProbe((f"test.probe.fresh.{uuid.uuid4().hex[:8]}",), connect, interval=30, stale_after=60)
+    assert probe.first.wait(10) and probe.values() is None
+    broker_back.set()
+    assert probe.fresh(timeout=10) == {}  # the broker answered (the queue does not exist)
+
+
 def test_probing_a_missing_queue_keeps_one_channel_and_the_connections_beat():
     """A 404 closes the probe's channel and py-amqp reopens that same channel: the probe opened
     another as well, leaking one per probe (2 a second per API process until channel_max). The probe's
