@@ -47,20 +47,64 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         return 'Bearer realm="resizer"'
 
 
+class LoginFailures:
+    """Failed password checks of the last minute in this process, counted under keys (all logins, one
+    user name, one proven client). A key is kept only while it has failures in the window."""
+
+    WINDOW = 60
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, key: str, limit: int) -> int | None:
+        """Seconds until `key` has fewer than `limit` failures in the window, or None if it has now."""
+        now = time.monotonic()
+        with self._lock:
+            failures = self._by_key.get(key)
+            if failures is None:
+                return None
+            while failures and now - failures[0] > self.WINDOW:
+                failures.popleft()
+            if not failures:
+                del self._by_key[key]
+                return None
+            if len(failures) >= limit:
+                return max(1, int(self.WINDOW + 1 - (now - failures[0])))
+        return None
+
+    def add(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                self._by_key.setdefault(key, deque()).append(now)
+            if len(self._by_key) > 10_000:  # keys whose window has passed; the caps bound new keys anyway
+                for key in [k for k, f in self._by_key.items() if now - f[-1] > self.WINDOW]:
+                    del self._by_key[key]
+
+
 class StaffBasicAuthentication(authentication.BasicAuthentication):
-    """Basic auth for staff on the management API, with failed attempts capped per process: each
-    check of a password (right or wrong, known user or not) costs a PBKDF2 of a million rounds,
+    """Basic auth for staff on the management API, with failed password checks capped per process:
+    each check of a password (right or wrong, known user or not) costs a PBKDF2 of a million rounds,
     about a third of a CPU-second, so unthrottled wrong passwords were both a guessing oracle and a
-    way to take the API tier's CPU. Past the cap, unverified Basic logins are refused with 429 for the
-    rest of the minute, before any hashing. A password verified in the last VERIFIED_SECONDS passes
-    without hashing (an HMAC under a key of this process, compared with the one it verified), so a
-    script already logged in keeps working while someone floods the endpoint with wrong passwords, and
-    pays one PBKDF2 a minute instead of one a request. Keys with the admin scope and the admin's
-    session are not affected."""
+    way to take the API tier's CPU. Three caps, each over the last minute, refuse with 429 before any
+    hashing:
+    - FAILURES_PER_MINUTE for all logins together (the CPU bound);
+    - FAILURES_PER_USER_PER_MINUTE for one user name (the guessing bound), so one name's flood leaves
+      the others their share of the first;
+    - a client that proved itself before (below) is counted apart, FAILURES_PER_USER_PER_MINUTE on its
+      own, and not refused for the others' failures: a flood of wrong passwords, for its name or any,
+      does not lock out an operator or a script that has logged in before.
+    A Basic client proves itself by sending a user name and password this process verified before: within
+    VERIFIED_SECONDS it passes without hashing (an HMAC under a key of this process, compared with the
+    one it verified), and after that it is checked again without waiting behind the caps. A browser
+    proves itself with the admin's device cookie (admin_login_throttled). Keys with the admin scope and
+    the admin's session are not affected."""
 
     FAILURES_PER_MINUTE = 20
+    FAILURES_PER_USER_PER_MINUTE = 5
     VERIFIED_SECONDS = 60
-    _failures: deque[float] = deque()
+    _failures = LoginFailures()
     # username -> (HMAC of the password, user pk, the user's stored password hash, until)
     _verified: dict[str, tuple[bytes, Any, str, float]] = {}
     _secret = os.urandom(32)
@@ -74,12 +118,14 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
         now = time.monotonic()
         with cls._lock:
             verified = cls._verified.get(userid)
-        if verified is not None and verified[3] > now and hmac.compare_digest(verified[0], digest):
+        proven = verified is not None and hmac.compare_digest(verified[0], digest)
+        if proven and verified is not None and verified[3] > now:
             user = get_user_model().objects.filter(pk=verified[1], is_active=True).first()
             # The stored hash unchanged: a password changed (or reset) since takes effect at once.
             if user is not None and hmac.compare_digest(user.password, verified[2]):
                 return user, None
-        retry_after = cls.throttled()
+        proof = f"verified:{userid}" if proven else None
+        retry_after = cls.throttled(userid, proof)
         if retry_after is not None:
             raise ApiError(429, "login_throttled", "Too many failed logins on this server; use an API key "
                            "with the admin scope, or retry later.", headers={"Retry-After": str(retry_after)})
@@ -88,7 +134,7 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
         except exceptions.AuthenticationFailed:
             # The name's verified entry stays: a flood of wrong passwords for a script's own user name
             # must not log the script out (the entry matches only the password it verified).
-            cls.failed()
+            cls.failed(userid, proof)
             raise
         with cls._lock:
             if len(cls._verified) >= 1000:  # staff accounts are few; a flood of names must not grow it
@@ -97,39 +143,76 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
         return user, auth
 
     @classmethod
-    def throttled(cls) -> int | None:
-        """Seconds until a password may be checked again on this process, or None: the cap counts the
-        failures of Basic logins and of the admin's login form together (the same PBKDF2 each)."""
-        now = time.monotonic()
-        with cls._lock:
-            while cls._failures and now - cls._failures[0] > 60:
-                cls._failures.popleft()
-            if len(cls._failures) >= cls.FAILURES_PER_MINUTE:
-                return max(1, int(61 - (now - cls._failures[0])))
-        return None
+    def throttled(cls, username: str, proof: str | None = None) -> int | None:
+        """Seconds until a password for `username` may be checked again on this process, or None. `proof`
+        names a client that proved itself before (counted on its own). The caps count the failures of
+        Basic logins and of the admin's login form together (the same PBKDF2 each)."""
+        if proof is not None:
+            return cls._failures.retry_after(proof, cls.FAILURES_PER_USER_PER_MINUTE)
+        waits = [cls._failures.retry_after("*", cls.FAILURES_PER_MINUTE),
+                 cls._failures.retry_after(f"user:{username[:150]}", cls.FAILURES_PER_USER_PER_MINUTE)]
+        return max((w for w in waits if w is not None), default=None)
 
     @classmethod
-    def failed(cls) -> None:
-        with cls._lock:
-            cls._failures.append(time.monotonic())
+    def failed(cls, username: str, proof: str | None = None) -> None:
+        if proof is not None:
+            cls._failures.add(proof)
+        else:
+            cls._failures.add("*", f"user:{username[:150]}")
+
+
+ADMIN_DEVICE_COOKIE = "resizer_admin_device"
+ADMIN_DEVICE_DAYS = 30
+_ADMIN_DEVICE_SALT = "identity.admin-login-device"
+
+
+def _admin_device(request: Any, username: str) -> str | None:
+    """The id of the browser's device cookie if it is valid for `username` (signed by this deployment's
+    SECRET_KEY when that user logged in from it, within ADMIN_DEVICE_DAYS), else None."""
+    from django.core import signing
+
+    value = request.COOKIES.get(ADMIN_DEVICE_COOKIE)
+    if not value:
+        return None
+    try:
+        device = signing.loads(value, salt=_ADMIN_DEVICE_SALT, max_age=timedelta(days=ADMIN_DEVICE_DAYS))
+    except signing.BadSignature:
+        return None
+    if not isinstance(device, dict) or device.get("u") != username or not isinstance(device.get("d"), str):
+        return None
+    return device["d"]
 
 
 def admin_login_throttled(login: Any) -> Any:
-    """Django admin's login view under the same cap of failed logins as Basic auth: the form checked
+    """Django admin's login view under the same caps of failed logins as Basic auth: the form checked
     every password it was sent (a million-round PBKDF2 each, a guessing oracle and a third of a
-    CPU-second), and a session it opens also reaches the management API. Past the cap a POST is
-    refused with 429 before any hashing; a failed login is the form answered again (200)."""
+    CPU-second), and a session it opens also reaches the management API. Past a cap a POST is refused
+    with 429 before any hashing; a failed login is the form answered again (200). A successful login
+    leaves a device cookie (OWASP's "device cookies"): a later login of that user from that browser is
+    counted on its own and not refused for anyone else's failures, so a flood of wrong passwords does
+    not lock out operators who have logged in before."""
+    from django.core import signing
 
     @functools.wraps(login)
     def view(request: Any, extra_context: Any = None) -> Any:
+        username = proof = None
         if request.method == "POST":
-            retry_after = StaffBasicAuthentication.throttled()
+            username = str(request.POST.get("username", ""))
+            device = _admin_device(request, username)
+            proof = f"device:{device}" if device else None
+            retry_after = StaffBasicAuthentication.throttled(username, proof)
             if retry_after is not None:
                 return problem(429, "login_throttled", "Too many failed logins on this server; retry later.",
                                headers={"Retry-After": str(retry_after)})
         response = login(request, extra_context)
-        if request.method == "POST" and response.status_code == 200:
-            StaffBasicAuthentication.failed()
+        if username is not None and response.status_code == 200:
+            StaffBasicAuthentication.failed(username, proof)
+        elif username is not None and getattr(request, "user", None) is not None and request.user.is_authenticated:
+            response.set_cookie(
+                ADMIN_DEVICE_COOKIE,
+                signing.dumps({"u": request.user.get_username(), "d": os.urandom(12).hex()}, salt=_ADMIN_DEVICE_SALT),
+                max_age=ADMIN_DEVICE_DAYS * 86400, path="/admin/", secure=request.is_secure(), httponly=True,
+                samesite="Lax")
         return response
 
     return view

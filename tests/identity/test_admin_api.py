@@ -270,10 +270,10 @@ def test_a_customer_with_keys_can_be_deleted_in_admin(client):
 def test_failed_basic_logins_are_capped(client, credentials, monkeypatch):
     """Every Basic check costs a PBKDF2 of a million rounds: unlimited wrong passwords were a guessing
     oracle and a way to burn the API's CPU."""
-    from identity.authentication import StaffBasicAuthentication
+    from identity.authentication import LoginFailures, StaffBasicAuthentication
 
     monkeypatch.setattr(StaffBasicAuthentication, "FAILURES_PER_MINUTE", 3)
-    monkeypatch.setattr(StaffBasicAuthentication, "_failures", __import__("collections").deque())
+    monkeypatch.setattr(StaffBasicAuthentication, "_failures", LoginFailures())
     monkeypatch.setattr(StaffBasicAuthentication, "_verified", {})
     User.objects.create_superuser("root", password="pw")
     User.objects.create_superuser("ops", password="pw")
@@ -287,11 +287,12 @@ def test_failed_basic_logins_are_capped(client, credentials, monkeypatch):
     assert throttled.status_code == 429 and throttled.json()["code"] == "login_throttled"
     assert 1 <= int(throttled["Retry-After"]) <= 61
     assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("ops")).status_code == 200
-    # A password changed since it was verified takes effect at once.
+    # A password changed since it was verified takes effect at once (the client proved itself before:
+    # its old password is checked, not kept waiting, and fails).
     ops = User.objects.get(username="ops")
     ops.set_password("new")
     ops.save()
-    assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("ops")).status_code == 429
+    assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("ops")).status_code == 401
     # A password not verified before waits (it is checked no sooner); an admin key is unaffected.
     assert client.get("/v1/admin/customers", HTTP_AUTHORIZATION=_basic("root")).status_code == 429
     _, admin_key = api_key_create(customer=customer_create(name="bot"), scopes=["admin"])
@@ -345,10 +346,10 @@ def test_failed_admin_form_logins_are_capped_with_basic_ones(client, monkeypatch
     """The admin's login form checked every password it was sent (the same PBKDF2 as Basic, and a
     session it opens reaches the management API too), without any cap: found by review, 25 wrong
     passwords in a row all checked. Its failures count against the same per-process cap as Basic's."""
-    from identity.authentication import StaffBasicAuthentication
+    from identity.authentication import LoginFailures, StaffBasicAuthentication
 
     monkeypatch.setattr(StaffBasicAuthentication, "FAILURES_PER_MINUTE", 3)
-    monkeypatch.setattr(StaffBasicAuthentication, "_failures", __import__("collections").deque())
+    monkeypatch.setattr(StaffBasicAuthentication, "_failures", LoginFailures())
     monkeypatch.setattr(StaffBasicAuthentication, "_verified", {})
     User.objects.create_user("ops", password="right-password", is_staff=True)
     answers = [client.post("/admin/login/?next=/admin/", {"username": "ops", "password": f"guess-{i}"}).status_code
@@ -360,9 +361,84 @@ def test_failed_admin_form_logins_are_capped_with_basic_ones(client, monkeypatch
     # One budget: Basic logins wait too.
     basic = client.get("/v1/admin/customers", HTTP_AUTHORIZATION="Basic " + base64.b64encode(b"ops:x").decode())
     assert basic.status_code == 429
-    monkeypatch.setattr(StaffBasicAuthentication, "_failures", __import__("collections").deque())
+    monkeypatch.setattr(StaffBasicAuthentication, "_failures", LoginFailures())
     assert client.post("/admin/login/?next=/admin/",
                        {"username": "ops", "password": "right-password"}).status_code == 302
+
+
+def _fresh_login_caps(monkeypatch, everyone: int, per_user: int = 5, verified_seconds: int = 60):
+    from identity.authentication import LoginFailures, StaffBasicAuthentication
+
+    monkeypatch.setattr(StaffBasicAuthentication, "FAILURES_PER_MINUTE", everyone)
+    monkeypatch.setattr(StaffBasicAuthentication, "FAILURES_PER_USER_PER_MINUTE", per_user)
+    monkeypatch.setattr(StaffBasicAuthentication, "VERIFIED_SECONDS", verified_seconds)
+    monkeypatch.setattr(StaffBasicAuthentication, "_failures", LoginFailures())
+    monkeypatch.setattr(StaffBasicAuthentication, "_verified", {})
+
+
+def _basic_with(username: str, password: str) -> dict[str, str]:
+    return {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
+
+
+def test_one_names_failed_logins_leave_the_other_names_theirs(client, monkeypatch):
+    """Failures were counted for all users together: guessing one name's password used up everyone's
+    budget. One name now has a cap of its own, below the process's."""
+    _fresh_login_caps(monkeypatch, everyone=6, per_user=2)
+    User.objects.create_superuser("root", password="pw")
+    User.objects.create_superuser("ops", password="pw")
+    assert [client.get("/v1/admin/customers", **_basic_with("root", "guess")).status_code for _ in range(2)] == [401, 401]
+    throttled = client.get("/v1/admin/customers", **_basic_with("root", "pw"))  # refused, right or not
+    assert throttled.status_code == 429 and throttled.json()["code"] == "login_throttled"
+    assert client.get("/v1/admin/customers", **_basic_with("ops", "pw")).status_code == 200
+    assert client.get("/v1/admin/customers", **_basic_with("ops", "guess")).status_code == 401
+
+
+def test_a_basic_client_verified_before_is_not_locked_out_by_a_flood(client, monkeypatch):
+    """Past the cap every unverified login waited, an operator's script included once its verification
+    (VERIFIED_SECONDS) ran out: a flood of wrong passwords locked every Basic client out. A name and
+    password this process verified before are checked again without waiting."""
+    _fresh_login_caps(monkeypatch, everyone=3, verified_seconds=0)  # every request checks its password
+    User.objects.create_superuser("ops", password="pw")
+    assert client.get("/v1/admin/customers", **_basic_with("ops", "pw")).status_code == 200
+    assert [client.get("/v1/admin/customers", **_basic_with(name, "guess")).status_code
+            for name in ("root", "ops", "mallory")] == [401, 401, 401]
+    assert client.get("/v1/admin/customers", **_basic_with("eve", "guess")).status_code == 429
+    assert client.get("/v1/admin/customers", **_basic_with("ops", "pw")).status_code == 200
+    # Only the password verified before: another for the same name waits like anyone's.
+    assert client.get("/v1/admin/customers", **_basic_with("ops", "other")).status_code == 429
+
+
+def test_an_admin_browser_that_logged_in_before_is_not_locked_out_by_a_flood(monkeypatch):
+    """The admin form's failures were one budget for everyone: a flood of wrong passwords locked every
+    operator out of the admin. A successful login leaves a signed device cookie; that user's logins from
+    that browser are counted on their own and not refused for the flood."""
+    from django.conf import settings
+    from django.test import Client
+
+    from identity.authentication import ADMIN_DEVICE_COOKIE
+
+    _fresh_login_caps(monkeypatch, everyone=3, per_user=3)
+    User.objects.create_user("ops", password="right-password", is_staff=True)
+    User.objects.create_user("root", password="root-password", is_staff=True)
+    login = "/admin/login/?next=/admin/"
+    browser, attacker = Client(), Client()
+    assert browser.post(login, {"username": "ops", "password": "right-password"}).status_code == 302
+    assert ADMIN_DEVICE_COOKIE in browser.cookies
+    del browser.cookies[settings.SESSION_COOKIE_NAME]  # logged out, the device cookie kept
+    assert [attacker.post(login, {"username": "ops", "password": f"guess-{i}"}).status_code
+            for i in range(3)] == [200, 200, 200]
+    assert attacker.post(login, {"username": "ops", "password": "right-password"}).status_code == 429
+    assert browser.post(login, {"username": "ops", "password": "right-password"}).status_code == 302
+    # The cookie proves only its own user, and only signed by this deployment.
+    assert browser.post(login, {"username": "root", "password": "root-password"}).status_code == 429
+    forged = Client()
+    forged.cookies[ADMIN_DEVICE_COOKIE] = browser.cookies[ADMIN_DEVICE_COOKIE].value[:-2] + "xx"
+    assert forged.post(login, {"username": "ops", "password": "right-password"}).status_code == 429
+    # A device has a cap of its own: a stolen cookie is not a way around guessing.
+    del browser.cookies[settings.SESSION_COOKIE_NAME]
+    assert [browser.post(login, {"username": "ops", "password": f"guess-{i}"}).status_code
+            for i in range(3)] == [200, 200, 200]
+    assert browser.post(login, {"username": "ops", "password": "right-password"}).status_code == 429
 
 
 def test_staff_passwords_are_checked():
