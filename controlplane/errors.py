@@ -3,17 +3,27 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.debug import SafeExceptionReporterFilter
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 
 from resizer.staging import StagingError
 
 log = logging.getLogger(__name__)
+
+
+class SettingsFilter(SafeExceptionReporterFilter):
+    """DEBUG's error page and error mails with URLs hidden too: Django hides settings and request
+    variables named like keys and passwords, and showed DATABASE_URL and METERING_DATABASE_URL, each
+    with its password (found by the security review; an environment's BROKER_URL too, under runserver)."""
+
+    hidden_settings = re.compile("API|AUTH|TOKEN|KEY|SECRET|PASS|SIGNATURE|HTTP_COOKIE|URL|DSN", flags=re.I)
 
 PROBLEM_TYPE_BASE = "https://docs.resizer.example/problems/"
 TITLES = {

@@ -13,6 +13,7 @@ from controlplane.env import env_bool, env_float, env_int, env_list, env_str
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 DEBUG = env_bool("DEBUG", False)
+DEFAULT_EXCEPTION_REPORTER_FILTER = "controlplane.errors.SettingsFilter"
 # The default only suits a laptop; production sets SECRET_KEY (it also peppers API-key hashes).
 SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-secret-key-change-me")
 API_KEY_PEPPER = env_str("API_KEY_PEPPER", SECRET_KEY)

@@ -271,3 +271,30 @@ def test_a_multipart_upload_leaves_no_copy_of_the_file_with_the_request(rf):
     data = read_upload(request, 25 * 1024 * 1024)
     assert data == corpus("coffee.jpg")
     assert all(getattr(handler, "file", None) is None for handler in request.upload_handlers)
+
+
+def _debug_page(request) -> str:
+    """DEBUG's page for an exception raised and caught here: only this frame is on it."""
+    import sys
+
+    from django.views.debug import ExceptionReporter
+
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError:
+        return ExceptionReporter(request, *sys.exc_info()).get_traceback_html()
+
+
+def test_the_debug_error_page_hides_database_and_broker_urls(rf, settings):
+    """Django hid settings named like keys and passwords, not DATABASE_URL, METERING_DATABASE_URL or an
+    environment's BROKER_URL (the request variables under runserver), each with its password (found by
+    the security review)."""
+    import uuid
+
+    secret = uuid.uuid4().hex  # made here: the page shows source lines and the failing frame's variables
+    settings.DEBUG = True
+    settings.DATABASE_URL = f"postgres://resizer:{secret}-1@db/resizer"
+    settings.METERING_DATABASE_URL = f"postgres://metering:{secret}-2@db/metering"
+    page = _debug_page(rf.get("/v1/jobs/x", BROKER_URL=f"amqp://resizer:{secret}-3@rabbit//"))
+    assert "DATABASE_URL" in page and "RuntimeError" in page  # the page itself, with the settings listed
+    assert secret not in page
