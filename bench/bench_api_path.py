@@ -4,6 +4,7 @@ published to the running RabbitMQ. Reports the request thread's CPU per request 
 calls per request (a count that does not drift with the machine's speed, unlike the time).
 
     .venv/bin/python bench/bench_api_path.py [--requests 3000] [--input photo-256k-1.jpg] [--profile]
+    SORT=cumulative TOP=70 .venv/bin/python bench/bench_api_path.py --profile   # the profile's order and length
 
 Uses the running PostgreSQL (database `resizer`, one customer named api-path-*) and RabbitMQ (a private
 queue, deleted after); stages into a directory under /dev/shm (deleted after). Compare two commits by
@@ -94,7 +95,7 @@ def main() -> None:
         print(f"{args.input}: {cpu * 1000:.3f} ms of request-thread CPU per request, {calls:.0f} Python calls "
               f"per request ({args.requests} requests, all {statuses[-1]})")
         if args.profile:
-            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "30")))
     finally:
         with app.connection_for_write() as connection:
             connection.default_channel.queue_delete(os.environ["RESIZE_QUEUE"])
