@@ -238,6 +238,8 @@ class QueueProbe:
     connection every `interval` seconds (a passive declare). Readers get the last values, or nothing
     once they are older than `stale_after` (broker away or slow): they never wait on the broker."""
 
+    RETRY_CUT_SECONDS = 1.0
+
     def __init__(self, queues: tuple[str, ...], connection_factory: Callable[[], Any], interval: float = 0.5,
                  stale_after: float | None = None) -> None:
         self.queues = queues
@@ -248,8 +250,15 @@ class QueueProbe:
         self._at = 0.0  # monotonic time of the last successful probe
         self.first = threading.Event()  # set after the first attempt, successful or not
         self._retry_now = threading.Event()  # cuts a backoff short (fresh())
+        self._retry_cut_at = -1.0  # monotonic time fresh() last cut one
         self._probed = threading.Condition()  # notified after each successful probe
+        self._stopped = threading.Event()
         threading.Thread(target=self._run, name="queue-probe", daemon=True).start()
+
+    def stop(self) -> None:
+        """End the probe's thread and its connection (within one interval, or one backoff)."""
+        self._stopped.set()
+        self._retry_now.set()
 
     def values(self) -> dict[str, tuple[int, int]] | None:
         """{queue: (ready, consumers)} from the last probe, or None when there is no fresh one."""
@@ -265,7 +274,11 @@ class QueueProbe:
         if values is not None:
             return values
         with self._probed:
-            self._retry_now.set()
+            if time.monotonic() - self._retry_cut_at >= self.RETRY_CUT_SECONDS:
+                # At most one cut a second: every check of every load balancer must not turn the
+                # jittered backoff into reconnects at their pace, in step across the processes.
+                self._retry_cut_at = time.monotonic()
+                self._retry_now.set()
             self._probed.wait_for(lambda: self.values() is not None, timeout)
         return self.values()
 
@@ -277,12 +290,12 @@ class QueueProbe:
 
     def _run(self) -> None:
         backoff = self.interval
-        while True:
+        while not self._stopped.is_set():
             try:
                 with self._connection_factory() as connection:
                     connection.ensure_connection(max_retries=1, timeout=2)
                     channel = connection.channel()
-                    while True:
+                    while not self._stopped.is_set():
                         values: dict[str, tuple[int, int]] = {}
                         for name in self.queues:
                             try:
@@ -299,13 +312,13 @@ class QueueProbe:
                         self._retry_now.clear()  # asked for while this round was out: answered
                         self.first.set()
                         backoff = self.interval
-                        time.sleep(self.interval)
+                        self._stopped.wait(self.interval)
             except Exception as e:  # broker away: keep trying, readers see no fresh value meanwhile
                 log.debug("queue probe failed: %s", e)
                 self.first.set()
                 # Exponential backoff with jitter, capped: every API process probes, and they must
                 # not reconnect in step when the broker returns.
-                if self._retry_now.wait(backoff * (0.5 + _jitter.random())):
+                if self._retry_now.wait(backoff * (0.5 + _jitter.random())) and not self._stopped.is_set():
                     self._retry_now.clear()
                 backoff = min(backoff * 2, 5.0)
 

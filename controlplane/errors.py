@@ -23,7 +23,7 @@ class SettingsFilter(SafeExceptionReporterFilter):
     variables named like keys and passwords, and showed DATABASE_URL and METERING_DATABASE_URL, each
     with its password (found by the security review; an environment's BROKER_URL too, under runserver)."""
 
-    hidden_settings = re.compile("API|AUTH|TOKEN|KEY|SECRET|PASS|SIGNATURE|HTTP_COOKIE|URL|DSN", flags=re.I)
+    hidden_settings = re.compile("API|AUTH|TOKEN|KEY|SECRET|PASS|SIGNATURE|HTTP_COOKIE|URL|URI|DSN|CONN", flags=re.I)
 
 PROBLEM_TYPE_BASE = "https://docs.resizer.example/problems/"
 TITLES = {

@@ -471,6 +471,7 @@ class _DatabaseProbe:
         self._asked = self._answered = 0  # checks asked for, and the last one the probe has answered
         self._result = "degraded: not probed yet"
         self.backend_pid: int | None = None
+        self._closing = False
 
     def state(self) -> str:
         with self._changed:
@@ -484,13 +485,27 @@ class _DatabaseProbe:
                 return f"degraded: no answer in {self.WAIT:g} s"
             return self._result
 
+    def close(self) -> None:
+        """Close the kept connection now (the probe's thread does; the next check opens another): a test
+        run's end, whose database cannot be dropped while a session is open on it."""
+        with self._changed:
+            if self._thread is None or not self._thread.is_alive():
+                return
+            self._closing = True
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: not self._closing, 5)
+
     def _run(self) -> None:
         while True:
             with self._changed:
-                asked_again = self._changed.wait_for(lambda: self._asked > self._answered, self.IDLE_SECONDS)
-                asked = self._asked
-            if not asked_again:
-                self._close()  # nobody is checking (no load balancer): hold no connection for nothing
+                asked_again = self._changed.wait_for(lambda: self._asked > self._answered or self._closing,
+                                                     self.IDLE_SECONDS)
+                asked, closing = self._asked, self._closing
+            if closing or not asked_again:
+                self._close()  # asked to, or nobody is checking (no load balancer): hold no connection
+                with self._changed:
+                    self._closing = False
+                    self._changed.notify_all()
                 continue
             result = self._probe()
             with self._changed:

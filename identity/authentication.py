@@ -8,7 +8,9 @@ import hmac
 import os
 import threading
 import time
+import unicodedata
 from collections import deque
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +51,10 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
 class LoginFailures:
     """Failed password checks of the last minute in this process, counted under keys (all logins, one
-    user name, one proven client). A key is kept only while it has failures in the window."""
+    user name, one proven client). An attempt counts as a failure from its start until it succeeds:
+    checked and counted under one lock, simultaneous attempts cannot all pass a cap before any of them
+    is counted (each check takes a third of a second). A key is kept only while it has failures in the
+    window."""
 
     WINDOW = 60
 
@@ -57,30 +62,39 @@ class LoginFailures:
         self._by_key: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def retry_after(self, key: str, limit: int) -> int | None:
-        """Seconds until `key` has fewer than `limit` failures in the window, or None if it has now."""
+    def begin(self, caps: dict[str, int]) -> tuple[int | None, float]:
+        """(None, the attempt's stamp) with the attempt counted under every key of `caps`, or (seconds
+        to wait, ...) with nothing counted when a key already has its limit of failures in the window."""
         now = time.monotonic()
         with self._lock:
-            failures = self._by_key.get(key)
-            if failures is None:
-                return None
-            while failures and now - failures[0] > self.WINDOW:
-                failures.popleft()
-            if not failures:
-                del self._by_key[key]
-                return None
-            if len(failures) >= limit:
-                return max(1, int(self.WINDOW + 1 - (now - failures[0])))
-        return None
-
-    def add(self, *keys: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for key in keys:
+            for key, limit in caps.items():
+                failures = self._by_key.get(key)
+                while failures and now - failures[0] > self.WINDOW:
+                    failures.popleft()
+                if failures is not None and len(failures) >= limit:
+                    return max(1, int(self.WINDOW + 1 - (now - failures[0]))), now
+            for key in caps:
                 self._by_key.setdefault(key, deque()).append(now)
             if len(self._by_key) > 10_000:  # keys whose window has passed; the caps bound new keys anyway
-                for key in [k for k, f in self._by_key.items() if now - f[-1] > self.WINDOW]:
+                for key in [k for k, f in self._by_key.items() if not f or now - f[-1] > self.WINDOW]:
                     del self._by_key[key]
+        return None, now
+
+    def succeeded(self, keys: Iterable[str], stamp: float) -> None:
+        """The attempt begun at `stamp` under `keys` was not a failure: it stops counting."""
+        with self._lock:
+            for key in keys:
+                failures = self._by_key.get(key)
+                if failures is not None and stamp in failures:
+                    failures.remove(stamp)
+                    if not failures:
+                        del self._by_key[key]
+
+
+def login_name(username: str) -> str:
+    """A user name as Django's login form reads it (NFKC, spaces stripped): the key of its cap, so
+    ` ops` or a fullwidth `ｏｐｓ`, which the form logs in as `ops`, count as `ops`."""
+    return unicodedata.normalize("NFKC", username).strip()
 
 
 class StaffBasicAuthentication(authentication.BasicAuthentication):
@@ -90,8 +104,8 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
     way to take the API tier's CPU. Three caps, each over the last minute, refuse with 429 before any
     hashing:
     - FAILURES_PER_MINUTE for all logins together (the CPU bound);
-    - FAILURES_PER_USER_PER_MINUTE for one user name (the guessing bound), so one name's flood leaves
-      the others their share of the first;
+    - FAILURES_PER_USER_PER_MINUTE for one user name (the guessing bound; the name as the login form
+      reads it, case folded), so one name's flood leaves the others their share of the first;
     - a client that proved itself before (below) is counted apart, FAILURES_PER_USER_PER_MINUTE on its
       own, and not refused for the others' failures: a flood of wrong passwords, for its name or any,
       does not lock out an operator or a script that has logged in before.
@@ -124,18 +138,15 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
             # The stored hash unchanged: a password changed (or reset) since takes effect at once.
             if user is not None and hmac.compare_digest(user.password, verified[2]):
                 return user, None
-        proof = f"verified:{userid}" if proven else None
-        retry_after = cls.throttled(userid, proof)
+        caps = cls.caps(userid, f"verified:{userid}" if proven else None)
+        retry_after, stamp = cls._failures.begin(caps)
         if retry_after is not None:
             raise ApiError(429, "login_throttled", "Too many failed logins on this server; use an API key "
                            "with the admin scope, or retry later.", headers={"Retry-After": str(retry_after)})
-        try:
-            user, auth = super().authenticate_credentials(userid, password, request)
-        except exceptions.AuthenticationFailed:
-            # The name's verified entry stays: a flood of wrong passwords for a script's own user name
-            # must not log the script out (the entry matches only the password it verified).
-            cls.failed(userid, proof)
-            raise
+        # The name's verified entry stays on a failure: a flood of wrong passwords for a script's own
+        # user name must not log the script out (the entry matches only the password it verified).
+        user, auth = super().authenticate_credentials(userid, password, request)
+        cls._failures.succeeded(caps, stamp)
         with cls._lock:
             if len(cls._verified) >= 1000:  # staff accounts are few; a flood of names must not grow it
                 cls._verified.clear()
@@ -143,22 +154,14 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
         return user, auth
 
     @classmethod
-    def throttled(cls, username: str, proof: str | None = None) -> int | None:
-        """Seconds until a password for `username` may be checked again on this process, or None. `proof`
-        names a client that proved itself before (counted on its own). The caps count the failures of
-        Basic logins and of the admin's login form together (the same PBKDF2 each)."""
+    def caps(cls, username: str, proof: str | None = None) -> dict[str, int]:
+        """The caps a password check for `username` counts against: `proof` names a client that proved
+        itself before (counted on its own). Basic logins and the admin's login form share them (the same
+        PBKDF2 each)."""
         if proof is not None:
-            return cls._failures.retry_after(proof, cls.FAILURES_PER_USER_PER_MINUTE)
-        waits = [cls._failures.retry_after("*", cls.FAILURES_PER_MINUTE),
-                 cls._failures.retry_after(f"user:{username[:150]}", cls.FAILURES_PER_USER_PER_MINUTE)]
-        return max((w for w in waits if w is not None), default=None)
-
-    @classmethod
-    def failed(cls, username: str, proof: str | None = None) -> None:
-        if proof is not None:
-            cls._failures.add(proof)
-        else:
-            cls._failures.add("*", f"user:{username[:150]}")
+            return {proof: cls.FAILURES_PER_USER_PER_MINUTE}
+        return {"*": cls.FAILURES_PER_MINUTE,
+                f"user:{login_name(username).casefold()[:150]}": cls.FAILURES_PER_USER_PER_MINUTE}
 
 
 ADMIN_DEVICE_COOKIE = "resizer_admin_device"
@@ -166,9 +169,18 @@ ADMIN_DEVICE_DAYS = 30
 _ADMIN_DEVICE_SALT = "identity.admin-login-device"
 
 
+def _password_mark(user: Any) -> str:
+    """Changes when the user's password does (a reset after a compromise ends its devices' cookies)."""
+    from django.utils.crypto import salted_hmac
+
+    return salted_hmac(_ADMIN_DEVICE_SALT, user.password, algorithm="sha256").hexdigest()[:32]
+
+
 def _admin_device(request: Any, username: str) -> str | None:
-    """The id of the browser's device cookie if it is valid for `username` (signed by this deployment's
-    SECRET_KEY when that user logged in from it, within ADMIN_DEVICE_DAYS), else None."""
+    """The id of the browser's device cookie if it is valid for `username`: signed by this deployment's
+    SECRET_KEY when that user logged in from it, within ADMIN_DEVICE_DAYS, and with the password that
+    user has now. Else None."""
+    from django.contrib.auth import get_user_model
     from django.core import signing
 
     value = request.COOKIES.get(ADMIN_DEVICE_COOKIE)
@@ -178,7 +190,12 @@ def _admin_device(request: Any, username: str) -> str | None:
         device = signing.loads(value, salt=_ADMIN_DEVICE_SALT, max_age=timedelta(days=ADMIN_DEVICE_DAYS))
     except signing.BadSignature:
         return None
-    if not isinstance(device, dict) or device.get("u") != username or not isinstance(device.get("d"), str):
+    if (not isinstance(device, dict) or device.get("u") != login_name(username)
+            or not isinstance(device.get("d"), str) or not isinstance(device.get("p"), str)):
+        return None
+    model = get_user_model()
+    user = model._default_manager.filter(**{model.USERNAME_FIELD: device["u"], "is_active": True}).first()
+    if user is None or not hmac.compare_digest(device["p"], _password_mark(user)):
         return None
     return device["d"]
 
@@ -195,22 +212,25 @@ def admin_login_throttled(login: Any) -> Any:
 
     @functools.wraps(login)
     def view(request: Any, extra_context: Any = None) -> Any:
-        username = proof = None
-        if request.method == "POST":
-            username = str(request.POST.get("username", ""))
-            device = _admin_device(request, username)
-            proof = f"device:{device}" if device else None
-            retry_after = StaffBasicAuthentication.throttled(username, proof)
-            if retry_after is not None:
-                return problem(429, "login_throttled", "Too many failed logins on this server; retry later.",
-                               headers={"Retry-After": str(retry_after)})
+        if request.method != "POST":
+            return login(request, extra_context)
+        username = str(request.POST.get("username", ""))
+        device = _admin_device(request, username)
+        caps = StaffBasicAuthentication.caps(username, f"device:{device}" if device else None)
+        retry_after, stamp = StaffBasicAuthentication._failures.begin(caps)
+        if retry_after is not None:
+            return problem(429, "login_throttled", "Too many failed logins on this server; retry later.",
+                           headers={"Retry-After": str(retry_after)})
         response = login(request, extra_context)
-        if username is not None and response.status_code == 200:
-            StaffBasicAuthentication.failed(username, proof)
-        elif username is not None and getattr(request, "user", None) is not None and request.user.is_authenticated:
+        if response.status_code == 200:
+            return response  # the form again: a failed login (it stays counted)
+        StaffBasicAuthentication._failures.succeeded(caps, stamp)  # logged in, or no password checked
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated:
             response.set_cookie(
                 ADMIN_DEVICE_COOKIE,
-                signing.dumps({"u": request.user.get_username(), "d": os.urandom(12).hex()}, salt=_ADMIN_DEVICE_SALT),
+                signing.dumps({"u": user.get_username(), "d": os.urandom(12).hex(), "p": _password_mark(user)},
+                              salt=_ADMIN_DEVICE_SALT),
                 max_age=ADMIN_DEVICE_DAYS * 86400, path="/admin/", secure=request.is_secure(), httponly=True,
                 samesite="Lax")
         return response

@@ -10,6 +10,16 @@ from scripts.topology import free_port
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def _readyz_database_connection_closed():
+    """/readyz's database probe keeps its connection: closed after each test, so the test database can
+    be dropped at the run's end."""
+    yield
+    from controlplane.views import _database_probe
+
+    _database_probe.close()
+
+
 def test_healthz(client):
     assert client.get("/healthz").json() == {"status": "ok"}
 
@@ -33,7 +43,7 @@ def test_readyz_keeps_its_database_connection_and_replaces_a_closed_one(client, 
     assert client.get("/readyz").json()["checks"]["database"] == "ok"
     assert _database_probe.backend_pid == first
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", [first])
+        cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [first])  # returns once it has ended
         assert cursor.fetchone()[0]
     assert client.get("/readyz").json()["checks"]["database"] == "ok"
     assert _database_probe.backend_pid not in (None, first)
@@ -63,7 +73,10 @@ def test_readyz_503_names_the_broker_when_it_is_unreachable(client, credentials,
     nowhere = admission.QueueProbe(("resize",), lambda: Connection(
         f"amqp://guest:guest@127.0.0.1:{free_port()}//", connect_timeout=1), interval=0.1, stale_after=0.5)
     monkeypatch.setattr(admission, "queue_probe", lambda: nowhere)
-    response = client.get("/readyz")
+    try:
+        response = client.get("/readyz")
+    finally:
+        nowhere.stop()
     assert response.status_code == 503
     body = response.json()
     assert body["code"] == "not_ready" and body["checks"]["broker"].startswith("unavailable")

@@ -441,6 +441,72 @@ def test_an_admin_browser_that_logged_in_before_is_not_locked_out_by_a_flood(mon
     assert browser.post(login, {"username": "ops", "password": "right-password"}).status_code == 429
 
 
+def test_a_user_names_spellings_share_its_cap(client, monkeypatch):
+    """The form logs ` ops` and a fullwidth `ｏｐｓ` in as `ops` (NFKC, spaces stripped): counted under
+    their own names, each spelling had its own 5 guesses a minute at ops's password (the diff review)."""
+    _fresh_login_caps(monkeypatch, everyone=20, per_user=2)
+    User.objects.create_user("ops", password="right-password", is_staff=True)
+    login = "/admin/login/?next=/admin/"
+    assert [client.post(login, {"username": name, "password": "guess"}).status_code
+            for name in (" ops", "\uff4f\uff50\uff53")] == [200, 200]
+    for name in ("ops", "ops ", "OPS"):
+        assert client.post(login, {"username": name, "password": "right-password"}).status_code == 429
+
+
+@pytest.mark.django_db(transaction=True)
+def test_simultaneous_password_checks_cannot_all_pass_the_cap(monkeypatch):
+    """A check was counted only once its hash was done (a third of a second): 8 wrong passwords sent at
+    once all passed a cap of 3 before the first was counted (the diff review). An attempt now counts
+    from its start."""
+    import threading
+
+    from django.db import connection
+    from rest_framework.exceptions import AuthenticationFailed
+
+    from controlplane.errors import ApiError
+    from identity.authentication import StaffBasicAuthentication
+
+    _fresh_login_caps(monkeypatch, everyone=20, per_user=3)
+    start, outcomes = threading.Barrier(8), []
+
+    def guess() -> None:
+        try:
+            start.wait(10)
+            StaffBasicAuthentication().authenticate_credentials("ops", "guess")
+        except AuthenticationFailed:
+            outcomes.append(401)
+        except ApiError as e:
+            outcomes.append(e.status_code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=guess) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == [401] * 3 + [429] * 5
+
+
+def test_a_password_reset_ends_the_device_cookies(monkeypatch):
+    """A device cookie let its holder guess apart from the caps; after a reset (a compromise) it must
+    not (the diff review): the cookie carries a mark of the password it was issued under."""
+    from django.conf import settings
+    from django.test import Client
+
+    _fresh_login_caps(monkeypatch, everyone=2, per_user=2)
+    ops = User.objects.create_user("ops", password="right-password", is_staff=True)
+    login = "/admin/login/?next=/admin/"
+    browser, attacker = Client(), Client()
+    assert browser.post(login, {"username": "ops", "password": "right-password"}).status_code == 302
+    del browser.cookies[settings.SESSION_COOKIE_NAME]
+    ops.set_password("a-new-password")
+    ops.save()
+    assert [attacker.post(login, {"username": "root", "password": f"guess-{i}"}).status_code
+            for i in range(2)] == [200, 200]
+    assert browser.post(login, {"username": "ops", "password": "a-new-password"}).status_code == 429
+
+
 def test_staff_passwords_are_checked():
     """createsuperuser took "password" for the account that runs the admin and the management API,
     whose login the load balancer serves publicly (found by the security review)."""

@@ -232,9 +232,12 @@ def test_a_stale_probe_asked_for_fresh_values_tries_again_at_once():
         return Connection(f"amqp://guest:guest@127.0.0.1:{free_port()}//", connect_timeout=1)
 
     probe = QueueProbe((f"test.probe.fresh.{uuid.uuid4().hex[:8]}",), connect, interval=30, stale_after=60)
-    assert probe.first.wait(10) and probe.values() is None
-    broker_back.set()
-    assert probe.fresh(timeout=10) == {}  # the broker answered (the queue does not exist)
+    try:
+        assert probe.first.wait(10) and probe.values() is None
+        broker_back.set()
+        assert probe.fresh(timeout=10) == {}  # the broker answered (the queue does not exist)
+    finally:
+        probe.stop()
 
 
 def test_probing_a_missing_queue_keeps_one_channel_and_the_connections_beat():
