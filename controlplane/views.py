@@ -453,14 +453,14 @@ def healthz(request: HttpRequest) -> HttpResponse:
 
 
 class _DatabaseProbe:
-    """A query (`SELECT pg_backend_pid()`) on a connection of its own, kept between checks, in a thread of its own, waited for at
-    most WAIT seconds: a database that does not answer (a partition: the connect alone takes its 2 s
-    timeout) made /readyz slower than the load balancer's check interval, and every node was taken
-    out for an outage that should leave them serving. One probe at a time; a readyz arriving while
-    one is still out reports it as slow. A failed query is tried once more on a new connection (the
-    kept one may have been closed by the server meanwhile); with no check for IDLE_SECONDS the
-    connection is closed. Until 2026-11-22 each check connected
-    anew: a PostgreSQL backend started and ended for every check of every node."""
+    """A query (`SELECT pg_backend_pid()`) on a connection of its own, kept between checks, in a thread
+    of its own, waited for at most WAIT seconds: a database that does not answer (a partition: the
+    connect alone takes its 2 s timeout) made /readyz slower than the load balancer's check interval,
+    and every node was taken out for an outage that should leave them serving. One probe at a time; a
+    readyz arriving while one is still out reports it as slow. A failed query is tried once more on a
+    new connection (the kept one may have been closed by the server meanwhile); with no check for
+    IDLE_SECONDS the connection is closed. Until 2026-11-22 each check connected anew: a PostgreSQL
+    backend started and ended for every check of every node."""
 
     WAIT = 0.5
     IDLE_SECONDS = 30  # the kept connection is closed when no check has come for this long
@@ -514,16 +514,16 @@ class _DatabaseProbe:
 
     def _probe(self) -> str:
         try:
-            return self._select_1()
+            return self._query()
         except Exception:
             self._close()  # perhaps closed by the server while kept: try once on a new connection
         try:
-            return self._select_1()
+            return self._query()
         except Exception as e:
             self._close()
             return f"degraded: {type(e).__name__}"
 
-    def _select_1(self) -> str:
+    def _query(self) -> str:
         connection.ensure_connection()  # this thread's own connection
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_backend_pid()")

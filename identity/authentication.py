@@ -10,7 +10,7 @@ import threading
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -138,15 +138,14 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
             # The stored hash unchanged: a password changed (or reset) since takes effect at once.
             if user is not None and hmac.compare_digest(user.password, verified[2]):
                 return user, None
-        caps = cls.caps(userid, f"verified:{userid}" if proven else None)
-        retry_after, stamp = cls._failures.begin(caps)
+        retry_after, succeeded = cls.attempt(userid, f"verified:{userid}" if proven else None)
         if retry_after is not None:
             raise ApiError(429, "login_throttled", "Too many failed logins on this server; use an API key "
                            "with the admin scope, or retry later.", headers={"Retry-After": str(retry_after)})
         # The name's verified entry stays on a failure: a flood of wrong passwords for a script's own
         # user name must not log the script out (the entry matches only the password it verified).
         user, auth = super().authenticate_credentials(userid, password, request)
-        cls._failures.succeeded(caps, stamp)
+        succeeded()
         with cls._lock:
             if len(cls._verified) >= 1000:  # staff accounts are few; a flood of names must not grow it
                 cls._verified.clear()
@@ -154,14 +153,19 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
         return user, auth
 
     @classmethod
-    def caps(cls, username: str, proof: str | None = None) -> dict[str, int]:
-        """The caps a password check for `username` counts against: `proof` names a client that proved
-        itself before (counted on its own). Basic logins and the admin's login form share them (the same
-        PBKDF2 each)."""
+    def attempt(cls, username: str, proof: str | None = None) -> tuple[int | None, Callable[[], None]]:
+        """Begin a password check for `username`: (seconds to wait, ...) when a cap it counts against is
+        full, else (None, a function to call if the check succeeds; until then it counts as a failure).
+        `proof` names a client that proved itself before (counted on its own). Basic logins and the
+        admin's login form share the caps (the same PBKDF2 each)."""
         if proof is not None:
-            return {proof: cls.FAILURES_PER_USER_PER_MINUTE}
-        return {"*": cls.FAILURES_PER_MINUTE,
-                f"user:{login_name(username).casefold()[:150]}": cls.FAILURES_PER_USER_PER_MINUTE}
+            caps = {proof: cls.FAILURES_PER_USER_PER_MINUTE}
+        else:
+            caps = {"*": cls.FAILURES_PER_MINUTE,
+                    f"user:{login_name(username).casefold()[:150]}": cls.FAILURES_PER_USER_PER_MINUTE}
+        failures = cls._failures
+        retry_after, stamp = failures.begin(caps)
+        return retry_after, lambda: failures.succeeded(caps, stamp)
 
 
 ADMIN_DEVICE_COOKIE = "resizer_admin_device"
@@ -216,15 +220,14 @@ def admin_login_throttled(login: Any) -> Any:
             return login(request, extra_context)
         username = str(request.POST.get("username", ""))
         device = _admin_device(request, username)
-        caps = StaffBasicAuthentication.caps(username, f"device:{device}" if device else None)
-        retry_after, stamp = StaffBasicAuthentication._failures.begin(caps)
+        retry_after, succeeded = StaffBasicAuthentication.attempt(username, f"device:{device}" if device else None)
         if retry_after is not None:
             return problem(429, "login_throttled", "Too many failed logins on this server; retry later.",
                            headers={"Retry-After": str(retry_after)})
         response = login(request, extra_context)
         if response.status_code == 200:
             return response  # the form again: a failed login (it stays counted)
-        StaffBasicAuthentication._failures.succeeded(caps, stamp)  # logged in, or no password checked
+        succeeded()  # logged in, or no password checked
         user = getattr(request, "user", None)
         if user is not None and user.is_authenticated:
             response.set_cookie(
