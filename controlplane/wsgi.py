@@ -25,10 +25,16 @@ _WRITE_CHUNK = 256 * 1024
 
 def application(environ: dict[str, Any], start_response: Any) -> Any:
     try:
-        # Any body but a resize's (which the view streams, bounded) is read here, within the body
-        # bounds: a login form trickled a byte every 20 s (a CSRF check reads the form before any
-        # authentication) held a thread each, and 16 of them took a node out of the load balancer.
         if environ.get("PATH_INFO") not in _STREAMED_BODIES:
+            if _body_without_credentials(environ):
+                # Every /v1/ endpoint that takes a body wants credentials; without any, its body is not
+                # waited for: read first, a keyless body trickled at the least rate held a thread for up
+                # to OTHER_BODY_TIMEOUT_SECONDS (30 s), and such requests reach no customer's thread count.
+                raise ApiError(401, "unauthorized", "Send an API key as `Authorization: Bearer <key>`.",
+                               headers={"WWW-Authenticate": 'Bearer realm="resizer"'})
+            # Any body but a resize's (which the view streams, bounded) is read here, within the body
+            # bounds: a login form trickled a byte every 20 s (a CSRF check reads the form before any
+            # authentication) held a thread each, and 16 of them took a node out of the load balancer.
             read_other_body(environ)
     except ApiError as e:
         return _answer(problem(e.status_code, e.code, str(e.detail), headers=e.headers, extra=e.extra),
@@ -52,6 +58,15 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
     if sock is None or (isinstance(file_wrapper, type) and isinstance(body, file_wrapper)):
         return body  # a static file (WhiteNoise) goes out by gunicorn's sendfile, unpaced
     return _PacedBody(body, sock)
+
+
+def _body_without_credentials(environ: dict[str, Any]) -> bool:
+    """A request to the API (/v1/) with a body and neither an Authorization header (a key, or staff's
+    Basic) nor the admin's session cookie (the management API also takes the admin's session)."""
+    has_body = environ.get("CONTENT_LENGTH", "") not in ("", "0") or "chunked" in environ.get(
+        "HTTP_TRANSFER_ENCODING", "").lower()
+    return (has_body and environ.get("PATH_INFO", "").startswith("/v1/") and not environ.get("HTTP_AUTHORIZATION")
+            and f"{settings.SESSION_COOKIE_NAME}=" not in environ.get("HTTP_COOKIE", ""))
 
 
 def _answer(response: Any, environ: dict[str, Any], start_response: Any) -> list[bytes]:

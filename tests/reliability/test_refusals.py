@@ -48,6 +48,19 @@ def test_a_refused_request_trickling_its_body_is_answered_without_waiting_for_it
     assert json.loads(reply.partition(b"\r\n\r\n")[2])["code"] == "unauthorized"
 
 
+def test_a_keyless_body_to_the_management_api_is_answered_without_waiting_for_it(server):
+    """Every body but a resize's was read before Django, whoever sent it: a client with no credentials
+    could hold a thread per request for up to OTHER_BODY_TIMEOUT_SECONDS by trickling a JSON body (an
+    open item of the security review). A /v1/ request with a body and no credentials is 401 at once."""
+    request = (b"POST /v1/admin/customers HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 1000\r\n\r\n" + b'{"name": ')  # 9 of the 1,000 bytes, then silence
+    reply = _exchange(server, request, timeout=20)
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert json.loads(body)["code"] == "unauthorized"
+    assert b'www-authenticate: bearer realm="resizer"' in head.lower()
+
+
 def test_a_content_type_django_cannot_parse_is_400_problem_json(server):
     """Django parses Content-Type while building the request, before any middleware: an RFC 2231
     parameter in an unknown charset escaped as gunicorn's HTML 500."""
