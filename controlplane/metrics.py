@@ -83,6 +83,12 @@ ADMISSIONS_SHED = Counter(
     "some after the upload was read), by code.",
     ["reason"],
 )
+STAFF_LOGINS = Counter(
+    "resizer_staff_logins",
+    "Staff password checks (Basic on the management API, the admin's login form) by how they ended: "
+    "succeeded, failed, or throttled (refused before any check, past a cap of failed logins).",
+    ["via", "outcome"],
+)
 AUTH_SYNCED_NAME = "resizer_auth_snapshot_synced_timestamp_seconds"
 AUTH_AGE_NAME = "resizer_auth_snapshot_age_seconds"
 
@@ -303,6 +309,9 @@ def process_gauges_start(interval: float = 5.0) -> None:
         RESIZE_REQUESTS.labels(outcome, code)
         if outcome == "shed":
             ADMISSIONS_SHED.labels(code)
+    for via in ("basic", "form"):
+        for outcome in ("succeeded", "failed", "throttled"):
+            STAFF_LOGINS.labels(via, outcome)
 
     def run() -> None:
         while True:

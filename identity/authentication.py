@@ -19,6 +19,7 @@ from rest_framework import authentication, exceptions, permissions, throttling
 from rest_framework.request import Request
 
 from controlplane.errors import ApiError, problem
+from controlplane.metrics import STAFF_LOGINS
 from identity.dataplane import AuthFailed, AuthUnavailable, Principal, QuotaUnconfirmed, credential_cache
 
 if TYPE_CHECKING:  # DRF imports this module while rest_framework.views is still loading
@@ -140,12 +141,18 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
                 return user, None
         retry_after, succeeded = cls.attempt(userid, f"verified:{userid}" if proven else None)
         if retry_after is not None:
+            STAFF_LOGINS.labels("basic", "throttled").inc()
             raise ApiError(429, "login_throttled", "Too many failed logins on this server; use an API key "
                            "with the admin scope, or retry later.", headers={"Retry-After": str(retry_after)})
         # The name's verified entry stays on a failure: a flood of wrong passwords for a script's own
         # user name must not log the script out (the entry matches only the password it verified).
-        user, auth = super().authenticate_credentials(userid, password, request)
+        try:
+            user, auth = super().authenticate_credentials(userid, password, request)
+        except exceptions.AuthenticationFailed:
+            STAFF_LOGINS.labels("basic", "failed").inc()
+            raise
         succeeded()
+        STAFF_LOGINS.labels("basic", "succeeded").inc()
         with cls._lock:
             if len(cls._verified) >= 1000:  # staff accounts are few; a flood of names must not grow it
                 cls._verified.clear()
@@ -222,14 +229,17 @@ def admin_login_throttled(login: Any) -> Any:
         device = _admin_device(request, username)
         retry_after, succeeded = StaffBasicAuthentication.attempt(username, f"device:{device}" if device else None)
         if retry_after is not None:
+            STAFF_LOGINS.labels("form", "throttled").inc()
             return problem(429, "login_throttled", "Too many failed logins on this server; retry later.",
                            headers={"Retry-After": str(retry_after)})
         response = login(request, extra_context)
         if response.status_code == 200:
+            STAFF_LOGINS.labels("form", "failed").inc()
             return response  # the form again: a failed login (it stays counted)
         succeeded()  # logged in, or no password checked
         user = getattr(request, "user", None)
         if user is not None and user.is_authenticated:
+            STAFF_LOGINS.labels("form", "succeeded").inc()
             response.set_cookie(
                 ADMIN_DEVICE_COOKIE,
                 signing.dumps({"u": user.get_username(), "d": os.urandom(12).hex(), "p": _password_mark(user)},

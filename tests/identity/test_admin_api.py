@@ -507,6 +507,29 @@ def test_a_password_reset_ends_the_device_cookies(monkeypatch):
     assert browser.post(login, {"username": "ops", "password": "a-new-password"}).status_code == 429
 
 
+def test_staff_logins_are_counted_for_the_guessing_alert(monkeypatch):
+    """StaffLoginGuessing (docker/prometheus/rules) reads resizer_staff_logins_total: every password check and every refusal
+    before one is counted, by where it came from and how it ended."""
+    from django.test import Client
+
+    from controlplane.metrics import STAFF_LOGINS
+
+    def count(via: str, outcome: str) -> float:
+        return STAFF_LOGINS.labels(via, outcome)._value.get()
+
+    _fresh_login_caps(monkeypatch, everyone=2, per_user=2)
+    User.objects.create_user("ops", password="right-password", is_staff=True)
+    before = {(v, o): count(v, o) for v in ("form", "basic") for o in ("succeeded", "failed", "throttled")}
+    browser = Client()
+    login = "/admin/login/?next=/admin/"
+    assert browser.post(login, {"username": "ops", "password": "right-password"}).status_code == 302
+    assert [Client().post(login, {"username": "root", "password": "guess"}).status_code for _ in range(3)] == [200, 200, 429]
+    assert Client().get("/v1/admin/customers", **_basic_with("ops", "guess")).status_code == 429
+    assert {k: count(*k) - v for k, v in before.items()} == {
+        ("form", "succeeded"): 1, ("form", "failed"): 2, ("form", "throttled"): 1,
+        ("basic", "succeeded"): 0, ("basic", "failed"): 0, ("basic", "throttled"): 1}
+
+
 def test_staff_passwords_are_checked():
     """createsuperuser took "password" for the account that runs the admin and the management API,
     whose login the load balancer serves publicly (found by the security review)."""
