@@ -211,6 +211,24 @@ def _admin_device(request: Any, username: str) -> str | None:
     return device["d"]
 
 
+def _login_throttled(request: Any, retry_after: int) -> Any:
+    """The form's 429: a page for a browser (an operator saw the problem document's JSON), the problem
+    document for anything else; the same code and sentence in both."""
+    from django.http import HttpResponse
+    from django.utils.html import escape
+
+    detail = "Too many failed logins on this server; retry later."
+    headers = {"Retry-After": str(retry_after)}
+    if "text/html" not in request.META.get("HTTP_ACCEPT", ""):
+        return problem(429, "login_throttled", detail, headers=headers)
+    page = (f"<!doctype html><html lang=\"en\"><title>Too many failed logins</title><h1>Too many failed logins</h1>"
+            f"<p>{escape(detail)} Wait {retry_after} s, then <a href=\"{escape(request.get_full_path())}\">try "
+            f"again</a>. (code <code>login_throttled</code>)</p></html>")
+    response = HttpResponse(page, status=429, content_type="text/html; charset=utf-8", headers=headers)
+    response._has_been_logged = True  # a refusal we chose, as problem() marks it
+    return response
+
+
 def admin_login_throttled(login: Any) -> Any:
     """Django admin's login view under the same caps of failed logins as Basic auth: the form checked
     every password it was sent (a million-round PBKDF2 each, a guessing oracle and a third of a
@@ -230,8 +248,7 @@ def admin_login_throttled(login: Any) -> Any:
         retry_after, succeeded = StaffBasicAuthentication.attempt(username, f"device:{device}" if device else None)
         if retry_after is not None:
             STAFF_LOGINS.labels("form", "throttled").inc()
-            return problem(429, "login_throttled", "Too many failed logins on this server; retry later.",
-                           headers={"Retry-After": str(retry_after)})
+            return _login_throttled(request, retry_after)
         response = login(request, extra_context)
         if response.status_code == 200:
             STAFF_LOGINS.labels("form", "failed").inc()
