@@ -13,10 +13,12 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 _django = get_wsgi_application()
 
 from django.conf import settings  # noqa: E402  (after Django is set up)
+from django.http.cookie import parse_cookie  # noqa: E402
 
 from controlplane.errors import ApiError, problem  # noqa: E402
 from controlplane.middleware import request_id_for  # noqa: E402
 from controlplane.parsing import below_least_rate, read_other_body  # noqa: E402
+from identity.dataplane import AuthFailed, AuthUnavailable, credential_cache  # noqa: E402
 
 # The resize view reads its own body, streamed and bounded (controlplane/parsing.py read_upload).
 _STREAMED_BODIES = frozenset({"/v1/resize"})
@@ -26,12 +28,15 @@ _WRITE_CHUNK = 256 * 1024
 def application(environ: dict[str, Any], start_response: Any) -> Any:
     try:
         if environ.get("PATH_INFO") not in _STREAMED_BODIES:
-            if _body_without_credentials(environ):
-                # Every /v1/ endpoint that takes a body wants credentials; without any, its body is not
-                # waited for: read first, a keyless body trickled at the least rate held a thread for up
-                # to OTHER_BODY_TIMEOUT_SECONDS (30 s), and such requests reach no customer's thread count.
-                raise ApiError(401, "unauthorized", "Send an API key as `Authorization: Bearer <key>`.",
-                               headers={"WWW-Authenticate": 'Bearer realm="resizer"'})
+            refused = _body_without_credentials(environ)
+            if refused is not None:
+                # Every /v1/ endpoint that takes a body wants credentials; without valid ones its body is
+                # not waited for: read first, a keyless body trickled at the least rate held a thread for
+                # up to OTHER_BODY_TIMEOUT_SECONDS (30 s), and such requests reach no customer's thread
+                # count. Nor is it drained after the answer (gunicorn would, in this thread, for up to
+                # 5 s): the connection's read side is shut, and gunicorn closes it.
+                _stop_reading(environ)
+                raise refused
             # Any body but a resize's (which the view streams, bounded) is read here, within the body
             # bounds: a login form trickled a byte every 20 s (a CSRF check reads the form before any
             # authentication) held a thread each, and 16 of them took a node out of the load balancer.
@@ -60,13 +65,43 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
     return _PacedBody(body, sock)
 
 
-def _body_without_credentials(environ: dict[str, Any]) -> bool:
-    """A request to the API (/v1/) with a body and neither an Authorization header (a key, or staff's
-    Basic) nor the admin's session cookie (the management API also takes the admin's session)."""
+_PUBLIC_PATHS = frozenset({"/v1/openapi.json", "/v1/docs"})  # /v1/ paths that need no credentials
+_UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="resizer"'}
+
+
+def _body_without_credentials(environ: dict[str, Any]) -> ApiError | None:
+    """The 401 for a request to the API (/v1/, but its public documents) with a body and no credentials:
+    no Authorization header and no admin session cookie, or a Bearer key the process's snapshot does not
+    know (checked from memory, as the view will). A Basic header (its password costs a PBKDF2, under the
+    login caps) and a session cookie are not checked here: their bodies are read as before."""
     has_body = environ.get("CONTENT_LENGTH", "") not in ("", "0") or "chunked" in environ.get(
         "HTTP_TRANSFER_ENCODING", "").lower()
-    return (has_body and environ.get("PATH_INFO", "").startswith("/v1/") and not environ.get("HTTP_AUTHORIZATION")
-            and f"{settings.SESSION_COOKIE_NAME}=" not in environ.get("HTTP_COOKIE", ""))
+    path = environ.get("PATH_INFO", "")
+    if not has_body or not path.startswith("/v1/") or path in _PUBLIC_PATHS:
+        return None
+    scheme, _, key = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        try:
+            credential_cache().authenticate(key.strip())
+        except AuthFailed as e:
+            if e.code != "customer_suspended":  # a suspended customer's 403 is the view's to give
+                return ApiError(401, "unauthorized", e.detail, headers=_UNAUTHORIZED_HEADERS)
+        except AuthUnavailable:
+            pass  # the view answers 503 auth_unavailable
+        return None
+    if scheme or settings.SESSION_COOKIE_NAME in parse_cookie(environ.get("HTTP_COOKIE", "")):
+        return None
+    return ApiError(401, "unauthorized", "Send an API key as `Authorization: Bearer <key>`.",
+                    headers=_UNAUTHORIZED_HEADERS)
+
+
+def _stop_reading(environ: dict[str, Any]) -> None:
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
 
 def _answer(response: Any, environ: dict[str, Any], start_response: Any) -> list[bytes]:

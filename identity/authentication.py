@@ -218,7 +218,7 @@ def _login_throttled(request: Any, retry_after: int) -> Any:
     from django.utils.html import escape
 
     detail = "Too many failed logins on this server; retry later."
-    headers = {"Retry-After": str(retry_after)}
+    headers = {"Retry-After": str(retry_after), "Vary": "Accept"}
     if "text/html" not in request.META.get("HTTP_ACCEPT", ""):
         return problem(429, "login_throttled", detail, headers=headers)
     page = (f"<!doctype html><html lang=\"en\"><title>Too many failed logins</title><h1>Too many failed logins</h1>"

@@ -362,6 +362,7 @@ def test_failed_admin_form_logins_are_capped_with_basic_ones(client, monkeypatch
     page = client.post("/admin/login/?next=/admin/", {"username": "ops", "password": "right-password"},
                        HTTP_ACCEPT="text/html,application/xhtml+xml,*/*;q=0.8")
     assert page.status_code == 429 and page["Content-Type"].startswith("text/html") and page["Retry-After"]
+    assert page["Vary"] == throttled["Vary"] == "Accept"
     assert b"login_throttled" in page.content and b"Too many failed logins" in page.content
     # One budget: Basic logins wait too.
     basic = client.get("/v1/admin/customers", HTTP_AUTHORIZATION="Basic " + base64.b64encode(b"ops:x").decode())
