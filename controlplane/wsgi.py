@@ -18,6 +18,7 @@ from django.http.cookie import parse_cookie  # noqa: E402
 from controlplane.errors import ApiError, problem  # noqa: E402
 from controlplane.middleware import request_id_for  # noqa: E402
 from controlplane.parsing import below_least_rate, read_other_body  # noqa: E402
+from identity.authentication import BEARER_CHALLENGE, SEND_A_KEY  # noqa: E402
 from identity.dataplane import AuthFailed, AuthUnavailable, credential_cache  # noqa: E402
 
 # The resize view reads its own body, streamed and bounded (controlplane/parsing.py read_upload).
@@ -35,7 +36,7 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
                 # up to OTHER_BODY_TIMEOUT_SECONDS (30 s), and such requests reach no customer's thread
                 # count. Nor is it drained after the answer (gunicorn would, in this thread, for up to
                 # 5 s): the connection's read side is shut, and gunicorn closes it.
-                _stop_reading(environ)
+                _shut(environ.get("gunicorn.socket"), socket.SHUT_RD)
                 raise refused
             # Any body but a resize's (which the view streams, bounded) is read here, within the body
             # bounds: a login form trickled a byte every 20 s (a CSRF check reads the form before any
@@ -66,7 +67,7 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
 
 
 _PUBLIC_PATHS = frozenset({"/v1/openapi.json", "/v1/docs"})  # /v1/ paths that need no credentials
-_UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="resizer"'}
+_UNAUTHORIZED_HEADERS = {"WWW-Authenticate": BEARER_CHALLENGE}  # as the views' 401s
 
 
 def _body_without_credentials(environ: dict[str, Any]) -> ApiError | None:
@@ -91,15 +92,14 @@ def _body_without_credentials(environ: dict[str, Any]) -> ApiError | None:
         return None
     if scheme or settings.SESSION_COOKIE_NAME in parse_cookie(environ.get("HTTP_COOKIE", "")):
         return None
-    return ApiError(401, "unauthorized", "Send an API key as `Authorization: Bearer <key>`.",
-                    headers=_UNAUTHORIZED_HEADERS)
+    return ApiError(401, "unauthorized", SEND_A_KEY, headers=_UNAUTHORIZED_HEADERS)
 
 
-def _stop_reading(environ: dict[str, Any]) -> None:
-    sock = environ.get("gunicorn.socket")
+def _shut(sock: socket.socket | None, how: int) -> None:
+    """Shut the connection's reading (SHUT_RD) or both ways under gunicorn, which then closes it."""
     if sock is not None:
         try:
-            sock.shutdown(socket.SHUT_RD)
+            sock.shutdown(how)
         except OSError:
             pass
 
@@ -145,10 +145,7 @@ class _PacedBody:
 
     def _cut(self) -> None:
         """Close the connection under gunicorn: its next write fails as a client that went away."""
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        _shut(self._sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)

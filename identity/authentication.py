@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # DRF imports this module while rest_framework.views is still
     from rest_framework.views import APIView
 
 
+BEARER_CHALLENGE = 'Bearer realm="resizer"'  # WWW-Authenticate of every 401
+SEND_A_KEY = "Send an API key as `Authorization: Bearer <key>`."  # the 401 without credentials
+
+
 class ApiKeyAuthentication(authentication.BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[Principal, None] | None:
         header = request.META.get("HTTP_AUTHORIZATION", "")
@@ -47,7 +51,7 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
                            headers={"Retry-After": "5"}) from e
 
     def authenticate_header(self, request: Request) -> str:
-        return 'Bearer realm="resizer"'
+        return BEARER_CHALLENGE
 
 
 class LoginFailures:
@@ -276,7 +280,7 @@ class HasScope(permissions.BasePermission):
     def has_permission(self, request: Request, view: APIView) -> bool:
         user = request.user
         if user is None or not getattr(user, "is_authenticated", False):
-            raise exceptions.NotAuthenticated("Send an API key as `Authorization: Bearer <key>`.")
+            raise exceptions.NotAuthenticated(SEND_A_KEY)
         scope = getattr(view, "required_scope", None)
         if scope is None:
             return True

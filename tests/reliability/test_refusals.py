@@ -24,17 +24,23 @@ def _exchange(port: int, request: bytes, timeout: float) -> bytes:
     """Send `request` and keep the connection open; return what the server answers (headers and body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
-        reply = b""
-        try:
-            while chunk := s.recv(65536):
-                reply += chunk
-                head, _, body = reply.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), None)
-                if length is not None and len(body) >= length:
-                    break
-        except socket.timeout:
-            pass
+        return _read_answer(s)
+
+
+def _read_answer(s: socket.socket) -> bytes:
+    """One answer (headers and a Content-Length body), or what came before the connection closed or
+    went quiet past the socket's timeout."""
+    reply = b""
+    try:
+        while chunk := s.recv(65536):
+            reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), None)
+            if length is not None and len(body) >= length:
+                break
+    except socket.timeout:
+        pass
     return reply
 
 
@@ -88,19 +94,6 @@ def test_the_public_documents_keep_their_answers_to_a_keyless_body(server):
                b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
     reply = _exchange(server, request, timeout=20)
     assert reply.startswith(b"HTTP/1.1 405"), reply[:200]
-
-
-def _read_answer(s: socket.socket) -> bytes:
-    """One answer (headers and a Content-Length body), or what came before the connection closed."""
-    reply = b""
-    while chunk := s.recv(65536):
-        reply += chunk
-        head, _, body = reply.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), None)
-        if length is not None and len(body) >= length:
-            break
-    return reply
 
 
 def test_a_content_type_django_cannot_parse_is_400_problem_json(server):
