@@ -171,6 +171,23 @@ def stream_past_limit(base: str, key: str) -> int:
     return sent
 
 
+def read_answer(s: socket.socket) -> bytes:
+    """One HTTP answer from a raw socket (headers and a Content-Length body, which may come in several
+    reads), or what came before the connection closed or went quiet past the socket's timeout."""
+    reply = b""
+    try:
+        while chunk := s.recv(65536):
+            reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), None)
+            if length is not None and len(body) >= length:
+                break
+    except socket.timeout:
+        pass
+    return reply
+
+
 def wait_authenticated(base: str, key: str, timeout: float = 15.0) -> None:
     """Until every process of the server knows the key (the data plane follows the feed each second).
     Each probe on a new connection: on one kept alive, every probe reached the same gunicorn process,

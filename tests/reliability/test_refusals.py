@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from tests.conftest import make_image
-from tests.processes import api_server
+from tests.processes import api_server, read_answer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -24,24 +24,7 @@ def _exchange(port: int, request: bytes, timeout: float) -> bytes:
     """Send `request` and keep the connection open; return what the server answers (headers and body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
-        return _read_answer(s)
-
-
-def _read_answer(s: socket.socket) -> bytes:
-    """One answer (headers and a Content-Length body), or what came before the connection closed or
-    went quiet past the socket's timeout."""
-    reply = b""
-    try:
-        while chunk := s.recv(65536):
-            reply += chunk
-            head, _, body = reply.partition(b"\r\n\r\n")
-            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), None)
-            if length is not None and len(body) >= length:
-                break
-    except socket.timeout:
-        pass
-    return reply
+        return read_answer(s)
 
 
 def test_a_refused_request_trickling_its_body_is_answered_without_waiting_for_it(server):
@@ -65,14 +48,14 @@ def test_a_keyless_body_to_the_management_api_is_answered_without_waiting_for_it
     head = b"POST /v1/admin/customers HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     with socket.create_connection(("127.0.0.1", server), timeout=20) as s:
         s.sendall(head + b"Content-Length: 1000\r\n\r\n" + b'{"name": ')  # 9 of the 1,000 bytes
-        reply = _read_answer(s)
+        reply = read_answer(s)
         assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
         answer_head, _, body = reply.partition(b"\r\n\r\n")
         assert json.loads(body)["code"] == "unauthorized"
         assert b'www-authenticate: bearer realm="resizer"' in answer_head.lower()
         try:
             s.sendall(b"x" * 991 + b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            rest = _read_answer(s)
+            rest = read_answer(s)
         except (ConnectionResetError, BrokenPipeError):
             rest = b""
         assert not rest.startswith(b"HTTP/1.1 200"), rest[:200]
