@@ -154,6 +154,9 @@ class CredentialCache:
         # (time.monotonic() counts from boot: within 5 minutes of one, 0.0 read as "reloaded just now").
         self._last_full = float("-inf")
         self._feed_read_at: datetime | None = None  # the database's clock at the last successful feed read
+        # The stamp of the feed row _last_change_id, as read from Postgres (None: not read, e.g. from the
+        # file). A restored database gives that id out again, to a row with another stamp.
+        self._last_change_stamp: datetime | None = None
         # Held by each sync round and by close(): a round in progress ends before the process says goodbye.
         self._round_lock = threading.Lock()
         self._closed = False
@@ -306,6 +309,7 @@ class CredentialCache:
         with connection.cursor() as cursor:
             cursor.execute("SELECT coalesce(max(id), 0), now() FROM identity_change")
             version, read_at = cursor.fetchone()
+            stamp = _stamp_of(cursor, version)
             cursor.execute(_CREDENTIALS_SQL)
             by_prefix = dict(_credential(row) for row in cursor.fetchall())
         prefixes_of: dict[str, set[str]] = {}
@@ -314,6 +318,7 @@ class CredentialCache:
         with self._lock:
             self._by_prefix, self._prefixes_of = by_prefix, prefixes_of
             self._last_change_id = self.version = version
+        self._last_change_stamp = stamp
         self._feed_read_at = read_at
 
     def _sync_changes(self) -> bool:
@@ -326,14 +331,20 @@ class CredentialCache:
         # skipped a change that committed late meanwhile (a revocation honoured until the next full
         # resync, up to 5 minutes on; found by review, 2026-11-22).
         with connection.cursor() as cursor:
-            cursor.execute("SELECT now(), coalesce(max(id), 0) FROM identity_change")
-            read_at, feed_max = cursor.fetchone()
-            if feed_max < self._last_change_id:
+            cursor.execute("SELECT now(), coalesce(max(id), 0), (SELECT created_at FROM identity_change WHERE id = %s)"
+                           " FROM identity_change", [self._last_change_id])
+            read_at, feed_max, stamp = cursor.fetchone()
+            went_back = feed_max < self._last_change_id
+            if went_back or (self._last_change_stamp is not None and stamp != self._last_change_stamp):
                 # The feed went back: the database was restored from a backup taken before changes this
                 # process applied. Ids below what it has read are given out again, and the look-back
                 # would see only the last 30 s of them: reload everything now, not at the next resync.
-                log.warning("identity change feed is at %s, behind this process's %s (a restored database?):"
-                            " reloading every credential", feed_max, self._last_change_id)
+                # Changes made since the restore may already have brought the head back to (or past)
+                # this process's id; the row at that id is then another one, with another stamp
+                # (until 2026-11-23 missed: the restored-away keys lived until the next full resync).
+                log.warning("identity change feed %s this process's %s (a restored database?):"
+                            " reloading every credential", f"is at {feed_max}, behind" if went_back
+                            else "has another row at", self._last_change_id)
                 return False
             cursor.execute(
                 "SELECT customer_id, max(id) FROM identity_change"
@@ -347,6 +358,9 @@ class CredentialCache:
             customers = [row[0] for row in changed]
             cursor.execute(_CREDENTIALS_SQL + " AND k.customer_id = ANY(%s)", [customers])
             fresh = [_credential(row) for row in cursor.fetchall()]
+            last = max(self._last_change_id, *(row[1] for row in changed))
+            if last != self._last_change_id:
+                stamp = _stamp_of(cursor, last)
         # Built outside the lock (this thread is the only one that replaces the maps; requests read
         # the old map until the swap): the copy is O(all keys), and the lock is the one admit() and
         # charge_quota() take on every request: with 100k keys it was milliseconds a second, for the
@@ -361,7 +375,8 @@ class CredentialCache:
             self._prefixes_of.setdefault(credential.customer_id, set()).add(prefix)
         with self._lock:
             self._by_prefix = by_prefix
-            self._last_change_id = self.version = max(self._last_change_id, *(row[1] for row in changed))
+            self._last_change_id = self.version = last
+        self._last_change_stamp = stamp
         self._feed_read_at = read_at
         if before != dict(fresh):
             # A revocation, suspension or new key reaches the file too (not only at the next full
@@ -451,7 +466,9 @@ class CredentialCache:
             # A process that starts from this file (Postgres away) shares rates and quotas as this one did.
             shares = {"processes": self.processes, "quota_month": self._quota_month.isoformat(),
                       "quota_used": dict(self._quota_used)}
-        document = {"synced_at": self.synced_at or time.time(), "version": self.version, "database": _database_identity(),
+        stamp = self._last_change_stamp.isoformat() if self._last_change_stamp else None
+        document = {"synced_at": self.synced_at or time.time(), "version": self.version, "stamp": stamp,
+                    "database": _database_identity(),
                     **shares, "credentials": {p: asdict(c) for p, c in self._by_prefix.items()}}
         tmp = self.snapshot_path.with_suffix(f".tmp{os.getpid()}")
         try:
@@ -465,8 +482,8 @@ class CredentialCache:
             # outside the lock, a newer file written between the check and the rename was replaced.
             with open(self.snapshot_path.with_suffix(".lock"), "a") as lock:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-                on_file = _file_version(self.snapshot_path)
-                if on_file > self.version and not _feed_behind(on_file):
+                on_file, on_file_stamp = _file_version(self.snapshot_path)
+                if on_file > self.version and not _from_a_lost_future(on_file, on_file_stamp):
                     tmp.unlink()
                     return
                 os.replace(tmp, self.snapshot_path)
@@ -496,24 +513,37 @@ class CredentialCache:
         self.processes, self._quota_used = processes, quota_used
 
 
-def _file_version(path: Path) -> int:
-    """The change-feed version of the snapshot file at `path` (of this database), 0 if none or unreadable."""
+def _stamp_of(cursor: Any, change_id: int) -> datetime | None:
+    """The stamp of the change feed's row `change_id` (None if there is no such row)."""
+    cursor.execute("SELECT created_at FROM identity_change WHERE id = %s", [change_id])
+    row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def _file_version(path: Path) -> tuple[int, str | None]:
+    """The change-feed version of the snapshot file at `path` (of this database) and the stamp of the
+    feed's row of that id (None if the file has none); 0 if there is no file or it is unreadable."""
     try:
         document = json.loads(path.read_text())
-        return int(document["version"]) if document.get("database") == _database_identity() else 0
+        if document.get("database") != _database_identity():
+            return 0, None
+        return int(document["version"]), document.get("stamp")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 0
+        return 0, None
 
 
-def _feed_behind(version: int) -> bool:
-    """Whether the change feed has not reached `version`: a file of that version is then from a future
-    the database no longer has (it was restored from a backup taken before it), not another process's
-    newer read, and kept it would bring back keys and revocations the restore undid for any process
-    started from it in an outage. False if the database cannot be asked (the file is kept)."""
+def _from_a_lost_future(version: int, stamp: str | None) -> bool:
+    """Whether a file of feed `version` is from a future the database no longer has (it was restored
+    from a backup taken before it), not another process's newer read: the feed has not reached
+    `version`, or its row `version` is another one than the file's (changes made since the restore have
+    given the id out again). Kept, such a file would bring back keys and revocations the restore undid
+    for any process started from it in an outage. False if the database cannot be asked (the file is kept)."""
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT coalesce(max(id), 0) FROM identity_change")
-            return cursor.fetchone()[0] < version
+            if cursor.fetchone()[0] < version:
+                return True
+            return stamp is not None and _stamp_of(cursor, version) != datetime.fromisoformat(stamp)
     except Exception as e:  # noqa: BLE001 - keeping the file is the safe side
         log.warning("identity snapshot: could not read the change feed's head (%s: %s)", type(e).__name__, e)
         return False

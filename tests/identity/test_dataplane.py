@@ -461,3 +461,34 @@ def test_a_running_process_reloads_when_the_change_feed_goes_back(tmp_path):
     _assert_refused(running, lost_key)
     started_in_outage = _cache(tmp_path, "restored.json")  # the file followed
     _assert_refused(started_in_outage, lost_key)
+
+
+def test_a_running_process_reloads_when_changes_after_a_restore_reuse_its_feed_id(tmp_path):
+    """After the restore, another customer's change took the feed id the process had read last, before
+    the process's next round: the head was back at the process's id, not behind it, the round re-read
+    only that customer, and the restored-away key worked until the next full resync (up to 5 minutes).
+    The row at the process's id now has another stamp, which reloads everything."""
+    kept_key, lost_key, running = _restore_to_before_a_new_key(tmp_path)
+    customer_create(name="after the restore")  # its feed row takes the lost key's id
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT max(id) FROM identity_change")
+        assert cursor.fetchone()[0] == running.version
+    running.sync(full=False)
+    running.authenticate(kept_key)
+    _assert_refused(running, lost_key)
+
+
+def test_a_snapshot_file_from_before_a_restore_is_replaced_after_its_feed_id_is_reused(tmp_path):
+    """The file was written before the restore, at the lost key's feed id; a change since took that id
+    again, so the feed was no longer behind the file, and a process that had read less than the file
+    kept it (it counted as another process's newer read): a process started in an outage took the
+    restored-away key. The stamp of the file's feed row tells the two apart."""
+    kept_key, lost_key, _ = _restore_to_before_a_new_key(tmp_path)
+    restarted = _cache(tmp_path, "elsewhere.json")
+    restarted.sync(full=True)  # it read the restored feed before the next change
+    customer_create(name="after the restore")  # its feed row takes the id of the file's version
+    restarted.snapshot_path = tmp_path / "restored.json"
+    restarted._save_file()
+    started_in_outage = _cache(tmp_path, "restored.json")
+    started_in_outage.authenticate(kept_key)
+    _assert_refused(started_in_outage, lost_key)
