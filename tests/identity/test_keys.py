@@ -144,6 +144,31 @@ def test_create_customer_command_prints_a_working_key_last(credentials):
     assert Customer.objects.get(pk=principal.customer_id).name == "Command Co"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_create_customer_with_a_key_file_prints_the_kept_key_while_it_works(credentials, tmp_path):
+    """`make run` printed a new demo key on every run, and the keys piled up on the demo customer; with
+    --key-file the key is kept (mode 0600) and printed again, until it stops working (revoked here)."""
+    key_file = tmp_path / "var" / "demo-key"
+
+    def run() -> str:
+        out = subprocess.run(
+            [sys.executable, "manage.py", "create_customer", "Kept Co", "--reuse", "--key-file", str(key_file)],
+            cwd=ROOT, capture_output=True, text=True, check=True, env=_env_for_test_database()).stdout
+        return out.strip().splitlines()[-1]
+
+    first = run()
+    assert key_file.read_text().strip() == first and key_file.stat().st_mode & 0o777 == 0o600
+    assert run() == first
+    customer = Customer.objects.get(name="Kept Co")
+    assert customer.api_keys.count() == 1
+    api_key_revoke(api_key=customer.api_keys.get(), actor="test")
+    second = run()
+    assert second != first and key_file.read_text().strip() == second
+    assert customer.api_keys.filter(revoked_at__isnull=True).count() == 1
+    credentials.sync(full=True)
+    assert credentials.authenticate(second).customer_id == str(customer.pk)
+
+
 def _env_for_test_database() -> dict[str, str]:
     """The subprocess must write to the test database this test reads."""
     import os
