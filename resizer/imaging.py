@@ -62,8 +62,10 @@ _LOSSY = ("jpeg", "webp", "avif")
 _ALPHA_OUTPUTS = ("png", "webp", "avif", "gif")
 _ANIMATED_OUTPUTS = ("gif", "webp", "png")  # png: APNG
 _ANIMATED_INPUTS = ("gif", "webp", "png", "avif")
-# Largest side each encoder accepts (libjpeg 65500, libwebp 16383, GIF's 16-bit fields).
-_ENCODER_MAX_SIDE = {"jpeg": 65_500, "webp": 16_383, "gif": 65_535, "avif": 65_536, "png": 2**31 - 1}
+# Largest side each format can carry (libjpeg 65500, libwebp 16383, GIF's 16-bit fields). AVIF's is
+# the decoders' (libavif's default dimension limit, 32768; Pillow and browsers use libavif or alike),
+# not the encoder's: at 65536 the engine made 10x40000 AVIFs that nothing, itself included, could open.
+_ENCODER_MAX_SIDE = {"jpeg": 65_500, "webp": 16_383, "gif": 65_535, "avif": 32_768, "png": 2**31 - 1}
 
 # Pillow plugin ids we allow, and our names for them. Everything else (EPS and PDF shell out to
 # Ghostscript; SVG, PSD, ICO, FITS, ... are attack surface we do not need) is never tried.
@@ -1031,7 +1033,7 @@ def _output_refusal(layout: _Layout, count: int, fmt: str, limits: Limits) -> st
         return (f"output would be {width}x{height}" + (f" x {count} frames" if count > 1 else "")
                 + f"; the limit is {limits.max_output_pixels} pixels")
     if max(width, height) > _ENCODER_MAX_SIDE[fmt]:
-        return f"{fmt} images can be at most {_ENCODER_MAX_SIDE[fmt]} pixels on a side"
+        return f"{'WebP' if fmt == 'webp' else fmt.upper()} images can be at most {_ENCODER_MAX_SIDE[fmt]} pixels on a side"
     return None
 
 

@@ -236,6 +236,9 @@ def test_sliver_images():
         resize(tall, Params(width=100, enlarge=True))
     with pytest.raises(OutputTooLarge):  # WebP cannot hold 20000 pixels on a side
         resize(tall, Params(width=100, format="webp"))
+    with pytest.raises(OutputTooLarge, match="AVIF images can be at most 32768 pixels"):
+        # 10 x 40000: libavif encoded it, and no decoder (libavif's limit is 32768) could open it
+        resize(encode(Image.new("RGB", (1, 4000), (9, 9, 9)), "PNG"), Params(width=10, enlarge=True, format="avif"))
     wide = encode(Image.new("RGB", (20000, 1), (9, 9, 9)), "PNG")
     result = resize(wide, Params(width=100))
     assert (result.output.width, result.output.height) == (100, 1)
