@@ -747,16 +747,40 @@ def _to_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
 
 
 def _build_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from the profile to sRGB; None for an unusable profile (ignored, like sharp) and
+    for one that leaves the pixels as they are (an sRGB profile: the transform would be work for nothing)."""
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if mode != "CMYK" and ImageCms.getProfileDescription(profile).strip().lower().startswith("srgb"):
-            return None
         # NOCACHE: lcms' one-pixel cache is not safe when worker threads share a cached transform.
-        return ImageCms.buildTransform(
+        transform = ImageCms.buildTransform(
             profile, _SRGB, mode, "RGBA" if mode == "RGBA" else "RGB", flags=ImageCms.Flags.NOCACHE,
         )
+        if mode != "CMYK" and _leaves_pixels_alone(transform, mode):
+            return None
+        return transform
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None  # like sharp: an unusable embedded profile is ignored, not fatal
+
+
+# A colour cube (6 levels a channel) and every grey: what a transform does to them tells an sRGB
+# profile from another. Judged by its name (any description starting "sRGB"), a linear-light profile
+# with sRGB's primaries ("sRGB-elle-V2-g10.icc") was skipped, and its image came out far too dark
+# (found by an engine review, 2026-11-23).
+_PROBE_RGB = Image.new("RGB", (216 + 256, 1))
+_PROBE_RGB.putdata([(r * 51, g * 51, b * 51) for r in range(6) for g in range(6) for b in range(6)]
+                   + [(v, v, v) for v in range(256)])
+_PROBE_L = _PROBE_RGB.crop((216, 0, 216 + 256, 1)).convert("L")
+
+
+def _leaves_pixels_alone(transform: ImageCms.ImageCmsTransform, mode: str) -> bool:
+    """Whether the transform moves no probe colour by more than one level (lcms' rounding on a real sRGB
+    profile: 1 at most, measured on "sRGB IEC61966-2.1")."""
+    probe = _PROBE_L if mode == "L" else _PROBE_RGB.convert(mode)
+    out = ImageCms.applyTransform(probe, transform)
+    if out is None:
+        return False
+    diff = ImageChops.difference(out.convert("RGB"), probe.convert("RGB")).getextrema()
+    return max(high for _, high in diff) <= 1
 
 
 def _srgb(im: Image.Image, icc: bytes | None) -> Image.Image:

@@ -582,24 +582,44 @@ def test_an_orientation_in_xmp_only_is_not_applied(fmt):
     assert decode(resize(both, Params(width=40, format="png")).data).size == (40, 80)
 
 
-def _grey_profile(gamma: float) -> bytes:
-    """A minimal ICC v2 monitor profile in GRAY space (white point D50, one gamma curve)."""
+def _icc_profile(space: bytes, description: str, gamma: float) -> bytes:
+    """A minimal ICC v2 monitor profile (white point D50, one gamma curve a channel): GRAY, or RGB with
+    sRGB's primaries (adapted to D50)."""
     def xyz(x: float, y: float, z: float) -> bytes:
         return b"XYZ \0\0\0\0" + b"".join(struct.pack(">i", round(v * 65536)) for v in (x, y, z))
 
-    text = b"Grey gamma test\0"
+    text = description.encode() + b"\0"
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
     tags = [(b"desc", b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 79),
-            (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
-            (b"kTRC", b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0")]
+            (b"wtpt", xyz(0.9642, 1.0, 0.8249))]
+    if space == b"GRAY":
+        tags.append((b"kTRC", curve))
+    else:
+        tags += [(b"rXYZ", xyz(0.4361, 0.2225, 0.0139)), (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)),
+                 (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)), (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
     offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
     for signature, body in tags:
         data += b"\0" * (-(offset + len(data)) % 4)
         table += signature + struct.pack(">II", offset + len(data), len(body))
         data += body
     body = struct.pack(">I", len(tags)) + table + data
-    header = (struct.pack(">I", 128 + len(body)) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntrGRAYXYZ "
-              + b"\0" * 12 + b"acsp" + b"\0" * 24 + struct.pack(">Iiii", 0, 63190, 65536, 54061) + b"\0" * 48)
+    header = (struct.pack(">I", 128 + len(body)) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntr" + space.ljust(4)
+              + b"XYZ " + b"\0" * 12 + b"acsp" + b"\0" * 24 + struct.pack(">Iiii", 0, 63190, 65536, 54061) + b"\0" * 48)
     return header + body
+
+
+def _grey_profile(gamma: float) -> bytes:
+    return _icc_profile(b"GRAY", "Grey gamma test", gamma)
+
+
+@pytest.mark.parametrize("description", ["sRGB-elle-V2-g10.icc", "Linear RGB, sRGB primaries"])
+def test_a_profile_is_judged_by_what_it_does_not_by_its_name(description):
+    """A linear-light profile with sRGB's primaries (Elle Stone's "sRGB-elle-V2-g10.icc" is a common
+    one): 50 in it is 122 in sRGB. Any profile whose description began "sRGB" was skipped as sRGB, and
+    its image came out far too dark (50)."""
+    linear = encode(Image.new("RGB", (40, 20), (50, 50, 50)), "PNG", icc_profile=_icc_profile(b"RGB", description, 1.0))
+    pixel = decode(resize(linear, Params(width=20, format="png")).data).getpixel((10, 5))
+    assert all(abs(v - 122) <= 2 for v in pixel)
 
 
 @pytest.mark.parametrize("fmt,mode", [("JPEG", "L"), ("PNG", "L"), ("PNG", "LA")])
