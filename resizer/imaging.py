@@ -1114,6 +1114,7 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
         position: tuple[float, float] | None = None
         icc: Any = None
         loop: Any = None
+        plain_cmyk = False
         decoded = 0
         # An APNG's default image (IDAT without an fcTL) is the still fallback, not an animation frame.
         start = 1 if animate and facts.format == "png" and im.info.get("default_image") else 0
@@ -1133,6 +1134,9 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
                 _png_grey_transparency(im, data)
             if index == start:
                 icc, loop = im.info.get("icc_profile"), im.info.get("loop")
+                # Pillow reads every CMYK JPEG as Adobe's inverted CMYK; only files with Adobe's APP14
+                # marker are (libvips, hence sharp, inverts just those). Without it red came out black.
+                plain_cmyk = im.mode == "CMYK" and facts.format == "jpeg" and "adobe" not in im.info
             durations.append(int(im.info.get("duration") or 0))
             frame = _working_mode(im)
             if frame is im and animate:
@@ -1155,7 +1159,10 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
                                 else _GRAVITY_XY[params.gravity])
                 x0, y0 = valid[0] + position[0] * slack[0], valid[1] + position[1] * slack[1]
                 box = (x0, y0, x0 + window[0], y0 + window[1])
-            frame = _srgb(_resample(frame, layout.size, box, draft > 1), icc if isinstance(icc, bytes) else None)
+            frame = _resample(frame, layout.size, box, draft > 1)
+            if plain_cmyk:  # after the resample, which commutes with it: on the fewest pixels
+                frame = ImageChops.invert(frame)
+            frame = _srgb(frame, icc if isinstance(icc, bytes) else None)
             frames.append(_finish(frame, layout, fmt, background))
         if animate:
             # One mode for every frame; RGBA only if some frame really is transparent somewhere.

@@ -673,6 +673,20 @@ def test_cmyk_jpeg_comes_out_in_the_right_colours():
     assert not close(mean(ImageChops.invert(out)), mean(expected), 4)
 
 
+def test_a_cmyk_jpeg_without_adobe_s_marker_is_not_read_as_inverted():
+    """Pillow reads every CMYK JPEG as Adobe's inverted CMYK; a file without Adobe's APP14 marker holds
+    plain CMYK (libvips, hence sharp, inverts only files with the marker). Red ink came out black."""
+    red_ink = Image.new("CMYK", (64, 48), (0, 255, 255, 0))
+    adobe = encode(red_ink, "JPEG", quality=95)  # Pillow writes inverted values and the marker
+    assert "adobe" in decode(adobe).info
+    inverted = encode(ImageChops.invert(red_ink), "JPEG", quality=95)
+    at = inverted.index(b"\xff\xee")
+    plain = inverted[:at] + inverted[at + 2 + struct.unpack(">H", inverted[at + 2:at + 4])[0]:]
+    for data in (adobe, plain):
+        pixel = decode(resize(data, Params(width=32, format="png")).data).getpixel((16, 12))
+        assert pixel[0] > 230 and pixel[1] < 30 and pixel[2] < 30, pixel
+
+
 def test_a_dark_16_bit_png_stays_dark():
     """All samples <= 255 of 65535: near black. Guessing the depth from the brightest sample made it
     white (255 -> 255, while 256 -> 1)."""
