@@ -1314,3 +1314,34 @@ def test_junk_between_jpeg_segments_is_refused_before_pillow_walks_it(junk, time
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "_open", walk)
     with pytest.raises(CorruptImage):
         probe(_jpeg_with_junk(junk * times))
+
+
+def _raw_png(im: Image.Image, *, interlace: bool = False, rows: int | None = None) -> bytes:
+    """An 8-bit RGB PNG of `im`, written here (Pillow writes no interlaced PNG): Adam7-interlaced if
+    asked, its image data cut after its first `rows` rows (of all passes; a complete zlib stream)."""
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    rgb = im.convert("RGB")
+    lines = []
+    for x0, y0, dx, dy in passes if interlace else ((0, 0, 1, 1),):
+        for y in range(y0, im.height, dy):
+            row = b"".join(bytes(rgb.getpixel((x, y))) for x in range(x0, im.width, dx))
+            lines += [b"\0" + row] if row else []
+    raw = b"".join(lines[:rows])
+    header = struct.pack(">IIBBBBB", im.width, im.height, 8, 2, 0, 0, int(interlace))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(raw))
+            + png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 2), (5, 9), (17, 13), (64, 48)])
+@pytest.mark.parametrize("interlace", [False, True])
+def test_a_png_whose_image_data_is_short_is_refused_and_a_whole_one_is_not(size, interlace):
+    """The zlib stream was complete but ended after half the rows, at a row's end: Pillow filled the
+    rest with black and the engine answered 200 with it (libpng, hence sharp, refuses such a file; a
+    stream cut inside a row Pillow did refuse). Interlaced files, whose passes are counted apart (some
+    empty at small sizes), must not be refused when whole."""
+    picture = Image.effect_noise(size, 60).convert("RGB")
+    whole = decode(resize(_raw_png(picture, interlace=interlace), Params(width=size[0], format="png")).data)
+    assert ImageChops.difference(whole.convert("RGB"), picture).getbbox() is None
+    if size != (1, 1):
+        with pytest.raises(CorruptImage):
+            resize(_raw_png(picture, interlace=interlace, rows=size[1] // 2), Params(width=size[0], format="png"))
