@@ -710,6 +710,33 @@ def _tiff_bits(im: Image.Image) -> int:
     return bits if isinstance(bits, int) and 9 <= bits <= 16 else 16
 
 
+def _gif_paint(im: Image.Image, painted: Image.Image | None) -> Image.Image | None:
+    """The mask of the GIF's screen its frames up to this one have painted (255), or None while they
+    have painted all of it. Browsers show a screen no frame has painted yet as transparent; Pillow
+    fills it with palette index 0 (its first frame had no transparent index), and a first frame
+    smaller than the screen came out on an opaque border (found by an engine review, 2026-11-23)."""
+    extent = getattr(im, "dispose_extent", None)
+    if extent is None or (painted is None and im.tell() != 0):
+        return painted  # None after the first frame: it painted all of the screen
+    if painted is None:
+        if extent[0] <= 0 and extent[1] <= 0 and extent[2] >= im.width and extent[3] >= im.height:
+            return None
+        painted = Image.new("L", im.size, 0)
+    elif painted.size != im.size:  # a frame grew the canvas
+        grown = Image.new("L", im.size, 0)
+        grown.paste(painted, (0, 0))
+        painted = grown
+    painted.paste(255, extent)
+    return None if _lowest(painted) == 255 else painted
+
+
+def _clear(frame: Image.Image, painted: Image.Image) -> Image.Image:
+    """The frame with what no frame has painted yet made transparent."""
+    frame = frame.convert("RGBA" if frame.mode in ("RGB", "RGBA") else "LA")
+    frame.putalpha(ImageChops.darker(frame.getchannel("A"), painted))
+    return frame
+
+
 def _working_mode(im: Image.Image) -> Image.Image:
     """A mode Pillow can resample properly: L, LA, RGB, RGBA or CMYK (palette resizes as nearest)."""
     mode = im.mode
@@ -1157,6 +1184,7 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
         icc: Any = None
         loop: Any = None
         plain_cmyk = False
+        unpainted: Image.Image | None = None  # a GIF's screen no frame has painted yet (255 = painted)
         decoded = 0
         # An APNG's default image (IDAT without an fcTL) is the still fallback, not an animation frame.
         start = 1 if animate and facts.format == "png" and im.info.get("default_image") else 0
@@ -1180,7 +1208,11 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
                 # marker are (libvips, hence sharp, inverts just those). Without it red came out black.
                 plain_cmyk = im.mode == "CMYK" and facts.format == "jpeg" and "adobe" not in im.info
             durations.append(int(im.info.get("duration") or 0))
+            if facts.format == "gif":
+                unpainted = _gif_paint(im, unpainted)
             frame = _working_mode(im)
+            if unpainted is not None:
+                frame = _clear(frame, unpainted)
             if frame is im and animate:
                 frame = im.copy()  # the next seek() overwrites im in place
             if frame.size != (math.ceil(facts.width / draft), math.ceil(facts.height / draft)):

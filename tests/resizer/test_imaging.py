@@ -1345,3 +1345,48 @@ def test_a_png_whose_image_data_is_short_is_refused_and_a_whole_one_is_not(size,
     if size != (1, 1):
         with pytest.raises(CorruptImage):
             resize(_raw_png(picture, interlace=interlace, rows=size[1] // 2), Params(width=size[0], format="png"))
+
+
+def _gif_of_patches(screen: tuple[int, int], patches: list[tuple[int, int, int]]) -> bytes:
+    """A GIF of a `screen`-sized logical screen whose frames are 20x20 patches of palette colour
+    `index` at (x, y), none with a transparent index (Pillow writes a first frame as big as the screen)."""
+    palette = [10, 10, 200, 220, 10, 10, 10, 220, 10, 250, 250, 250]  # blue, red, green, white
+    blocks = b""
+    for x, y, index in patches:
+        patch = Image.new("P", (20, 20), index)
+        patch.putpalette(palette + [0] * (768 - len(palette)))
+        written = encode(patch, "GIF", optimize=False)  # optimized, the patch's colour became index 0
+        at = 13 + (3 << ((written[10] & 7) + 1) if written[10] & 0x80 else 0)
+        while written[at] == 0x21:  # extensions: label, then sub-blocks
+            at += 2
+            while written[at]:
+                at += written[at] + 1
+            at += 1
+        image = bytearray(written[at:-1])
+        image[1:5] = struct.pack("<HH", x, y)
+        blocks += b"\x21\xf9\x04\x04\x0a\x00\x00\x00" + bytes(image)  # keep the frame (disposal 1), 0.1 s
+    width, height = screen
+    table = bytes(palette) + bytes(3 * 4)  # 8 entries
+    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0x82, 0, 0) + table
+            + b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00" + blocks + b";")
+
+
+def test_a_gif_screen_no_frame_has_painted_is_transparent():
+    """A first frame smaller than the logical screen, without a transparent index: browsers show the
+    rest of the screen transparent, Pillow filled it with palette index 0, and the engine made it an
+    opaque blue border. Later frames paint over it where they fall; the rest stays transparent."""
+    still = _gif_of_patches((60, 40), [(10, 10, 1)])
+    out = decode(resize(still, Params(width=60, format="png")).data).convert("RGBA")
+    assert out.getpixel((2, 2))[3] == 0 and out.getpixel((20, 20)) == (220, 10, 10, 255)
+    flat = decode(resize(still, Params(width=60, format="jpeg", background="ffffff")).data)
+    assert all(v > 240 for v in flat.getpixel((2, 2)))  # flattened on the background, not blue
+    moving = _gif_of_patches((60, 40), [(10, 10, 1), (35, 10, 2)])
+    animation = Image.open(io.BytesIO(resize(moving, Params(width=60, format="webp")).data))
+    assert animation.n_frames == 2
+    animation.seek(1)
+    second = animation.convert("RGBA")
+    assert second.getpixel((2, 2))[3] == 0 and second.getpixel((58, 38))[3] == 0
+    assert second.getpixel((20, 20))[:3] == pytest.approx((220, 10, 10), abs=12) and second.getpixel((20, 20))[3] == 255
+    assert second.getpixel((45, 20))[:3] == pytest.approx((10, 220, 10), abs=12) and second.getpixel((45, 20))[3] == 255
+    whole = encode(Image.new("P", (60, 40), 1), "GIF")  # a first frame the size of the screen: nothing cleared
+    assert decode(resize(whole, Params(width=60, format="png")).data).mode == "RGB"
