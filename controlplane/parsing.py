@@ -4,6 +4,7 @@ from __future__ import annotations
 import heapq
 import io
 import itertools
+import math
 import socket
 import threading
 import time
@@ -67,11 +68,14 @@ def accepted_formats(accept_header: str) -> tuple[str, ...]:
         quality = 1.0
         for option in options:
             name, _, value = option.partition("=")
-            if name.strip() == "q":
+            if name.strip().lower() == "q":  # parameter names are case-insensitive: Q=0 refuses too
+                # Read leniently, kept within 0..1; what is no number (garbage, nan: float() took
+                # "nan", which is not <= 0, so q=nan ranked first) is a refusal.
                 try:
                     quality = float(value)
                 except ValueError:
                     quality = 0.0
+                quality = min(1.0, quality) if math.isfinite(quality) or quality > 0 else 0.0
         kind, _, sub = media.lower().partition("/")
         if quality <= 0:
             if kind == "image" and sub in imaging.FORMATS:
