@@ -10,6 +10,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework.request import Request
 
 from controlplane.errors import ApiError
+from controlplane.parsing import single_values
 from controlplane.views import CustomerView
 from metering import selectors
 
@@ -73,7 +74,7 @@ class UsageView(CustomerView):
             description="problem+json: invalid_parameter, unknown_parameter or range_too_large")},
     )
     def get(self, request: Request) -> HttpResponse:
-        query = request.query_params
+        query = single_values(request.query_params)  # a repeated one is refused, not read as its last
         unknown = sorted(set(query) - set(_PARAMS))
         if unknown:
             raise ApiError(400, "unknown_parameter", f"Unknown parameter `{unknown[0]}`; use from, to and granularity.",

@@ -63,6 +63,8 @@ def test_another_customers_usage_is_not_visible(client, credentials, usage_of_tw
     ("granularity=hour&from=2026-01-01&to=2026-03-01", "range_too_large"),
     ("from=2020-01-01&to=2026-01-01", "range_too_large"),
     ("customer=someone-else", "unknown_parameter"),
+    ("from=garbage&from=2026-11-01", "invalid_parameter"),  # repeated: it was read as its last value
+    ("granularity=day&granularity=day", "invalid_parameter"),
 ])
 def test_bad_parameters_are_400_problems(api, query, code):
     response = api.get(f"/v1/usage?{query}")
