@@ -77,6 +77,7 @@ def _own_errors_as_problems() -> None:
     problem+json with a code. Its writer is replaced with one that is; gunicorn still picks the status
     and the sentence (what was wrong, as the client sent it, cut to 200 characters)."""
     import json
+    from http import HTTPStatus
 
     from gunicorn import util
 
@@ -87,7 +88,12 @@ def _own_errors_as_problems() -> None:
 
     def write_problem(sock, status_int, reason, mesg):  # type: ignore[no-untyped-def]
         code = EDGE_ERROR_CODES.get(status_int, "malformed_request" if 400 <= status_int < 500 else "internal_error")
-        detail = f"{reason}: {mesg[:200]}" if mesg else f"{reason}."
+        # The status's own phrase: gunicorn passes "Bad Request" with its 501 (the answer read "501 Bad Request").
+        try:
+            reason = HTTPStatus(status_int).phrase
+        except ValueError:
+            pass
+        detail = f"{mesg[:200].rstrip('.')}." if mesg else f"{reason}."
         body = json.dumps({"type": PROBLEM_TYPE_BASE + code, "title": reason,
                            "status": status_int, "detail": detail, "code": code}).encode()
         head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
