@@ -385,6 +385,10 @@ def _multipart_image(request: HttpRequest, body: list[bytes], limit: int) -> byt
     # Django's parser matches the media type case-sensitively; the boundary keeps its case.
     _, separator, options = content_type.partition(";")
     raw = body.pop()
+    boundary = _boundary(options)
+    # A body without its closing delimiter was cut short: Django drops the unterminated part in silence,
+    # and the answer said the field 'image' was missing. Looked for at the end (an epilogue is rare).
+    closed = boundary is None or b"--" + boundary + b"--" in raw[-(len(boundary) + 4096):]
     meta = {**request.META, "CONTENT_TYPE": f"multipart/form-data{separator}{options}",
             "CONTENT_LENGTH": str(len(raw))}
     stream = io.BytesIO(raw)  # shares raw's buffer (read only)
@@ -398,10 +402,13 @@ def _multipart_image(request: HttpRequest, body: list[bytes], limit: int) -> byt
         raise ApiError(413, "payload_too_large", "A form field of the multipart body is too large; send "
                        "only the file, in the field 'image'.") from e
     except (MultiPartParserError, SuspiciousMultipartForm, TooManyFieldsSent, TooManyFilesSent) as e:
-        raise ApiError(400, "malformed_multipart", f"The multipart body could not be parsed: {e}.") from e
+        raise ApiError(400, "malformed_multipart", _multipart_error(e)) from e
     finally:
         stream.close()  # the body's last reference
     upload = files.get("image")
+    if upload is None and not closed:
+        raise ApiError(400, "malformed_multipart", "The multipart body ends before its closing delimiter "
+                       "(--boundary--): it was cut short.")
     if upload is None:
         raise ApiError(400, "missing_image", "The multipart field 'image' holds text, not a file." if "image" in fields
                        else "The multipart body has no file in the field 'image'.")
@@ -419,6 +426,36 @@ def _multipart_image(request: HttpRequest, body: list[bytes], limit: int) -> byt
         return upload.read()
     finally:
         upload.close()
+
+
+def _boundary(options: str) -> bytes | None:
+    """The multipart boundary of a Content-Type's parameters, as bytes; None if there is none to read."""
+    from django.utils.http import parse_header_parameters
+
+    try:
+        value = parse_header_parameters(f"multipart/form-data{options and ';' + options}")[1].get("boundary")
+        return value.encode("latin-1") if value else None
+    except (ValueError, UnicodeEncodeError):
+        return None
+
+
+def _multipart_error(e: Exception) -> str:
+    """The sentence for a multipart body Django's parser refused: in the API's words. Its own messages
+    named Django settings, ended in "..", or misled (bare LF line endings read as "Request max total
+    header size exceeded")."""
+    if isinstance(e, TooManyFieldsSent):
+        return "The multipart body has too many fields; send only the file, in the field 'image'."
+    if isinstance(e, TooManyFilesSent):
+        return "The multipart body has too many files; send one, in the field 'image'."
+    message = str(e)
+    if "header size" in message:
+        return ("A part's headers in the multipart body do not end: each ends with an empty line, and "
+                "lines end with CRLF, not a bare LF.")
+    if "boundary" in message.lower():
+        return "The multipart boundary is not valid: 1 to 70 letters, digits, spaces and ()+_,-./:=? only."
+    if "base64" in message:
+        return "A part of the multipart body is not valid base64, as its Content-Transfer-Encoding says."
+    return "The multipart body could not be parsed."
 
 
 REFUSED_BODY_DISCARD_SECONDS = 2.0

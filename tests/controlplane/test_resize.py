@@ -113,6 +113,31 @@ def test_a_multipart_body_holds_the_image_only(api):
     assert response.status_code == 400 and response.json()["code"] == "malformed_multipart"
 
 
+def test_a_broken_multipart_body_is_named_for_what_is_wrong(api):
+    """A part cut short (no closing delimiter) was `missing_image`, "no file in the field 'image'", though
+    the field was there; bare LF line endings read "Request max total header size exceeded", too many
+    fields named a Django setting, and Django's sentences came out ending in two full stops."""
+    image = corpus("coffee.jpg")
+
+    def post(body: bytes) -> dict:
+        response = api.post("/v1/resize?width=60", data=body, content_type="multipart/form-data; boundary=XyZ")
+        assert response.status_code == 400
+        return response.json()
+
+    head = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    whole = head + image + b"\r\n--XyZ--\r\n"
+    assert api.post("/v1/resize?width=60", data=whole, content_type="multipart/form-data; boundary=XyZ").status_code == 200
+    for cut in (head + image + b"\r\n", head + image[:5000]):
+        problem = post(cut)
+        assert problem["code"] == "malformed_multipart" and "cut short" in problem["detail"], problem
+    problem = post(whole.replace(b"\r\n", b"\n"))
+    assert problem["code"] == "malformed_multipart" and "bare LF" in problem["detail"], problem
+    fields = b"".join(b'--XyZ\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i for i in range(1100))
+    problem = post(fields + whole)
+    assert problem["code"] == "malformed_multipart" and "too many fields" in problem["detail"], problem
+    assert "settings" not in problem["detail"] and not problem["detail"].endswith("..")
+
+
 def test_choices_are_read_whatever_their_case(api):
     response = resize(api, corpus("coffee.jpg"), "width=60&height=60&fit=Cover&format=WEBP&gravity=North")
     assert response.status_code == 200 and response["Content-Type"] == "image/webp"
