@@ -459,6 +459,16 @@ def _multipart_error(e: Exception) -> str:
 
 
 REFUSED_BODY_DISCARD_SECONDS = 2.0
+GUNICORN_RESPONSE = "resizer.gunicorn_response"  # environ key: gunicorn's Response, set by controlplane.wsgi
+
+
+def close_after_answer(environ: dict[str, Any]) -> None:
+    """Have the answer say `Connection: close` (and gunicorn close the connection after it, undrained):
+    for a request whose body is left unread. gunicorn closed such a connection all the same, after an
+    answer that said `keep-alive`, and a client that reused it got a broken pipe (found by review)."""
+    response = environ.get(GUNICORN_RESPONSE)
+    if response is not None and hasattr(response, "force_close"):
+        response.force_close()
 
 
 def discard_unread_body(request: HttpRequest, limit: int) -> None:
@@ -467,9 +477,10 @@ def discard_unread_body(request: HttpRequest, limit: int) -> None:
     answer and can reuse its connection. A larger body is left alone; the connection closes after
     the answer."""
     declared, chunked = _framing(request)
-    if (declared is None and not chunked) or (declared is not None and declared > limit):
+    if declared is None and not chunked:
         return
-    if getattr(request, "upload_refused", False):
+    if (declared is not None and declared > limit) or getattr(request, "upload_refused", False):
+        close_after_answer(request.META)
         return
     # A short budget of its own: the answer waits for the discard, and a refused request (no key,
     # over its rate, shed) must not hold a thread for an upload's allowance by trickling its body.
@@ -479,4 +490,4 @@ def discard_unread_body(request: HttpRequest, limit: int) -> None:
         with clock.reading():
             _read_chunks(read, clock, limit, None)  # what is left; reads end at the body's end
     except Exception:  # over the limit, timed out, the client gone: the connection closes
-        pass
+        close_after_answer(request.META)

@@ -17,7 +17,7 @@ from django.http.cookie import parse_cookie  # noqa: E402
 
 from controlplane.errors import ApiError, problem  # noqa: E402
 from controlplane.middleware import request_id_for  # noqa: E402
-from controlplane.parsing import below_least_rate, read_other_body  # noqa: E402
+from controlplane.parsing import GUNICORN_RESPONSE, below_least_rate, close_after_answer, read_other_body  # noqa: E402
 from identity.authentication import BEARER_CHALLENGE, SEND_A_KEY  # noqa: E402
 from identity.dataplane import AuthFailed, AuthUnavailable, credential_cache  # noqa: E402
 
@@ -27,6 +27,9 @@ _WRITE_CHUNK = 256 * 1024
 
 
 def application(environ: dict[str, Any], start_response: Any) -> Any:
+    # gunicorn's Response (its start_response is a bound method of it): close_after_answer() asks it to
+    # answer `Connection: close` when the body is left unread.
+    environ[GUNICORN_RESPONSE] = getattr(start_response, "__self__", None)
     try:
         if _unsupported_coding(environ):
             _shut(environ.get("gunicorn.socket"), socket.SHUT_RD)  # its body is not read
@@ -46,7 +49,8 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
             # bounds: a login form trickled a byte every 20 s (a CSRF check reads the form before any
             # authentication) held a thread each, and 16 of them took a node out of the load balancer.
             read_other_body(environ)
-    except ApiError as e:
+    except ApiError as e:  # each about the body (its coding, its credentials, its pace or size): left unread
+        close_after_answer(environ)
         return _answer(problem(e.status_code, e.code, str(e.detail), headers=e.headers, extra=e.extra),
                        environ, start_response)
     try:

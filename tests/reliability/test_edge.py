@@ -502,6 +502,36 @@ def test_refused_requests_leave_their_keep_alive_connection_usable(server, key):
         assert http.get("/healthz").status_code == 200
 
 
+def test_an_answer_whose_body_is_left_unread_says_connection_close(server, key):
+    """A refused upload over the discard bound (1 MiB), or one refused from its Content-Length, is left
+    unread and its connection closed after the answer, which said `Connection: keep-alive`: a client that
+    reused the connection got a broken pipe. A small refused body is still read and the connection kept."""
+    big = os.urandom(3 * 1024 * 1024)
+    cases = {
+        "no key, 3 MB": ("Bearer rsz_nope_nope", "width=10", big, len(big)),
+        "width=0, 3 MB": (f"Bearer {key}", "width=0", big, len(big)),
+        "declared 50 MB": (f"Bearer {key}", "width=10", b"", 50 * 1024 * 1024),
+        "no key, small": ("Bearer rsz_nope_nope", "width=10", b"x" * 1000, 1000),
+    }
+    heads = {}
+    for name, (authorization, query, body, length) in cases.items():
+        request = (f"POST /v1/resize?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {authorization}\r\n"
+                   f"Content-Length: {length}\r\n\r\n").encode() + body
+        with socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as sock:
+            try:
+                sock.sendall(request)
+            except OSError:
+                pass  # the server answered and closed before taking it all
+            reply = read_answer(sock)
+        head = reply.partition(b"\r\n\r\n")[0].lower()
+        heads[name] = (_status(reply), b"connection: close" in head, b"connection: keep-alive" in head)
+    print(f"\nedge, unread bodies: {heads}")
+    assert heads["no key, 3 MB"] == (401, True, False), heads
+    assert heads["width=0, 3 MB"] == (400, True, False), heads
+    assert heads["declared 50 MB"] == (413, True, False), heads
+    assert heads["no key, small"] == (401, False, True), heads
+
+
 # --- schemathesis ------------------------------------------------------------------------------------
 
 def test_schemathesis_finds_no_server_error(server, key):
