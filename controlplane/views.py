@@ -275,7 +275,7 @@ class ResizeView(CustomerView):
         except imaging.ImageError as e:
             raise ApiError(e.status, e.code, e.message) from e
         clock.lap("upload")
-        respond_async = "respond-async" in request.headers.get("Prefer", "").lower()
+        respond_async = _prefers_async(request.headers.get("Prefer", ""))
         waiter = None
         if not respond_async:
             waiter = job_waiter()
@@ -363,6 +363,13 @@ class ResizeView(CustomerView):
             response = _accepted(job, vary)
         clock.cpu_lap("respond")
         return response
+
+
+def _prefers_async(prefer: str) -> bool:
+    """Whether a Prefer header (RFC 7240: preferences separated by commas, each a token with optional
+    `=value` and `;` parameters, names case-insensitive) holds respond-async. Matched as a substring,
+    `Prefer: no-respond-async` asked for a 202."""
+    return any(item.split(";", 1)[0].split("=", 1)[0].strip().lower() == "respond-async" for item in prefer.split(","))
 
 
 def _idempotent_replay(request: Request, params: imaging.Params, data: bytes, idempotency_key: str) -> Job | None:

@@ -151,6 +151,26 @@ def test_multipart_without_image_field(api):
     assert response.status_code == 400 and response.json()["code"] == "missing_image"
 
 
+@pytest.mark.parametrize("prefer,status", [
+    ("no-respond-async", 200),  # matched as a substring, it asked for a 202
+    ("wait=10, Respond-Async", 202),
+    ("respond-async; foo=bar", 202),
+    ("return=minimal", 200),
+])
+def test_prefer_is_read_as_a_list_of_preferences(api, prefer, status):
+    response = resize(api, corpus("coffee.jpg"), "width=40", HTTP_PREFER=prefer)
+    assert response.status_code == status
+
+
+def test_too_many_query_parameters_are_named_as_such(api):
+    query = "&".join(f"p{i}=1" for i in range(1200))
+    response = api.post(f"/v1/resize?{query}", data=corpus("coffee.jpg"), content_type="image/jpeg")
+    assert response.status_code == 400 and response.json()["code"] == "malformed_request"
+    assert "too many parameters" in response.json()["detail"]  # was "The request could not be understood."
+    response = api.get("/v1/jobs/x", HTTP_HOST="not-ours.example")
+    assert response.status_code == 400 and "Host header" in response.json()["detail"]
+
+
 def test_respond_async_then_job_then_result(api):
     response = resize(api, corpus("photo-256k-3.jpg"), "width=300&format=png", HTTP_PREFER="respond-async")
     assert response.status_code == 202
