@@ -126,8 +126,9 @@ def _file_pieces(result: BinaryIO) -> Iterator[bytes]:
         result.close()
 
 
-def _job_outcome(job: Job, vary: bool = False, expired_detail: str = _EXPIRED) -> HttpResponse | StreamingHttpResponse:
-    """The answer for a finished job: its image, or its error as a problem."""
+def _job_outcome(job: Job, vary: bool = False, expired_detail: str = _EXPIRED,
+                 head: bool = False) -> HttpResponse | StreamingHttpResponse:
+    """The answer for a finished job: its image (its headers only, for a HEAD), or its error as a problem."""
     if job.status == FAILED:
         error = job.error or {}
         headers = {"Location": job_location(job)}
@@ -145,13 +146,17 @@ def _job_outcome(job: Job, vary: bool = False, expired_detail: str = _EXPIRED) -
     try:
         size = result.seek(0, os.SEEK_END)  # (not fstat: a store's object need not be a file)
         result.seek(0)
-        data = result.read() if size <= RESULT_STREAM_ABOVE_BYTES else None
+        # A HEAD's answer has the headers alone: the whole result was read (and gunicorn warned that it
+        # dropped the body, once a HEAD).
+        data = b"" if head else result.read() if size <= RESULT_STREAM_ABOVE_BYTES else None
     except OSError as e:
         result.close()
         raise StagingError(f"staging read failed: {e}") from e
     if data is not None:
         result.close()
         response: HttpResponse | StreamingHttpResponse = HttpResponse(data, content_type=job.output["content_type"])
+        if head:
+            response["Content-Length"] = str(size)
     else:
         # Read in pieces as the client takes them (the WSGI application paces them): held whole, a
         # large result cost a thread's memory per download, and slow readers of one 58 MB result took
@@ -451,7 +456,7 @@ class JobResultView(CustomerView):
         if job.status != SUCCEEDED:
             raise ApiError(409, "job_not_finished", f"The job is {job.status}; its result is not ready yet.",
                            headers={"Retry-After": "1"})
-        return _job_outcome(job)
+        return _job_outcome(job, head=request.method == "HEAD")
 
 
 def healthz(request: HttpRequest) -> HttpResponse:
