@@ -347,6 +347,9 @@ class ResizeView(CustomerView):
     def _respond(self, job: Job, created: bool, waiter: JobWaiter | None, vary: bool, respond_async: bool,
                  clock: metrics.StageClock, slots: admission.Admission) -> HttpResponse:
         if respond_async:
+            if not created and job.finished and job.status == SUCCEEDED and job.result_expired():
+                # A replay's 202 pointed at a result that answers 410: say so now, as without Prefer.
+                raise ApiError(410, "result_expired", _REPLAY_EXPIRED, headers={"Location": job_location(job)})
             return _accepted(job, vary)
         started, published = time.monotonic(), time.time()
         try:

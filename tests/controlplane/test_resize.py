@@ -243,9 +243,10 @@ def test_a_replay_whose_result_expired_is_410_and_says_to_use_a_new_key(api):
     job = job_load(staging_store(), first["Location"].rsplit("/", 1)[-1])
     job.result_expires_at = "2000-01-01T00:00:00Z"
     job_save(staging_store(), job)
-    again = resize(api, corpus("coffee.jpg"), "width=80", HTTP_IDEMPOTENCY_KEY=key)
-    assert again.status_code == 410 and again.json()["code"] == "result_expired"
-    assert "new Idempotency-Key" in again.json()["detail"] and again["Location"] == first["Location"]
+    for prefer in ({}, {"HTTP_PREFER": "respond-async"}):  # async, it was a 202 pointing at a 410
+        again = resize(api, corpus("coffee.jpg"), "width=80", HTTP_IDEMPOTENCY_KEY=key, **prefer)
+        assert again.status_code == 410 and again.json()["code"] == "result_expired"
+        assert "new Idempotency-Key" in again.json()["detail"] and again["Location"] == first["Location"]
 
 
 def test_idempotency_key_reused_for_another_request_is_422(api):
