@@ -64,6 +64,32 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     process_gauges_start()
     _graceful_closes_off_the_main_loop()
     _own_errors_as_problems()
+    _continue_on_first_read()
+
+
+def _continue_on_first_read() -> None:
+    """gunicorn answers `Expect: 100-continue` as it makes the WSGI environ, before the application
+    runs; here the `100 Continue` waits for the application's first read of the body
+    (controlplane.parsing.ContinueOnRead). HTTP/1 only: HTTP/2 has no such exchange in gunicorn."""
+    from gunicorn.http import wsgi
+
+    from controlplane.parsing import ContinueOnRead
+
+    if getattr(wsgi.create, "continue_on_read", False):
+        return
+    create = wsgi.create
+
+    def create_deferring_continue(req, sock, *args, **kwargs):  # type: ignore[no-untyped-def]
+        expected = bool(getattr(req, "_expected_100_continue", False)) and kwargs.get("response_class") is None
+        if expected:
+            req._expected_100_continue = False
+        resp, environ = create(req, sock, *args, **kwargs)
+        if expected:
+            environ["wsgi.input"] = ContinueOnRead(environ["wsgi.input"], sock)
+        return resp, environ
+
+    create_deferring_continue.continue_on_read = True  # type: ignore[attr-defined]
+    wsgi.create = create_deferring_continue
 
 
 # gunicorn's own refusals (a request it cannot parse, before Django sees it), by status: the API's codes.

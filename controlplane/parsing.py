@@ -462,6 +462,45 @@ REFUSED_BODY_DISCARD_SECONDS = 2.0
 GUNICORN_RESPONSE = "resizer.gunicorn_response"  # environ key: gunicorn's Response, set by controlplane.wsgi
 
 
+class ContinueOnRead:
+    """`wsgi.input` for a request that sent `Expect: 100-continue`: `100 Continue` goes out before its
+    first read, not before the application runs (gunicorn sent it at once, so a client with a wrong key,
+    over its rate or refused by admission control was told to send its 25 MB before hearing 401, 429 or
+    503; curl asks so for every upload over 1 MB). A request answered without reading its body never
+    invites it (`pending` stays True): its connection closes after the answer (close_after_answer)."""
+
+    _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    def __init__(self, body: Any, sock: socket.socket) -> None:
+        self._body, self._sock, self.pending = body, sock, True
+
+    def _invite(self) -> None:
+        if self.pending:
+            self.pending = False
+            self._sock.sendall(self._CONTINUE)
+
+    def read(self, size: int | None = None) -> bytes:
+        self._invite()
+        return self._body.read(size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        self._invite()
+        return self._body.readline(size)
+
+    def readlines(self, hint: int | None = None) -> list[bytes]:
+        self._invite()
+        return self._body.readlines(hint)
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._invite()
+        return iter(self._body)
+
+
+def body_not_invited(environ: dict[str, Any]) -> bool:
+    """Whether the client waits for `100 Continue` before sending its body (none was sent yet)."""
+    return getattr(environ.get("wsgi.input"), "pending", False) is True
+
+
 def close_after_answer(environ: dict[str, Any]) -> None:
     """Have the answer say `Connection: close` (and gunicorn close the connection after it, undrained):
     for a request whose body is left unread. gunicorn closed such a connection all the same, after an
@@ -479,7 +518,8 @@ def discard_unread_body(request: HttpRequest, limit: int) -> None:
     declared, chunked = _framing(request)
     if declared is None and not chunked:
         return
-    if (declared is not None and declared > limit) or getattr(request, "upload_refused", False):
+    if ((declared is not None and declared > limit) or getattr(request, "upload_refused", False)
+            or body_not_invited(request.META)):  # never invited: not asked for now either
         close_after_answer(request.META)
         return
     # A short budget of its own: the answer waits for the discard, and a refused request (no key,

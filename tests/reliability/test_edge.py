@@ -532,6 +532,42 @@ def test_an_answer_whose_body_is_left_unread_says_connection_close(server, key):
     assert heads["no key, small"] == (401, False, True), heads
 
 
+def _expecting(port: int, authorization: str, body: bytes) -> tuple[bytes, bytes]:
+    """Send a resize's headers with `Expect: 100-continue` and wait for the server's first word: its
+    `100 Continue` (then the body goes, and the final answer is read) or a final answer at once.
+    Returns (the first answer's head line, the final answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall((f"POST /v1/resize?width=10 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {authorization}\r\n"
+                      f"Content-Type: image/jpeg\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode())
+        first = b""
+        while b"\r\n\r\n" not in first:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            first += chunk
+        head, _, rest = first.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 100"):
+            return head.split(b"\r\n", 1)[0], first
+        sock.sendall(body)
+        return head.split(b"\r\n", 1)[0], rest + read_answer(sock)
+
+
+def test_expect_100_continue_is_answered_after_the_checks_not_before(server, key):
+    """gunicorn sent `100 Continue` before the application ran, so a client with a wrong key (or over
+    its rate, or shed) sent its whole upload before hearing the refusal; curl asks so for any upload over
+    1 MB. Now the refusal comes instead of the 100, and the connection closes after it; a request that
+    is taken is invited and served, directly and through the load balancer."""
+    image = make_image(size=(1500, 1000))
+    with load_balancer(server) as lb:
+        for url in (server, lb):
+            first, final = _expecting(_port(url), "Bearer rsz_nope_nope", image)
+            assert first.startswith(b"HTTP/1.1 401"), (url, first)
+            if url == server:  # HAProxy speaks for its own connection with the client
+                assert b"connection: close" in final.lower().partition(b"\r\n\r\n")[0], (url, final[:300])
+            first, final = _expecting(_port(url), f"Bearer {key}", image)
+            assert first == b"HTTP/1.1 100 Continue" and _status(final) == 200, (url, first, final[:300])
+
+
 # --- schemathesis ------------------------------------------------------------------------------------
 
 def test_schemathesis_finds_no_server_error(server, key):
