@@ -1342,6 +1342,9 @@ def test_a_png_whose_image_data_is_short_is_refused_and_a_whole_one_is_not(size,
     picture = Image.effect_noise(size, 60).convert("RGB")
     whole = decode(resize(_raw_png(picture, interlace=interlace), Params(width=size[0], format="png")).data)
     assert ImageChops.difference(whole.convert("RGB"), picture).getbbox() is None
+    black_bottom = picture.copy()  # the data is inflated again only when the last row is blank: whole, it passes
+    black_bottom.paste((0, 0, 0), (0, size[1] - 2, size[0], size[1]))
+    resize(_raw_png(black_bottom, interlace=interlace), Params(width=size[0], format="png"))
     if size != (1, 1):
         with pytest.raises(CorruptImage):
             resize(_raw_png(picture, interlace=interlace, rows=size[1] // 2), Params(width=size[0], format="png"))
