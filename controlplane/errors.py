@@ -144,8 +144,8 @@ def handler500(request: HttpRequest) -> HttpResponse:
 def handler400(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     from django.core.exceptions import DisallowedHost, TooManyFieldsSent
 
-    if isinstance(exception, TooManyFieldsSent):  # over DATA_UPLOAD_MAX_NUMBER_FIELDS query parameters
-        return problem(400, "malformed_request", "The query string has too many parameters.")
+    if isinstance(exception, TooManyFieldsSent):  # over DATA_UPLOAD_MAX_NUMBER_FIELDS: query or form
+        return problem(400, "malformed_request", "The request has too many parameters or form fields.")
     if isinstance(exception, DisallowedHost):
         return problem(400, "malformed_request", "The Host header names no host this API serves.")
     return problem(400, "malformed_request", "The request could not be understood.")

@@ -70,7 +70,8 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
 def _continue_on_first_read() -> None:
     """gunicorn answers `Expect: 100-continue` as it makes the WSGI environ, before the application
     runs; here the `100 Continue` waits for the application's first read of the body
-    (controlplane.parsing.ContinueOnRead). HTTP/1 only: HTTP/2 has no such exchange in gunicorn."""
+    (controlplane.parsing.ContinueOnRead). HTTP/1 only: gunicorn's HTTP/2 streams already send their
+    100 at the body's first read."""
     from gunicorn.http import wsgi
 
     from controlplane.parsing import ContinueOnRead

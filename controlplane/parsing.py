@@ -497,8 +497,26 @@ class ContinueOnRead:
 
 
 def body_not_invited(environ: dict[str, Any]) -> bool:
-    """Whether the client waits for `100 Continue` before sending its body (none was sent yet)."""
-    return getattr(environ.get("wsgi.input"), "pending", False) is True
+    """Whether the client waits for `100 Continue` before sending its body (none was sent yet; a
+    request without a body waits for nothing)."""
+    return (getattr(environ.get("wsgi.input"), "pending", False) is True
+            and (environ.get("CONTENT_LENGTH", "") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ))
+
+
+# gunicorn drains at most this much of an unread body after a keep-alive answer, then closes the
+# connection (gunicorn.http.parser._DRAIN_MAX_BYTES in gunicorn 27).
+GUNICORN_DRAIN_BYTES = 64 * 1024
+
+
+def body_left_unread(environ: dict[str, Any]) -> bool:
+    """Whether the request's body is left where gunicorn will not reuse the connection after the
+    answer: never invited (Expect), or more of it unread than gunicorn drains."""
+    if body_not_invited(environ):
+        return True
+    body = environ.get("wsgi.input")
+    reader = getattr(getattr(body, "_body", body), "reader", None)  # gunicorn's Body: a LengthReader's rest
+    left = getattr(reader, "length", 0)
+    return isinstance(left, int) and left > GUNICORN_DRAIN_BYTES
 
 
 def close_after_answer(environ: dict[str, Any]) -> None:

@@ -17,7 +17,13 @@ from django.http.cookie import parse_cookie  # noqa: E402
 
 from controlplane.errors import ApiError, problem  # noqa: E402
 from controlplane.middleware import request_id_for  # noqa: E402
-from controlplane.parsing import GUNICORN_RESPONSE, below_least_rate, close_after_answer, read_other_body  # noqa: E402
+from controlplane.parsing import (  # noqa: E402
+    GUNICORN_RESPONSE,
+    below_least_rate,
+    body_left_unread,
+    close_after_answer,
+    read_other_body,
+)
 from identity.authentication import BEARER_CHALLENGE, SEND_A_KEY  # noqa: E402
 from identity.dataplane import AuthFailed, AuthUnavailable, credential_cache  # noqa: E402
 
@@ -64,9 +70,14 @@ def application(environ: dict[str, Any], start_response: Any) -> Any:
         try:
             parse_header_parameters(environ.get("CONTENT_TYPE", ""))
         except ValueError:
+            close_after_answer(environ)  # answered before any of the body is read
             return _answer(problem(400, "malformed_content_type", "The Content-Type header cannot be parsed."),
                            environ, start_response)
         raise
+    if body_left_unread(environ):
+        # Answered with the body unread by a path that did not say so (Django's own 400s: a Host it does
+        # not serve, too many fields; a middleware's refusal): the connection closes after the answer.
+        close_after_answer(environ)
     sock = environ.get("gunicorn.socket")
     file_wrapper = environ.get("wsgi.file_wrapper")
     if sock is None or (isinstance(file_wrapper, type) and isinstance(body, file_wrapper)):

@@ -254,7 +254,7 @@ def test_a_job_not_started_by_the_sync_deadline_reports_its_wait_to_admission(ap
     ("image/avif;Q=0, image/webp", ("webp", "-avif")),  # parameter names are case-insensitive (AVIF was served)
     ("image/avif;Q=0.1, image/webp;Q=0.9", ("webp",)),
     ("image/avif;q=nan, image/webp", ("webp", "-avif")),  # no number: nan ranked first
-    ("image/avif;q=2, image/webp;q=0.9", ("avif", "~webp")),  # read within 0..1
+    ("image/avif;q=2, image/webp;q=1.5", ("avif", "webp")),  # read within 0..1: both 1, neither rated lower
 ])
 def test_accept_is_read_with_its_q_values(header, formats):
     from controlplane.parsing import accepted_formats

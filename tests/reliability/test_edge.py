@@ -508,14 +508,20 @@ def test_an_answer_whose_body_is_left_unread_says_connection_close(server, key):
     reused the connection got a broken pipe. A small refused body is still read and the connection kept."""
     big = os.urandom(3 * 1024 * 1024)
     cases = {
-        "no key, 3 MB": ("Bearer rsz_nope_nope", "width=10", big, len(big)),
-        "width=0, 3 MB": (f"Bearer {key}", "width=0", big, len(big)),
-        "declared 50 MB": (f"Bearer {key}", "width=10", b"", 50 * 1024 * 1024),
-        "no key, small": ("Bearer rsz_nope_nope", "width=10", b"x" * 1000, 1000),
+        "no key, 3 MB": ("Bearer rsz_nope_nope", "width=10", big, len(big), ""),
+        "width=0, 3 MB": (f"Bearer {key}", "width=0", big, len(big), ""),
+        "declared 50 MB": (f"Bearer {key}", "width=10", b"", 50 * 1024 * 1024, ""),
+        "no key, small": ("Bearer rsz_nope_nope", "width=10", b"x" * 1000, 1000, ""),
+        # Answered before the view (Django's own 400, the WSGI application's): found by review
+        "a Host not served, 3 MB": (f"Bearer {key}", "width=10", big, len(big), "Host: not-ours.example\r\n"),
+        "bad Content-Type, Expect": (f"Bearer {key}", "width=10", b"", len(big),
+                                     "Content-Type: image/png; a*=nope''x\r\nExpect: 100-continue\r\n"),
+        "no body, Expect": (f"Bearer {key}", "width=10", b"", 0, "Expect: 100-continue\r\n"),
     }
     heads = {}
-    for name, (authorization, query, body, length) in cases.items():
-        request = (f"POST /v1/resize?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {authorization}\r\n"
+    for name, (authorization, query, body, length, extra) in cases.items():
+        host = "" if extra.startswith("Host") else "Host: 127.0.0.1\r\n"
+        request = (f"POST /v1/resize?{query} HTTP/1.1\r\n{host}{extra}Authorization: {authorization}\r\n"
                    f"Content-Length: {length}\r\n\r\n").encode() + body
         with socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as sock:
             try:
@@ -530,6 +536,9 @@ def test_an_answer_whose_body_is_left_unread_says_connection_close(server, key):
     assert heads["width=0, 3 MB"] == (400, True, False), heads
     assert heads["declared 50 MB"] == (413, True, False), heads
     assert heads["no key, small"] == (401, False, True), heads
+    assert heads["a Host not served, 3 MB"] == (400, True, False), heads
+    assert heads["bad Content-Type, Expect"] == (400, True, False), heads
+    assert heads["no body, Expect"] == (400, False, True), heads  # nothing to invite: the connection stays
 
 
 def _expecting(port: int, authorization: str, body: bytes) -> tuple[bytes, bytes]:
