@@ -220,6 +220,9 @@ AUTH_MAX_STALENESS_SECONDS = env_float("AUTH_MAX_STALENESS_SECONDS", 900.0)
 AUTH_FIRST_SYNC_WAIT_SECONDS = env_float("AUTH_FIRST_SYNC_WAIT_SECONDS", 5.0)
 # An API process not heard from for this long no longer holds a share of the rate limits.
 AUTH_PROCESS_EXPIRY_SECONDS = env_int("AUTH_PROCESS_EXPIRY_SECONDS", 15, minimum=1)
+# A customer whose keys were used this recently is not deleted (409 customer_recently_active): usage of
+# its last jobs may still be in a spool or a queue, and usage of a deleted customer is never billed.
+CUSTOMER_DELETE_QUIET_SECONDS = env_int("CUSTOMER_DELETE_QUIET_SECONDS", 3600, minimum=0)
 AUTH_SNAPSHOT_PATH = env_str("AUTH_SNAPSHOT_PATH", str(BASE_DIR / "var" / "identity-snapshot.json"))
 AUTH_SYNC_IN_BACKGROUND = True  # tests drive the sync themselves
 # Limits of customers without a plan.

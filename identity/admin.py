@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -142,6 +143,9 @@ class CustomerAdmin(admin.ModelAdmin):
         # Django refuses a protected object.
         protected += [f"usage recorded for {c} (suspend the customer instead)" for c in objs
                       if customer_has_usage(customer_id=c.pk)]
+        protected += [f"{c} used its API keys in the last {settings.CUSTOMER_DELETE_QUIET_SECONDS // 60} minutes: "
+                      "its usage may not have reached billing yet (suspend it now, delete it later)" for c in objs
+                      if services.customer_recently_active(customer_id=c.pk)]
         return deleted, model_count, perms_needed, protected
 
     @admin.action(description="Suspend the selected customers", permissions=["change"])

@@ -2,7 +2,7 @@
 follows) and to the audit trail, in the same transaction, so neither can be forgotten."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection, transaction
@@ -106,15 +106,34 @@ def customer_activate(*, customer: Customer, actor: str) -> Customer:
     return customer_update(customer=customer, actor=actor, status=Customer.Status.ACTIVE)
 
 
+class CustomerRecentlyActive(ProtectedError):
+    """The customer used its keys within CUSTOMER_DELETE_QUIET_SECONDS: not deleted yet."""
+
+
+def customer_recently_active(*, customer_id: Any) -> bool:
+    """Whether a key of the customer was used within CUSTOMER_DELETE_QUIET_SECONDS (keys' last use
+    reaches the database within about a second of a request: identity.dataplane's flush)."""
+    from django.conf import settings
+
+    since = timezone.now() - timedelta(seconds=settings.CUSTOMER_DELETE_QUIET_SECONDS)
+    return ApiKey.objects.filter(customer_id=customer_id, last_used_at__gt=since).exists()
+
+
 @transaction.atomic
 def customer_delete(*, customer: Customer, actor: str) -> None:
     """Delete a customer with no usage (raises ProtectedError otherwise: invoices outlive customers,
-    and billing opens a period only for usage of a customer that still exists)."""
+    and billing opens a period only for usage of a customer that still exists), and none on its way:
+    one that used its keys within CUSTOMER_DELETE_QUIET_SECONDS raises CustomerRecentlyActive. Its
+    last jobs' usage may still be in a worker's spool or in the queue; deleted before it shipped, the
+    customer's work was served and never billed (found by review, 2026-11-23)."""
     from metering.selectors import customer_has_usage
 
     _lock(customer.pk)
     if customer_has_usage(customer_id=customer.pk):
         raise ProtectedError("the customer has usage recorded; suspend it instead", set())
+    if customer_recently_active(customer_id=customer.pk):
+        raise CustomerRecentlyActive("the customer used its API keys recently; its usage may not have reached "
+                                     "billing yet: suspend it now and delete it later", set())
     # The customer's events lose their link when it goes (SET_NULL): this last one keeps who it was
     # and which keys it had, so the trail still answers for it.
     keys = [{"key_id": str(k.id), "prefix": k.prefix, "revoked": k.revoked_at is not None}

@@ -8,19 +8,32 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from django.db.models import ProtectedError
+from django.conf import settings
+from django.db.models import ProtectedError, Q
 from django.http import HttpResponse, JsonResponse
-from drf_spectacular.utils import extend_schema, inline_serializer
-from rest_framework import authentication, serializers
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import authentication, exceptions, serializers
 from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from controlplane.errors import ApiError
+from controlplane.parsing import single_values
 from identity import services
 from identity.authentication import ApiKeyAuthentication, StaffBasicAuthentication
 from identity.dataplane import Principal
 from identity.models import SCOPES, ApiKey, AuditEvent, Customer, Plan
+
+
+class _JsonBody(JSONParser):
+    """DRF's JSON parser, with a body nested past Python's recursion limit refused as malformed: 2 KB
+    of `[` raised RecursionError, a 500 on every management write (found by review)."""
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError as e:
+            raise exceptions.ParseError("JSON parse error - the body is nested too deeply.") from e
 
 
 def _actor(request: Request) -> str:
@@ -44,11 +57,46 @@ def _key_json(key: ApiKey) -> dict[str, Any]:
 
 
 def _valid(serializer: serializers.Serializer) -> dict[str, Any]:
+    """The body's fields, validated; 400 with the first field's first problem in a sentence. A field the
+    endpoint does not take is refused (`{"stauts": "suspended"}` answered 200 and changed nothing)."""
+    given = serializer.initial_data
+    if not isinstance(given, dict):
+        raise ApiError(400, "malformed_request", "The body must be a JSON object.")
+    unknown = sorted(set(given) - set(serializer.fields))
+    if unknown:
+        raise ApiError(400, "unknown_parameter", f"Unknown field {unknown[0]!r}; the fields are "
+                       f"{', '.join(serializer.fields)}.", extra={"parameter": unknown[0]})
     if not serializer.is_valid():
         field, errors = next(iter(serializer.errors.items()))
-        raise ApiError(400, "invalid_parameter", f"{field}: {' '.join(str(e) for e in errors)}",
-                       extra={"parameter": field})
+        raise ApiError(400, "invalid_parameter", f"{field}: {_first_message(errors)}", extra={"parameter": field})
     return dict(serializer.validated_data)
+
+
+CUSTOMERS_PAGE = 1000
+AUDIT_PAGE = 200
+
+
+def _cursor(request: Request, name: str) -> str | None:
+    """The list's one query parameter (where the page starts), refusing any other: `?status=suspended`
+    was ignored, and every customer came back."""
+    query = single_values(request.query_params)
+    unknown = sorted(set(query) - {name})
+    if unknown:
+        raise ApiError(400, "unknown_parameter", f"Unknown parameter {unknown[0]!r}; this list takes only "
+                       f"{name!r} (where the page starts: the `next` of the previous page).",
+                       extra={"parameter": unknown[0]})
+    return query.get(name) or None
+
+
+def _first_message(errors: Any) -> str:
+    """A field's first error as a sentence: a list's errors are keyed by the item's position (the detail
+    read "scopes: 0"), so that is named with it."""
+    if isinstance(errors, dict):
+        position, inner = next(iter(errors.items()))
+        return f"item {position}: {_first_message(inner)}"
+    if isinstance(errors, list) and errors:
+        return _first_message(errors[0])
+    return str(errors)
 
 
 def _plan(name: str | None) -> Plan | None:
@@ -111,16 +159,30 @@ class AdminView(APIView):
     required_scope = "admin"
     authentication_classes = [ApiKeyAuthentication, StaffBasicAuthentication,
                               authentication.SessionAuthentication]
-    parser_classes = [JSONParser]
+    parser_classes = [_JsonBody]
 
 
 class CustomersView(AdminView):
     staff_permissions = {"GET": ("identity.view_customer",), "POST": ("identity.add_customer",)}
 
-    @extend_schema(operation_id="admin_customers_list", responses={200: inline_serializer("CustomerList", {"customers": CustomerOut(many=True)})})
+    @extend_schema(operation_id="admin_customers_list", parameters=[OpenApiParameter(
+        "after", str, description="a customer id: the page after it (the `next` of the previous page)")],
+        responses={200: inline_serializer("CustomerList", {
+            "customers": CustomerOut(many=True),
+            "next": serializers.CharField(allow_null=True, help_text="the next page's URL; null on the last page")})})
     def get(self, request: Request) -> HttpResponse:
-        customers = Customer.objects.select_related("plan").order_by("created_at")[:1000]
-        return JsonResponse({"customers": [_customer_json(c) for c in customers]})
+        after = _cursor(request, "after")
+        customers = Customer.objects.select_related("plan").order_by("created_at", "id")
+        if after is not None:
+            last = Customer.objects.filter(pk=_uuid(after)).first()
+            if last is None:
+                raise ApiError(400, "invalid_parameter", f"after: there is no customer {after}.",
+                               extra={"parameter": "after"})
+            customers = customers.filter(Q(created_at__gt=last.created_at) | Q(created_at=last.created_at, id__gt=last.id))
+        page = list(customers[:CUSTOMERS_PAGE])
+        # The list stopped at 1,000 without a word; a full page names the next one.
+        more = f"/v1/admin/customers?after={page[-1].id}" if len(page) == CUSTOMERS_PAGE else None
+        return JsonResponse({"customers": [_customer_json(c) for c in page], "next": more})
 
     @extend_schema(operation_id="admin_customers_create", request=CustomerIn, responses={201: CustomerOut})
     def post(self, request: Request) -> HttpResponse:
@@ -155,6 +217,11 @@ class CustomerView(AdminView):
     def delete(self, request: Request, customer_id: str) -> HttpResponse:
         try:
             services.customer_delete(customer=_get_customer(customer_id), actor=_actor(request))
+        except services.CustomerRecentlyActive as e:
+            minutes = settings.CUSTOMER_DELETE_QUIET_SECONDS // 60
+            raise ApiError(409, "customer_recently_active", f"This customer used its API keys in the last {minutes} "
+                           "minutes, and the usage of that work may not have reached billing yet; suspend it now "
+                           "and delete it later.") from e
         except ProtectedError as e:
             # Invoices outlive customers (metering's billing periods protect them).
             raise ApiError(409, "customer_has_billing", "This customer has usage or billing records and cannot "
@@ -203,9 +270,22 @@ class KeyView(AdminView):
 class CustomerAuditView(AdminView):
     staff_permissions = {"GET": ("identity.view_auditevent",)}
 
-    @extend_schema(operation_id="admin_customer_audit", responses={200: inline_serializer(
-        "AuditEvents", {"events": serializers.ListField(child=serializers.DictField())})})
+    @extend_schema(operation_id="admin_customer_audit", parameters=[OpenApiParameter(
+        "before", str, description="an event id: the older events after it (the `next` of the previous page)")],
+        responses={200: inline_serializer("AuditEvents", {
+            "events": serializers.ListField(child=serializers.DictField()),
+            "next": serializers.CharField(allow_null=True, help_text="the next page's URL; null on the last page")})})
     def get(self, request: Request, customer_id: str) -> HttpResponse:
-        events = AuditEvent.objects.filter(customer=_get_customer(customer_id))[:200]
-        return JsonResponse({"events": [{"at": e.at.isoformat(), "actor": e.actor, "action": e.action,
-                                         "details": e.details} for e in events]})
+        before = _cursor(request, "before")
+        customer = _get_customer(customer_id)
+        events = AuditEvent.objects.filter(customer=customer).order_by("-at", "-id")
+        if before is not None:
+            last = AuditEvent.objects.filter(customer=customer, pk=int(before) if before.isdigit() and len(before) < 19 else None).first()
+            if last is None:
+                raise ApiError(400, "invalid_parameter", f"before: this customer has no event {before}.",
+                               extra={"parameter": "before"})
+            events = events.filter(Q(at__lt=last.at) | Q(at=last.at, id__lt=last.id))
+        page = list(events[:AUDIT_PAGE])
+        more = (f"/v1/admin/customers/{customer.id}/audit?before={page[-1].id}" if len(page) == AUDIT_PAGE else None)
+        return JsonResponse({"events": [{"id": e.id, "at": e.at.isoformat(), "actor": e.actor, "action": e.action,
+                                         "details": e.details} for e in page], "next": more})

@@ -169,6 +169,16 @@ def test_create_customer_with_a_key_file_prints_the_kept_key_while_it_works(cred
     assert credentials.authenticate(second).customer_id == str(customer.pk)
 
 
+@pytest.mark.parametrize("name", ["", "   ", "x" * 201])
+def test_create_customer_refuses_a_name_the_api_refuses(name):
+    """A blank name made a customer the API would have refused; 300 characters printed a DataError traceback."""
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="1 to 200 characters"):
+        call_command("create_customer", name)
+
+
 def _env_for_test_database() -> dict[str, str]:
     """The subprocess must write to the test database this test reads."""
     import os

@@ -437,3 +437,19 @@ def test_rejected_records_are_reshipped_by_the_management_command(spool_dir, set
     assert count(customer) == 3
     # The record no table takes is set aside again, under its new segment's name.
     assert [p.read_text().count("\n") for p in (spool_dir / "rejected").iterdir()] == [1]
+
+
+@pytest.mark.parametrize("job", ["rollup", "billing", "archive"])
+def test_metering_jobs_say_the_database_is_away_in_a_sentence(job):
+    """With PostgreSQL unreachable, `metering_run ship` said so in a CommandError, and rollup, billing
+    and archive printed a traceback (found by review)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "manage.py", "metering_run", job], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "DATABASE_URL": "postgres://nobody@127.0.0.1:1/none"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"CommandError: {job} failed: the database is unavailable" in done.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from identity.keys import key_matches, key_prefix
@@ -24,6 +24,10 @@ class Command(BaseCommand):
                                  "(not revoked or expired, its customer active) instead of issuing another")
 
     def handle(self, *args: object, name: str, reuse: bool, key_file: Path | None, **options: object) -> None:
+        name = name.strip()
+        limit = Customer._meta.get_field("name").max_length
+        if not name or "\x00" in name or len(name) > limit:  # as the management API refuses them
+            raise CommandError(f"a customer's name is 1 to {limit} characters, not blank and without NUL")
         customer = Customer.objects.filter(name=name).order_by("created_at").first() if reuse else None
         if customer is None:
             customer = customer_create(name=name, actor="command")

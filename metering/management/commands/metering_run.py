@@ -8,6 +8,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
 
 from metering import services
 from metering.spool import ShipError, reship_rejected
@@ -40,4 +41,7 @@ class Command(BaseCommand):
             }[job]()
         except ShipError as e:
             raise CommandError(str(e)) from e
+        except DatabaseError as e:  # Postgres away: a sentence, not a traceback (ship said so already)
+            raise CommandError(f"{job} failed: the database is unavailable ({type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from e
         self.stdout.write(json.dumps(result, default=str))
