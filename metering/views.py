@@ -79,7 +79,7 @@ class UsageView(CustomerView):
         if unknown:
             raise ApiError(400, "unknown_parameter", f"Unknown parameter `{unknown[0]}`; use from, to and granularity.",
                            extra={"parameter": unknown[0]})
-        granularity = query.get("granularity") or "day"
+        granularity = (query.get("granularity") or "day").lower()  # values' case is free, as on /v1/resize
         if granularity not in STEP:
             raise ApiError(400, "invalid_parameter", "`granularity` must be `hour` or `day`.",
                            extra={"parameter": "granularity"})

@@ -28,7 +28,7 @@ def usage_of_two_customers(customer_key):
 
 
 def test_hourly_and_daily_windows_of_my_own_usage(api, usage_of_two_customers):
-    hourly = api.get(f"/v1/usage?granularity=hour&from={iso(T0)}&to={iso(T0 + timedelta(hours=3))}")
+    hourly = api.get(f"/v1/usage?granularity=HOUR&from={iso(T0)}&to={iso(T0 + timedelta(hours=3))}")  # any case
     assert hourly.status_code == 200, hourly.content
     body = hourly.json()
     assert [w["start"] for w in body["windows"]] == [iso(T0), iso(T0 + timedelta(hours=2))]
