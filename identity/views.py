@@ -5,6 +5,7 @@ through identity.services, so it is audited and reaches the data plane through t
 """
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -280,7 +281,7 @@ class CustomerAuditView(AdminView):
         customer = _get_customer(customer_id)
         events = AuditEvent.objects.filter(customer=customer).order_by("-at", "-id")
         if before is not None:
-            last = AuditEvent.objects.filter(customer=customer, pk=int(before) if before.isdigit() and len(before) < 19 else None).first()
+            last = AuditEvent.objects.filter(customer=customer, pk=int(before) if re.fullmatch(r"[0-9]{1,18}", before) else None).first()
             if last is None:
                 raise ApiError(400, "invalid_parameter", f"before: this customer has no event {before}.",
                                extra={"parameter": "before"})
