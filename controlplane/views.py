@@ -347,7 +347,7 @@ class ResizeView(CustomerView):
     def _respond(self, job: Job, created: bool, waiter: JobWaiter | None, vary: bool, respond_async: bool,
                  clock: metrics.StageClock, slots: admission.Admission) -> HttpResponse:
         if respond_async:
-            if not created and job.finished and job.status == SUCCEEDED and job.result_expired():
+            if not created and job.status == SUCCEEDED and not _result_kept(job):
                 # A replay's 202 pointed at a result that answers 410: say so now, as without Prefer.
                 raise ApiError(410, "result_expired", _REPLAY_EXPIRED, headers={"Location": job_location(job)})
             return _accepted(job, vary)
@@ -371,6 +371,21 @@ class ResizeView(CustomerView):
             response = _accepted(job, vary)
         clock.cpu_lap("respond")
         return response
+
+
+def _result_kept(job: Job) -> bool:
+    """Whether a succeeded job's result is still there to fetch: not past its retention, and in the
+    store (a result the store lost answers 410 as an expired one does). A store that cannot be asked
+    says nothing: the job's Location is answered then."""
+    if job.result_expired():
+        return False
+    try:
+        job_result_open(staging_store(), job).close()
+    except StagingNotFound:
+        return False
+    except (StagingError, OSError):
+        return True
+    return True
 
 
 def _prefers_async(prefer: str) -> bool:

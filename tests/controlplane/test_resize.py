@@ -247,6 +247,15 @@ def test_a_replay_whose_result_expired_is_410_and_says_to_use_a_new_key(api):
         again = resize(api, corpus("coffee.jpg"), "width=80", HTTP_IDEMPOTENCY_KEY=key, **prefer)
         assert again.status_code == 410 and again.json()["code"] == "result_expired"
         assert "new Idempotency-Key" in again.json()["detail"] and again["Location"] == first["Location"]
+    # A result the store no longer has, though not past its retention: the same (found by review).
+    from resizer.jobs import output_key
+
+    key = uuid.uuid4().hex
+    first = resize(api, corpus("coffee.jpg"), "width=81", HTTP_IDEMPOTENCY_KEY=key)
+    assert staging_store().delete(output_key(first["Location"].rsplit("/", 1)[-1]))
+    for prefer in ({}, {"HTTP_PREFER": "respond-async"}):
+        again = resize(api, corpus("coffee.jpg"), "width=81", HTTP_IDEMPOTENCY_KEY=key, **prefer)
+        assert again.status_code == 410 and again.json()["code"] == "result_expired", again.content[:200]
 
 
 def test_idempotency_key_reused_for_another_request_is_422(api):
