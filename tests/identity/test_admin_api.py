@@ -197,6 +197,35 @@ def test_a_customer_that_used_its_keys_recently_is_not_deleted(staff, client):
     assert staff.delete(f"/v1/admin/customers/{customer.id}").status_code == 204
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_delete_sent_right_after_a_request_waits_for_its_key_use_to_reach_the_database(client, credentials):
+    """A key's last use reaches the database by each API process's flush, about once a second: a delete
+    sent at once after a request saw no use and went through (found by the docs review). The delete
+    now waits two flush intervals before it judges."""
+    import threading
+
+    from django.db import connection
+
+    customer = customer_create(name="at-once")
+    _, key = api_key_create(customer=customer)
+    _, admin_key = api_key_create(customer=customer_create(name="operator"), scopes=["admin"])
+    credentials.sync(full=True)
+    credentials.authenticate(key)  # a request: the use is in this process's memory only
+    assert ApiKey.objects.get(customer=customer).last_used_at is None
+
+    def flush() -> None:  # this process's next sync round
+        credentials.sync(full=False)
+        connection.close()
+
+    flusher = threading.Timer(0.5, flush)
+    flusher.start()
+    # An admin key, not Basic auth: its password's hashing alone took longer than the flush's wait.
+    response = client.delete(f"/v1/admin/customers/{customer.id}", HTTP_AUTHORIZATION=f"Bearer {admin_key}")
+    flusher.join()
+    assert response.status_code == 409 and response.json()["code"] == "customer_recently_active"
+    assert Customer.objects.filter(pk=customer.pk).exists()
+
+
 def test_customer_page_shows_recent_requests_with_their_parameters(client):
     from datetime import datetime, timezone
 
