@@ -244,6 +244,11 @@ def output_format(params: Params, facts: ImageFacts) -> str:
     if wanted in FORMATS:
         return wanted
     default = facts.format if facts.format in FORMATS else ("png" if facts.has_alpha else "jpeg")
+    if wanted is None and facts.format == "avif" and facts.frames > 1:
+        # No format asked: an animated AVIF keeps its motion in WebP, as TIFF and BMP come out in a
+        # format that holds them. Our AVIF output is a still (Pillow's writer sets no play count), and
+        # the animation was dropped without a word (found by an API review, 2026-11-23).
+        return "webp"
     if wanted == "auto":
         names = [_format_name(a) for a in params.accept]
         # `-name`: a format the client refuses (q=0; controlplane/parsing.py): never picked, wildcard or not.

@@ -314,7 +314,8 @@ def facts(fmt: str, frames: int = 1, alpha: bool = False) -> ImageFacts:
         (Params(width=1, format="auto", accept=("*",)), facts("avif", frames=8), "webp"),
         (Params(width=1, format="auto", accept=("avif", "gif")), facts("avif", frames=8), "gif"),
         (Params(width=1, format="auto", accept=("avif", "jpeg")), facts("avif", frames=8), "avif"),  # nothing it takes moves
-        (Params(width=1), facts("avif", frames=8), "avif"),  # no format: the input's, a still
+        (Params(width=1), facts("avif", frames=8), "webp"),  # no format: it moves (a still AVIF dropped the motion)
+        (Params(width=1, format="avif"), facts("avif", frames=8), "avif"),  # asked for: a still AVIF
         # A format the client refuses (q=0, `-name`) is never picked, a wildcard notwithstanding (WebP
         # came back to `image/webp;q=0, */*` for an animated AVIF: found by the diff review).
         (Params(width=1, format="auto", accept=("*", "-webp")), facts("avif", frames=8), "gif"),
@@ -1393,3 +1394,15 @@ def test_a_gif_screen_no_frame_has_painted_is_transparent():
     assert second.getpixel((45, 20))[:3] == pytest.approx((10, 220, 10), abs=12) and second.getpixel((45, 20))[3] == 255
     whole = encode(Image.new("P", (60, 40), 1), "GIF")  # a first frame the size of the screen: nothing cleared
     assert decode(resize(whole, Params(width=60, format="png")).data).mode == "RGB"
+
+
+def test_an_animated_avif_without_a_format_keeps_its_motion_in_webp():
+    """With no `format`, an animated AVIF came back a still AVIF (our AVIF output is a still): the
+    motion was dropped without a word. `format=avif` still asks for the first frame."""
+    frames = [Image.new("RGB", (32, 16), (i * 60, 0, 0)) for i in range(3)]
+    animated = encode(frames[0], "AVIF", save_all=True, append_images=frames[1:], duration=100)
+    result = resize(animated, Params(width=16))
+    assert result.input.frames == 3 and result.output.format == "webp" and result.output.frames == 3
+    assert Image.open(io.BytesIO(result.data)).n_frames == 3
+    still = resize(animated, Params(width=16, format="avif"))
+    assert still.output.format == "avif" and still.output.frames == 1
