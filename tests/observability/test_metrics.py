@@ -89,6 +89,12 @@ def test_api_and_worker_metrics_move_with_real_resizes(tmp_path):
                               headers={"Authorization": f"Bearer {slow_key}"}).status_code for _ in range(3)]
         assert 429 in limited, limited
 
+        # Each process samples its snapshot's sync time every 5 s (controlplane.metrics.process_gauges_start),
+        # and the snapshot age is derived from those samples: a process whose cache its first request
+        # made a moment ago has none yet (a clean-clone run scraped within that moment, 2026-11-23).
+        deadline = time.monotonic() + 12
+        while not API_METRICS <= families(api_metrics) and time.monotonic() < deadline:
+            time.sleep(0.5)
         api, worker = scrape(api_metrics), scrape(worker_metrics)
         assert API_METRICS <= families(api_metrics)
         assert WORKER_METRICS <= families(worker_metrics)
