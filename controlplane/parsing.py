@@ -322,6 +322,12 @@ def _framing(request: Any) -> tuple[int | None, bool]:
     return declared, declared is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
 
 
+def has_body(environ: dict[str, Any]) -> bool:
+    """Whether the request declares a body: a length above 0, or chunked."""
+    declared, chunked = _framing(SimpleNamespace(META=environ))
+    return bool(declared) or chunked
+
+
 def below_least_rate(moved: int, elapsed: float) -> bool:
     """Past its grace, a body arriving or an answer being read slower than CLIENT_MIN_BYTES_PER_SECOND
     on average (0: no such bound)."""
@@ -499,8 +505,7 @@ class ContinueOnRead:
 def body_not_invited(environ: dict[str, Any]) -> bool:
     """Whether the client waits for `100 Continue` before sending its body (none was sent yet; a
     request without a body waits for nothing)."""
-    return (getattr(environ.get("wsgi.input"), "pending", False) is True
-            and (environ.get("CONTENT_LENGTH", "") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ))
+    return getattr(environ.get("wsgi.input"), "pending", False) is True and has_body(environ)
 
 
 # gunicorn drains at most this much of an unread body after a keep-alive answer, then closes the

@@ -22,6 +22,7 @@ from controlplane.parsing import (  # noqa: E402
     below_least_rate,
     body_left_unread,
     close_after_answer,
+    has_body,
     read_other_body,
 )
 from identity.authentication import BEARER_CHALLENGE, SEND_A_KEY  # noqa: E402
@@ -102,10 +103,8 @@ def _body_without_credentials(environ: dict[str, Any]) -> ApiError | None:
     no Authorization header and no admin session cookie, or a Bearer key the process's snapshot does not
     know (checked from memory, as the view will). A Basic header (its password costs a PBKDF2, under the
     login caps) and a session cookie are not checked here: their bodies are read as before."""
-    has_body = environ.get("CONTENT_LENGTH", "") not in ("", "0") or "chunked" in environ.get(
-        "HTTP_TRANSFER_ENCODING", "").lower()
     path = environ.get("PATH_INFO", "")
-    if not has_body or not path.startswith("/v1/") or path in _PUBLIC_PATHS:
+    if not has_body(environ) or not path.startswith("/v1/") or path in _PUBLIC_PATHS:
         return None
     scheme, _, key = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
     if scheme.lower() == "bearer" and key.strip():
