@@ -354,20 +354,32 @@ def _png_error(data: bytes) -> str | None:
     """Pillow checks CRCs only on the chunks before the pixels; a flipped bit in IDAT would decode
     as silent garbage, so every chunk is checked here (a few ms for the largest allowed input).
     Run before Pillow opens the file, so a file of countless chunks is refused before its walk."""
-    view, pos = memoryview(data), 8
-    for _ in range(_PNG_MAX_CHUNKS):
-        if pos + 12 > len(data):
-            return None
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        end = pos + 12 + length
-        if end > len(data):
-            return None  # truncated: the decoder reports that
-        if zlib.crc32(view[pos + 4:end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
-            return f"bad CRC in PNG chunk {kind.decode('latin-1')!r} at byte {pos}"
+    view, walked = memoryview(data), 0
+    for kind, start, end in _png_chunks(data):
+        if walked == _PNG_MAX_CHUNKS:
+            break
+        walked += 1
+        if zlib.crc32(view[start - 4:end]) != struct.unpack_from(">I", data, end)[0]:
+            return f"bad CRC in PNG chunk {kind.decode('latin-1')!r} at byte {start - 8}"
         if kind == b"IEND":
             return None
-        pos = end
-    return f"PNG has more than {_PNG_MAX_CHUNKS} chunks"
+    # Up to IEND, or truncated (the decoder reports that) before the cap.
+    return f"PNG has more than {_PNG_MAX_CHUNKS} chunks" if walked == _PNG_MAX_CHUNKS else None
+
+
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(type, where its data starts, where it ends) of each whole chunk of a PNG, in order, up to IEND
+    or the first chunk the file cuts short."""
+    pos = 8
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return
+        yield kind, pos + 8, end
+        if kind == b"IEND":
+            return
+        pos = end + 4
 
 
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
@@ -407,19 +419,16 @@ def _png_data_short(data: bytes) -> str | None:
         expected = sum(rows((width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy) for x0, y0, dx, dy in _ADAM7)
     else:
         expected = rows(width, height)
-    inflate, produced, pos = zlib.decompressobj(), 0, 8
+    inflate, produced = zlib.decompressobj(), 0
     view = memoryview(data)
     try:
-        while pos + 12 <= len(data) and produced < expected and not inflate.eof:
-            length, kind = struct.unpack_from(">I4s", data, pos)
-            if kind == b"IDAT":
-                pending: Any = view[pos + 8:pos + 8 + length]
-                while pending and produced < expected and not inflate.eof:
-                    produced += len(inflate.decompress(pending, min(1 << 20, expected - produced)))
-                    pending = inflate.unconsumed_tail
-            elif kind == b"IEND":
+        for kind, start, end in _png_chunks(data):
+            if produced >= expected or inflate.eof:
                 break
-            pos += 12 + length
+            pending: Any = view[start:end] if kind == b"IDAT" else b""
+            while pending and produced < expected and not inflate.eof:
+                produced += len(inflate.decompress(pending, min(1 << 20, expected - produced)))
+                pending = inflate.unconsumed_tail
     except zlib.error as e:
         return f"PNG image data is corrupt ({e})"
     if produced < expected:
