@@ -331,11 +331,8 @@ class CredentialCache:
         # skipped a change that committed late meanwhile (a revocation honoured until the next full
         # resync, up to 5 minutes on; found by review, 2026-11-22).
         with connection.cursor() as cursor:
-            cursor.execute("SELECT now(), coalesce(max(id), 0), (SELECT created_at FROM identity_change WHERE id = %s)"
-                           " FROM identity_change", [self._last_change_id])
-            read_at, feed_max, stamp = cursor.fetchone()
-            went_back = feed_max < self._last_change_id
-            if went_back or (self._last_change_stamp is not None and stamp != self._last_change_stamp):
+            read_at, feed_max, stamp, lost = _feed_head(cursor, self._last_change_id, self._last_change_stamp)
+            if lost:
                 # The feed went back: the database was restored from a backup taken before changes this
                 # process applied. Ids below what it has read are given out again, and the look-back
                 # would see only the last 30 s of them: reload everything now, not at the next resync.
@@ -343,8 +340,8 @@ class CredentialCache:
                 # this process's id; the row at that id is then another one, with another stamp
                 # (until 2026-11-23 missed: the restored-away keys lived until the next full resync).
                 log.warning("identity change feed %s this process's %s (a restored database?):"
-                            " reloading every credential", f"is at {feed_max}, behind" if went_back
-                            else "has another row at", self._last_change_id)
+                            " reloading every credential", f"is at {feed_max}, behind"
+                            if feed_max < self._last_change_id else "has another row at", self._last_change_id)
                 return False
             cursor.execute(
                 "SELECT customer_id, max(id) FROM identity_change"
@@ -513,6 +510,16 @@ class CredentialCache:
         self.processes, self._quota_used = processes, quota_used
 
 
+def _feed_head(cursor: Any, version: int, known_stamp: datetime | None) -> tuple[datetime, int, datetime | None, bool]:
+    """(the database's clock, the feed's highest id, the stamp of its row `version`, and whether the feed
+    lost what was read at `version`: its head is below it, or its row `version` is another one than
+    `known_stamp` says; both mean a database restored from a backup taken before it)."""
+    cursor.execute("SELECT now(), coalesce(max(id), 0), (SELECT created_at FROM identity_change WHERE id = %s)"
+                   " FROM identity_change", [version])
+    read_at, head, stamp = cursor.fetchone()
+    return read_at, head, stamp, head < version or (known_stamp is not None and stamp != known_stamp)
+
+
 def _stamp_of(cursor: Any, change_id: int) -> datetime | None:
     """The stamp of the change feed's row `change_id` (None if there is no such row)."""
     cursor.execute("SELECT created_at FROM identity_change WHERE id = %s", [change_id])
@@ -540,10 +547,7 @@ def _from_a_lost_future(version: int, stamp: str | None) -> bool:
     for any process started from it in an outage. False if the database cannot be asked (the file is kept)."""
     try:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT coalesce(max(id), 0) FROM identity_change")
-            if cursor.fetchone()[0] < version:
-                return True
-            return stamp is not None and _stamp_of(cursor, version) != datetime.fromisoformat(stamp)
+            return _feed_head(cursor, version, datetime.fromisoformat(stamp) if stamp else None)[3]
     except Exception as e:  # noqa: BLE001 - keeping the file is the safe side
         log.warning("identity snapshot: could not read the change feed's head (%s: %s)", type(e).__name__, e)
         return False
