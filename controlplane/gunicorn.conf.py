@@ -16,6 +16,11 @@ timeout = int(os.environ.get("API_TIMEOUT", 30))
 # SYNC_WAIT_SECONDS (10) for its job, then answers. Cut short, its client never learns the job's id,
 # though the job runs and is billed. The container's stop grace period must be longer (docker/compose.yml).
 graceful_timeout = int(os.environ.get("API_GRACEFUL_TIMEOUT", 25))
+# On SIGTERM, how long /readyz answers 503 `draining` (everything else served as before) before the
+# graceful stop begins: behind a load balancer, longer than its checks take to mark the node down
+# (HAProxy: inter 2 s x fall 2). 0 (the default, `make run`): the stop begins at once. A second SIGTERM
+# ends the wait. The container's stop grace period must cover both waits (docker/compose.yml).
+drain_seconds = float(os.environ.get("API_DRAIN_SECONDS", 0))
 keepalive = 5
 # gunicorn's control interface (gunicornc) is not used: on by default, every gunicorn on a host took the
 # same socket path ($HOME/.gunicorn/gunicorn.ctl), and a server that stopped removed another's.
@@ -52,10 +57,42 @@ logger_class = Logger
 
 # --- metrics: one /metrics for all workers (docs/adr/0005-observability.md) ----------------------
 def on_starting(server):  # type: ignore[no-untyped-def]
-    """A fresh multiprocess directory for this start, before any worker imports prometheus_client."""
+    """A fresh multiprocess directory for this start, before any worker imports prometheus_client;
+    the draining flag made here, in the master, so that every worker forked from it shares it."""
     from controlplane import metrics_dir
 
     metrics_dir.prepare("api")
+    _drain_on_term(server)
+
+
+def _drain_on_term(server) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM starts draining (controlplane/draining.py) for `drain_seconds`, then gunicorn's own
+    graceful stop; the master's loop, which wakes at least once a second, ends the wait. A second
+    SIGTERM stops at once; SIGINT and SIGQUIT (the quick stop) are unchanged."""
+    import time
+
+    from controlplane import draining
+
+    if drain_seconds <= 0:
+        return
+    stop_term = server.handle_term
+    murder_workers = server.murder_workers
+    deadline: list[float] = []
+
+    def handle_term() -> None:
+        if deadline:
+            stop_term()
+        deadline.append(time.monotonic() + drain_seconds)
+        draining.start()
+        server.log.info("draining: /readyz answers 503 for %.0f s, then the graceful stop", drain_seconds)
+
+    def murder_workers_or_stop() -> None:
+        if deadline and time.monotonic() >= deadline[0]:
+            stop_term()
+        murder_workers()
+
+    server.handle_term = handle_term
+    server.murder_workers = murder_workers_or_stop
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from controlplane import admission, metrics
+from controlplane import admission, draining, metrics
 from controlplane.errors import ApiError, problem
 from controlplane.parsing import discard_unread_body, parse_params, read_upload, single_values
 from identity.authentication import monthly_quota_charge, monthly_quota_refund
@@ -603,6 +603,9 @@ def readyz(request: HttpRequest) -> HttpResponse:
         checks["identity"] = f"degraded: snapshot {age:.0f} s old"
     else:
         checks["identity"] = "ok"
+    if draining.active():
+        # Stopping (SIGTERM, API_DRAIN_SECONDS): out of the load balancer's rotation, still serving.
+        checks["node"] = "unavailable: draining (stopping)"
     failing = sorted(name for name, state in checks.items() if state.startswith("unavailable"))
     if failing:
         return problem(503, "not_ready", f"Not ready: {', '.join(failing)} unavailable.",

@@ -47,6 +47,9 @@ STATE_FILE = ROOT / "var" / "topology" / "state.json"
 LOCK_FILE = ROOT / "var" / "topology" / "lock"
 RUN_BASE = ROOT / "var" / "topology" / "run"
 
+# As compose sets it (docker/compose.yml): a node stopped alone (a rolling restart) leaves HAProxy's
+# rotation before it stops serving.
+API_DRAIN_SECONDS = "6"
 # Fixed ports of the CLI (tests ask for free ones): the cluster sits beside the machine's 5672.
 CLI_PORTS = {"amqp": 5681, "dist": 25681, "management": 15681, "rabbit_prometheus": 15691, "api": 8001,
              "lb": 8080, "lb_metrics": 8404, "worker_metrics": 9801, "prometheus": 9090}
@@ -420,6 +423,7 @@ class Topology:
                 self.apis.append(Process(f"api{i + 1}", [str(VENV_BIN / "gunicorn"), "-c", "controlplane/gunicorn.conf.py",
                                                         "--no-control-socket"],
                                          self._env(i, API_BIND=f"127.0.0.1:{port}", API_WORKERS=str(self.api_workers),
+                                                   API_DRAIN_SECONDS=API_DRAIN_SECONDS,
                                                    AUTH_SNAPSHOT_PATH=str(d / "identity-snapshot.json"),
                                                    PROMETHEUS_MULTIPROC_DIR=str(d / "metrics"),
                                                    METERING_SPOOL_DIR=str(d / "spool")),
@@ -499,6 +503,8 @@ class Topology:
             procs = [p for p in tier if p is not None and p.proc is not None]
             for p in procs:
                 p.signal()
+                if p in self.apis:
+                    p.signal()  # the load balancer is gone: a second SIGTERM skips the drain
             for p in procs:
                 codes[p.name] = p.wait(timeout)
         if self._own_base and not self.keep and self.base is not None:
@@ -868,6 +874,8 @@ def _stop_from_state() -> int:
             if _is_recorded_process(p):
                 try:
                     os.kill(int(p["pid"]), p["signal"])
+                    if prefix == "api":
+                        os.kill(int(p["pid"]), p["signal"])  # the load balancer is gone: the second skips the drain
                     signalled.append(p)
                 except ProcessLookupError:
                     pass

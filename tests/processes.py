@@ -36,10 +36,15 @@ def log_tail(log: IO[bytes]) -> str:
     return log.read().decode(errors="replace")[-2000:]
 
 
+class ServerUrl(str):
+    """A server's base URL that also knows the server's process (gunicorn's master)."""
+    process: subprocess.Popen
+
+
 @contextmanager
-def api_server(log: IO[bytes] | None = None, **env: str) -> Iterator[str]:
-    """A gunicorn API server on a free loopback port; yields its base URL. Its stderr (its log lines)
-    goes to `log` when given."""
+def api_server(log: IO[bytes] | None = None, **env: str) -> Iterator[ServerUrl]:
+    """A gunicorn API server on a free loopback port; yields its base URL (`.process`: gunicorn's
+    master). Its stderr (its log lines) goes to `log` when given."""
     port = free_port()
     full_env = {**os.environ, "DATABASE_URL": database_url_for_tests(), "API_BIND": f"127.0.0.1:{port}",
                 "API_WORKERS": "2", **env}
@@ -48,7 +53,8 @@ def api_server(log: IO[bytes] | None = None, **env: str) -> Iterator[str]:
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c",
                              "controlplane/gunicorn.conf.py"], cwd=ROOT, env=full_env,
                             stdout=subprocess.DEVNULL, stderr=errors)
-    base = f"http://127.0.0.1:{port}"
+    base = ServerUrl(f"http://127.0.0.1:{port}")
+    base.process = proc
     try:
         try:
             wait_until(f"gunicorn {base}", lambda: http_ok(f"{base}/healthz"), 30, [proc])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,8 +53,13 @@ def server(key):
         yield base
 
 
+class EdgeUrl(str):
+    """The load balancer's base URL; `.metrics`: its Prometheus exporter's."""
+    metrics: str
+
+
 @contextmanager
-def load_balancer(*api_urls: str, http_request_timeout: str = "3s", server_timeout: str = "35s") -> Iterator[str]:
+def load_balancer(*api_urls: str, http_request_timeout: str = "3s", server_timeout: str = "35s") -> Iterator[EdgeUrl]:
     """HAProxy with docker/haproxy/haproxy.cfg (as the topology rewrites it for loopback) in front of
     the given API servers. `timeout http-request` is shortened from 10 s so the test is quick."""
     # A failure, not a skip: make test installs it (scripts/services.sh), and a skip would pass CI
@@ -67,7 +73,8 @@ def load_balancer(*api_urls: str, http_request_timeout: str = "3s", server_timeo
     (directory / "haproxy.cfg").write_text(config)
     proc = subprocess.Popen([shutil.which("haproxy") or "haproxy", "-db", "-f", str(directory / "haproxy.cfg")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    url = EdgeUrl(f"http://127.0.0.1:{port}")
+    url.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         wait_until("haproxy", lambda: http_ok(f"{url}/healthz"), 20, [proc])  # /readyz is not served publicly
         yield url
@@ -213,6 +220,66 @@ def test_the_load_balancers_own_errors_are_problems(key):
     print(f"\nedge, the load balancer's own answers: {answers}")
     assert answers == {"slow headers": (408, None), "dropped": (502, "bad_gateway"),
                        "no answer in time": (504, "gateway_timeout"), "unparsable": (400, None)}
+
+
+def test_a_node_stopped_behind_the_load_balancer_drains_first_and_no_request_fails(key):
+    """A deploy stops one API node with SIGTERM while clients keep sending resizes over kept-alive
+    connections. The node first drains (API_DRAIN_SECONDS): its /readyz answers 503 `draining`, HAProxy's
+    checks take it out of rotation while it still serves, and only then does gunicorn stop. Stopped at
+    once, it closed idle connections under requests HAProxy had just sent on them: 502s."""
+    image = make_image("PNG", (32, 32))
+    answers: list[int | str] = []
+    stop = threading.Event()
+
+    def client(lb: str) -> None:
+        with httpx.Client(base_url=lb, timeout=30, headers={"Authorization": f"Bearer {key}"}) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/v1/resize?width=16", content=image, headers={"Content-Type": "image/png"})
+                    answers.append(r.status_code if r.status_code == 200 else f"{r.status_code} {r.text[:300]}")
+                except httpx.HTTPError as e:
+                    answers.append(type(e).__name__)
+
+    # Admission control off: on a busy machine its refusals (503 `overloaded`) are right, and not this test's.
+    node = {"API_DRAIN_SECONDS": "5", "ADMISSION_MAX_QUEUE_DEPTH": "0", "ADMISSION_TARGET_QUEUE_WAIT_SECONDS": "0"}
+    with api_server(**node) as stopped, api_server(**node) as staying:
+        wait_authenticated(stopped, key)
+        wait_authenticated(staying, key)
+        with load_balancer(stopped, staying) as lb:
+            wait_until("both nodes in rotation", lambda: _in_rotation(lb) == 2, 20, [])
+            clients = [threading.Thread(target=client, args=(lb,)) for _ in range(4)]
+            for t in clients:
+                t.start()
+            try:
+                time.sleep(2)
+                before = len(answers)
+                stopped.process.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                readyz = httpx.get(f"{stopped}/readyz", timeout=5)
+                resize = httpx.post(f"{stopped}/v1/resize?width=16", content=image, timeout=30,
+                                    headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
+                stopped.process.wait(40)
+                during = len(answers) - before
+                time.sleep(2)
+            finally:
+                stop.set()
+                for t in clients:
+                    t.join(30)
+    print(f"\nedge, a node stopped under load: {len(answers)} answers ({during} while it drained and stopped): "
+          f"{ {a: answers.count(a) for a in set(answers)} }")
+    assert readyz.status_code == 503 and readyz.json()["checks"]["node"] == "unavailable: draining (stopping)"
+    assert resize.status_code == 200  # still serving while it drains
+    assert stopped.process.returncode == 0
+    assert during > 20 and set(answers) == {200}
+
+
+def _in_rotation(lb: EdgeUrl) -> int:
+    """How many API nodes HAProxy has in rotation (its Prometheus exporter)."""
+    metrics = httpx.get(lb.metrics, timeout=5).text
+    for line in metrics.splitlines():
+        if line.startswith('haproxy_backend_active_servers{proxy="api"}'):
+            return int(float(line.split()[-1]))
+    return 0
 
 
 # --- malformed multipart ---------------------------------------------------------------------------
