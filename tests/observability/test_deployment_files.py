@@ -121,6 +121,17 @@ def test_compose_has_the_production_shape(compose):
         archive = services[name]["environment"]["METERING_ARCHIVE_URL"].removeprefix("file://")
         assert mounts(services[name])[archive] == mounts(services[workers[0]])[archive]
         assert not mounts(services[name])[archive].startswith("/")
+    archive_volume = mounts(services[workers[0]])[
+        services[workers[0]]["environment"]["METERING_ARCHIVE_URL"].removeprefix("file://")]
+    for name, s in services.items():
+        # `manage.py metering_run archive` can be run by hand in any app container (`exec api1 ...`): the
+        # files it writes, the only copy of the rows it deletes, must land on that shared volume.
+        if "METERING_ARCHIVE_URL" in (s.get("environment") or {}):
+            assert mounts(s).get(s["environment"]["METERING_ARCHIVE_URL"].removeprefix("file://")) == archive_volume, name
+    for name in apis:
+        # A node recreated while PostgreSQL is away starts from its snapshot: on a volume of its own.
+        snapshot_dir = str(Path(services[name]["environment"]["AUTH_SNAPSHOT_PATH"]).parent)
+        assert mounts(services[name])[snapshot_dir] == f"identity-{name}", name
 
     # HAProxy balances exactly the API services, health-checked on /readyz.
     haproxy = (DOCKER / "haproxy" / "haproxy.cfg").read_text()
@@ -128,14 +139,20 @@ def test_compose_has_the_production_shape(compose):
     # HTTP/1.1 with a Host Django allows: HTTP/1.0 without a Host was a 400 (DisallowedHost: gunicorn's
     # bind address 0.0.0.0:8000) in a container, and every API node stayed down.
     assert "http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host localhost" in haproxy
+    inter_s, fall_s = re.search(r"^\s+default-server check inter (\d+)s fall (\d+) ", haproxy, re.M).groups()
+    inter, fall = int(inter_s), int(fall_s)
     for name in apis:
         # Django answers 400 to a Host it does not list: HAProxy's check and the container's own health
         # check send `localhost`; Prometheus sends each node's name (its target, api<N>:8000).
         assert {"localhost", *apis} <= set(services[name]["environment"]["ALLOWED_HOSTS"].split(",")), name
         healthcheck = " ".join(services[name]["healthcheck"]["test"])
         assert "/healthz" in healthcheck and "headers={'Host': 'localhost'}" in healthcheck, healthcheck
-        # A deploy lets requests in flight finish: the container waits longer than gunicorn does.
-        assert int(services[name]["stop_grace_period"].rstrip("s")) > 25
+        # A deploy drops no request: a stopping node drains (its /readyz failing) longer than HAProxy's
+        # checks take to mark it down, then lets requests in flight finish (API_GRACEFUL_TIMEOUT, 25 s),
+        # and the container waits for both.
+        drain = float(services[name]["environment"]["API_DRAIN_SECONDS"])
+        assert drain > inter * fall, (drain, inter, fall)
+        assert int(services[name]["stop_grace_period"].rstrip("s")) > drain + 25
 
 
 def test_allowed_hosts_keeps_the_deployments_own_names_whatever_env_sets():
