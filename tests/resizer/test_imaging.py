@@ -1351,15 +1351,19 @@ def test_a_png_whose_image_data_is_short_is_refused_and_a_whole_one_is_not(size,
             resize(_raw_png(picture, interlace=interlace, rows=size[1] // 2), Params(width=size[0], format="png"))
 
 
-def _gif_of_patches(screen: tuple[int, int], patches: list[tuple[int, int, int]]) -> bytes:
-    """A GIF of a `screen`-sized logical screen whose frames are 20x20 patches of palette colour
-    `index` at (x, y), none with a transparent index (Pillow writes a first frame as big as the screen)."""
-    palette = [10, 10, 200, 220, 10, 10, 10, 220, 10, 250, 250, 250]  # blue, red, green, white
+_GIF_COLOURS = [10, 10, 200, 220, 10, 10, 10, 220, 10, 250, 250, 250]  # blue, red, green, white
+
+
+def _gif_of(screen: tuple[int, int], frames: list[tuple[int, int, Image.Image, int | None, int]],
+            grey: bool = False) -> bytes:
+    """A GIF of a `screen`-sized logical screen and the given frames, each (x, y, image of palette
+    indices, its transparent index or None, its disposal method), with a global palette of blue, red,
+    green and white (`grey`: the identity greys 0-7, which Pillow reads as mode L)."""
     blocks = b""
-    for x, y, index in patches:
-        patch = Image.new("P", (20, 20), index)
-        patch.putpalette(palette + [0] * (768 - len(palette)))
-        written = encode(patch, "GIF", optimize=False)  # optimized, the patch's colour became index 0
+    for x, y, indices, clear, disposal in frames:
+        patch = indices.copy()
+        patch.putpalette(_GIF_COLOURS + [0] * (768 - len(_GIF_COLOURS)))
+        written = encode(patch, "GIF", optimize=False)  # optimized, the patch's colours were renumbered
         at = 13 + (3 << ((written[10] & 7) + 1) if written[10] & 0x80 else 0)
         while written[at] == 0x21:  # extensions: label, then sub-blocks
             at += 2
@@ -1368,11 +1372,18 @@ def _gif_of_patches(screen: tuple[int, int], patches: list[tuple[int, int, int]]
             at += 1
         image = bytearray(written[at:-1])
         image[1:5] = struct.pack("<HH", x, y)
-        blocks += b"\x21\xf9\x04\x04\x0a\x00\x00\x00" + bytes(image)  # keep the frame (disposal 1), 0.1 s
+        flags = disposal << 2 | (clear is not None)
+        blocks += b"\x21\xf9\x04" + bytes([flags, 0x0a, 0x00, clear or 0, 0]) + bytes(image)  # 0.1 s a frame
     width, height = screen
-    table = bytes(palette) + bytes(3 * 4)  # 8 entries
+    table = bytes(v for i in range(8) for v in (i, i, i)) if grey else bytes(_GIF_COLOURS) + bytes(3 * 4)  # 8 entries
     return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0x82, 0, 0) + table
             + b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00" + blocks + b";")
+
+
+def _gif_of_patches(screen: tuple[int, int], patches: list[tuple[int, int, int]]) -> bytes:
+    """A GIF of a `screen`-sized logical screen whose frames are 20x20 patches of palette colour
+    `index` at (x, y), none with a transparent index, each kept (disposal 1)."""
+    return _gif_of(screen, [(x, y, Image.new("P", (20, 20), index), None, 1) for x, y, index in patches])
 
 
 def test_a_gif_screen_no_frame_has_painted_is_transparent():
@@ -1394,6 +1405,40 @@ def test_a_gif_screen_no_frame_has_painted_is_transparent():
     assert second.getpixel((45, 20))[:3] == pytest.approx((10, 220, 10), abs=12) and second.getpixel((45, 20))[3] == 255
     whole = encode(Image.new("P", (60, 40), 1), "GIF")  # a first frame the size of the screen: nothing cleared
     assert decode(resize(whole, Params(width=60, format="png")).data).mode == "RGB"
+
+
+def _apng_frames(data: bytes) -> list[Image.Image]:
+    """Each frame of an animated PNG as it is shown (Pillow composites them), in RGBA."""
+    im = Image.open(io.BytesIO(data))
+    frames = []
+    for index in range(im.n_frames):
+        im.seek(index)
+        frames.append(im.convert("RGBA"))
+    return frames
+
+
+def _half(size: tuple[int, int], left: int, right: int) -> Image.Image:
+    """Palette indices: the left half `left`, the right half `right`."""
+    patch = Image.new("P", size, right)
+    patch.paste(left, (0, 0, size[0] // 2, size[1]))
+    return patch
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_a_later_gif_frame_s_transparent_pixels_over_unpainted_screen_stay_transparent(grey):
+    """The second frame's left half is its transparent index, over screen the first frame never
+    painted: browsers show it transparent; Pillow left its fill there (palette index 0) and the engine
+    counted the whole of the frame's rectangle as painted, an opaque blue (or black) block. Grey: a
+    palette of identity greys, which Pillow decodes as mode L (as it writes a greyscale GIF)."""
+    data = _gif_of((60, 40), [(10, 10, Image.new("P", (20, 20), 1), None, 1),
+                              (34, 10, _half((20, 20), 3, 2), 3, 1)], grey=grey)
+    first, second = _apng_frames(resize(data, Params(width=60, format="png")).data)
+    painted = (1, 1, 1) if grey else (220, 10, 10)
+    assert first.getpixel((2, 2))[3] == 0 and first.getpixel((38, 20))[3] == 0
+    assert second.getpixel((2, 2))[3] == 0
+    assert second.getpixel((20, 20)) == (*painted, 255)  # the first frame's, kept
+    assert second.getpixel((38, 20))[3] == 0  # the second frame's transparent half: nothing painted there
+    assert second.getpixel((50, 20)) == ((2, 2, 2) if grey else (10, 220, 10)) + (255,)
 
 
 def test_an_animated_avif_without_a_format_keeps_its_motion_in_webp():
