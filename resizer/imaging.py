@@ -743,14 +743,18 @@ def _tiff_bits(im: Image.Image) -> int:
 
 # A GIF's frames as browsers show them. Pillow composites each frame onto a canvas it keeps (P for the
 # first frame, then RGB, or RGBA if the first frame had a transparent index; L for a palette of
-# identity greys), but browsers start from a transparent screen, while Pillow filled what no frame had
-# painted with palette index 0, opaque: a first frame smaller than the screen came out on an opaque
-# border (found by an engine review, 2026-11-23), and a later frame's transparent pixels over screen
-# nothing had painted showed that fill (a mask of the frames' rectangles counted them as painted). Where
-# the first frame leaves screen unpainted, the canvas is made RGBA, transparent there, and Pillow's
-# compositing goes on from it: a frame's transparent pixels leave what is below them, transparent or
-# not. This reaches into the plugin's state (its canvas and mode, read by its _seek and load_end;
-# Pillow is pinned in requirements.txt).
+# identity greys), but browsers start from a transparent screen and clear a frame disposed "to the
+# background" (disposal 2) to transparent, while Pillow filled what no frame had painted with palette
+# index 0 and that disposal with the background colour, both opaque: a first frame smaller than the
+# screen came out on an opaque border (found by an engine review, 2026-11-23), and a later frame's
+# transparent pixels over screen nothing had painted showed that fill (a mask of the frames'
+# rectangles counted them as painted), as did the rectangle of a frame disposed to the background.
+# Where browsers show transparency that Pillow's canvas cannot hold, the canvas is made RGBA, with its
+# transparency (a first frame's transparent index, the screen that frame leaves unpainted), disposal 2
+# fills its rectangle with transparency, and Pillow's compositing goes on from there: a frame's
+# transparent pixels leave what is below them, transparent or not. This reaches into the plugin's
+# state (its canvas, mode and disposal fill, read by its _seek and load_end; Pillow is pinned in
+# requirements.txt).
 
 
 def _gif_rgba(im: ImageFile.ImageFile, painted: Image.Image | None = None) -> None:
@@ -773,6 +777,19 @@ def _gif_first_frame(im: ImageFile.ImageFile) -> None:
         painted = Image.new("L", im.size, 0)
         painted.paste(255, extent)
         _gif_rgba(im, painted)
+
+
+def _gif_before_seek(im: ImageFile.ImageFile) -> None:
+    """Before the seek to the next frame, which pastes the shown frame's disposal fill: disposal 2
+    (restore to the background) clears the frame's rectangle to transparent in browsers (Chrome,
+    Firefox), where Pillow filled it with the background colour (without a transparent index) or lost
+    the transparency on an RGB canvas. So does disposal 3 (restore what was there before) on the first
+    frame, before which there was nothing (Pillow takes 4-7 as 3, and without a transparent index left
+    the frame there)."""
+    extent = getattr(im, "dispose_extent", None)
+    if extent and (im.disposal_method == 2 or (im.disposal_method >= 3 and im.tell() == 0)):  # type: ignore[attr-defined]
+        _gif_rgba(im)
+        im.dispose = Image.core.fill("RGBA", (extent[2] - extent[0], extent[3] - extent[1]), (0, 0, 0, 0))  # type: ignore[attr-defined]
 
 
 def _gif_after_seek(im: ImageFile.ImageFile) -> None:
@@ -1237,6 +1254,8 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
         start = 1 if animate and facts.format == "png" and im.info.get("default_image") else 0
         for index in range(start, count):
             if index:
+                if facts.format == "gif":
+                    _gif_before_seek(im)
                 im.seek(index)
                 if facts.format == "gif":
                     _gif_after_seek(im)

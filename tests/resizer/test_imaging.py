@@ -1441,6 +1441,30 @@ def test_a_later_gif_frame_s_transparent_pixels_over_unpainted_screen_stay_trans
     assert second.getpixel((50, 20)) == ((2, 2, 2) if grey else (10, 220, 10)) + (255,)
 
 
+@pytest.mark.parametrize("grey", [False, True])
+@pytest.mark.parametrize("first_has_a_transparent_index", [False, True])
+def test_a_gif_frame_disposed_to_the_background_is_cleared_to_transparent(grey, first_has_a_transparent_index):
+    """Disposal 2 on a frame without a transparent index: browsers (Chrome, Firefox) clear its rectangle
+    to transparent; Pillow fills it with the background colour (palette index 0, opaque), which the
+    engine passed on. A red screen, a green patch disposed to the background, then a blue patch
+    elsewhere: where the green patch was is transparent in the third frame. With the first frame
+    opaque, Pillow's frames have no alpha at all (RGB); with a transparent index, they have it. The
+    first frame disposed to the background, or to what was there before it (nothing), likewise."""
+    data = _gif_of((40, 20), [(0, 0, Image.new("P", (40, 20), 1), 3 if first_has_a_transparent_index else None, 1),
+                              (0, 0, Image.new("P", (20, 20), 2), None, 2),
+                              (30, 0, Image.new("P", (10, 10), 0), None, 1)], grey=grey)
+    frames = _apng_frames(resize(data, Params(width=40, format="png")).data)
+    red, green, blue = ((1, 1, 1), (2, 2, 2), (0, 0, 0)) if grey else ((220, 10, 10), (10, 220, 10), (10, 10, 200))
+    assert [f.getpixel((10, 10)) for f in frames] == [(*red, 255), (*green, 255), (*frames[2].getpixel((10, 10))[:3], 0)]
+    assert frames[2].getpixel((25, 15)) == (*red, 255) and frames[2].getpixel((35, 5)) == (*blue, 255)
+    for disposal in (2, 3):  # the first frame's: to the background, or to what was before it (nothing)
+        first_disposed = _gif_of((40, 20), [(0, 0, Image.new("P", (40, 20), 1), None, disposal),
+                                            (0, 0, Image.new("P", (20, 20), 2), None, 1)], grey=grey)
+        first, second = _apng_frames(resize(first_disposed, Params(width=40, format="png")).data)
+        assert first.getpixel((30, 10)) == (*red, 255)
+        assert second.getpixel((10, 10)) == (*green, 255) and second.getpixel((30, 10))[3] == 0
+
+
 def test_an_animated_avif_without_a_format_keeps_its_motion_in_webp():
     """With no `format`, an animated AVIF came back a still AVIF (our AVIF output is a still): the
     motion was dropped without a word. `format=avif` still asks for the first frame."""
