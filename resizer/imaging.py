@@ -786,6 +786,10 @@ def _gif_before_seek(im: ImageFile.ImageFile) -> None:
     the transparency on an RGB canvas. So does disposal 3 (restore what was there before) on the first
     frame, before which there was nothing (Pillow takes 4-7 as 3, and without a transparent index left
     the frame there)."""
+    if im.mode == "L" and "transparency" in im.info:
+        # Pillow keeps an L canvas (a palette of identity greys) for every frame, with the first frame's
+        # transparent grey: a later frame's opaque pixels of that grey came out transparent.
+        _gif_rgba(im)
     extent = getattr(im, "dispose_extent", None)
     if extent and (im.disposal_method == 2 or (im.disposal_method >= 3 and im.tell() == 0)):  # type: ignore[attr-defined]
         _gif_rgba(im)

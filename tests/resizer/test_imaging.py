@@ -1465,6 +1465,18 @@ def test_a_gif_frame_disposed_to_the_background_is_cleared_to_transparent(grey, 
         assert second.getpixel((10, 10)) == (*green, 255) and second.getpixel((30, 10))[3] == 0
 
 
+def test_a_later_grey_gif_frame_keeps_its_pixels_of_the_first_frame_s_transparent_grey():
+    """A GIF of identity greys (Pillow's mode L, as it writes a greyscale GIF) whose first frame's
+    transparent index is grey 1, then a frame without a transparent index, all grey 1: Pillow keeps the
+    first frame's transparent grey for every frame of such a file, and the second frame came out
+    transparent where browsers show it opaque."""
+    data = _gif_of((20, 10), [(0, 0, _half((20, 10), 1, 2), 1, 1), (0, 0, Image.new("P", (20, 10), 1), None, 1)],
+                   grey=True)
+    first, second = _apng_frames(resize(data, Params(width=20, format="png")).data)
+    assert first.getpixel((5, 5))[3] == 0 and first.getpixel((15, 5)) == (2, 2, 2, 255)
+    assert second.getpixel((5, 5)) == (1, 1, 1, 255) and second.getpixel((15, 5)) == (1, 1, 1, 255)
+
+
 def test_an_animated_avif_without_a_format_keeps_its_motion_in_webp():
     """With no `format`, an animated AVIF came back a still AVIF (our AVIF output is a still): the
     motion was dropped without a word. `format=avif` still asks for the first frame."""
