@@ -1,7 +1,10 @@
 """What the PNG short-data check costs, on the corpus PNGs, against a whole conversion: the test of
 the last row the data writes (resizer/imaging.py `_png_last_row_blank`), and the inflate of the image
 data after Pillow's decode (`_png_data_short`) which runs only when that row is blank (timed alone
-here, and as it cost when it ran on every PNG).
+here, and as it cost when it ran on every PNG). Then the same for an APNG's later frames (fdAT), made
+here from each corpus PNG (6 frames, each the picture rolled 7 px further; Pillow's writer): the test
+of the row a frame's data writes last, before and after its decode (`_apng_frame_row`), and the inflate
+of the frame's data, which runs only when that row stayed as it was.
 
     .venv/bin/python bench/bench_png_check.py [--rounds 10]
 
@@ -11,6 +14,7 @@ CPU time of one thread (time.thread_time), one process: the check alone, and the
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from pathlib import Path
@@ -57,6 +61,37 @@ def main() -> None:
                     finally:
                         imaging._png_last_row_blank = blank
             print(f"| {path.name} | {facts.width}x{facts.height} | {blank(decoded, data)} | {alone:.1f} | {box} | "
+                  + " / ".join(f"{median(t):.1f}" for t in times.values()) + " |")
+
+    row = imaging._apng_frame_row
+    frame_variants = {"as it is": row, "inflate always": lambda im, data: b"", "no check": lambda im, data: None}
+    print()
+    print("| APNG of | frames | frame inflates | box | conversion ms: " + " / ".join(frame_variants) + " |")
+    print("|---|---|---|---|---|")
+    for path in sorted(CORPUS.glob("*.png")):
+        still = imaging.Image.open(path)
+        still.load()
+        frames = [imaging.ImageChops.offset(still, 7 * i, 0) for i in range(6)]
+        buf = io.BytesIO()
+        frames[0].save(buf, "PNG", save_all=True, append_images=frames[1:], duration=100)
+        data = buf.getvalue()
+        counted: list[int] = []
+        imaging._png_data_short = lambda data, frame=0: counted.append(frame) or inflate(data, frame)
+        try:
+            imaging.resize(data, imaging.Params(width=256, height=256, format="png"))
+        finally:
+            imaging._png_data_short = inflate
+        for box in (800, 256):
+            params = imaging.Params(width=box, height=box, format="png")
+            times = {name: [] for name in frame_variants}
+            for _ in range(args.rounds):
+                for name, variant in frame_variants.items():
+                    imaging._apng_frame_row = variant
+                    try:
+                        times[name].append(_cpu_ms(lambda: imaging.resize(data, params), 1))
+                    finally:
+                        imaging._apng_frame_row = row
+            print(f"| {path.name} | {len(frames)} | {len(counted)} | {box} | "
                   + " / ".join(f"{median(t):.1f}" for t in times.values()) + " |")
 
 

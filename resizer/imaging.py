@@ -385,32 +385,78 @@ def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
+def _png_last_written_row(height: int, interlaced: bool) -> int | None:
+    """The row of an image (or APNG frame) `height` rows high that its data writes last: its last row,
+    or with Adam7 interlacing its last odd row (written by the seventh pass alone, the last in the
+    data); None for an interlaced image of one row, which is always checked."""
+    if not interlaced:
+        return height - 1
+    if height < 2:
+        return None
+    return height - 1 if height % 2 == 0 else height - 2
+
+
 def _png_last_row_blank(im: Image.Image, data: bytes) -> bool:
     """Whether the last row the image data writes decoded as all zero bytes, as Pillow leaves a row the
     data never reached: only then can the data be short, and only then is it inflated again
-    (`_png_data_short`; on every PNG it cost 4-19% of a conversion). The last row the data writes is
-    the image's last row, or with Adam7 interlacing its last odd row (written by the seventh pass
-    alone, the last in the data); an interlaced image of one row is always checked."""
-    height = im.height
-    if data[28]:  # interlaced
-        if height < 2:
-            return True
-        row = height - 1 if height % 2 == 0 else height - 2
-    else:
-        row = height - 1
-    return not im.crop((0, row, im.width, row + 1)).tobytes().strip(b"\0")
+    (`_png_data_short`; on every PNG it cost 4-19% of a conversion)."""
+    row = _png_last_written_row(im.height, bool(data[28]))
+    return row is None or not im.crop((0, row, im.width, row + 1)).tobytes().strip(b"\0")
 
 
-def _png_data_short(data: bytes) -> str | None:
-    """Why a PNG's image data (its IDAT chunks) holds fewer bytes than its header's rows need, or None.
-    Pillow fills the missing rows with black without a word (libpng, hence sharp, refuses the file);
-    only counting the inflated bytes tells. Run after Pillow's decode (the size limits are checked by
-    then) and stopped at the size the header declares: one more inflate, ~30% of a PNG's decode, so
-    only where the last row the data writes came out blank."""
+def _apng_frame_row(im: ImageFile.ImageFile, data: bytes) -> bytes:
+    """The canvas row, inside the current APNG frame's rectangle, that the frame's data writes last, read
+    from the canvas without loading the frame (b"" for an interlaced frame of one row: always checked).
+    Pillow decodes a later frame onto the canvas, so a row its data never reached keeps what was there:
+    read before and after the frame's decode, a row left as it was is the one sign that the data may be
+    short, and only then is it inflated again (`_png_data_short`). Encoders crop a frame to where it
+    differs from the canvas, so its last row changes (and otherwise the check costs an inflate)."""
+    x0, y0, x1, y1 = (int(v) for v in im.dispose_extent)  # type: ignore[attr-defined]
+    row = _png_last_written_row(y1 - y0, bool(data[28]))
+    if row is None:
+        return b""
+    return im._new(im.im.crop((x0, y0 + row, x1, y0 + row + 1))).tobytes()
+
+
+def _apng_frame_data(data: bytes, frame: int) -> tuple[int, int, list[memoryview]]:
+    """The size of an APNG's `frame`-th frame held in fdAT chunks (1 the first: Pillow's frame number,
+    whether the IDAT image is the first frame or a still fallback before them) and its image data (the
+    chunks' payloads after their sequence numbers)."""
+    view, width, height, found, counted = memoryview(data), 0, 0, 0, False
+    pieces: list[memoryview] = []
+    for kind, start, end in _png_chunks(data):
+        if kind == b"fcTL":
+            if pieces:
+                break
+            if end - start >= 12:
+                width, height = struct.unpack_from(">II", data, start + 4)
+            counted = False
+        elif kind == b"fdAT" and end - start >= 4:
+            if not counted:
+                found, counted = found + 1, True
+            if found == frame:
+                pieces.append(view[start + 4:end])
+    return width, height, pieces
+
+
+def _png_data_short(data: bytes, frame: int = 0) -> str | None:
+    """Why a PNG's image data (its IDAT chunks; with `frame`, that APNG frame's fdAT chunks) holds fewer
+    bytes than its rows need, or None. Pillow fills the missing rows with black (a later APNG frame's
+    with what the canvas held there) without a word (libpng, hence sharp, refuses the file); only
+    counting the inflated bytes tells. Run after Pillow's decode (the size limits are checked by then)
+    and stopped at the size the header (or the frame's fcTL) declares: one more inflate, ~30% of a PNG's
+    decode, so only where the last row the data writes came out blank (or, in a later APNG frame, as
+    the canvas held it)."""
     width, height, depth, colour, _, _, interlace = struct.unpack_from(">IIBBBBB", data, 16)
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour)
     if channels is None:
         return None  # Pillow has refused it already
+    view = memoryview(data)
+    if frame:
+        width, height, frame_pieces = _apng_frame_data(data, frame)
+        pieces: Iterator[memoryview] = iter(frame_pieces)
+    else:
+        pieces = (view[start:end] for kind, start, end in _png_chunks(data) if kind == b"IDAT")
 
     def rows(w: int, h: int) -> int:  # a filter byte and the samples, a row
         return (1 + (w * channels * depth + 7) // 8) * h if w and h else 0
@@ -420,19 +466,20 @@ def _png_data_short(data: bytes) -> str | None:
     else:
         expected = rows(width, height)
     inflate, produced = zlib.decompressobj(), 0
-    view = memoryview(data)
+    what = f"APNG frame {frame}'s image data" if frame else "PNG image data"
     try:
-        for kind, start, end in _png_chunks(data):
+        for piece in pieces:
             if produced >= expected or inflate.eof:
                 break
-            pending: Any = view[start:end] if kind == b"IDAT" else b""
+            pending: Any = piece
             while pending and produced < expected and not inflate.eof:
                 produced += len(inflate.decompress(pending, min(1 << 20, expected - produced)))
                 pending = inflate.unconsumed_tail
     except zlib.error as e:
-        return f"PNG image data is corrupt ({e})"
+        return f"{what} is corrupt ({e})"
     if produced < expected:
-        return f"PNG image data is short: {produced} of the {expected} bytes its {width}x{height} header needs"
+        return f"{what} is short: {produced} of the {expected} bytes its {width}x{height} " + (
+            "frame needs" if frame else "header needs")
     return None
 
 
@@ -1271,7 +1318,10 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
             if count > 1 and decoded > limits.max_animation_pixels:
                 raise ImageTooLarge(f"the animation's frames decode to more than {limits.max_animation_pixels} "
                                     f"pixels in all (frame {index} is {im.size[0]}x{im.size[1]})")
+            kept = _apng_frame_row(im, data) if index and facts.format == "png" else None
             im.load()
+            if kept is not None and _apng_frame_row(im, data) == kept and (short := _png_data_short(data, index)):
+                raise CorruptImage(short)
             if facts.format == "gif" and index == 0:
                 _gif_first_frame(im)
             if facts.format == "png":

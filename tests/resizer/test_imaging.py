@@ -37,6 +37,7 @@ from resizer.imaging import (
     target_size,
     validate,
 )
+from resizer import imaging
 from resizer.imaging import _layout  # the contain layout's inner size
 
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
@@ -1317,9 +1318,9 @@ def test_junk_between_jpeg_segments_is_refused_before_pillow_walks_it(junk, time
         probe(_jpeg_with_junk(junk * times))
 
 
-def _raw_png(im: Image.Image, *, interlace: bool = False, rows: int | None = None) -> bytes:
-    """An 8-bit RGB PNG of `im`, written here (Pillow writes no interlaced PNG): Adam7-interlaced if
-    asked, its image data cut after its first `rows` rows (of all passes; a complete zlib stream)."""
+def _png_rows(im: Image.Image, *, interlace: bool = False, rows: int | None = None) -> bytes:
+    """The filtered rows (filter 0) of an 8-bit RGB PNG of `im`, Adam7-interlaced if asked, cut after
+    the first `rows` rows (of all passes)."""
     passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
     rgb = im.convert("RGB")
     lines = []
@@ -1327,10 +1328,38 @@ def _raw_png(im: Image.Image, *, interlace: bool = False, rows: int | None = Non
         for y in range(y0, im.height, dy):
             row = b"".join(bytes(rgb.getpixel((x, y))) for x in range(x0, im.width, dx))
             lines += [b"\0" + row] if row else []
-    raw = b"".join(lines[:rows])
+    return b"".join(lines[:rows])
+
+
+def _raw_png(im: Image.Image, *, interlace: bool = False, rows: int | None = None) -> bytes:
+    """An 8-bit RGB PNG of `im`, written here (Pillow writes no interlaced PNG): Adam7-interlaced if
+    asked, its image data cut after its first `rows` rows (of all passes; a complete zlib stream)."""
     header = struct.pack(">IIBBBBB", im.width, im.height, 8, 2, 0, 0, int(interlace))
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(raw))
-            + png_chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(_png_rows(im, interlace=interlace, rows=rows))) + png_chunk(b"IEND", b""))
+
+
+def _raw_apng(size: tuple[int, int], frames: list[tuple[int, int, Image.Image, int, int]], *, interlace: bool = False,
+              default_image: bool = False, short: int | None = None, rows: int | None = None) -> bytes:
+    """An 8-bit RGB APNG written here (Pillow writes no interlaced PNG): each frame (x, y, image, dispose_op,
+    blend_op), the first in IDAT unless `default_image` (a grey still in IDAT, not a frame), the others in
+    two fdAT chunks each; frame `short`'s data cut after its first `rows` rows (a complete zlib stream)."""
+    header = struct.pack(">IIBBBBB", *size, 8, 2, 0, 0, int(interlace))
+    out = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"acTL", struct.pack(">II", len(frames), 0))
+    if default_image:
+        out += png_chunk(b"IDAT", zlib.compress(_png_rows(Image.new("RGB", size, (99, 99, 99)), interlace=interlace)))
+    sequence = 0
+    for index, (x, y, im, dispose, blend) in enumerate(frames):
+        out += png_chunk(b"fcTL", struct.pack(">IIIIIHHBB", sequence, im.width, im.height, x, y, 1, 10, dispose, blend))
+        sequence += 1
+        stream = zlib.compress(_png_rows(im, interlace=interlace, rows=rows if index == short else None))
+        if index == 0 and not default_image:
+            out += png_chunk(b"IDAT", stream)
+            continue
+        for part in (stream[:len(stream) // 2], stream[len(stream) // 2:]):
+            out += png_chunk(b"fdAT", struct.pack(">I", sequence) + part)
+            sequence += 1
+    return out + png_chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 2), (5, 9), (17, 13), (64, 48)])
@@ -1349,6 +1378,35 @@ def test_a_png_whose_image_data_is_short_is_refused_and_a_whole_one_is_not(size,
     if size != (1, 1):
         with pytest.raises(CorruptImage):
             resize(_raw_png(picture, interlace=interlace, rows=size[1] // 2), Params(width=size[0], format="png"))
+
+
+@pytest.mark.parametrize("default_image", [False, True])
+@pytest.mark.parametrize("blend", [0, 1])  # APNG_BLEND_OP_SOURCE, _OVER
+def test_an_apng_frame_whose_image_data_is_short_is_refused_and_a_whole_one_is_not(monkeypatch, default_image, blend):
+    """A later APNG frame's zlib stream (fdAT) complete but ended after half its rows: Pillow left the
+    rows it never reached as the canvas held them (the frame before) without a word, and the engine
+    answered with it (libpng refuses such a file); only the IDAT image was checked. The frames: a whole
+    one, a smaller one at an offset, a whole one, and one whose last row is the frame before's (only
+    there is the data inflated again, and a whole file passes). `default_image`: the IDAT image is a
+    still fallback, not a frame, and every frame is in fdAT chunks."""
+    noise = Image.effect_noise((24, 16), 60).convert("RGB")
+    gradient = Image.linear_gradient("L").resize((24, 16)).convert("RGB")
+    top_changed = gradient.copy()
+    top_changed.paste((200, 30, 30), (0, 0, 24, 8))
+    frames = [(0, 0, noise, 0, blend), (5, 3, gradient.crop((0, 0, 11, 9)), 0, blend), (0, 0, gradient, 0, blend),
+              (0, 0, top_changed, 0, blend)]
+    inflated = []
+    check = imaging._png_data_short
+    monkeypatch.setattr(imaging, "_png_data_short", lambda data, frame=0: inflated.append(frame) or check(data, frame))
+    whole = _apng_frames(resize(_raw_apng((24, 16), frames, default_image=default_image),
+                                Params(width=24, format="png")).data)
+    assert len(whole) == 4 and ImageChops.difference(whole[3].convert("RGB"), top_changed).getbbox() is None
+    assert inflated == [4 if default_image else 3]  # the frame whose last row stayed
+    for short in range(0 if default_image else 1, 4):
+        data = _raw_apng((24, 16), frames, default_image=default_image, short=short, rows=frames[short][2].height // 2)
+        with pytest.raises(CorruptImage, match="APNG frame .* image data is short"):
+            resize(data, Params(width=24, format="png"))
+    assert resize(data, Params(width=24, format="jpeg")).output.frames == 1  # a still: the later frames are not decoded
 
 
 _GIF_COLOURS = [10, 10, 200, 220, 10, 10, 10, 220, 10, 250, 250, 250]  # blue, red, green, white
