@@ -114,6 +114,12 @@ def job_submit(
     return job, True
 
 
+def job_requeue(job_id: str) -> None:
+    """Publish an existing (staged, unfinished) job to the resize queue again, confirmed by the broker:
+    an operator's way back for a dead-lettered job (`manage.py dead_letters requeue`)."""
+    _publish(_send, job_id, None)
+
+
 def _job_params(params: imaging.Params) -> dict[str, Any]:
     return {k: v for k, v in vars(params).items() if k != "accept"}  # flat: no asdict() deep copy
 
