@@ -11,6 +11,7 @@ from typing import Any
 from kombu import Exchange, Queue
 
 from controlplane.env import env_float, env_int, env_str
+from resizer import broker_alarm
 
 # Several nodes may be listed, separated by ';' (kombu fails over between them in order).
 broker_url = env_str("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -25,6 +26,9 @@ broker_transport_options = {
     # Publisher confirms: a publish returns only once the quorum queue's leader has the message
     # replicated to a majority, so an accepted job survives the loss of a node.
     "confirm_publish": True,
+    # A resource alarm's connection.blocked ends a publish's confirm wait at once (resizer/broker_alarm.py).
+    "on_blocked": broker_alarm.on_blocked,
+    "on_unblocked": broker_alarm.on_unblocked,
 }
 
 # Publish + confirm must finish within this or the API answers 503 (the job was not accepted).

@@ -23,7 +23,7 @@ from controlplane.errors import ApiError, problem
 from controlplane.parsing import discard_unread_body, parse_params, read_upload, single_values
 from identity.authentication import monthly_quota_charge, monthly_quota_refund
 from identity.dataplane import credential_cache
-from resizer import imaging
+from resizer import broker_alarm, imaging
 from resizer.jobs import FAILED, SUCCEEDED, IdempotencyConflict, Job, job_load, job_result_open
 from resizer.notify import JobWaiter, job_waiter
 from resizer.services import QueueUnavailable, engine_limits, job_replay, job_submit
@@ -580,6 +580,11 @@ def _broker_state() -> str:
     probe.first.wait(3)  # a process's first check: let its probe try once
     if probe.fresh(timeout=1.0) is None:  # a probe in its backoff tries again now
         return f"unavailable: no answer in {probe.stale_after:g} s"
+    refused = broker_alarm.refused_ago()
+    if refused is not None:
+        # Still ready: any node's publishes are refused alike, and this one still answers them at once
+        # (503 queue_unavailable), serves results and job states.
+        return f"degraded: publishing blocked by a resource alarm ({refused:.0f} s ago)"
     return "ok"
 
 

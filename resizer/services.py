@@ -15,7 +15,7 @@ from kombu.exceptions import KombuError
 
 import celeryconfig
 from controlplane import logs
-from resizer import imaging
+from resizer import broker_alarm, imaging
 from resizer.jobs import (
     QUEUED,
     RUNNING,
@@ -42,7 +42,7 @@ from resizer.staging import StagingError, StagingNotFound, StagingStore, staging
 log = logging.getLogger(__name__)
 
 # Every failure to hand a job to the broker (down, unreachable, nacked, confirm timed out).
-PUBLISH_ERRORS = (KombuError, AMQPError, MessageNacked, OSError, TimeoutError)
+PUBLISH_ERRORS = (KombuError, AMQPError, MessageNacked, OSError, TimeoutError, broker_alarm.BrokerBlocked)
 
 
 # celeryconfig.task_routes sends resizer.tasks.* with this key (the queue binds resize.#).
@@ -158,12 +158,21 @@ def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
         # (and forgets it on reconnect), but asked to declare it copies and binds the queue on every
         # publish first (~0.1 ms); the same cache, read here, skips that.
         declared = hash(celeryconfig.resize_queue) in (producer.connection.declared_entities or ())
-        producer.publish(
-            body, exchange=celeryconfig.resize_exchange, routing_key=RESIZE_ROUTING_KEY,
-            declare=[] if declared else [celeryconfig.resize_queue], serializer="json", headers=headers,
-            delivery_mode=2,
-            retry=app.conf.task_publish_retry, retry_policy=_retry_policy(app.conf.task_publish_retry_policy),
-            timeout=timeout, confirm_timeout=timeout, **properties)
+        try:
+            with broker_alarm.publishing():
+                producer.publish(
+                    body, exchange=celeryconfig.resize_exchange, routing_key=RESIZE_ROUTING_KEY,
+                    declare=[] if declared else [celeryconfig.resize_queue], serializer="json", headers=headers,
+                    delivery_mode=2,
+                    retry=app.conf.task_publish_retry,
+                    retry_policy=_retry_policy(app.conf.task_publish_retry_policy),
+                    timeout=timeout, confirm_timeout=timeout, **properties)
+        except (broker_alarm.BrokerBlocked, TimeoutError):
+            # Dropped, not closed: a broker that stopped reading this connection (an alarm) never
+            # answers the close handshake, which waited without end as the pool replaced it.
+            producer.connection.collect()
+            raise
+    broker_alarm.published()
 
 
 def _retry_policy(policy: dict[str, Any]) -> dict[str, Any]:
@@ -186,10 +195,21 @@ def _publish(send: Callable[[str, str | None, float], None], job_id: str, reply_
     publish whose first confirm was lost can leave two copies of the message: a job's deliveries
     converge on one outcome (_job_conclude)."""
     deadline = time.monotonic() + celeryconfig.PUBLISH_TIMEOUT_SECONDS
+    blocked = 0
     for attempt in range(celeryconfig.PUBLISH_ATTEMPTS):
         try:
             send(job_id, reply_to, max(0.1, deadline - time.monotonic()))
             return
+        except broker_alarm.BrokerBlocked:
+            # A pooled connection may read a `connection.blocked` sent before the alarm cleared (its
+            # `unblocked` queued behind it): once more on a new connection, which a standing alarm
+            # blocks again at its first publish. Then the job is refused at once, not after the timeout.
+            blocked += 1
+            if blocked > 1 or attempt + 1 >= celeryconfig.PUBLISH_ATTEMPTS:
+                broker_alarm.refused()
+                raise
+            log.info("job %s: the broker blocked publishing (a resource alarm); trying a new connection", job_id)
+            continue
         except PUBLISH_ERRORS as e:
             step = celeryconfig.PUBLISH_RETRY_BASE_SECONDS * 2**attempt
             delay = step / 2 + random.uniform(0, step / 2)  # "equal jitter": spread, yet always some wait
