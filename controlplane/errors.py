@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.debug import SafeExceptionReporterFilter
@@ -119,6 +120,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse |
                        headers={"Retry-After": "1"})
     if isinstance(exc, (OperationalError, InterfaceError)):  # Postgres away: usage, the management API
         log.warning("database unavailable: %s", exc)
+        if isinstance(exc.__cause__, (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)):
+            # DATABASE_STATEMENT_TIMEOUT_SECONDS / DATABASE_LOCK_TIMEOUT_SECONDS
+            return problem(503, "database_unavailable", "The database did not answer in time; retry shortly.",
+                           headers={"Retry-After": "5"})
         return problem(503, "database_unavailable", "The database cannot be reached right now; retry shortly.",
                        headers={"Retry-After": "5"})
     from rest_framework.views import exception_handler as drf_exception_handler  # DRF imports us first

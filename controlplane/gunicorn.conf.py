@@ -5,6 +5,10 @@ import os
 from gunicorn import glogging
 
 bind = os.environ.get("API_BIND", "127.0.0.1:8000")
+# A request's database statements are bounded in the API (controlplane/settings.py), not in workers,
+# beat or manage.py: set here, before any worker loads the settings; the environment can override.
+os.environ.setdefault("DATABASE_STATEMENT_TIMEOUT_SECONDS", "15")
+os.environ.setdefault("DATABASE_LOCK_TIMEOUT_SECONDS", "5")
 workers = int(os.environ.get("API_WORKERS", multiprocessing.cpu_count()))
 # Threads, because a synchronous resize request mostly waits on its job: waiting costs no CPU.
 worker_class = "gthread"

@@ -94,6 +94,19 @@ DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", env_int("DATABASE_
 for _option, _value in (("keepalives", 1), ("keepalives_idle", 10), ("keepalives_interval", 5),
                         ("keepalives_count", 3), ("tcp_user_timeout", 10_000)):
     DATABASES["default"]["OPTIONS"].setdefault(_option, _value)
+# A database that answers but does not get on (a table lock held by a migration or by hand, a runaway
+# query) must not hold a request either: the longest a statement may run, and the longest it may wait
+# for a lock, in seconds (0: no bound). gunicorn.conf.py sets both for the API (15 s, 5 s); workers, beat
+# and manage.py keep none: a rollup, a billing run or a migration may rightly take minutes, and the
+# metering statements bound themselves (METERING_SHIP_STATEMENT_TIMEOUT_SECONDS). Without them a
+# management call or GET /v1/usage waited for as long as a lock was held.
+DATABASE_STATEMENT_TIMEOUT_SECONDS = max(0.0, env_float("DATABASE_STATEMENT_TIMEOUT_SECONDS", 0))
+DATABASE_LOCK_TIMEOUT_SECONDS = max(0.0, env_float("DATABASE_LOCK_TIMEOUT_SECONDS", 0))
+_server_options = " ".join(f"-c {name}={int(seconds * 1000)}" for name, seconds in (
+    ("statement_timeout", DATABASE_STATEMENT_TIMEOUT_SECONDS), ("lock_timeout", DATABASE_LOCK_TIMEOUT_SECONDS))
+    if seconds > 0)
+if _server_options:
+    DATABASES["default"]["OPTIONS"]["options"] = _server_options
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Staff passwords (createsuperuser, the admin's password forms): at least 12 characters, not common,
