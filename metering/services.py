@@ -288,6 +288,13 @@ LEFT JOIN identity_customer c ON c.id = r.customer_id
 WHERE r.granularity = 'day' AND r.updated_at >= %(since)s AND c.id IS NULL
 """
 
+# Whether a period has raw records the rollup has not counted: received after its last run (or no run).
+_NOT_ROLLED_UP_SQL = """
+SELECT EXISTS (SELECT 1 FROM metering_usagerecord
+               WHERE customer_id = %(customer)s AND event_time >= %(start)s AND event_time < %(end)s
+                 AND (%(mark)s::timestamptz IS NULL OR received_at > %(mark)s::timestamptz))
+"""
+
 # Finalized periods with a day whose numbers changed since the period was last reconciled.
 _TO_RECONCILE_SQL = """
 SELECT DISTINCT p.id FROM metering_usagerollup r
@@ -305,7 +312,7 @@ def billing_run(*, today: date | None = None) -> dict[str, Any]:
     finalized period later. Every step is idempotent; runs are serialized with the rollup (a run that
     waited METERING_LOCK_WAIT_SECONDS for the lock is skipped: the next one does the same work)."""
     counts = {"opened": 0, "grace": 0, "finalized": 0, "adjusted": 0}
-    failed = 0
+    failed = waiting = 0
     with transaction.atomic(), connection.cursor() as cursor:
         run_at = _locked_clock(cursor, AGGREGATION_LOCK)
         today = today or run_at.date()
@@ -323,7 +330,16 @@ def billing_run(*, today: date | None = None) -> dict[str, Any]:
         counts["grace"] = BillingPeriod.objects.filter(status=BillingPeriod.Status.OPEN, end__lte=today).update(
             status=BillingPeriod.Status.GRACE)
         due = today - timedelta(days=settings.BILLING_GRACE_DAYS)
+        rolled_up = Watermark.objects.filter(name="rollup").first()
         for period in BillingPeriod.objects.filter(status=BillingPeriod.Status.GRACE, end__lte=due):
+            # Priced from the rollups: a period with records the rollup has not seen yet (received after
+            # its last run: beat was away, and the overdue billing run came first) waits in grace for it.
+            # Finalized, their usage came as "late usage" adjustments to an invoice that lacked it.
+            cursor.execute(_NOT_ROLLED_UP_SQL, {"customer": period.customer_id, "start": period.start,
+                                                "end": period.end, "mark": rolled_up.value if rolled_up else None})
+            if cursor.fetchone()[0]:
+                waiting += 1
+                continue
             # A savepoint per period: one that cannot be priced (no plan, say) stays in grace, logged,
             # and is tried again next run; until 2026-11-22 it rolled back every customer's invoice, every run.
             try:
@@ -341,6 +357,9 @@ def billing_run(*, today: date | None = None) -> dict[str, Any]:
         Watermark.objects.update_or_create(name="billing", defaults={"value": run_at})
     if failed:
         counts["not_finalized"] = failed
+    if waiting:
+        log.info("billing: %d period(s) due wait in grace for the usage rollup to count their latest records", waiting)
+        counts["waiting_for_rollup"] = waiting
     return counts
 
 
