@@ -72,7 +72,10 @@ wipe-local-data:
 	@unshipped=$$(find var -path '*/spool/*' ! -path '*/rejected/*' ! -path '*/bad/*' -type f -size +0c 2>/dev/null | head -n 5); \
 	if [[ -n $$unshipped ]]; then \
 	  echo "wipe-local-data: usage records not yet shipped, e.g.:" >&2; echo "$$unshipped" >&2; \
-	  echo "ship them first (.venv/bin/python manage.py metering_run ship); nothing was deleted" >&2; exit 1; fi
+	  echo "ship them first, each spool into its own database; nothing was deleted:" >&2; \
+	  echo "  var/spool: .venv/bin/python manage.py metering_run ship" >&2; \
+	  echo "  a topology's (var/topology/.../spool): METERING_SPOOL_DIR=<that spool> DATABASE_URL=\$${TOPOLOGY_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/resizer_topology} .venv/bin/python manage.py metering_run ship" >&2; \
+	  exit 1; fi
 	@rejected=$$(find var -path '*/spool/*' \( -path '*/rejected/*' -o -path '*/bad/*' \) -type f -size +0c 2>/dev/null | head -n 5); \
 	if [[ -n $$rejected && "$(WIPE_REJECTED)" != yes ]]; then \
 	  echo "wipe-local-data: usage records set aside (refused by the staging table, or unreadable) wait for an operator, e.g.:" >&2; \
