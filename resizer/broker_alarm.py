@@ -24,8 +24,8 @@ class BrokerBlocked(Exception):
 
 
 _local = threading.local()
-_lock = threading.Lock()
-_refused_at: float | None = None  # monotonic time a publish here was last refused by an alarm, until one passes
+# Monotonic time a publish here was last refused by an alarm, until one passes (one assignment: atomic).
+_refused_at: float | None = None
 
 
 @contextmanager
@@ -50,14 +50,13 @@ def on_unblocked() -> None:
 def refused() -> None:
     """A publish here was refused because of an alarm."""
     global _refused_at
-    with _lock:
-        _refused_at = time.monotonic()
+    _refused_at = time.monotonic()
 
 
 def published() -> None:
     """A publish here went through (or the broker said the alarm is over)."""
     global _refused_at
-    with _lock:
+    if _refused_at is not None:
         _refused_at = None
 
 
