@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,27 @@ def test_gunicorn_opens_no_control_socket_another_server_could_take(tmp_path):
     with api_server(API_WORKERS="1", **env) as base:
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
         assert not (tmp_path / ".gunicorn").exists() and not (tmp_path / "run" / "gunicorn.ctl").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_runbooks_readyz_command_prints_a_not_ready_nodes_checks():
+    """LoadBalancerNoApiNode's runbook asks each node's /readyz from inside its container, which has no
+    curl: the command must send a Host Django allows and print the body of the 503 (urllib raises on
+    it, with the checks unread)."""
+    from tests.processes import api_server
+
+    runbook = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    section = runbook[runbook.index("### LoadBalancerNoApiNode"):runbook.index("### EdgeErrorsFastBurn")]
+    command = re.search(r"^    docker compose -f docker/compose\.yml exec api1 python -c \"([^\"]+)\"$", section, re.M)
+    assert command, section
+    code = command.group(1)
+    # The container's own address, with a Host compose always allows (127.0.0.1 is allowed only while
+    # docker/.env leaves ALLOWED_HOSTS unset: otherwise a 400).
+    assert "'127.0.0.1', 8000" in code and "headers={'Host': 'localhost'}" in code
+    # A node that cannot reach its broker: not ready.
+    with api_server(API_WORKERS="1", BROKER_URL="amqp://guest:guest@127.0.0.1:1//") as base:
+        port = base.rsplit(":", 1)[1]
+        out = run(sys.executable, "-c", code.replace("'127.0.0.1', 8000", f"'127.0.0.1', {port}"))
+    status, _, body = out.partition(" ")
+    assert status == "503", out
+    assert json.loads(body)["checks"]["broker"].startswith("unavailable"), out
