@@ -368,3 +368,16 @@ def test_the_runbooks_readyz_command_prints_a_not_ready_nodes_checks():
     status, _, body = out.partition(" ")
     assert status == "503", out
     assert json.loads(body)["checks"]["broker"].startswith("unavailable"), out
+
+
+def test_a_stopping_worker_finishes_its_resize_not_necessarily_a_periodic_run(compose):
+    """compose's grace for a worker covers a resize's hard limit; a periodic run's limit is far longer
+    and such a run may be killed (harmless: idempotent), as the comment in compose.yml says."""
+    import celeryconfig
+
+    for name in _services(compose, "worker"):
+        grace = int(compose["services"][name]["stop_grace_period"].rstrip("s"))
+        assert celeryconfig.task_time_limit < grace < celeryconfig.PERIODIC_TASK_TIME_LIMIT, (name, grace)
+    text = (DOCKER / "compose.yml").read_text()
+    comment = text[text.index("x-worker: &worker"):text.index("x-rabbit-env")]
+    assert "PERIODIC_TASK_TIME_LIMIT" in comment and "SIGKILL" in comment
