@@ -381,3 +381,72 @@ def test_a_stopping_worker_finishes_its_resize_not_necessarily_a_periodic_run(co
     text = (DOCKER / "compose.yml").read_text()
     comment = text[text.index("x-worker: &worker"):text.index("x-rabbit-env")]
     assert "PERIODIC_TASK_TIME_LIMIT" in comment and "SIGKILL" in comment
+
+
+def _runbook_command(service: str, program: str) -> list[str]:
+    """The argv, from `program` on (up to a redirection), of the runbook's command line
+    `docker compose -f docker/compose.yml exec -T <service> <program> ...`."""
+    import shlex
+
+    prefix = f"docker compose -f docker/compose.yml exec -T {service} "
+    text = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    line = next(line.strip() for line in text.splitlines() if line.strip().startswith(prefix + program + " "))
+    argv = shlex.split(line[len(prefix):])
+    return argv[:next((i for i, a in enumerate(argv) if a in (">", "<")), len(argv))]
+
+
+def test_the_runbooks_postgres_backup_and_restore_commands_round_trip(tmp_path):
+    """The routine operations' pg_dump and pg_restore, with their flags as written, run here against a
+    scratch database: a restore puts back what the dump had and takes away what came after."""
+    from urllib.parse import urlparse
+
+    from tests.processes import database_url_for_tests
+
+    url = urlparse(database_url_for_tests())
+    name = f"{url.path.lstrip('/')}_runbook_backup"
+    env = {"PATH": example_env()["PATH"], "PGPASSWORD": url.password or "", "PGHOST": url.hostname or "127.0.0.1",
+           "PGPORT": str(url.port or 5432), "PGUSER": url.username or "postgres"}
+    dump, restore = _runbook_command("postgres", "pg_dump"), _runbook_command("postgres", "pg_restore")
+    assert "-Fc" in dump and {"--clean", "--single-transaction"} <= set(restore)
+
+    def here(argv: list[str]) -> list[str]:  # the container's user (-U) and database (-d) -> the scratch one
+        out = []
+        for i, a in enumerate(argv):
+            if a == "-U" or argv[i - 1] == "-U":
+                continue
+            out.append(name if argv[i - 1] == "-d" else a)
+        return out
+
+    def sql(statement: str, database: str = name) -> str:
+        return run("psql", "-X", "-tAc", statement, "-d", database, env=env).strip()
+
+    sql(f"DROP DATABASE IF EXISTS {name}", "postgres")
+    sql(f"CREATE DATABASE {name}", "postgres")
+    try:
+        sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        with open(tmp_path / "backup.dump", "wb") as out:
+            subprocess.run(here(dump), stdout=out, env=env, check=True, timeout=60)
+        sql("INSERT INTO t VALUES (2)")
+        with open(tmp_path / "backup.dump", "rb") as source:
+            subprocess.run(here(restore), stdin=source, env=env, check=True, timeout=60)
+        assert sql("SELECT array_agg(id) FROM t") == "{1}"
+    finally:
+        sql(f"DROP DATABASE IF EXISTS {name}", "postgres")
+
+
+def test_the_runbooks_archive_copy_round_trips_without_temporary_files(tmp_path):
+    """The archive volume's copy and restore, as written (GNU tar, as in the image): every file, and
+    no temporary file of a write in progress."""
+    archive, restored = tmp_path / "archive", tmp_path / "restored"
+    day = archive / "usage" / "c1" / "2026" / "11" / "01"
+    day.mkdir(parents=True)
+    (day / "abc.jsonl.gz").write_bytes(b"records")
+    (day / ".tmp-x1y2").write_bytes(b"half-written")
+    restored.mkdir()
+    here = {"/var/lib/resizer/archive": str(archive)}
+    copy = [here.get(a, a) for a in _runbook_command("worker1", "tar czf")]
+    back = [{"/var/lib/resizer/archive": str(restored)}.get(a, a) for a in _runbook_command("worker1", "tar xzf")]
+    packed = subprocess.run(copy, capture_output=True, check=True, timeout=60).stdout
+    subprocess.run(back, input=packed, check=True, timeout=60)
+    files = sorted(str(p.relative_to(restored)) for p in restored.rglob("*") if p.is_file())
+    assert files == ["usage/c1/2026/11/01/abc.jsonl.gz"]
