@@ -16,6 +16,9 @@ DEBUG = env_bool("DEBUG", False)
 DEFAULT_EXCEPTION_REPORTER_FILTER = "controlplane.errors.SettingsFilter"
 # The default only suits a laptop; production sets SECRET_KEY (it also peppers API-key hashes).
 SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-secret-key-change-me")
+# Earlier SECRET_KEYs (comma-separated) whose signatures still verify while a rotation rolls out: staff
+# stay logged in to the admin (docs/OPERATIONS.md, "Rotate SECRET_KEY"). Never API keys (the pepper).
+SECRET_KEY_FALLBACKS = env_list("SECRET_KEY_FALLBACKS", "")
 API_KEY_PEPPER = env_str("API_KEY_PEPPER", SECRET_KEY)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
 # Behind a TLS-terminating proxy (the admin's login needs both): the proxy's X-Forwarded-Proto says
