@@ -26,11 +26,12 @@ class WorkerConsumer(Consumer):
     broker returns would wait that long for a worker). Here: 0.5 s more per round, up to 5 s."""
 
     def __init__(self, *args, worker_options=None, **kwargs):  # type: ignore[no-untyped-def]
-        # No worker events at all, whatever the command line says: with task events off, only Celery's
-        # event heartbeat (every 2 s, for monitors such as Flower; not the AMQP heartbeat) and gossip
-        # used them, and nothing here reads either. The heartbeat's publish waits for its confirm with
-        # no bound, in the worker's main thread: a resource alarm on the broker froze every worker for
-        # as long as it lasted, its queue at 0 consumers (the failure review of 2026-11-23).
+        # No event heartbeat, gossip or mingle, whatever the command line says (task events stay off
+        # by worker_send_task_events; `-E` would turn those on): the heartbeat (every 2 s, for monitors
+        # such as Flower; not the AMQP heartbeat) and gossip were the only events sent, and nothing
+        # here reads them. The heartbeat's publish waits for its confirm with no bound, in the worker's
+        # main thread: a resource alarm on the broker froze every worker for as long as it lasted, its
+        # queue at 0 consumers (the failure review of 2026-11-23).
         worker_options = {**(worker_options or {}), "without_heartbeat": True, "without_gossip": True,
                           "without_mingle": True}
         super().__init__(*args, worker_options=worker_options, **kwargs)

@@ -11,7 +11,9 @@ from typing import Any
 from amqp.exceptions import AMQPError, MessageNacked
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from kombu import Producer
 from kombu.exceptions import KombuError
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 import celeryconfig
 from controlplane import logs
@@ -152,7 +154,8 @@ def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
         job_id, resize.name, args=[job_id], kwargs={}, reply_to=reply_to, ignore_result=True,
         argsrepr=f"['{job_id}']", kwargsrepr="{}", time_limit=None, soft_time_limit=None)
     logs.task_headers_add(headers)  # the worker logs the job under the request's id
-    with app.producer_or_acquire() as producer:
+
+    def publish(producer: Any) -> None:
         # The queue is declared on a connection's first publish: a message to an exchange with no
         # queue bound would be confirmed and dropped. kombu remembers the declaration per connection
         # (and forgets it on reconnect), but asked to declare it copies and binds the queue on every
@@ -167,11 +170,31 @@ def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
                     retry=app.conf.task_publish_retry,
                     retry_policy=_retry_policy(app.conf.task_publish_retry_policy),
                     timeout=timeout, confirm_timeout=timeout, **properties)
-        except (broker_alarm.BrokerBlocked, TimeoutError):
+        except (broker_alarm.BrokerBlocked, TimeoutError, KombuOperationalError):
             # Dropped, not closed: a broker that stopped reading this connection (an alarm) never
-            # answers the close handshake, which waited without end as the pool replaced it.
+            # answers the close handshake, which waited without end as the pool replaced it; and a
+            # connection whose confirm never came must not go back to the pool, where the late ack
+            # would pass for the next publish's (kombu's retries report a timeout as OperationalError).
             producer.connection.collect()
             raise
+
+    try:
+        with app.producer_or_acquire() as producer:
+            publish(producer)
+    except broker_alarm.BrokerBlocked:
+        # A pooled connection may read a `connection.blocked` sent before the alarm cleared (its
+        # `unblocked` queued behind it), and so may the next one the pool hands out: once more on a
+        # connection of its own, which a standing alarm blocks at its first publish. Blocked again, the
+        # job is refused at once (not after PUBLISH_TIMEOUT_SECONDS).
+        log.info("job %s: the broker blocked publishing (a resource alarm?); trying a connection of its own", job_id)
+        connection = app.connection_for_write()
+        try:
+            publish(Producer(connection))
+        except broker_alarm.BrokerBlocked:
+            broker_alarm.refused()
+            raise
+        finally:
+            connection.release()  # after collect() nothing is left to close; else the handshake is answered
     broker_alarm.published()
 
 
@@ -195,21 +218,10 @@ def _publish(send: Callable[[str, str | None, float], None], job_id: str, reply_
     publish whose first confirm was lost can leave two copies of the message: a job's deliveries
     converge on one outcome (_job_conclude)."""
     deadline = time.monotonic() + celeryconfig.PUBLISH_TIMEOUT_SECONDS
-    blocked = 0
     for attempt in range(celeryconfig.PUBLISH_ATTEMPTS):
         try:
             send(job_id, reply_to, max(0.1, deadline - time.monotonic()))
             return
-        except broker_alarm.BrokerBlocked:
-            # A pooled connection may read a `connection.blocked` sent before the alarm cleared (its
-            # `unblocked` queued behind it): once more on a new connection, which a standing alarm
-            # blocks again at its first publish. Then the job is refused at once, not after the timeout.
-            blocked += 1
-            if blocked > 1 or attempt + 1 >= celeryconfig.PUBLISH_ATTEMPTS:
-                broker_alarm.refused()
-                raise
-            log.info("job %s: the broker blocked publishing (a resource alarm); trying a new connection", job_id)
-            continue
         except PUBLISH_ERRORS as e:
             step = celeryconfig.PUBLISH_RETRY_BASE_SECONDS * 2**attempt
             delay = step / 2 + random.uniform(0, step / 2)  # "equal jitter": spread, yet always some wait
