@@ -241,26 +241,30 @@ def usage_rollup() -> dict[str, Any]:
     """Roll raw records up per customer per hour and day. Recomputes whole windows (never adds), so
     a second or concurrent run writes nothing new; the watermark minus a look-back finds the
     windows that late records landed in."""
-    lookback = timedelta(seconds=settings.METERING_LOOKBACK_SECONDS)
     with transaction.atomic(), connection.cursor() as cursor:
-        run_at = _locked_clock(cursor, AGGREGATION_LOCK)
-        mark = Watermark.objects.filter(name="rollup").first()
-        since = mark.value - lookback if mark else datetime.min.replace(tzinfo=timezone.utc)
-        # Older windows may have left for the archive; never recompute them from what is left.
-        horizon = run_at - timedelta(days=settings.METERING_ARCHIVE_AFTER_DAYS - 1)
-        cursor.execute(_HOURLY_SQL, {"since": since, "horizon": horizon, "run_at": run_at})
-        hours = cursor.rowcount
-        cursor.execute(_DAILY_SQL, {"run_at": run_at})
-        days = cursor.rowcount
-        # Said, not dropped in silence (until 2026-11-22 nothing told): usage that arrived after its
-        # window may have left for the archive is archived, not billed automatically (ADR 0004).
-        cursor.execute(_TOO_OLD_SQL, {"since": since, "horizon": horizon})
-        too_old, customers, oldest = cursor.fetchone()
-        if too_old:
-            log.warning("usage rollup: %d record(s) of %d customer(s) arrived after the rollup horizon (%s; the "
-                        "oldest event %s) and are not rolled up or billed", too_old, customers,
-                        horizon.isoformat(), oldest.isoformat())
-        Watermark.objects.update_or_create(name="rollup", defaults={"value": run_at})
+        return _rollup(cursor, _locked_clock(cursor, AGGREGATION_LOCK))
+
+
+def _rollup(cursor: Any, run_at: datetime) -> dict[str, Any]:
+    """usage_rollup's work, under the aggregation lock (billing_run's too, before it finalizes)."""
+    lookback = timedelta(seconds=settings.METERING_LOOKBACK_SECONDS)
+    mark = Watermark.objects.filter(name="rollup").first()
+    since = mark.value - lookback if mark else datetime.min.replace(tzinfo=timezone.utc)
+    # Older windows may have left for the archive; never recompute them from what is left.
+    horizon = run_at - timedelta(days=settings.METERING_ARCHIVE_AFTER_DAYS - 1)
+    cursor.execute(_HOURLY_SQL, {"since": since, "horizon": horizon, "run_at": run_at})
+    hours = cursor.rowcount
+    cursor.execute(_DAILY_SQL, {"run_at": run_at})
+    days = cursor.rowcount
+    # Said, not dropped in silence (until 2026-11-22 nothing told): usage that arrived after its
+    # window may have left for the archive is archived, not billed automatically (ADR 0004).
+    cursor.execute(_TOO_OLD_SQL, {"since": since, "horizon": horizon})
+    too_old, customers, oldest = cursor.fetchone()
+    if too_old:
+        log.warning("usage rollup: %d record(s) of %d customer(s) arrived after the rollup horizon (%s; the "
+                    "oldest event %s) and are not rolled up or billed", too_old, customers,
+                    horizon.isoformat(), oldest.isoformat())
+    Watermark.objects.update_or_create(name="rollup", defaults={"value": run_at})
     result = {"hours": hours, "days": days, "watermark": run_at.isoformat()}
     if too_old:
         result["too_old"] = too_old
@@ -288,13 +292,6 @@ LEFT JOIN identity_customer c ON c.id = r.customer_id
 WHERE r.granularity = 'day' AND r.updated_at >= %(since)s AND c.id IS NULL
 """
 
-# Whether a period has raw records the rollup has not counted: received after its last run (or no run).
-_NOT_ROLLED_UP_SQL = """
-SELECT EXISTS (SELECT 1 FROM metering_usagerecord
-               WHERE customer_id = %(customer)s AND event_time >= %(start)s AND event_time < %(end)s
-                 AND (%(mark)s::timestamptz IS NULL OR received_at > %(mark)s::timestamptz))
-"""
-
 # Finalized periods with a day whose numbers changed since the period was last reconciled.
 _TO_RECONCILE_SQL = """
 SELECT DISTINCT p.id FROM metering_usagerollup r
@@ -312,7 +309,7 @@ def billing_run(*, today: date | None = None) -> dict[str, Any]:
     finalized period later. Every step is idempotent; runs are serialized with the rollup (a run that
     waited METERING_LOCK_WAIT_SECONDS for the lock is skipped: the next one does the same work)."""
     counts = {"opened": 0, "grace": 0, "finalized": 0, "adjusted": 0}
-    failed = waiting = 0
+    failed = 0
     with transaction.atomic(), connection.cursor() as cursor:
         run_at = _locked_clock(cursor, AGGREGATION_LOCK)
         today = today or run_at.date()
@@ -330,16 +327,13 @@ def billing_run(*, today: date | None = None) -> dict[str, Any]:
         counts["grace"] = BillingPeriod.objects.filter(status=BillingPeriod.Status.OPEN, end__lte=today).update(
             status=BillingPeriod.Status.GRACE)
         due = today - timedelta(days=settings.BILLING_GRACE_DAYS)
-        rolled_up = Watermark.objects.filter(name="rollup").first()
-        for period in BillingPeriod.objects.filter(status=BillingPeriod.Status.GRACE, end__lte=due):
-            # Priced from the rollups: a period with records the rollup has not seen yet (received after
-            # its last run: beat was away, and the overdue billing run came first) waits in grace for it.
-            # Finalized, their usage came as "late usage" adjustments to an invoice that lacked it.
-            cursor.execute(_NOT_ROLLED_UP_SQL, {"customer": period.customer_id, "start": period.start,
-                                                "end": period.end, "mark": rolled_up.value if rolled_up else None})
-            if cursor.fetchone()[0]:
-                waiting += 1
-                continue
+        due_periods = BillingPeriod.objects.filter(status=BillingPeriod.Status.GRACE, end__lte=due)
+        if due_periods.exists():
+            # Invoices are priced from the rollups: roll up first what has been received since the last
+            # rollup. After beat was away the overdue billing run came before the rollup and finalized
+            # an invoice short, the rest then appended as "late usage" adjustments.
+            _rollup(cursor, run_at)
+        for period in due_periods:
             # A savepoint per period: one that cannot be priced (no plan, say) stays in grace, logged,
             # and is tried again next run; until 2026-11-22 it rolled back every customer's invoice, every run.
             try:
@@ -357,9 +351,6 @@ def billing_run(*, today: date | None = None) -> dict[str, Any]:
         Watermark.objects.update_or_create(name="billing", defaults={"value": run_at})
     if failed:
         counts["not_finalized"] = failed
-    if waiting:
-        log.info("billing: %d period(s) due wait in grace for the usage rollup to count their latest records", waiting)
-        counts["waiting_for_rollup"] = waiting
     return counts
 
 
