@@ -112,6 +112,17 @@ _DRF_CODES: dict[type[exceptions.APIException], str] = {
 }
 
 
+def database_unavailable(exc: Exception) -> HttpResponse:
+    """503 for a database that is away, or did not answer within the API's bounds
+    (DATABASE_STATEMENT_TIMEOUT_SECONDS / DATABASE_LOCK_TIMEOUT_SECONDS)."""
+    log.warning("database unavailable: %s", exc)
+    if isinstance(exc.__cause__, (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)):
+        return problem(503, "database_unavailable", "The database did not answer in time; retry shortly.",
+                       headers={"Retry-After": "5"})
+    return problem(503, "database_unavailable", "The database cannot be reached right now; retry shortly.",
+                   headers={"Retry-After": "5"})
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse | None:
     if isinstance(exc, ApiError):
         return problem(exc.status_code, exc.code, str(exc.detail), headers=exc.headers, extra=exc.extra)
@@ -119,13 +130,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse |
         return problem(503, "staging_unavailable", "The staging store cannot be read right now; retry shortly.",
                        headers={"Retry-After": "1"})
     if isinstance(exc, (OperationalError, InterfaceError)):  # Postgres away: usage, the management API
-        log.warning("database unavailable: %s", exc)
-        if isinstance(exc.__cause__, (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)):
-            # DATABASE_STATEMENT_TIMEOUT_SECONDS / DATABASE_LOCK_TIMEOUT_SECONDS
-            return problem(503, "database_unavailable", "The database did not answer in time; retry shortly.",
-                           headers={"Retry-After": "5"})
-        return problem(503, "database_unavailable", "The database cannot be reached right now; retry shortly.",
-                       headers={"Retry-After": "5"})
+        return database_unavailable(exc)
     from rest_framework.views import exception_handler as drf_exception_handler  # DRF imports us first
 
     response = drf_exception_handler(exc, context)

@@ -1,4 +1,5 @@
-"""One request id per request: taken from `X-Request-Id` (if sane) or generated, echoed on the response."""
+"""One request id per request: taken from `X-Request-Id` (if sane) or generated, echoed on the response;
+and a database failure in a view outside DRF answered as the API answers it."""
 from __future__ import annotations
 
 import re
@@ -24,3 +25,15 @@ class RequestIdMiddleware:
         response = self.get_response(request)
         response["X-Request-Id"] = request.request_id  # type: ignore[attr-defined]
         return response
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        """A view outside DRF (the admin's pages) whose database is away or too slow answers 503
+        `database_unavailable`, as the API's views do (controlplane.errors), not a 500. Here, not in a
+        middleware of its own: one more layer would cost every request."""
+        from django.db import InterfaceError, OperationalError
+
+        from controlplane.errors import database_unavailable
+
+        if isinstance(exception, (OperationalError, InterfaceError)):
+            return database_unavailable(exception)
+        return None

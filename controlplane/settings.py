@@ -108,8 +108,8 @@ DATABASE_LOCK_TIMEOUT_SECONDS = max(0.0, env_float("DATABASE_LOCK_TIMEOUT_SECOND
 _server_options = " ".join(f"-c {name}={int(seconds * 1000)}" for name, seconds in (
     ("statement_timeout", DATABASE_STATEMENT_TIMEOUT_SECONDS), ("lock_timeout", DATABASE_LOCK_TIMEOUT_SECONDS))
     if seconds > 0)
-if _server_options:
-    DATABASES["default"]["OPTIONS"]["options"] = _server_options
+if _server_options:  # after any `options` DATABASE_URL gives
+    DATABASES["default"]["OPTIONS"]["options"] = f"{DATABASES['default']['OPTIONS'].get('options', '')} {_server_options}".strip()
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Staff passwords (createsuperuser, the admin's password forms): at least 12 characters, not common,

@@ -43,3 +43,19 @@ def test_a_table_lock_held_elsewhere_answers_503_in_time_not_a_hang():
         assert usage.json()["detail"] == "The database did not answer in time; retry shortly."
         assert resize.status_code == 200
         assert http.get("/v1/usage").status_code == 200
+
+
+def test_an_admin_page_whose_table_is_locked_answers_503_not_500(admin_client):
+    """The admin's pages are plain Django views, not DRF's: a database failure there is answered by
+    controlplane.middleware (503 `database_unavailable`), as the API's views answer it, not a 500."""
+    from django.db import connection
+
+    admin_client.get("/admin/")  # the session and the user are read now, before the lock
+    with psycopg.connect(database_url_for_tests()) as holder:
+        holder.execute("LOCK TABLE identity_customer IN ACCESS EXCLUSIVE MODE")
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '1s'")  # as DATABASE_LOCK_TIMEOUT_SECONDS sets it in the API
+        page = admin_client.get("/admin/identity/customer/")
+        holder.rollback()
+    assert (page.status_code, page.json()["code"]) == (503, "database_unavailable"), page.content[:300]
+    assert page.json()["detail"] == "The database did not answer in time; retry shortly."
