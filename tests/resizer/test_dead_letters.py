@@ -99,5 +99,19 @@ def test_dead_letters_are_listed_without_being_taken_requeued_and_dropped():
         time.sleep(0.1)
     assert [row["job"] for row in _run()] == [finished]
 
-    assert _run("drop", "--finished") == [{"requeued": 0, "dropped": 1, "kept": 0}]
-    assert _dead_count() == 0 and _run() == []
+    # Letters copied by hand without Celery's headers: one whose body still names its job (known by it),
+    # one that names none (listed, never dropped by --finished: nobody can tell what it was).
+    with app.connection_for_write() as connection:
+        for body in (f'[["{finished}"], {{}}, {{}}]', '[["?"], {}, {}]'):
+            Producer(connection.default_channel).publish(body.encode(), exchange=celeryconfig.dead_letter_exchange,
+                                                         content_type="application/json", content_encoding="utf-8")
+    deadline = time.monotonic() + 10
+    while _dead_count() < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert sorted((row["job"] or "", row["status"]) for row in _run()) == [
+        ("", "gone"), (finished, "failed"), (finished, "failed")]
+    assert _run("drop", "--finished") == [{"requeued": 0, "dropped": 2, "kept": 1}]
+    assert [row["job"] for row in _run()] == [None]
+    with app.connection_for_write() as connection:
+        celeryconfig.dead_letter_queue.bind(connection.channel()).purge()

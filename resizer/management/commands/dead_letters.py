@@ -15,6 +15,7 @@ has no dead-letter queue of its own), and a message copied there loses Celery's 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,8 +25,16 @@ LIMIT = 10_000  # dead letters read at once (each held unacked on the channel un
 
 
 def _job_id(message: Any) -> str | None:
+    """The job a dead letter is for: Celery's `id` header, or the task's argument in the body (a message
+    copied by hand may have lost its headers); None when neither says (such a letter is only listed)."""
     headers = message.headers or {}
-    return headers.get("id") or message.properties.get("correlation_id")
+    if headers.get("id") or message.properties.get("correlation_id"):
+        return headers.get("id") or message.properties.get("correlation_id")
+    try:
+        args = json.loads(message.body)[0]
+        return args[0] if isinstance(args[0], str) and re.fullmatch(r"[0-9a-f]{32}", args[0]) else None
+    except (ValueError, TypeError, IndexError, KeyError):
+        return None
 
 
 def _death(message: Any) -> dict[str, Any]:
@@ -101,13 +110,19 @@ class Command(BaseCommand):
                                        "finished or swept: drop their dead letters instead; nothing was changed")
                 chosen = set(jobs) if jobs else unfinished
             else:
-                chosen = set(jobs) if jobs else set(by_job) - unfinished
+                chosen = set(jobs) if jobs else set(by_job) - unfinished - {None}  # an unknown job is kept
             for job_id, held in by_job.items():
                 if job_id not in chosen:
                     done["kept"] += len(held)
                     continue
                 if action == "requeue":
-                    job_requeue(job_id)  # confirmed by the broker, or it raises (its dead letters then stay)
+                    try:
+                        job_requeue(job_id)  # confirmed by the broker, or it raises (its dead letters then stay)
+                    except Exception as e:
+                        self.stdout.write(json.dumps(done))
+                        raise CommandError(f"job {job_id} could not be published ({type(e).__name__}: {e}); the "
+                                           f"{done['requeued']} job(s) before it were requeued (above), it and "
+                                           "the rest stay dead-lettered: run it again") from e
                     done["requeued"] += 1
                 else:
                     done["dropped"] += len(held)
