@@ -23,7 +23,8 @@ graceful_timeout = int(os.environ.get("API_GRACEFUL_TIMEOUT", 25))
 # On SIGTERM, how long /readyz answers 503 `draining` (everything else served as before) before the
 # graceful stop begins: behind a load balancer, longer than its checks take to mark the node down
 # (HAProxy: inter 2 s x fall 2). 0 (the default, `make run`): the stop begins at once. A second SIGTERM
-# ends the wait. The container's stop grace period must cover both waits (docker/compose.yml).
+# ends the wait (one sent after the first was handled: the master handles signals at least once a second;
+# two sent together arrive as one). The container's stop grace period must cover both waits (docker/compose.yml).
 drain_seconds = float(os.environ.get("API_DRAIN_SECONDS", 0))
 keepalive = 5
 # gunicorn's control interface (gunicornc) is not used: on by default, every gunicorn on a host took the

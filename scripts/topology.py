@@ -47,9 +47,10 @@ STATE_FILE = ROOT / "var" / "topology" / "state.json"
 LOCK_FILE = ROOT / "var" / "topology" / "lock"
 RUN_BASE = ROOT / "var" / "topology" / "run"
 
-# As compose sets it (docker/compose.yml): a node stopped alone (a rolling restart) leaves HAProxy's
-# rotation before it stops serving.
-API_DRAIN_SECONDS = "6"
+# A node stopped alone (a rolling restart) leaves HAProxy's rotation before it stops serving: longer
+# than this topology's checks take to mark it down (inter 1s x fall 2; compose: 6 s for inter 2s). A
+# whole topology's stop waits it out once, the API servers stopping together.
+API_DRAIN_SECONDS = "3"
 # Fixed ports of the CLI (tests ask for free ones): the cluster sits beside the machine's 5672.
 CLI_PORTS = {"amqp": 5681, "dist": 25681, "management": 15681, "rabbit_prometheus": 15691, "api": 8001,
              "lb": 8080, "lb_metrics": 8404, "worker_metrics": 9801, "prometheus": 9090}
@@ -503,8 +504,6 @@ class Topology:
             procs = [p for p in tier if p is not None and p.proc is not None]
             for p in procs:
                 p.signal()
-                if p in self.apis:
-                    p.signal()  # the load balancer is gone: a second SIGTERM skips the drain
             for p in procs:
                 codes[p.name] = p.wait(timeout)
         if self._own_base and not self.keep and self.base is not None:
@@ -874,8 +873,6 @@ def _stop_from_state() -> int:
             if _is_recorded_process(p):
                 try:
                     os.kill(int(p["pid"]), p["signal"])
-                    if prefix == "api":
-                        os.kill(int(p["pid"]), p["signal"])  # the load balancer is gone: the second skips the drain
                     signalled.append(p)
                 except ProcessLookupError:
                     pass
