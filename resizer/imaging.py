@@ -729,6 +729,11 @@ def _open(data: bytes, limits: Limits) -> tuple[ImageFile.ImageFile, ImageFacts]
                 f"animation is {frames} frames of {width}x{height}; the limit is "
                 f"{limits.max_animation_pixels} pixels in all"
             )
+        if fmt == "png" and frames > 1 and data[28:29] not in (b"", b"\x00"):
+            # Pillow 13.0.0 cannot decode an interlaced APNG's later frames (it adds the interlace flag
+            # to its decoder's settings at each frame, and the decoder refuses them): said as what it is,
+            # not passed off as a corrupt file (docs/IMAGING.md).
+            raise UnsupportedImage("an interlaced animated PNG cannot be read; save it without interlacing")
         if fmt == "gif" and not data.rstrip(b"\x00").endswith(b";"):
             # Pillow reads a cut GIF up to the cut and counts the frames it found, so without its
             # trailer byte a truncated file would pass for a shorter one.

@@ -1409,6 +1409,18 @@ def test_an_apng_frame_whose_image_data_is_short_is_refused_and_a_whole_one_is_n
     assert resize(data, Params(width=24, format="jpeg")).output.frames == 1  # a still: the later frames are not decoded
 
 
+def test_an_interlaced_animated_png_is_refused_as_unsupported_not_as_corrupt():
+    """Pillow cannot decode an interlaced APNG's later frames: the file is valid, so the answer says what
+    cannot be done (415), not that the customer's file is broken (it was `corrupt_image`). An interlaced
+    still PNG, and an APNG without interlacing, are read."""
+    frames = [(0, 0, Image.effect_noise((24, 16), 60).convert("RGB"), 0, 0),
+              (0, 0, Image.linear_gradient("L").resize((24, 16)).convert("RGB"), 0, 0)]
+    with pytest.raises(UnsupportedImage, match="interlaced animated PNG"):
+        resize(_raw_apng((24, 16), frames, interlace=True), Params(width=24, format="png"))
+    assert len(_apng_frames(resize(_raw_apng((24, 16), frames), Params(width=24, format="png")).data)) == 2
+    assert resize(_raw_png(frames[0][2], interlace=True), Params(width=12, format="png")).output.width == 12
+
+
 _GIF_COLOURS = [10, 10, 200, 220, 10, 10, 10, 220, 10, 250, 250, 250]  # blue, red, green, white
 
 
