@@ -36,6 +36,22 @@ def _cpu_ms(work, rounds: int) -> float:
     return median(times)
 
 
+def _conversions(data: bytes, box: int, rounds: int, name: str, variants: dict) -> list[float]:
+    """The median conversion ms with imaging.`name` replaced by each variant in turn, interleaved so
+    drift falls on all alike."""
+    params = imaging.Params(width=box, height=box, format="png")
+    original = getattr(imaging, name)
+    times: dict[str, list[float]] = {variant: [] for variant in variants}
+    for _ in range(rounds):
+        for variant, function in variants.items():
+            setattr(imaging, name, function)
+            try:
+                times[variant].append(_cpu_ms(lambda: imaging.resize(data, params), 1))
+            finally:
+                setattr(imaging, name, original)
+    return [median(t) for t in times.values()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
@@ -51,17 +67,9 @@ def main() -> None:
         decoded.load()
         alone = _cpu_ms(lambda: inflate(data), args.rounds)
         for box in (800, 256):
-            params = imaging.Params(width=box, height=box, format="png")
-            times: dict[str, list[float]] = {name: [] for name in variants}
-            for _ in range(args.rounds):  # interleaved, so drift falls on all alike
-                for name, variant in variants.items():
-                    imaging._png_last_row_blank = variant
-                    try:
-                        times[name].append(_cpu_ms(lambda: imaging.resize(data, params), 1))
-                    finally:
-                        imaging._png_last_row_blank = blank
+            ms = _conversions(data, box, args.rounds, "_png_last_row_blank", variants)
             print(f"| {path.name} | {facts.width}x{facts.height} | {blank(decoded, data)} | {alone:.1f} | {box} | "
-                  + " / ".join(f"{median(t):.1f}" for t in times.values()) + " |")
+                  + " / ".join(f"{m:.1f}" for m in ms) + " |")
 
     row = imaging._apng_frame_row
     frame_variants = {"as it is": row, "inflate always": lambda im, data: b"", "no check": lambda im, data: None}
@@ -82,17 +90,8 @@ def main() -> None:
         finally:
             imaging._png_data_short = inflate
         for box in (800, 256):
-            params = imaging.Params(width=box, height=box, format="png")
-            times = {name: [] for name in frame_variants}
-            for _ in range(args.rounds):
-                for name, variant in frame_variants.items():
-                    imaging._apng_frame_row = variant
-                    try:
-                        times[name].append(_cpu_ms(lambda: imaging.resize(data, params), 1))
-                    finally:
-                        imaging._apng_frame_row = row
-            print(f"| {path.name} | {len(frames)} | {len(counted)} | {box} | "
-                  + " / ".join(f"{median(t):.1f}" for t in times.values()) + " |")
+            ms = _conversions(data, box, args.rounds, "_apng_frame_row", frame_variants)
+            print(f"| {path.name} | {len(frames)} | {len(counted)} | {box} | " + " / ".join(f"{m:.1f}" for m in ms) + " |")
 
 
 if __name__ == "__main__":
