@@ -27,14 +27,13 @@ LIMIT = 10_000  # dead letters read at once (each held unacked on the channel un
 def _job_id(message: Any) -> str | None:
     """The job a dead letter is for: Celery's `id` header, or the task's argument in the body (a message
     copied by hand may have lost its headers); None when neither says (such a letter is only listed)."""
-    headers = message.headers or {}
-    if headers.get("id") or message.properties.get("correlation_id"):
-        return headers.get("id") or message.properties.get("correlation_id")
-    try:
-        args = json.loads(message.body)[0]
-        return args[0] if isinstance(args[0], str) and re.fullmatch(r"[0-9a-f]{32}", args[0]) else None
-    except (ValueError, TypeError, IndexError, KeyError):
-        return None
+    found = (message.headers or {}).get("id") or message.properties.get("correlation_id")
+    if not found:
+        try:
+            found = json.loads(message.body)[0][0]
+        except (ValueError, TypeError, IndexError, KeyError):
+            return None
+    return found if isinstance(found, str) and re.fullmatch(r"[0-9a-f]{32}", found) else None
 
 
 def _death(message: Any) -> dict[str, Any]:
