@@ -16,31 +16,26 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import logging
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tracemalloc
-import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_soak import CORPUS, request  # noqa: E402
+from bench.bench_api_path import in_process_api  # noqa: E402
+from bench.bench_soak import CORPUS, request, rss_kib  # noqa: E402
 
 
 def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_kib(os.getpid()) / 1024
 
 
 def main() -> None:
@@ -48,31 +43,19 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args()
-    run = uuid.uuid4().hex[:8]
-    scratch = Path(tempfile.mkdtemp(prefix="api-heap-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    os.environ.update({
-        "RESIZE_QUEUE": f"bench.api-heap.{run}", "STAGING_URL": f"file://{scratch / 'staging'}",
-        "METERING_SPOOL_DIR": str(scratch / "spool"), "AUTH_SNAPSHOT_PATH": str(scratch / "snapshot.json"),
-        "DJANGO_SETTINGS_MODULE": "controlplane.settings", "WORKER_METRICS_BIND": "",
-    })
-    worker = subprocess.Popen([str(Path(sys.executable).parent / "celery"), "-A", "controlplane", "worker",
-                               "--loglevel", "WARNING", "--concurrency", "2", "--hostname", f"api-heap-{run}@%h"],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import django
+    with in_process_api("api-heap", {"WORKER_METRICS_BIND": ""}) as (application, key):
+        worker = subprocess.Popen([str(Path(sys.executable).parent / "celery"), "-A", "controlplane", "worker",
+                                   "--loglevel", "WARNING", "--concurrency", "2",
+                                   "--hostname", f"{os.environ['RESIZE_QUEUE']}@%h"],
+                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _measure(application, key, args)
+        finally:
+            worker.terminate()
+            worker.wait(30)
 
-    django.setup()
-    from controlplane.celery import app
-    from controlplane.wsgi import application
-    from identity.models import Plan
-    from identity.services import api_key_create, customer_create
 
-    devnull = open(os.devnull, "w")  # after the WSGI import: it configures logging again
-    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
-        for handler in getattr(logger, "handlers", ()):
-            if isinstance(handler, logging.StreamHandler):
-                handler.setStream(devnull)
-    plan = Plan.objects.create(name=f"api-heap-{run}", rate_per_second=1e6, burst=1_000_000)
-    key = api_key_create(customer=customer_create(name=f"api-heap-{run}", plan=plan))[1]
+def _measure(application: Any, key: str, args: argparse.Namespace) -> None:
     images = [p.read_bytes() for p in sorted(CORPUS.iterdir())
               if p.suffix in (".jpg", ".png", ".gif", ".webp") and p.stat().st_size < 2_000_000]
     answers: Counter = Counter()
@@ -106,29 +89,22 @@ def main() -> None:
         for t in threads:
             t.join()
 
-    try:
-        time.sleep(5)  # the worker connects
-        batch(args.batch)  # warm-up: connections, snapshot, caches
-        tracemalloc.start(12)
+    time.sleep(5)  # the worker connects
+    batch(args.batch)  # warm-up: connections, snapshot, caches
+    tracemalloc.start(12)
+    gc.collect()
+    first = tracemalloc.take_snapshot()
+    print(f"after the warm-up ({sum(answers.values())} requests): RSS {rss_mib():.0f} MiB", flush=True)
+    for i in range(args.batches):
+        batch(args.batch)
+        before = tracemalloc.get_traced_memory()[0] / 1024
         gc.collect()
-        first = tracemalloc.take_snapshot()
-        print(f"after the warm-up ({sum(answers.values())} requests): RSS {rss_mib():.0f} MiB", flush=True)
-        for i in range(args.batches):
-            batch(args.batch)
-            before = tracemalloc.get_traced_memory()[0] / 1024
-            gc.collect()
-            after = tracemalloc.get_traced_memory()[0] / 1024
-            print(f"batch {i + 1} ({sum(answers.values())} requests): traced {before:,.0f} KiB, after gc.collect "
-                  f"{after:,.0f} KiB; RSS {rss_mib():.0f} MiB", flush=True)
-        print("answers:", dict(sorted(answers.items())))
-        for stat in tracemalloc.take_snapshot().compare_to(first, "lineno")[:5]:
-            print(" ", stat)
-    finally:
-        worker.terminate()
-        worker.wait(30)
-        with app.connection_for_write() as connection:
-            connection.default_channel.queue_delete(os.environ["RESIZE_QUEUE"])
-        shutil.rmtree(scratch, ignore_errors=True)
+        after = tracemalloc.get_traced_memory()[0] / 1024
+        print(f"batch {i + 1} ({sum(answers.values())} requests): traced {before:,.0f} KiB, after gc.collect "
+              f"{after:,.0f} KiB; RSS {rss_mib():.0f} MiB", flush=True)
+    print("answers:", dict(sorted(answers.items())))
+    for stat in tracemalloc.take_snapshot().compare_to(first, "lineno")[:5]:
+        print(" ", stat)
 
 
 if __name__ == "__main__":

@@ -22,25 +22,27 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--input", default="photo-256k-1.jpg")
-    parser.add_argument("--profile", action="store_true", help="also print cProfile's top functions (thread CPU)")
-    args = parser.parse_args()
+@contextmanager
+def in_process_api(name: str, env: dict[str, str]) -> Iterator[tuple[Any, str]]:
+    """The API's WSGI application in this process, on a private queue (`bench.<name>.<id>`), staging
+    directory and spool under /dev/shm, with one customer of its own (`<name>-<id>`, on a plan whose
+    rate is out of the way) and its logs written to nowhere; yields (application, the customer's key).
+    `env`: more settings. The queue and the directory are deleted after."""
     run = uuid.uuid4().hex[:8]
-    scratch = Path(tempfile.mkdtemp(prefix="api-path-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    scratch = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     os.environ.update({
-        "RESIZE_QUEUE": f"bench.api-path.{run}", "STAGING_URL": f"file://{scratch / 'staging'}",
+        "RESIZE_QUEUE": f"bench.{name}.{run}", "STAGING_URL": f"file://{scratch / 'staging'}",
         "METERING_SPOOL_DIR": str(scratch / "spool"), "AUTH_SNAPSHOT_PATH": str(scratch / "snapshot.json"),
-        "ADMISSION_MAX_QUEUE_DEPTH": "0",  # no worker: the queue only grows
-        "DJANGO_SETTINGS_MODULE": "controlplane.settings",
+        "DJANGO_SETTINGS_MODULE": "controlplane.settings", **env,
     })
     sys.path.insert(0, str(ROOT))
     import logging
@@ -59,8 +61,28 @@ def main() -> None:
             if isinstance(handler, logging.StreamHandler):
                 handler.setStream(devnull)  # the access log is written (its cost counts), to nowhere
 
-    plan = Plan.objects.create(name=f"api-path-{run}", rate_per_second=1e6, burst=1_000_000)
-    key = api_key_create(customer=customer_create(name=f"api-path-{run}", plan=plan))[1]
+    plan = Plan.objects.create(name=f"{name}-{run}", rate_per_second=1e6, burst=1_000_000)
+    key = api_key_create(customer=customer_create(name=f"{name}-{run}", plan=plan))[1]
+    try:
+        yield application, key
+    finally:
+        with app.connection_for_write() as connection:
+            connection.default_channel.queue_delete(os.environ["RESIZE_QUEUE"])
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--input", default="photo-256k-1.jpg")
+    parser.add_argument("--profile", action="store_true", help="also print cProfile's top functions (thread CPU)")
+    args = parser.parse_args()
+    # No worker: the queue only grows, so admission control's depth bound is off.
+    with in_process_api("api-path", {"ADMISSION_MAX_QUEUE_DEPTH": "0"}) as (application, key):
+        _measure(application, key, args)
+
+
+def _measure(application: Any, key: str, args: argparse.Namespace) -> None:
     body = (CORPUS / args.input).read_bytes()
     statuses: list[str] = []
 
@@ -76,30 +98,25 @@ def main() -> None:
         b"".join(response)
         response.close()
 
-    try:
-        for _ in range(100):  # warm-up: connections, snapshot, caches
-            request()
-        if not statuses[-1].startswith("202"):
-            sys.exit(f"expected 202, got {statuses[-1]}")
-        start = time.thread_time()
-        for _ in range(args.requests):
-            request()
-        cpu = (time.thread_time() - start) / args.requests
-        profile = cProfile.Profile(time.thread_time)
-        profile.enable()
-        for _ in range(200):
-            request()
-        profile.disable()
-        stats = pstats.Stats(profile)
-        calls = sum(entry[1] for entry in stats.stats.values()) / 200  # type: ignore[attr-defined]
-        print(f"{args.input}: {cpu * 1000:.3f} ms of request-thread CPU per request, {calls:.0f} Python calls "
-              f"per request ({args.requests} requests, all {statuses[-1]})")
-        if args.profile:
-            stats.sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "30")))
-    finally:
-        with app.connection_for_write() as connection:
-            connection.default_channel.queue_delete(os.environ["RESIZE_QUEUE"])
-        shutil.rmtree(scratch, ignore_errors=True)
+    for _ in range(100):  # warm-up: connections, snapshot, caches
+        request()
+    if not statuses[-1].startswith("202"):
+        sys.exit(f"expected 202, got {statuses[-1]}")
+    start = time.thread_time()
+    for _ in range(args.requests):
+        request()
+    cpu = (time.thread_time() - start) / args.requests
+    profile = cProfile.Profile(time.thread_time)
+    profile.enable()
+    for _ in range(200):
+        request()
+    profile.disable()
+    stats = pstats.Stats(profile)
+    calls = sum(entry[1] for entry in stats.stats.values()) / 200  # type: ignore[attr-defined]
+    print(f"{args.input}: {cpu * 1000:.3f} ms of request-thread CPU per request, {calls:.0f} Python calls "
+          f"per request ({args.requests} requests, all {statuses[-1]})")
+    if args.profile:
+        stats.sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "30")))
 
 
 if __name__ == "__main__":
