@@ -7,7 +7,7 @@ with a handshake the broker never read: a resize request hung for as long as the
 98 s in the failure review), holding its thread and its customer's admission slots.
 
 py-amqp calls `on_blocked` (celeryconfig.broker_transport_options) in the thread reading the connection.
-In a thread inside `publishing()` (resizer.services._send) it raises BrokerBlocked, which ends the
+In a thread inside `with publishing:` (resizer.services._publish_on) it raises BrokerBlocked, which ends the
 confirm wait at once; the publisher then drops the connection without the close handshake. Anywhere
 else (the reply consumer, the queue probe, a worker) it only records the alarm. No Django here: celeryconfig
 imports this module."""
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 class BrokerBlocked(Exception):
@@ -28,14 +26,18 @@ _local = threading.local()
 _refused_at: float | None = None
 
 
-@contextmanager
-def publishing() -> Iterator[None]:
-    """The calling thread's publish: a `connection.blocked` read meanwhile raises BrokerBlocked in it."""
-    _local.publishing = True
-    try:
-        yield
-    finally:
+class _Publishing:
+    """`with publishing:` around the calling thread's publish: a `connection.blocked` read meanwhile
+    raises BrokerBlocked in it. A plain class, not a generator context manager: it runs on every job."""
+
+    def __enter__(self) -> None:
+        _local.publishing = True
+
+    def __exit__(self, *exc: object) -> None:
         _local.publishing = False
+
+
+publishing = _Publishing()
 
 
 def on_blocked(reason: str) -> None:

@@ -154,33 +154,9 @@ def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
         job_id, resize.name, args=[job_id], kwargs={}, reply_to=reply_to, ignore_result=True,
         argsrepr=f"['{job_id}']", kwargsrepr="{}", time_limit=None, soft_time_limit=None)
     logs.task_headers_add(headers)  # the worker logs the job under the request's id
-
-    def publish(producer: Any) -> None:
-        # The queue is declared on a connection's first publish: a message to an exchange with no
-        # queue bound would be confirmed and dropped. kombu remembers the declaration per connection
-        # (and forgets it on reconnect), but asked to declare it copies and binds the queue on every
-        # publish first (~0.1 ms); the same cache, read here, skips that.
-        declared = hash(celeryconfig.resize_queue) in (producer.connection.declared_entities or ())
-        try:
-            with broker_alarm.publishing():
-                producer.publish(
-                    body, exchange=celeryconfig.resize_exchange, routing_key=RESIZE_ROUTING_KEY,
-                    declare=[] if declared else [celeryconfig.resize_queue], serializer="json", headers=headers,
-                    delivery_mode=2,
-                    retry=app.conf.task_publish_retry,
-                    retry_policy=_retry_policy(app.conf.task_publish_retry_policy),
-                    timeout=timeout, confirm_timeout=timeout, **properties)
-        except (broker_alarm.BrokerBlocked, TimeoutError, KombuOperationalError):
-            # Dropped, not closed: a broker that stopped reading this connection (an alarm) never
-            # answers the close handshake, which waited without end as the pool replaced it; and a
-            # connection whose confirm never came must not go back to the pool, where the late ack
-            # would pass for the next publish's (kombu's retries report a timeout as OperationalError).
-            producer.connection.collect()
-            raise
-
     try:
         with app.producer_or_acquire() as producer:
-            publish(producer)
+            _publish_on(producer, body, headers, properties, timeout)
     except broker_alarm.BrokerBlocked:
         # A pooled connection may read a `connection.blocked` sent before the alarm cleared (its
         # `unblocked` queued behind it), and so may the next one the pool hands out: once more on a
@@ -189,13 +165,39 @@ def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
         log.info("job %s: the broker blocked publishing (a resource alarm?); trying a connection of its own", job_id)
         connection = app.connection_for_write()
         try:
-            publish(Producer(connection))
+            _publish_on(Producer(connection), body, headers, properties, timeout)
         except broker_alarm.BrokerBlocked:
             broker_alarm.refused()
             raise
         finally:
             connection.release()  # after collect() nothing is left to close; else the handshake is answered
     broker_alarm.published()
+
+
+def _publish_on(producer: Any, body: Any, headers: dict[str, Any], properties: dict[str, Any], timeout: float) -> None:
+    """One publish of a job's message on `producer`, and its confirm."""
+    from controlplane.celery import app
+
+    # The queue is declared on a connection's first publish: a message to an exchange with no
+    # queue bound would be confirmed and dropped. kombu remembers the declaration per connection
+    # (and forgets it on reconnect), but asked to declare it copies and binds the queue on every
+    # publish first (~0.1 ms); the same cache, read here, skips that.
+    declared = hash(celeryconfig.resize_queue) in (producer.connection.declared_entities or ())
+    try:
+        with broker_alarm.publishing:
+            producer.publish(
+                body, exchange=celeryconfig.resize_exchange, routing_key=RESIZE_ROUTING_KEY,
+                declare=[] if declared else [celeryconfig.resize_queue], serializer="json", headers=headers,
+                delivery_mode=2,
+                retry=app.conf.task_publish_retry, retry_policy=_retry_policy(app.conf.task_publish_retry_policy),
+                timeout=timeout, confirm_timeout=timeout, **properties)
+    except (broker_alarm.BrokerBlocked, TimeoutError, KombuOperationalError):
+        # Dropped, not closed: a broker that stopped reading this connection (an alarm) never
+        # answers the close handshake, which waited without end as the pool replaced it; and a
+        # connection whose confirm never came must not go back to the pool, where the late ack
+        # would pass for the next publish's (kombu's retries report a timeout as OperationalError).
+        producer.connection.collect()
+        raise
 
 
 def _retry_policy(policy: dict[str, Any]) -> dict[str, Any]:
