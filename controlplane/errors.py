@@ -116,11 +116,9 @@ def database_unavailable(exc: Exception) -> HttpResponse:
     """503 for a database that is away, or did not answer within the API's bounds
     (DATABASE_STATEMENT_TIMEOUT_SECONDS / DATABASE_LOCK_TIMEOUT_SECONDS)."""
     log.warning("database unavailable: %s", exc)
-    if isinstance(exc.__cause__, (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)):
-        return problem(503, "database_unavailable", "The database did not answer in time; retry shortly.",
-                       headers={"Retry-After": "5"})
-    return problem(503, "database_unavailable", "The database cannot be reached right now; retry shortly.",
-                   headers={"Retry-After": "5"})
+    slow = isinstance(exc.__cause__, (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable))
+    return problem(503, "database_unavailable", "The database did not answer in time; retry shortly." if slow
+                   else "The database cannot be reached right now; retry shortly.", headers={"Retry-After": "5"})
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse | None:

@@ -384,7 +384,7 @@ def _result_kept(job: Job) -> bool:
     except StagingNotFound:
         return False
     except (StagingError, OSError):
-        return True
+        pass
     return True
 
 
