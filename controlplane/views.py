@@ -247,6 +247,7 @@ class ResizeView(CustomerView):
     def post(self, request: Request) -> HttpResponse:
         clock = metrics.StageClock()
         params = parse_params(single_values(request.query_params), request.headers.get("Accept", ""))
+        idempotency_key = _idempotency_key(request)
         # Admission before the body is read: a refused request costs no buffering (ADR 0006).
         slots, customer_id = admission.admission(), request.user.customer_id
         try:
@@ -256,7 +257,7 @@ class ResizeView(CustomerView):
         finally:
             clock.lap("line")  # parsing and admission, with any wait in its line (ADR 0007)
         try:
-            return self._resize(request, params, clock, slots)
+            return self._resize(request, params, idempotency_key, clock, slots)
         finally:
             slots.leave(customer_id)
 
@@ -266,8 +267,8 @@ class ResizeView(CustomerView):
         discard_unread_body(self.request._request, settings.REFUSED_BODY_DISCARD_BYTES)
         return super().handle_exception(exc)
 
-    def _resize(self, request: Request, params: imaging.Params, clock: metrics.StageClock,
-                slots: admission.Admission) -> HttpResponse:
+    def _resize(self, request: Request, params: imaging.Params, idempotency_key: str | None,
+                clock: metrics.StageClock, slots: admission.Admission) -> HttpResponse:
         django_request: HttpRequest = request._request
         data = read_upload(django_request, settings.MAX_UPLOAD_BYTES)
         django_request.resize_input_bytes = len(data)  # type: ignore[attr-defined]
@@ -286,9 +287,6 @@ class ResizeView(CustomerView):
             waiter = job_waiter()
             if not waiter.usable():
                 waiter = None  # no reply queue (broker trouble): fall back to re-reading the job
-        idempotency_key = request.headers.get("Idempotency-Key") or None
-        if idempotency_key is not None and len(idempotency_key) > 255:
-            raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be at most 255 characters.")
         replay = None
         try:
             monthly_quota_charge(request.user)
@@ -393,6 +391,18 @@ def _prefers_async(prefer: str) -> bool:
     `=value` and `;` parameters, names case-insensitive) holds respond-async. Matched as a substring,
     `Prefer: no-respond-async` asked for a 202."""
     return any(item.split(";", 1)[0].split("=", 1)[0].strip().lower() == "respond-async" for item in prefer.split(","))
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key (None without the header), checked before the body is read. An
+    empty one is refused: it was read as no key, so a client whose key came out empty had every retry
+    made (and billed) again, and an overlong one was refused only after the whole upload."""
+    if "Idempotency-Key" not in request.headers:
+        return None
+    key = request.headers["Idempotency-Key"]
+    if not key or len(key) > 255:
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 characters long.")
+    return key
 
 
 def _idempotent_replay(request: Request, params: imaging.Params, data: bytes, idempotency_key: str) -> Job | None:

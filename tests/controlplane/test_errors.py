@@ -110,6 +110,18 @@ def test_overlong_idempotency_key_is_400(api):
     assert_problem(resize(api, make_image(), HTTP_IDEMPOTENCY_KEY="k" * 256), 400, "invalid_idempotency_key")
 
 
+def test_an_empty_idempotency_key_is_400_not_no_key(api):
+    """Read as no key, an empty one made a new job (billed again) on every retry of the request."""
+    response = resize(api, make_image(), HTTP_IDEMPOTENCY_KEY="", HTTP_PREFER="respond-async")
+    assert_problem(response, 400, "invalid_idempotency_key")
+
+
+def test_the_idempotency_key_is_checked_before_the_body(api):
+    """As the query's parameters: a bad key is refused without reading, sniffing or decoding the upload
+    (it was checked only after them: a non-image with an overlong key was told 415)."""
+    assert_problem(resize(api, b"not an image", HTTP_IDEMPOTENCY_KEY="k" * 256), 400, "invalid_idempotency_key")
+
+
 def test_staging_store_away_is_503_with_retry_after(api, settings):
     settings.STAGING_URL = "file:///proc/no-staging-here"
     response = resize(api, make_image())
