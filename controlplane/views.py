@@ -248,6 +248,7 @@ class ResizeView(CustomerView):
         clock = metrics.StageClock()
         params = parse_params(single_values(request.query_params), request.headers.get("Accept", ""))
         idempotency_key = _idempotency_key(request)
+        _refuse_content_coding(request)
         # Admission before the body is read: a refused request costs no buffering (ADR 0006).
         slots, customer_id = admission.admission(), request.user.customer_id
         try:
@@ -403,6 +404,17 @@ def _idempotency_key(request: Request) -> str | None:
     if not key or len(key) > 255:
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 characters long.")
     return key
+
+
+def _refuse_content_coding(request: Request) -> None:
+    """415 for a body sent with a Content-Encoding (RFC 9110 15.5.16, with Accept-Encoding saying what is
+    taken): the body was read as the image all the same, so a gzipped upload was told it was "not a JPEG,
+    PNG, ..." and a plain one under a wrong label was resized as if there were none."""
+    coding = request.headers.get("Content-Encoding", "").strip()
+    if coding and coding.lower() != "identity":
+        raise ApiError(415, "unsupported_media_type", f"The body has Content-Encoding {coding!r}, which is not "
+                       "taken: send the image's bytes as they are, without a Content-Encoding.",
+                       headers={"Accept-Encoding": "identity"})
 
 
 def _idempotent_replay(request: Request, params: imaging.Params, data: bytes, idempotency_key: str) -> Job | None:

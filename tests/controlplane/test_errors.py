@@ -1,6 +1,7 @@
 """Every refusal is problem+json with a stable code; bad input never gets a 5xx."""
 from __future__ import annotations
 
+import gzip
 import os
 import struct
 import zlib
@@ -69,6 +70,20 @@ def test_body_over_the_limit_is_413_from_content_length(api, settings):
 ])
 def test_not_an_image_we_open_is_415(api, data):
     assert_problem(resize(api, data), 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("data", [gzip.compress(make_image()), make_image()])
+def test_a_body_with_a_content_encoding_is_415_saying_so(api, data):
+    """A gzipped upload was read as the image ("Not a JPEG, PNG, ..."), and a plain one under the label was
+    resized as if it had none."""
+    response = resize(api, data, HTTP_CONTENT_ENCODING="gzip", HTTP_PREFER="respond-async")
+    body = assert_problem(response, 415, "unsupported_media_type")
+    assert "Content-Encoding" in body["detail"] and response["Accept-Encoding"] == "identity"
+
+
+def test_content_encoding_identity_is_no_coding(api):
+    response = resize(api, make_image(), HTTP_CONTENT_ENCODING="identity", HTTP_PREFER="respond-async")
+    assert response.status_code == 202, response.content[:300]
 
 
 def test_an_ico_file_is_415(api):
