@@ -86,6 +86,15 @@ def job_json(job: Job) -> dict[str, Any]:
     }
 
 
+def _no_parameters(request: Request) -> None:
+    """A job's endpoints take no query parameters: one given is refused, as on /v1/resize and /v1/usage
+    (`?wait=30` was ignored in silence, and answered at once)."""
+    if request.query_params:
+        name = next(iter(request.query_params))
+        raise ApiError(400, "unknown_parameter", f"Unknown query parameter {name!r}; this endpoint takes none.",
+                       extra={"parameter": name})
+
+
 def _customer_job(request: Request, job_id: str) -> Job:
     try:
         job = job_load(staging_store(), job_id)
@@ -475,6 +484,7 @@ class JobView(CustomerView):
     @extend_schema(operation_id="job", summary="A job's status, parameters and facts",
                    responses={200: JOB_SCHEMA, **problems(401, 403, 404, 429, 503)})
     def get(self, request: Request, job_id: str) -> HttpResponse:
+        _no_parameters(request)
         job = _customer_job(request, job_id)
         response = JsonResponse(job_json(job))
         response["Cache-Control"] = "private, no-store"
@@ -488,6 +498,7 @@ class JobResultView(CustomerView):
                    responses={(200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY, description="the image"),
                               **problems(401, 403, 404, 409, 410, 429, 503)})
     def get(self, request: Request, job_id: str) -> HttpResponse:
+        _no_parameters(request)
         job = _customer_job(request, job_id)
         if job.status == FAILED:
             error = job.error or {}

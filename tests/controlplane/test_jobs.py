@@ -178,3 +178,12 @@ def test_a_customer_holds_at_most_its_share_of_a_process_threads_until_its_answe
         assert admission.customer_threads().held(customer_id) == 0
     finally:
         admission.customer_threads.reset()
+
+
+@pytest.mark.parametrize("suffix", ["", "/result"])
+def test_a_query_parameter_on_a_job_is_400(api, customer_key, suffix):
+    """As on /v1/resize and /v1/usage: `?wait=30` (a long poll the API does not do) was ignored in silence."""
+    job = succeeded_job(str(customer_key[0].id))
+    response = api.get(f"/v1/jobs/{job.id}{suffix}?wait=30")
+    assert response.status_code == 400 and response["Content-Type"] == "application/problem+json"
+    assert response.json()["code"] == "unknown_parameter" and response.json()["parameter"] == "wait"
