@@ -62,6 +62,16 @@ def problems(*statuses: int) -> dict[tuple[int, str], OpenApiResponse]:
     return {(status, "application/problem+json"): PROBLEM for status in statuses}
 
 
+def response_header(name: str, statuses: list[int], description: str) -> OpenApiParameter:
+    """A header the operation's answers with these statuses carry (the document listed none: a client
+    generated from it knew of no Location on a 202, nor of Retry-After on a 429 or 503)."""
+    return OpenApiParameter(name, str, OpenApiParameter.HEADER, response=statuses, description=description)
+
+
+def retry_after(*statuses: int) -> OpenApiParameter:
+    return response_header("Retry-After", list(statuses), "seconds to wait before trying again")
+
+
 def _int_range(low: int, high: int) -> dict[str, Any]:
     return {"type": "integer", "minimum": low, "maximum": high}
 
@@ -238,11 +248,16 @@ class ResizeView(CustomerView):
             OpenApiParameter("quality", _int_range(1, 100), description="default per format"),
             OpenApiParameter("gravity", str, enum=list(imaging.GRAVITIES), default="center",
                              description="crop anchor for cover, placement for contain"),
-            OpenApiParameter("background", str, description="hex colour for contain padding and alpha flattening"),
+            OpenApiParameter("background", str, pattern="^#?([0-9A-Fa-f]{6}|[0-9A-Fa-f]{8})$",
+                             description="hex colour for contain padding and alpha flattening"),
             OpenApiParameter("enlarge", bool, default=False, description="allow upscaling for inside/outside"),
             OpenApiParameter("Prefer", str, OpenApiParameter.HEADER, description="respond-async for 202"),
-            OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER,
-                             description="a retry with the same key returns the same job"),
+            OpenApiParameter("Idempotency-Key", {"type": "string", "minLength": 1, "maxLength": 255},
+                             OpenApiParameter.HEADER, description="a retry with the same key returns the same job"),
+            response_header("Location", [200, 202], "the job: /v1/jobs/{id}"),
+            response_header("Content-Disposition", [200], 'inline; filename="{id}.{format}"'),
+            response_header("Vary", [200, 202], "Accept, with format=auto"),
+            retry_after(202, 429, 503),
         ],
         request={"application/octet-stream": OpenApiTypes.BINARY,
                  "multipart/form-data": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}},
@@ -250,7 +265,7 @@ class ResizeView(CustomerView):
             (200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY, description="the resized image"),
             202: OpenApiResponse(JOB_SCHEMA, description="the job, at its Location: it takes longer than the "
                                  "synchronous wait, or `Prefer: respond-async` asked for it"),
-            **problems(400, 401, 403, 408, 409, 410, 413, 415, 422, 429, 500, 503),
+            **problems(400, 401, 403, 408, 410, 413, 415, 422, 429, 500, 501, 503),
         },
     )
     def post(self, request: Request) -> HttpResponse:
@@ -482,7 +497,8 @@ class JobView(CustomerView):
     required_scope = ("jobs", "resize")
 
     @extend_schema(operation_id="job", summary="A job's status, parameters and facts",
-                   responses={200: JOB_SCHEMA, **problems(401, 403, 404, 429, 503)})
+                   parameters=[retry_after(429, 503)],
+                   responses={200: JOB_SCHEMA, **problems(400, 401, 403, 404, 429, 503)})
     def get(self, request: Request, job_id: str) -> HttpResponse:
         _no_parameters(request)
         job = _customer_job(request, job_id)
@@ -495,8 +511,10 @@ class JobResultView(CustomerView):
     required_scope = ("jobs", "resize")
 
     @extend_schema(operation_id="job_result", summary="A finished job's image",
+                   parameters=[response_header("Content-Disposition", [200], 'inline; filename="{id}.{format}"'),
+                               retry_after(409, 429, 503)],
                    responses={(200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY, description="the image"),
-                              **problems(401, 403, 404, 409, 410, 429, 503)})
+                              **problems(400, 401, 403, 404, 409, 410, 429, 503)})
     def get(self, request: Request, job_id: str) -> HttpResponse:
         _no_parameters(request)
         job = _customer_job(request, job_id)

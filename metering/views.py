@@ -6,12 +6,13 @@ from decimal import Decimal
 from typing import Any
 
 from django.http import HttpResponse, JsonResponse
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import serializers
 from rest_framework.request import Request
 
 from controlplane.errors import ApiError
 from controlplane.parsing import single_values
-from controlplane.views import CustomerView
+from controlplane.views import CustomerView, problems, retry_after
 from metering import selectors
 
 STEP = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -21,6 +22,21 @@ DEFAULT_RANGE = {"hour": timedelta(hours=24), "day": timedelta(days=30)}
 _PARAMS = ("from", "to", "granularity")
 _EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _LATEST = datetime(9999, 1, 1, tzinfo=timezone.utc)
+
+
+def _usage_numbers() -> dict[str, serializers.Field]:
+    return {field: serializers.FloatField() if field.endswith(("megapixels", "seconds")) else serializers.IntegerField()
+            for field in selectors.USAGE_FIELDS}
+
+
+USAGE_SCHEMA = inline_serializer("Usage", {
+    "granularity": serializers.ChoiceField(choices=list(STEP)),
+    "from": serializers.DateTimeField(),
+    "to": serializers.DateTimeField(),
+    "as_of": serializers.DateTimeField(allow_null=True, help_text="the rollup covers records up to here"),
+    "windows": inline_serializer("UsageWindow", {"start": serializers.DateTimeField(), **_usage_numbers()}, many=True),
+    "totals": inline_serializer("UsageTotals", _usage_numbers()),
+})
 
 
 def _iso(t: datetime) -> str:
@@ -69,9 +85,9 @@ class UsageView(CustomerView):
                              "default: `to` minus 24 hours (hour) or 30 days (day)"),
             OpenApiParameter("to", str, description="exclusive; default now"),
             OpenApiParameter("granularity", str, enum=list(STEP), description="default day"),
+            retry_after(429, 503),
         ],
-        responses={200: OpenApiResponse(description="windows and totals, JSON"), 400: OpenApiResponse(
-            description="problem+json: invalid_parameter, unknown_parameter or range_too_large")},
+        responses={200: USAGE_SCHEMA, **problems(400, 401, 403, 429, 503)},
     )
     def get(self, request: Request) -> HttpResponse:
         query = single_values(request.query_params)  # a repeated one is refused, not read as its last

@@ -109,6 +109,30 @@ def test_openapi_document_lists_the_endpoints(client):
     assert document["components"]["securitySchemes"]["staffBasic"]["scheme"] == "basic"
 
 
+def test_openapi_document_names_the_answers_headers_and_every_status(client):
+    """The document listed no response header (a generated client knew of no Location on a 202, nor of
+    Retry-After on a 429 or 503), /v1/usage's answer had no schema and its 401, 403, 429 and 503 were not
+    listed, and POST /v1/resize listed a 409 it never answers and not its 501."""
+    paths = json.loads(client.get("/v1/openapi.json").content)["paths"]
+    resize = paths["/v1/resize"]["post"]["responses"]
+    assert {"Location", "Retry-After"} <= set(resize["202"]["headers"])
+    assert {"Location", "Content-Disposition"} <= set(resize["200"]["headers"])
+    for path, method in (("/v1/resize", "post"), ("/v1/usage", "get"), ("/v1/jobs/{job_id}", "get"),
+                         ("/v1/jobs/{job_id}/result", "get")):
+        responses = paths[path][method]["responses"]
+        for status in ("429", "503"):
+            assert "Retry-After" in responses[status]["headers"], (path, status)
+    assert "501" in resize and "409" not in resize
+    usage = paths["/v1/usage"]["get"]["responses"]
+    assert {"400", "401", "403", "429", "503"} <= set(usage)
+    assert usage["401"]["content"] == {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    assert usage["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Usage"}
+    for path in ("/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result"):  # a query parameter given: 400
+        assert "400" in paths[path]["get"]["responses"]
+    parameters = {p["name"]: p["schema"] for p in paths["/v1/resize"]["post"]["parameters"]}
+    assert parameters["Idempotency-Key"] == {"type": "string", "minLength": 1, "maxLength": 255}
+
+
 def test_docs_page(client):
     """Swagger UI comes from this server, pinned (it came from a CDN, `@latest`, needing the internet)."""
     import re
