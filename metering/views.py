@@ -52,8 +52,11 @@ def _instant(name: str, raw: str) -> datetime:
             value = datetime(day.year, day.month, day.day)
         value = (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
     except (ValueError, OverflowError):  # OverflowError: 0001-01-01T00:30+01:00 is before year 1 in UTC
+        # An offset's `+` sent as it is arrives as a space (form encoding): 2026-11-01T13:00:00+01:00
+        # was told only that it was no ISO 8601 date-time, which it looks like.
+        plus = " (a `+` in a URL must be sent as %2B: it arrived as a space)" if " " in raw else ""
         raise ApiError(400, "invalid_parameter", f"`{name}` must be an ISO 8601 date or date-time, like "
-                       "2026-11-01 or 2026-11-01T13:00:00Z.", extra={"parameter": name}) from None
+                       f"2026-11-01 or 2026-11-01T13:00:00Z{plus}.", extra={"parameter": name}) from None
     if not _EARLIEST <= value <= _LATEST:  # the range arithmetic below stays inside datetime's years
         raise ApiError(400, "invalid_parameter", f"`{name}` must lie between 1970 and 9999.",
                        extra={"parameter": name})

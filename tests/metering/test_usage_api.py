@@ -75,6 +75,14 @@ def test_bad_parameters_are_400_problems(api, query, code):
         assert ("hourly" if "granularity=hour" in query else "daily") in response.json()["detail"]
 
 
+def test_an_offset_whose_plus_was_not_encoded_is_told_so(api):
+    """`+01:00` sent as it is in the query arrives as ` 01:00`: the sentence said only "ISO 8601"."""
+    response = api.get("/v1/usage?from=2026-11-01T13:00:00+01:00")
+    assert response.status_code == 400 and response.json()["parameter"] == "from"
+    assert "%2B" in response.json()["detail"]
+    assert api.get("/v1/usage?from=2026-11-01T13:00:00%2B01:00").status_code == 200
+
+
 def test_usage_needs_a_key_with_the_usage_scope(client, credentials):
     from identity.services import api_key_create, customer_create
 
