@@ -846,6 +846,11 @@ def _gif_before_seek(im: ImageFile.ImageFile) -> None:
     if extent and (im.disposal_method == 2 or (im.disposal_method >= 3 and im.tell() == 0)):  # type: ignore[attr-defined]
         _gif_rgba(im)
         im.dispose = Image.core.fill("RGBA", (extent[2] - extent[0], extent[3] - extent[1]), (0, 0, 0, 0))  # type: ignore[attr-defined]
+    # A frame's disposal is its own (a Graphic Control Extension's scope is the one image after it), but
+    # Pillow sets it only from a non-zero value, so a frame whose own is 0 (unspecified: left in place)
+    # took the disposal of the last frame that gave one, and one after a frame disposed to the
+    # background was cleared too. Reset here, the next frame's seek sets it from that frame's own.
+    im.disposal_method = 0  # type: ignore[attr-defined]
 
 
 def _gif_after_seek(im: ImageFile.ImageFile) -> None:

@@ -1535,6 +1535,82 @@ def test_a_gif_frame_disposed_to_the_background_is_cleared_to_transparent(grey, 
         assert second.getpixel((10, 10)) == (*green, 255) and second.getpixel((30, 10))[3] == 0
 
 
+def test_a_gif_frame_s_disposal_is_its_own_not_carried_to_the_frames_after_it():
+    """A Graphic Control Extension's scope is the one image after it (GIF89a, 23): a frame whose own
+    disposal is 0 (unspecified) is left in place, as browsers do. Pillow kept the last non-zero disposal
+    for the frames after it, so a frame after one disposed to the background was cleared too. A red
+    screen, a green patch disposed to the background, a blue patch with disposal 0, then a white patch
+    elsewhere: in the last frame the blue patch is still there."""
+    data = _gif_of((40, 20), [(0, 0, Image.new("P", (40, 20), 1), None, 1),
+                              (0, 0, Image.new("P", (10, 10), 2), None, 2),
+                              (20, 0, Image.new("P", (10, 10), 0), None, 0),
+                              (30, 10, Image.new("P", (10, 10), 3), None, 0)])
+    frames = _apng_frames(resize(data, Params(width=40, format="png")).data)
+    assert len(frames) == 4
+    assert frames[2].getpixel((5, 5))[3] == 0  # the green patch, disposed to the background
+    assert frames[3].getpixel((25, 5)) == (10, 10, 200, 255)  # the blue patch, kept
+    assert frames[3].getpixel((35, 15)) == (250, 250, 250, 255) and frames[3].getpixel((5, 15)) == (220, 10, 10, 255)
+
+
+def _browser_frames(screen: tuple[int, int], frames: list[tuple[int, int, Image.Image, int | None, int]]
+                    ) -> list[Image.Image]:
+    """The frames as a browser composites them (GIF89a; Chrome, Firefox): a transparent screen; each
+    frame drawn where its pixels are not its transparent index, shown, then disposed by its own method:
+    0 and 1 leave it, 2 clears its rectangle to transparent, 3 restores what was there before it."""
+    colours = [tuple(_GIF_COLOURS[i:i + 3]) + (255,) for i in range(0, len(_GIF_COLOURS), 3)]
+    canvas, shown = Image.new("RGBA", screen, (0, 0, 0, 0)), []
+    for x, y, indices, clear, disposal in frames:
+        before = canvas.copy()
+        raw = indices.tobytes()
+        patch = Image.frombytes("RGBA", indices.size, b"".join(bytes(colours[i]) for i in raw))
+        mask = Image.frombytes("L", indices.size, bytes(0 if i == clear else 255 for i in raw))
+        canvas.paste(patch, (x, y), mask)
+        shown.append(canvas.copy())
+        if disposal == 2:
+            canvas.paste((0, 0, 0, 0), (x, y, x + indices.width, y + indices.height))
+        elif disposal == 3:
+            canvas = before
+    return shown
+
+
+def _visible(frames: list[Image.Image]) -> list[bytes]:
+    """Frames as what they show (colour only where opaque), consecutive repeats merged (the writer merges
+    them into one longer frame)."""
+    shown: list[bytes] = []
+    for frame in frames:
+        rgba = frame.tobytes()
+        data = b"".join(rgba[i:i + 4] if rgba[i + 3] else bytes(4) for i in range(0, len(rgba), 4))
+        if not shown or shown[-1] != data:
+            shown.append(data)
+    return shown
+
+
+@st.composite
+def _gif_animations(draw: st.DrawFn) -> tuple[tuple[int, int], list[tuple[int, int, Image.Image, int | None, int]]]:
+    width, height = draw(st.integers(4, 24)), draw(st.integers(4, 24))
+    frames = []
+    for _ in range(draw(st.integers(1, 5))):
+        w, h = draw(st.integers(1, width)), draw(st.integers(1, height))
+        x, y = draw(st.integers(0, width - w)), draw(st.integers(0, height - h))
+        indices = Image.new("P", (w, h), draw(st.integers(0, 3)))
+        for _ in range(draw(st.integers(0, 2))):  # a block or two of other colours
+            bw, bh = draw(st.integers(1, w)), draw(st.integers(1, h))
+            bx, by = draw(st.integers(0, w - bw)), draw(st.integers(0, h - bh))
+            indices.paste(draw(st.integers(0, 3)), (bx, by, bx + bw, by + bh))
+        frames.append((x, y, indices, draw(st.none() | st.integers(0, 3)), draw(st.integers(0, 3))))
+    return (width, height), frames
+
+
+@settings(max_examples=300, deadline=None)
+@given(animation=_gif_animations())
+def test_gif_frames_are_composited_as_browsers_show_them(animation):
+    """Random GIFs (frames anywhere on the screen, transparent indices or none, every disposal 0-3 mixed)
+    resized to their own size: each frame as a browser model shows it (alpha, and colour where opaque)."""
+    screen, frames = animation
+    out = _apng_frames(resize(_gif_of(screen, frames), Params(width=screen[0], format="png")).data)
+    assert _visible(out) == _visible(_browser_frames(screen, frames))
+
+
 def test_a_later_grey_gif_frame_keeps_its_pixels_of_the_first_frame_s_transparent_grey():
     """A GIF of identity greys (Pillow's mode L, as it writes a greyscale GIF) whose first frame's
     transparent index is grey 1, then a frame without a transparent index, all grey 1: Pillow keeps the
