@@ -55,6 +55,11 @@ RESIZE_QUEUE = env_str("RESIZE_QUEUE", "resize")
 # see the delivery that fails the job.
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3, minimum=1)
 DELIVERY_LIMIT = env_int("DELIVERY_LIMIT", JOB_MAX_ATTEMPTS + 2, minimum=1)
+# A job whose staging store (or usage spool) fails is put back as a fresh message, its delivery count
+# at 0, for this long from the first failure (resizer.tasks): an outage longer than the delivery
+# limit's pauses (~10-15 s) dead-lettered every job in flight. Past it, the delivery limit ends the
+# retries (the dead letters wait for `manage.py dead_letters requeue`). 0: never put back fresh.
+STORE_OUTAGE_RETRY_SECONDS = env_float("STORE_OUTAGE_RETRY_SECONDS", 3600.0)
 
 resize_exchange = Exchange(RESIZE_QUEUE, type="topic", durable=True)
 dead_letter_exchange = Exchange(f"{RESIZE_QUEUE}.dlx", type="fanout", durable=True)

@@ -6,6 +6,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from amqp.exceptions import AMQPError, MessageNacked
@@ -116,10 +117,11 @@ def job_submit(
     return job, True
 
 
-def job_requeue(job_id: str) -> None:
+def job_requeue(job_id: str, *, reply_to: str | None = None, headers: dict[str, Any] | None = None) -> None:
     """Publish an existing (staged, unfinished) job to the resize queue again, confirmed by the broker:
-    an operator's way back for a dead-lettered job (`manage.py dead_letters requeue`)."""
-    _publish(_send, job_id, None)
+    an operator's way back for a dead-lettered job (`manage.py dead_letters requeue`), and a worker's
+    for a job its store failed (resizer.tasks, with `headers` of its own)."""
+    _publish(partial(_send, extra_headers=headers), job_id, reply_to)
 
 
 def _job_params(params: imaging.Params) -> dict[str, Any]:
@@ -141,7 +143,7 @@ def _nacked(error: BaseException | None) -> bool:
     return False
 
 
-def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
+def _send(job_id: str, reply_to: str | None, timeout: float, extra_headers: dict[str, Any] | None = None) -> None:
     """Publish the resize task's message and wait for the broker's confirm. The message is the one
     `apply_async` sends (Celery's task protocol 2, built by Celery's own `as_task_v2`), published on a
     pooled producer without apply_async's routing lookup, signals and result object: 0.2 ms less CPU
@@ -153,6 +155,8 @@ def _send(job_id: str, reply_to: str | None, timeout: float) -> None:
     headers, properties, body, _ = app.amqp.as_task_v2(
         job_id, resize.name, args=[job_id], kwargs={}, reply_to=reply_to, ignore_result=True,
         argsrepr=f"['{job_id}']", kwargsrepr="{}", time_limit=None, soft_time_limit=None)
+    if extra_headers:
+        headers.update(extra_headers)
     logs.task_headers_add(headers)  # the worker logs the job under the request's id
     try:
         with app.producer_or_acquire() as producer:

@@ -1,7 +1,8 @@
 """The worker's requeue path in a real worker (resizer.tasks.resize): a delivery whose staging read
-fails (StagingError, the store away, not the input gone) pauses, is rejected with requeue, and comes
-back; once the store reads again the job succeeds on a later delivery, with its attempt budget given
-back, billed once, and nothing dead-lettered."""
+fails (StagingError, the store away, not the input gone) pauses, and is published again as a fresh
+message (or, past STORE_OUTAGE_RETRY_SECONDS, rejected with requeue) and comes back; once the store
+reads again the job succeeds on a later delivery, with its attempt budget given back, billed once,
+and nothing dead-lettered."""
 from __future__ import annotations
 
 import os
@@ -39,7 +40,8 @@ def test_a_job_whose_input_cannot_be_read_is_requeued_until_it_can_then_succeeds
     path = store.root / input_key(job.id)
     path.unlink()
     os.symlink(tmp_path, path)
-    with own_worker("requeue") as worker:
+    # The requeue (within the delivery limit), not a fresh message: that is the test below.
+    with own_worker("requeue", STORE_OUTAGE_RETRY_SECONDS="0") as worker:
         app.send_task("resizer.tasks.resize", args=[job.id], task_id=job.id,
                       exchange=Exchange(worker.queue, type="topic"), routing_key=f"{worker.queue}.job")
         received = f"resizer.tasks.resize[{job.id}] received"
@@ -68,3 +70,51 @@ def test_a_job_whose_input_cannot_be_read_is_requeued_until_it_can_then_succeeds
     records = list(UsageRecord.objects.filter(customer_id=customer_id))
     assert [r.id for r in records] == [uuid.UUID(job.id)] and records[0].outcome == "succeeded", records
     print(f"\nrequeue after a staging read failure: {deliveries} deliveries, then succeeded; 1 usage record")
+
+
+@pytest.mark.parametrize("retry_seconds", ["3600", "0"])
+def test_a_store_failing_past_the_delivery_limit_puts_the_job_back_fresh_until_it_reads(tmp_path, retry_seconds):
+    """With a delivery limit of 1, a requeued job is dead-lettered at its second failure: a store outage
+    longer than the delivery limit's pauses dead-lettered every job in flight, to wait for an operator.
+    Within STORE_OUTAGE_RETRY_SECONDS of the first failure the job is published again as a fresh message
+    instead (its delivery count 0): after four failed deliveries the store reads again and the job
+    succeeds, nothing dead-lettered, billed once. With 0 (never), the delivery limit ends it as before."""
+    store = staging_store()
+    image = corpus("coffee.jpg")
+    customer_id = str(uuid.uuid4())
+    job, _ = job_create(store, customer_id=customer_id, key_id=str(uuid.uuid4()), request_id="r",
+                        params={"width": 50, "height": None, "fit": "inside", "format": "jpeg", "quality": None,
+                                "gravity": "center", "background": None, "enlarge": False},
+                        input_facts={}, data=image)
+    path = store.root / input_key(job.id)
+    path.unlink()
+    os.symlink(tmp_path, path)  # reading it fails: StagingError, the store away
+    with own_worker("refresh", DELIVERY_LIMIT="1", JOB_MAX_ATTEMPTS="1",
+                    STORE_OUTAGE_RETRY_SECONDS=retry_seconds) as worker:
+        app.send_task("resizer.tasks.resize", args=[job.id], task_id=job.id, time_limit=None, soft_time_limit=None,
+                      exchange=Exchange(worker.queue, type="topic"), routing_key=f"{worker.queue}.job")
+        received = f"resizer.tasks.resize[{job.id}] received"
+        deadline = time.monotonic() + 30
+        if retry_seconds == "0":
+            while _ready(f"{worker.queue}.dead") == 0:  # two deliveries, then the broker's limit
+                assert time.monotonic() < deadline, worker.log_text()[-3000:]
+                time.sleep(0.1)
+            assert worker.count(received) == 2 and not job_load(store, job.id).finished
+            return
+        while worker.count(received) < 4:  # more deliveries than the limit lets one message have
+            assert time.monotonic() < deadline, worker.log_text()[-3000:]
+            assert _ready(f"{worker.queue}.dead") == 0
+            time.sleep(0.05)
+        restored = path.with_name(".restore")
+        restored.write_bytes(image)
+        os.replace(restored, path)
+        while not (done := job_load(store, job.id)).finished:
+            assert time.monotonic() < deadline, worker.log_text()[-3000:]
+            time.sleep(0.05)
+        assert done.status == "succeeded", done
+        assert worker.count("put back as a fresh message") >= 3
+        time.sleep(0.5)  # a copy's delivery, had there been one, would be on its way
+        assert _ready(f"{worker.queue}.dead") == 0 and _ready(worker.queue) == 0
+    worker.ship_spool()
+    records = list(UsageRecord.objects.filter(customer_id=customer_id))
+    assert [r.id for r in records] == [uuid.UUID(job.id)] and records[0].outcome == "succeeded", records
