@@ -79,8 +79,9 @@ def _put_back_fresh(job_id: str, reply_to: str | None, headers: dict[str, Any], 
     retries = _count(headers, STORE_RETRIES) + 1
     try:
         services.job_requeue(job_id, reply_to=reply_to, headers={STORE_FAILING_SINCE: since, STORE_RETRIES: retries})
-    except services.PUBLISH_ERRORS as e:
-        log.warning("job %s: its store failed (%s) and putting it back failed too (%s); requeued", job_id, error, e)
+    except Exception as e:  # the broker's errors, and the soft time limit arriving meanwhile: an exception
+        # leaving the task would ack the message, with no fresh one perhaps confirmed (a copy is harmless)
+        log.warning("job %s: its store failed (%s) and putting it back failed too (%r); requeued", job_id, error, e)
         return False
     log.warning("job %s: its store failed (%s); put back as a fresh message (%d since %.0f s ago)",
                 job_id, error, retries, now - since)
