@@ -10,11 +10,13 @@ Every check reads memory only; the request path never waits on the broker to dec
   It follows the workers' real drain rate whatever the images cost (a fixed depth bound is right
   for one image mix only), and keeps admitting as many as keep the workers busy (ADR 0007);
 - the resize queue's depth, refreshed off the request path by `QueueProbe` (one thread per
-  process, a passive declare every ADMISSION_QUEUE_PROBE_SECONDS): at ADMISSION_MAX_QUEUE_DEPTH
-  ready jobs a new one would wait longer than the SLO allows, so it is 503 `queue_full`;
-- past half that depth, a customer holding more than ADMISSION_CUSTOMER_SHARE of this process's
-  admissions of the last second, while others are being served, is 429 `customer_over_share`:
-  one customer's flood is the first thing refused, before the queue is full for everyone;
+  process, a passive declare every ADMISSION_QUEUE_PROBE_SECONDS), plus what this process admitted
+  since that reading: at ADMISSION_MAX_QUEUE_DEPTH ready jobs a new one would wait longer than the
+  SLO allows, so it waits for the next reading (up to ADMISSION_LINE_WAIT_SECONDS), then 503
+  `queue_full`;
+- past half that depth, a customer sending more than ADMISSION_CUSTOMER_SHARE of this process's
+  requests of the last second, while others ask too, is 429 `customer_over_share`: one customer's
+  flood is the first thing refused, before the queue is full for everyone;
 - the customer's resizes in flight in this process: at max(1, ADMISSION_CUSTOMER_SHARE ×
   ADMISSION_MAX_IN_FLIGHT), 429 `customer_over_share`;
 - the process's resizes in flight: at ADMISSION_MAX_IN_FLIGHT, 503 `overloaded`. The bound sits
@@ -46,9 +48,12 @@ class Refused(Exception):
         self.status, self.code, self.detail, self.retry_after = status, code, detail, retry_after
 
 
-class _RecentAdmissions:
-    """Admissions per customer over about the last `window` seconds: two buckets, the older one
-    weighted by how much of it is still inside the window. Enough to tell a flood from a trickle."""
+class _RecentRequests:
+    """Requests for a slot per customer, admitted or not, over about the last `window` seconds: two
+    buckets, the older one weighted by how much of it is still inside the window. Enough to tell a
+    flood from a trickle. Requests, not admissions: counting admissions, a quiet customer refused
+    `queue_full` (a flood had filled the queue) was no one to protect, so the flood went on filling it,
+    and a flood held back at the bound made the quiet customer's one admission "most of the work"."""
 
     def __init__(self, window: float = 1.0) -> None:
         self.window = window
@@ -68,7 +73,7 @@ class _RecentAdmissions:
         self._current[customer_id] = self._current.get(customer_id, 0) + 1
 
     def share(self, customer_id: str, now: float) -> tuple[float, bool]:
-        """(the customer's share of the window's admissions, whether anyone else was admitted)."""
+        """(the customer's share of the window's requests, whether anyone else asked in it)."""
         self._roll(now)
         weight = max(0.0, 1.0 - (now - self._start) / self.window)
         mine = self._current.get(customer_id, 0) + weight * self._previous.get(customer_id, 0)
@@ -140,6 +145,8 @@ class Admission:
     def __init__(self, *, max_in_flight: int, customer_share: float, max_queue_depth: int,
                  queue_depth: Callable[[], int | None], target_queue_wait: float = 0.0,
                  queue_wait_interval: float = 0.5, line_wait: float = 0.0,
+                 depth_read_at: Callable[[], float] | None = None,
+                 depth_wait: Callable[[float, float], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_in_flight = max_in_flight
         self.customer_share = customer_share
@@ -147,11 +154,25 @@ class Admission:
         self.max_queue_depth = max_queue_depth  # 0: no depth check
         self.line_wait = line_wait  # 0: no line, refuse at the limit at once
         self._queue_depth = queue_depth
+        # When the depth was read (None: the reading is taken as it is). The depth a process acts on is
+        # that reading plus what it admitted since: an asynchronous request gives its slot back at the
+        # 202, so between readings a flood was admitted at the API's own pace (a bound of 25 read 146-171
+        # jobs ready, the load review), and the queue swung between empty and several times the bound.
+        self._depth_read_at = depth_read_at
+        self._depth_reading = -1.0
+        self._admitted_since_reading = 0
+        # (a reading's time, timeout): returns once there is a newer reading, or at the timeout. At the
+        # bound a request waits for it (up to `line_wait`) instead of being refused at once: the bound
+        # is ~0.25 s of the workers' work and a refusal's Retry-After 1 s, so clients that honour it
+        # slept while the queue ran dry (a lone asynchronous flood admitted 780 jobs in 20 s where the
+        # workers drain ~1,600).
+        self._depth_wait = depth_wait
+        self._depth_waiters = 0
         self._lock = threading.Lock()
         self.in_flight = 0
         self._line: deque[_Waiter] = deque()
         self._held: dict[str, int] = {}  # per customer: in flight and in the line
-        self._recent = _RecentAdmissions()
+        self._recent = _RecentRequests()
         # 0: no wait check.
         self._waits = _WaitLimit(target_queue_wait, queue_wait_interval, max_in_flight, clock) \
             if target_queue_wait > 0 else None
@@ -172,10 +193,8 @@ class Admission:
     def enter(self, customer_id: str) -> None:
         """Take a slot for the customer (standing in the line for one if there is room), or raise Refused."""
         limit = self.limit()
-        depth = self._queue_depth() if self.max_queue_depth else None
-        if depth is not None and depth >= self.max_queue_depth:
-            raise Refused(503, "queue_full", f"The service is at capacity ({depth} jobs waiting); retry shortly.", 1)
         now = time.monotonic()
+        depth = self._depth_below_bound(customer_id, now)
         with self._lock:
             self._hand_slots(limit)  # the limit may have grown since the last slot was given back
             held = self._held.get(customer_id, 0)
@@ -192,9 +211,9 @@ class Admission:
             if self.in_flight < limit and not self._line:
                 self.in_flight += 1
                 self._held[customer_id] = held + 1
-                self._recent.add(customer_id, now)
+                self._admitted_since_reading += 1
                 return
-            if self.line_wait <= 0 or self.in_flight + len(self._line) >= self.max_in_flight:
+            if self.line_wait <= 0 or self.in_flight + len(self._line) + self._depth_waiters >= self.max_in_flight:
                 raise self._full()
             waiter = _Waiter(customer_id)
             self._line.append(waiter)
@@ -202,11 +221,51 @@ class Admission:
         waiter.event.wait(self.line_wait)
         with self._lock:
             if waiter.admitted:  # a slot was handed to it (perhaps just as the wait ended)
-                self._recent.add(customer_id, time.monotonic())
+                self._admitted_since_reading += 1
                 return
             self._line.remove(waiter)
             self._release(customer_id)
         raise self._full()
+
+    def _depth_below_bound(self, customer_id: str, now: float) -> int | None:
+        """The queue's depth (None: unknown, or no depth check) once it is below the bound; at the bound,
+        the request waits up to `line_wait` for the probe's next reading, and is refused 503 `queue_full`
+        if that still says full. Waiters count with those in flight and in line against the static bound."""
+        if not self.max_queue_depth:
+            return None
+        deadline, waiting = now + self.line_wait, False
+        try:
+            while True:
+                with self._lock:
+                    depth = self._depth()
+                    if not waiting:
+                        self._recent.add(customer_id, now)
+                    if depth is None or depth < self.max_queue_depth:
+                        return depth
+                    remaining = deadline - time.monotonic()
+                    if self._depth_wait is None or remaining <= 0 or (not waiting and self.in_flight + len(self._line)
+                                                                      + self._depth_waiters >= self.max_in_flight):
+                        raise Refused(503, "queue_full", f"The service is at capacity ({depth} jobs waiting); "
+                                      "retry shortly.", 1)
+                    if not waiting:
+                        self._depth_waiters, waiting = self._depth_waiters + 1, True
+                    reading = self._depth_reading
+                self._depth_wait(reading, remaining)
+        finally:
+            if waiting:
+                with self._lock:
+                    self._depth_waiters -= 1
+
+    def _depth(self) -> int | None:
+        """The queue's depth as this process knows it: the last reading, plus what it admitted since
+        (each admission is a job on its way to the queue). Under the lock."""
+        depth = self._queue_depth()
+        if depth is None or self._depth_read_at is None:
+            return depth
+        read_at = self._depth_read_at()
+        if read_at != self._depth_reading:
+            self._depth_reading, self._admitted_since_reading = read_at, 0
+        return depth + self._admitted_since_reading
 
     def leave(self, customer_id: str) -> None:
         limit = self.limit()
@@ -281,6 +340,16 @@ class QueueProbe:
                 self._retry_now.set()
             self._probed.wait_for(lambda: self.values() is not None, timeout)
         return self.values()
+
+    @property
+    def read_at(self) -> float:
+        """When the last successful probe read the queues (monotonic)."""
+        return self._at
+
+    def wait_newer(self, than: float, timeout: float) -> None:
+        """Return once a probe newer than the one read at `than` succeeded, or after `timeout` seconds."""
+        with self._probed:
+            self._probed.wait_for(lambda: self._at != than, timeout)
 
     def ready(self, queue: str) -> int | None:
         values = self.values()
@@ -395,7 +464,8 @@ def _admission() -> Admission:
     return Admission(max_in_flight=settings.ADMISSION_MAX_IN_FLIGHT,
                      customer_share=settings.ADMISSION_CUSTOMER_SHARE,
                      max_queue_depth=settings.ADMISSION_MAX_QUEUE_DEPTH,
-                     queue_depth=lambda: probe.ready(queue),
+                     queue_depth=lambda: probe.ready(queue), depth_read_at=lambda: probe.read_at,
+                     depth_wait=probe.wait_newer,
                      target_queue_wait=settings.ADMISSION_TARGET_QUEUE_WAIT_SECONDS,
                      queue_wait_interval=settings.ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS,
                      line_wait=settings.ADMISSION_LINE_WAIT_SECONDS)

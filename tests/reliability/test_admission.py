@@ -177,6 +177,71 @@ def test_alone_a_customer_may_fill_the_queue_to_the_bound():
         a.leave("only")
 
 
+class _Reading:
+    """A queue probe's reading for an Admission: its depth, its time, and a wait for a newer one."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth, self.at = depth, 0.0
+        self._newer = threading.Condition()
+
+    def read(self, depth: int) -> None:
+        with self._newer:
+            self.depth, self.at = depth, self.at + 1
+            self._newer.notify_all()
+
+    def wait_newer(self, than: float, timeout: float) -> None:
+        with self._newer:
+            self._newer.wait_for(lambda: self.at != than, timeout)
+
+    def admission(self, *, max_depth: int = 5, line_wait: float = 0.0) -> Admission:
+        return Admission(max_in_flight=100, customer_share=0.5, max_queue_depth=max_depth, line_wait=line_wait,
+                         queue_depth=lambda: self.depth, depth_read_at=lambda: self.at, depth_wait=self.wait_newer)
+
+
+def test_between_readings_the_depth_counts_what_this_process_admitted():
+    """An asynchronous request gives its slot back at its 202, so between two readings of the queue a
+    flood was admitted at the API's own pace: a bound of 25 read 146-171 jobs waiting (the load review).
+    Each admission is a job on its way to the queue, counted until the next reading."""
+    reading = _Reading(depth=2)
+    a = reading.admission(max_depth=5)
+    for _ in range(3):
+        assert _refusal(a, "only") is None
+        a.leave("only")
+    assert _refusal(a, "only") == (503, "queue_full")  # 2 read + 3 admitted since
+    reading.read(4)  # the workers took some: a newer reading, and nothing admitted since
+    assert _refusal(a, "only") is None
+    a.leave("only")
+    assert _refusal(a, "only") == (503, "queue_full")
+
+
+def test_at_the_bound_a_request_waits_for_the_next_reading_before_it_is_refused():
+    """The bound is ~0.25 s of the workers' work and a refusal's Retry-After a second: refused at once,
+    clients that honour it slept while the queue ran dry. A request at the bound waits (up to the line's
+    wait) for the probe's next reading, and is admitted if that one has room."""
+    reading = _Reading(depth=5)
+    a = reading.admission(max_depth=5, line_wait=5.0)
+    threading.Timer(0.05, reading.read, args=(1,)).start()
+    assert _refusal(a, "only") is None
+    a.leave("only")
+    reading.read(5)
+    waiting = reading.admission(max_depth=5, line_wait=0.05)  # full, and no newer reading comes
+    assert _refusal(waiting, "only") == (503, "queue_full")
+    assert waiting._depth_waiters == 0  # noqa: SLF001
+
+
+def test_a_flood_held_back_at_the_bound_does_not_make_a_quiet_customer_most_of_the_work():
+    """The share past half the bound counts requests, admitted or not: counting admissions, a flood
+    refused at the bound left a quiet customer's one admission as most of the work (429 to the quiet
+    one), and a quiet customer refused at the bound was no one to protect."""
+    reading = _Reading(depth=5)
+    a = reading.admission(max_depth=5)
+    for _ in range(20):
+        assert _refusal(a, "flood") == (503, "queue_full")
+    reading.read(3)  # past half the bound
+    assert _refusal(a, "quiet") is None
+    assert _refusal(a, "flood") == (429, "customer_over_share")
+
+
 # --- the probe, on the real broker -----------------------------------------------------------------
 
 def test_the_probe_reads_a_queues_depth_off_the_request_path_and_goes_stale_without_a_broker():
