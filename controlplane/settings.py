@@ -63,6 +63,9 @@ MIDDLEWARE = [
     "controlplane.metrics.DjangoMetricsAfterMiddleware",
 ]
 
+# Database sessions (Django's), which refuse a cookie that cannot be a session key before any lookup.
+SESSION_ENGINE = "controlplane.sessions"
+
 ROOT_URLCONF = "controlplane.urls"
 WSGI_APPLICATION = "controlplane.wsgi.application"
 

@@ -133,6 +133,11 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
         from django.contrib.auth import get_user_model
 
         cls = StaffBasicAuthentication
+        if "\x00" in userid or "\x00" in password:
+            # No account has one (the admin's form refuses them too), and PostgreSQL refuses NUL in the
+            # user lookup: an anonymous 500 with a traceback (found by the security review of 2026-11-23).
+            # Refused before the caps: no password is checked, so none is counted.
+            raise exceptions.AuthenticationFailed("Invalid username/password.")
         digest = hmac.new(cls._secret, password.encode(), hashlib.sha256).digest()
         now = time.monotonic()
         with cls._lock:
