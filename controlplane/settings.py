@@ -20,6 +20,12 @@ SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-secret-key-change-me")
 # stay logged in to the admin (docs/OPERATIONS.md, "Rotate SECRET_KEY"). Never API keys (the pepper).
 SECRET_KEY_FALLBACKS = env_list("SECRET_KEY_FALLBACKS", "")
 API_KEY_PEPPER = env_str("API_KEY_PEPPER", SECRET_KEY)
+# docker/.env.example's values are public: copied unchanged, compose (which checks only that each is set)
+# started a deployment whose SECRET_KEY and pepper anyone could read. Refused, as any "change-me" value.
+for _name, _value in (("SECRET_KEY", SECRET_KEY), ("API_KEY_PEPPER", API_KEY_PEPPER)):
+    if _value.strip().lower().startswith("change-me"):
+        raise ValueError(f"environment variable {_name} is a placeholder (it starts with change-me): set a long "
+                         "random value of your own (docker/.env.example's are public)")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
 # Behind a TLS-terminating proxy (the admin's login needs both): the proxy's X-Forwarded-Proto says
 # https, and the public origins are trusted for CSRF (e.g. https://resizer.example.com).

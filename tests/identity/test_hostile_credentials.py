@@ -57,3 +57,22 @@ def test_a_session_cookie_with_nul_is_no_session(client, path, status):
 def test_a_real_session_still_works(admin_client):
     assert admin_client.get("/admin/").status_code == 200
     assert admin_client.get("/v1/admin/customers").status_code == 200
+
+
+@pytest.mark.parametrize("name", ["SECRET_KEY", "API_KEY_PEPPER"])
+def test_settings_refuse_the_example_placeholders(name):
+    """docker/.env.example's values are public: copied as they are, compose started (it checks only that
+    each is set) and the deployment ran with a SECRET_KEY and pepper anyone can read."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "controlplane.settings", name: "change-me-to-a-long-random-string"}
+    run = subprocess.run([sys.executable, "-c", "import django; django.setup()"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode != 0
+    assert f"{name} is a placeholder" in run.stderr
+
+
+def test_settings_take_a_real_secret():
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "controlplane.settings", "SECRET_KEY": "x" * 50,
+           "API_KEY_PEPPER": "y" * 50}
+    run = subprocess.run([sys.executable, "-c", "import django; django.setup()"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
