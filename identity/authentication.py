@@ -124,6 +124,17 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
     FAILURES_PER_USER_PER_MINUTE = 5
     VERIFIED_SECONDS = 60
     _failures = LoginFailures()
+
+    def authenticate(self, request: Any) -> Any:
+        """Basic credentials, refused on a write a browser sends from another site: a browser holding an
+        operator's Basic credentials attaches them to any site's request, and a cross-site form's empty
+        POST (text/plain, no preflight) issued a customer a key (found by the security review). Such a
+        request says where it comes from (`Sec-Fetch-Site`, `Origin`); scripts send neither."""
+        if request.method not in ("GET", "HEAD", "OPTIONS") and _cross_site(request) \
+                and authentication.get_authorization_header(request)[:6].lower() == b"basic ":
+            raise ApiError(403, "forbidden", "A write with Basic credentials from another site's page is refused; "
+                           "send it from a script, or use an API key with the admin scope.")
+        return super().authenticate(request)
     # username -> (HMAC of the password, user pk, the user's stored password hash, until)
     _verified: dict[str, tuple[bytes, Any, str, float]] = {}
     _secret = os.urandom(32)
@@ -182,6 +193,21 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
         failures = cls._failures
         retry_after, stamp = failures.begin(caps)
         return retry_after, lambda: failures.succeeded(caps, stamp)
+
+
+def _cross_site(request: Any) -> bool:
+    """Whether a browser sent the request from another origin: `Sec-Fetch-Site` says so, or an `Origin`
+    that is neither this host nor a trusted origin (CSRF_TRUSTED_ORIGINS)."""
+    from django.conf import settings
+
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    host = origin.split("://", 1)[-1]
+    return host != request.get_host() and origin not in settings.CSRF_TRUSTED_ORIGINS
 
 
 ADMIN_DEVICE_COOKIE = "resizer_admin_device"

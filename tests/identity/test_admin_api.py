@@ -646,3 +646,24 @@ def test_staff_passwords_are_checked():
         with pytest.raises(ValidationError):
             validate_password(weak, User(username="ops-operations"))
     validate_password("correct horse battery staple", User(username="ops"))
+
+
+@pytest.mark.parametrize("headers, refused", [
+    ({"HTTP_ORIGIN": "https://evil.example"}, True),
+    ({"HTTP_SEC_FETCH_SITE": "cross-site", "HTTP_ORIGIN": "https://evil.example"}, True),
+    ({"HTTP_ORIGIN": "null"}, True),
+    ({"HTTP_SEC_FETCH_SITE": "same-origin", "HTTP_ORIGIN": "http://testserver"}, False),
+    ({"HTTP_ORIGIN": "http://testserver"}, False),
+    ({}, False),  # a script
+])
+def test_a_write_with_basic_credentials_from_another_sites_page_is_refused(staff, headers, refused):
+    """A browser holding an operator's Basic credentials sends them with any site's request: a
+    cross-site form's empty text/plain POST (no preflight) issued a key (the security review)."""
+    customer = customer_create(name="c")
+    answer = staff.post(f"/v1/admin/customers/{customer.id}/keys", "", content_type="text/plain", **headers)
+    if refused:
+        assert answer.status_code == 403 and answer.json()["code"] == "forbidden", answer.content
+        assert not ApiKey.objects.filter(customer=customer).exists()
+    else:
+        assert answer.status_code == 201, answer.content
+    assert staff.get("/v1/admin/customers", **headers).status_code == 200  # reads stay open
