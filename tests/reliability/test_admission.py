@@ -270,6 +270,24 @@ def test_the_probe_reads_a_queues_depth_off_the_request_path_and_goes_stale_with
         finally:
             queue.delete()
 
+    # Asked for a newer reading (a request waiting at the depth bound), a probe whose interval is far off
+    # reads at once: the 4th message is seen long before the next scheduled probe.
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        queue = Queue(name, queue_arguments={"x-queue-type": "quorum"}).bind(channel)
+        queue.declare()
+        try:
+            probe = QueueProbe((name,), app.connection_for_read, interval=60)
+            assert probe.first.wait(10) and probe.ready(name) == 0
+            Producer(channel).publish({"n": 0}, routing_key=name)
+            deadline = time.monotonic() + 5  # RabbitMQ counts the message within a moment
+            while probe.ready(name) != 1:
+                assert time.monotonic() < deadline, probe.values()
+                probe.wait_newer(probe.read_at, 1.0)
+            probe.stop()
+        finally:
+            queue.delete()
+
     connecting_threads = []
 
     def unreachable() -> Connection:
