@@ -399,7 +399,6 @@ class QueueProbe:
                     self._retry_now.clear()
                 backoff = min(backoff * 2, 5.0)
 
-
     def _pause(self) -> None:
         """Until the next probe: `interval`, or less when a reader wants a newer reading, but never less
         than MIN_INTERVAL_SECONDS."""
