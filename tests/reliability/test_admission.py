@@ -242,6 +242,45 @@ def test_a_flood_held_back_at_the_bound_does_not_make_a_quiet_customer_most_of_t
     assert _refusal(a, "flood") == (429, "customer_over_share")
 
 
+def test_the_line_s_wait_bounds_the_depth_wait_and_the_line_together(monkeypatch):
+    """The line's wait (0.1 s) bounds a request's whole wait for admission: at 0.2 s the admitted requests'
+    p99 left the SLO (ADR 0007). A request that waited at the depth bound for a reading, then found the
+    in-flight limit taken, stood in the line for a whole line's wait more."""
+    timeouts: list[float] = []
+
+    class RecordingEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            timeouts.append(timeout if timeout is not None else float("inf"))
+            return super().wait(0)  # nobody gives a slot back: refused once the wait is over
+
+    class RecordingWaiter(admission_module._Waiter):  # noqa: SLF001
+        __slots__ = ()
+
+        def __init__(self, customer_id: str) -> None:
+            super().__init__(customer_id)
+            self.event = RecordingEvent()
+
+    monkeypatch.setattr(admission_module, "_Waiter", RecordingWaiter)
+    reading = _Reading(depth=0)
+
+    def slow_reading(than: float, timeout: float) -> None:
+        time.sleep(0.06)  # the probe's next reading comes after 60 ms of the line's 100
+        reading.read(0)
+
+    clock = FakeClock()
+    a = Admission(max_in_flight=8, customer_share=1.0, max_queue_depth=5, queue_depth=lambda: reading.depth,
+                  depth_read_at=lambda: reading.at, depth_wait=slow_reading, target_queue_wait=0.25,
+                  queue_wait_interval=0.5, line_wait=0.1, clock=clock)
+    while a.limit() > 2:
+        _interval(a, clock, [5.0])
+    a.enter("x")
+    a.enter("x")  # the wait-driven limit's two slots
+    reading.read(5)  # the queue at its bound
+    assert _refusal(a, "late") == (503, "queue_full")
+    assert len(timeouts) == 1 and timeouts[0] <= 0.1 - 0.06, timeouts  # the rest of the 0.1 s, not 0.1 more
+    assert a.in_line == 0 and a.in_flight == 2 and a._depth_waiters == 0  # noqa: SLF001
+
+
 # --- the probe, on the real broker -----------------------------------------------------------------
 
 def test_the_probe_reads_a_queues_depth_off_the_request_path_and_goes_stale_without_a_broker():
