@@ -2,7 +2,8 @@
 with a status, a code and Retry-After, so admitted requests stay inside the latency SLO instead of
 queues growing without bound (docs/adr/0006-admission-control.md has the numbers).
 
-Every check reads memory only; the request path never waits on the broker to decide:
+Every check reads memory; the request path never talks to the broker itself, and waits on it only at
+the depth bound, for the probe's next reading, within ADMISSION_LINE_WAIT_SECONDS:
 - how long jobs wait in the queue, as this process's finished jobs report it: an in-flight limit
   below ADMISSION_MAX_IN_FLIGHT that drops by a quarter after each ADMISSION_QUEUE_WAIT_INTERVAL_SECONDS
   in which no job started within ADMISSION_TARGET_QUEUE_WAIT_SECONDS (a standing queue, CoDel's
@@ -299,7 +300,8 @@ class Admission:
 class QueueProbe:
     """The ready messages and consumers of some queues, read by a background thread on its own broker
     connection every `interval` seconds (a passive declare). Readers get the last values, or nothing
-    once they are older than `stale_after` (broker away or slow): they never wait on the broker."""
+    once they are older than `stale_after` (broker away or slow), without waiting on the broker; only
+    fresh() and wait_newer() wait for a probe, each within the timeout it is given."""
 
     RETRY_CUT_SECONDS = 1.0
     # The least time between two probes when a reader asks for a newer reading (wait_newer).
