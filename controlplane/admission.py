@@ -76,7 +76,9 @@ class _RecentRequests:
     def share(self, customer_id: str, now: float) -> tuple[float, bool]:
         """(the customer's share of the window's requests, whether anyone else asked in it)."""
         self._roll(now)
-        weight = max(0.0, 1.0 - (now - self._start) / self.window)
+        # `now` may come before the window's start: a request's instant, taken before its wait at the
+        # depth bound, while another thread rolled the window.
+        weight = min(1.0, max(0.0, 1.0 - (now - self._start) / self.window))
         mine = self._current.get(customer_id, 0) + weight * self._previous.get(customer_id, 0)
         total = sum(self._current.values()) + weight * sum(self._previous.values())
         others = total - mine > 0.5
@@ -208,7 +210,7 @@ class Admission:
             if self.in_flight >= self.max_in_flight:
                 raise Refused(503, "overloaded", "The server is at capacity; retry shortly.", 1)
             if depth is not None and depth >= self.max_queue_depth / 2:
-                share, others = self._recent.share(customer_id, now)
+                share, others = self._recent.share(customer_id, time.monotonic())  # after any wait above
                 if others and share > self.customer_share:
                     raise Refused(429, "customer_over_share", "The service is busy and this account is sending most "
                                   "of its work; slow down and retry shortly.", 1)

@@ -170,6 +170,16 @@ def test_past_half_the_queue_the_customer_sending_most_of_the_work_is_refused_fi
     assert _refusal(a, "flood") is None
 
 
+def test_an_instant_before_the_window_weighs_the_older_bucket_at_most_whole():
+    """A request's instant is taken before it waits at the depth bound (up to the line's wait), and another
+    thread may roll the window meanwhile: the older bucket was weighted past 1 (1.05 here)."""
+    recent = admission_module._RecentRequests(window=1.0)  # noqa: SLF001
+    start = recent._start  # noqa: SLF001
+    recent.add("a", start + 0.5)
+    recent.add("b", start + 1.2)  # the window rolls: a in the older bucket, b in the current one
+    assert recent.share("b", start + 0.95) == (0.5, True)
+
+
 def test_alone_a_customer_may_fill_the_queue_to_the_bound():
     a = Admission(max_in_flight=100, customer_share=0.5, max_queue_depth=10, queue_depth=lambda: 8)
     for _ in range(5):
