@@ -237,7 +237,8 @@ class Admission:
         """The queue's depth (None: unknown, or no depth check) once it is below the bound; at the bound,
         the request waits until `deadline` (the line's wait) for the probe's next reading, and is refused
         503 `queue_full` if that still says full. Waiters count with those in flight and in line against
-        the static bound."""
+        the static bound, and against their customer's slots: a flood must not take every place to wait,
+        and refuse a quiet customer arriving then."""
         if not self.max_queue_depth:
             return None
         waiting = False
@@ -250,18 +251,21 @@ class Admission:
                     if depth is None or depth < self.max_queue_depth:
                         return depth
                     remaining = deadline - time.monotonic()
-                    if self._depth_wait is None or remaining <= 0 or (not waiting and self.in_flight + len(self._line)
-                                                                      + self._depth_waiters >= self.max_in_flight):
+                    if self._depth_wait is None or self._depth_read_at is None or remaining <= 0 or not waiting and (
+                            self.in_flight + len(self._line) + self._depth_waiters >= self.max_in_flight
+                            or self._held.get(customer_id, 0) >= self.customer_slots):
                         raise Refused(503, "queue_full", f"The service is at capacity ({depth} jobs waiting); "
                                       "retry shortly.", 1)
                     if not waiting:
                         self._depth_waiters, waiting = self._depth_waiters + 1, True
+                        self._held[customer_id] = self._held.get(customer_id, 0) + 1
                     reading = self._depth_reading
                 self._depth_wait(reading, remaining)
         finally:
             if waiting:
                 with self._lock:
                     self._depth_waiters -= 1
+                    _count_down(self._held, customer_id)
 
     def _depth(self) -> int | None:
         """The queue's depth as this process knows it: the last reading, plus what it admitted since

@@ -125,6 +125,11 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
     VERIFIED_SECONDS = 60
     _failures = LoginFailures()
 
+    # username -> (HMAC of the password, user pk, the user's stored password hash, until)
+    _verified: dict[str, tuple[bytes, Any, str, float]] = {}
+    _secret = os.urandom(32)
+    _lock = threading.Lock()
+
     def authenticate(self, request: Any) -> Any:
         """Basic credentials, refused on a write a browser sends from another site: a browser holding an
         operator's Basic credentials attaches them to any site's request, and a cross-site form's empty
@@ -135,10 +140,6 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
             raise ApiError(403, "forbidden", "A write with Basic credentials from another site's page is refused; "
                            "send it from a script, or use an API key with the admin scope.")
         return super().authenticate(request)
-    # username -> (HMAC of the password, user pk, the user's stored password hash, until)
-    _verified: dict[str, tuple[bytes, Any, str, float]] = {}
-    _secret = os.urandom(32)
-    _lock = threading.Lock()
 
     def authenticate_credentials(self, userid: str, password: str, request: Any = None) -> Any:
         from django.contrib.auth import get_user_model

@@ -239,6 +239,37 @@ def test_at_the_bound_a_request_waits_for_the_next_reading_before_it_is_refused(
     assert waiting._depth_waiters == 0  # noqa: SLF001
 
 
+def test_a_flood_waiting_at_the_bound_holds_at_most_its_share_of_the_places_to_wait():
+    """Requests waiting at the depth bound hold threads: counted only against the process's bound, a
+    flood could take every place to wait, and a quiet customer arriving then was refused at once. They
+    count against their customer's slots too (6 of 12 here)."""
+    reading = _Reading(depth=5)
+    a = Admission(max_in_flight=12, customer_share=0.5, max_queue_depth=5, line_wait=5.0,
+                  queue_depth=lambda: reading.depth, depth_read_at=lambda: reading.at, depth_wait=reading.wait_newer)
+    answers: list[tuple[int, str] | None] = []
+    quiet_answer: list[tuple[int, str] | None] = []
+    flood = [threading.Thread(target=lambda: answers.append(_refusal(a, "flood"))) for _ in range(6)]
+    for thread in flood:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while a._depth_waiters < 6:  # noqa: SLF001
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert _refusal(a, "flood") == (503, "queue_full")  # its share of the places is taken: not a 7th
+    quiet = threading.Thread(target=lambda: quiet_answer.append(_refusal(a, "quiet")))
+    quiet.start()
+    while a._depth_waiters < 7:  # noqa: SLF001 (the quiet customer waits too: room was left for it)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    reading.read(0)
+    for thread in [*flood, quiet]:
+        thread.join(5)
+    assert quiet_answer == [None] and a._depth_waiters == 0  # noqa: SLF001
+    # The flood's, once there is room: admitted, or past half the bound its share of the requests
+    # refused (the queue it filled again).
+    assert len(answers) == 6 and set(answers) <= {None, (429, "customer_over_share")}, answers
+
+
 def test_a_flood_held_back_at_the_bound_does_not_make_a_quiet_customer_most_of_the_work():
     """The share past half the bound counts requests, admitted or not: counting admissions, a flood
     refused at the bound left a quiet customer's one admission as most of the work (429 to the quiet
@@ -327,13 +358,15 @@ def test_the_probe_reads_a_queues_depth_off_the_request_path_and_goes_stale_with
         queue.declare()
         try:
             probe = QueueProbe((name,), app.connection_for_read, interval=60)
-            assert probe.first.wait(10) and probe.ready(name) == 0
-            Producer(channel).publish({"n": 0}, routing_key=name)
-            deadline = time.monotonic() + 5  # RabbitMQ counts the message within a moment
-            while probe.ready(name) != 1:
-                assert time.monotonic() < deadline, probe.values()
-                probe.wait_newer(probe.read_at, 1.0)
-            probe.stop()
+            try:
+                assert probe.first.wait(10) and probe.ready(name) == 0
+                Producer(channel).publish({"n": 0}, routing_key=name)
+                deadline = time.monotonic() + 5  # RabbitMQ counts the message within a moment
+                while probe.ready(name) != 1:
+                    assert time.monotonic() < deadline, probe.values()
+                    probe.wait_newer(probe.read_at, 1.0)
+            finally:
+                probe.stop()
         finally:
             queue.delete()
 
