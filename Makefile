@@ -30,7 +30,7 @@ run: venv services-core
 
 # The whole suite, against the real PostgreSQL and the real RabbitMQ.
 # Two pytest processes (pytest-xdist), one per core: most of the suite's time is spent waiting on the
-# processes it starts (gunicorn, celery, HAProxy, RabbitMQ nodes), so two overlap it (7.5 -> 5.3 min).
+# processes it starts (gunicorn, celery, HAProxy, RabbitMQ nodes), so two overlap it (7.5 -> 5.2-6.4 min).
 # Each process has its own queue, staging area, worker and test database (tests/conftest.py).
 test: venv services
 	$(PY) -m pytest -n 2
