@@ -169,7 +169,7 @@ class Admission:
         # is ~0.25 s of the workers' work and a refusal's Retry-After 1 s, so clients that honour it
         # slept while the queue ran dry (a lone asynchronous flood admitted 780 jobs in 20 s where the
         # workers drain ~1,600).
-        self._depth_wait = depth_wait
+        self._depth_wait = depth_wait if depth_read_at is not None else None  # no reading to wait past
         self._depth_waiters = 0
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -251,7 +251,7 @@ class Admission:
                     if depth is None or depth < self.max_queue_depth:
                         return depth
                     remaining = deadline - time.monotonic()
-                    if self._depth_wait is None or self._depth_read_at is None or remaining <= 0 or not waiting and (
+                    if self._depth_wait is None or remaining <= 0 or not waiting and (
                             self.in_flight + len(self._line) + self._depth_waiters >= self.max_in_flight
                             or self._held.get(customer_id, 0) >= self.customer_slots):
                         raise Refused(503, "queue_full", f"The service is at capacity ({depth} jobs waiting); "

@@ -8,7 +8,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
@@ -104,11 +104,16 @@ def single_values(query: Any) -> dict[str, str]:
     return values
 
 
-def parse_params(query: dict[str, str], accept_header: str) -> imaging.Params:
-    unknown = sorted(set(query) - set(PARAMETERS))
+def refuse_unknown(query: Iterable[str], known: Iterable[str], hint: str) -> None:
+    """400 `unknown_parameter` for the first (by name) query parameter not in `known`; `hint` says what is."""
+    unknown = sorted(set(query) - set(known))
     if unknown:
-        raise ApiError(400, "unknown_parameter", f"Unknown query parameter {unknown[0]!r}; "
-                       f"the parameters are {', '.join(PARAMETERS)}.", extra={"parameter": unknown[0]})
+        raise ApiError(400, "unknown_parameter", f"Unknown query parameter {unknown[0]!r}; {hint}.",
+                       extra={"parameter": unknown[0]})
+
+
+def parse_params(query: dict[str, str], accept_header: str) -> imaging.Params:
+    refuse_unknown(query, PARAMETERS, f"the parameters are {', '.join(PARAMETERS)}")
     values: dict[str, object] = {}
     for name, (low, high) in _INT_RANGES.items():
         if name in query:

@@ -20,7 +20,7 @@ from rest_framework.views import APIView
 
 from controlplane import admission, draining, metrics
 from controlplane.errors import ApiError, problem
-from controlplane.parsing import discard_unread_body, parse_params, read_upload, single_values
+from controlplane.parsing import discard_unread_body, parse_params, read_upload, refuse_unknown, single_values
 from identity.authentication import monthly_quota_charge, monthly_quota_refund
 from identity.dataplane import credential_cache
 from resizer import broker_alarm, imaging
@@ -94,15 +94,6 @@ def job_json(job: Job) -> dict[str, Any]:
         "result_expires_at": job.result_expires_at,
         "request_id": job.request_id,
     }
-
-
-def _no_parameters(request: Request) -> None:
-    """A job's endpoints take no query parameters: one given is refused, as on /v1/resize and /v1/usage
-    (`?wait=30` was ignored in silence, and answered at once)."""
-    if request.query_params:
-        name = next(iter(request.query_params))
-        raise ApiError(400, "unknown_parameter", f"Unknown query parameter {name!r}; this endpoint takes none.",
-                       extra={"parameter": name})
 
 
 def _customer_job(request: Request, job_id: str) -> Job:
@@ -500,7 +491,8 @@ class JobView(CustomerView):
                    parameters=[retry_after(429, 503)],
                    responses={200: JOB_SCHEMA, **problems(400, 401, 403, 404, 429, 503)})
     def get(self, request: Request, job_id: str) -> HttpResponse:
-        _no_parameters(request)
+        # It takes none: one given is refused, as on /v1/resize and /v1/usage (`?wait=30` was ignored).
+        refuse_unknown(request.query_params, (), "this endpoint takes none")
         job = _customer_job(request, job_id)
         response = JsonResponse(job_json(job))
         response["Cache-Control"] = "private, no-store"
@@ -516,7 +508,7 @@ class JobResultView(CustomerView):
                    responses={(200, "image/*"): OpenApiResponse(OpenApiTypes.BINARY, description="the image"),
                               **problems(400, 401, 403, 404, 409, 410, 429, 503)})
     def get(self, request: Request, job_id: str) -> HttpResponse:
-        _no_parameters(request)
+        refuse_unknown(request.query_params, (), "this endpoint takes none")
         job = _customer_job(request, job_id)
         if job.status == FAILED:
             error = job.error or {}

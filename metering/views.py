@@ -11,7 +11,7 @@ from rest_framework import serializers
 from rest_framework.request import Request
 
 from controlplane.errors import ApiError
-from controlplane.parsing import single_values
+from controlplane.parsing import refuse_unknown, single_values
 from controlplane.views import CustomerView, problems, retry_after
 from metering import selectors
 
@@ -94,10 +94,7 @@ class UsageView(CustomerView):
     )
     def get(self, request: Request) -> HttpResponse:
         query = single_values(request.query_params)  # a repeated one is refused, not read as its last
-        unknown = sorted(set(query) - set(_PARAMS))
-        if unknown:
-            raise ApiError(400, "unknown_parameter", f"Unknown parameter `{unknown[0]}`; use from, to and granularity.",
-                           extra={"parameter": unknown[0]})
+        refuse_unknown(query, _PARAMS, "use from, to and granularity")
         granularity = (query.get("granularity") or "day").lower()  # values' case is free, as on /v1/resize
         if granularity not in STEP:
             raise ApiError(400, "invalid_parameter", "`granularity` must be `hour` or `day`.",

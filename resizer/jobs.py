@@ -110,10 +110,14 @@ def job_save(store: StagingStore, job: Job) -> None:
     store.put(_doc_key(job.id), _document(job))
 
 
+def is_job_id(value: object) -> bool:
+    """Job ids are uuid4().hex: exactly 32 lower-case hex digits. uuid.UUID() also takes dashes anywhere,
+    braces, "urn:uuid:" and non-ASCII digits, which as a path could be too long (a 503) or another spelling."""
+    return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
+
+
 def job_load(store: StagingStore, job_id: str) -> Job | None:
-    # Job ids are uuid4().hex: exactly 32 lower-case hex digits. uuid.UUID() also takes dashes anywhere,
-    # braces, "urn:uuid:" and non-ASCII digits, which as a path could be too long (a 503) or another spelling.
-    if not _JOB_ID.fullmatch(job_id):
+    if not is_job_id(job_id):
         return None
     return _read_job(store, _doc_key(job_id))
 

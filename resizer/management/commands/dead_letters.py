@@ -15,11 +15,12 @@ has no dead-letter queue of its own), and a message copied there loses Celery's 
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from resizer.jobs import is_job_id
 
 LIMIT = 10_000  # dead letters read at once (each held unacked on the channel until it closes)
 
@@ -33,7 +34,7 @@ def _job_id(message: Any) -> str | None:
             found = json.loads(message.body)[0][0]
         except (ValueError, TypeError, IndexError, KeyError):
             return None
-    return found if isinstance(found, str) and re.fullmatch(r"[0-9a-f]{32}", found) else None
+    return found if is_job_id(found) else None
 
 
 def _death(message: Any) -> dict[str, Any]:
