@@ -11,12 +11,11 @@ import base64
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from django.conf import settings
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def _basic(credentials: bytes) -> str:
@@ -63,16 +62,18 @@ def test_a_real_session_still_works(admin_client):
 def test_settings_refuse_the_example_placeholders(name):
     """docker/.env.example's values are public: copied as they are, compose started (it checks only that
     each is set) and the deployment ran with a SECRET_KEY and pepper anyone can read."""
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "controlplane.settings", name: "change-me-to-a-long-random-string"}
-    run = subprocess.run([sys.executable, "-c", "import django; django.setup()"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
+    run = _django_setup(**{name: "change-me-to-a-long-random-string"})
     assert run.returncode != 0
     assert f"{name} is a placeholder" in run.stderr
 
 
 def test_settings_take_a_real_secret():
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "controlplane.settings", "SECRET_KEY": "x" * 50,
-           "API_KEY_PEPPER": "y" * 50}
-    run = subprocess.run([sys.executable, "-c", "import django; django.setup()"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
+    run = _django_setup(SECRET_KEY="x" * 50, API_KEY_PEPPER="y" * 50)
     assert run.returncode == 0, run.stderr
+
+
+def _django_setup(**env: str) -> subprocess.CompletedProcess[str]:
+    """Django set up in a process of its own, with these settings in its environment."""
+    return subprocess.run([sys.executable, "-c", "import django; django.setup()"], cwd=ROOT,
+                          env={**os.environ, "DJANGO_SETTINGS_MODULE": "controlplane.settings", **env},
+                          capture_output=True, text=True, timeout=60, check=False)

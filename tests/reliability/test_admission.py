@@ -203,9 +203,10 @@ class _Reading:
         with self._newer:
             self._newer.wait_for(lambda: self.at != than, timeout)
 
-    def admission(self, *, max_depth: int = 5, line_wait: float = 0.0) -> Admission:
-        return Admission(max_in_flight=100, customer_share=0.5, max_queue_depth=max_depth, line_wait=line_wait,
-                         queue_depth=lambda: self.depth, depth_read_at=lambda: self.at, depth_wait=self.wait_newer)
+    def admission(self, *, max_depth: int = 5, line_wait: float = 0.0, max_in_flight: int = 100) -> Admission:
+        return Admission(max_in_flight=max_in_flight, customer_share=0.5, max_queue_depth=max_depth,
+                         line_wait=line_wait, queue_depth=lambda: self.depth, depth_read_at=lambda: self.at,
+                         depth_wait=self.wait_newer)
 
 
 def test_between_readings_the_depth_counts_what_this_process_admitted():
@@ -244,8 +245,7 @@ def test_a_flood_waiting_at_the_bound_holds_at_most_its_share_of_the_places_to_w
     flood could take every place to wait, and a quiet customer arriving then was refused at once. They
     count against their customer's slots too (6 of 12 here)."""
     reading = _Reading(depth=5)
-    a = Admission(max_in_flight=12, customer_share=0.5, max_queue_depth=5, line_wait=5.0,
-                  queue_depth=lambda: reading.depth, depth_read_at=lambda: reading.at, depth_wait=reading.wait_newer)
+    a = reading.admission(max_depth=5, line_wait=5.0, max_in_flight=12)
     answers: list[tuple[int, str] | None] = []
     quiet_answer: list[tuple[int, str] | None] = []
     flood = [threading.Thread(target=lambda: answers.append(_refusal(a, "flood"))) for _ in range(6)]
