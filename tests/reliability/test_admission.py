@@ -156,7 +156,7 @@ def test_a_zero_target_turns_the_wait_check_off():
 
 def test_past_half_the_queue_the_customer_sending_most_of_the_work_is_refused_first():
     depth = {"now": 0}
-    a = Admission(max_in_flight=100, customer_share=0.5, max_queue_depth=10, queue_depth=lambda: depth["now"])
+    a = Admission(max_in_flight=12, customer_share=0.5, max_queue_depth=10, queue_depth=lambda: depth["now"])
     for _ in range(20):
         a.enter("flood")
         a.leave("flood")
@@ -170,6 +170,21 @@ def test_past_half_the_queue_the_customer_sending_most_of_the_work_is_refused_fi
     assert _refusal(a, "flood") is None
 
 
+def test_a_customer_asking_no_more_than_its_slots_a_second_is_never_most_of_the_work():
+    """A flood whose clients sleep out their refusals (Retry-After: 1) asks this process a few times a
+    second while the rest of it, on another process's connections, keeps the queue past half: the quiet
+    customer's 2-5 requests a second were then "most of the work" and refused (7 of 40 in
+    bench_async_flood's run). Past its slots' worth a second (6 here) the share counts again."""
+    a = Admission(max_in_flight=12, customer_share=0.5, max_queue_depth=10, queue_depth=lambda: 8)
+    for _ in range(2):
+        assert _refusal(a, "flood") is None  # alone, then 2 of 2 but no more than its slots' worth
+        a.leave("flood")
+    for _ in range(6):  # up to 6 of 8 requests: most of them, but its slots' worth; the 7th is past it
+        assert _refusal(a, "quiet") is None
+        a.leave("quiet")
+    assert _refusal(a, "quiet") == (429, "customer_over_share")
+
+
 def test_an_instant_before_the_window_weighs_the_older_bucket_at_most_whole():
     """A request's instant is taken before it waits at the depth bound (up to the line's wait), and another
     thread may roll the window meanwhile: the older bucket was weighted past 1 (1.05 here)."""
@@ -177,7 +192,7 @@ def test_an_instant_before_the_window_weighs_the_older_bucket_at_most_whole():
     start = recent._start  # noqa: SLF001
     recent.add("a", start + 0.5)
     recent.add("b", start + 1.2)  # the window rolls: a in the older bucket, b in the current one
-    assert recent.share("b", start + 0.95) == (0.5, True)
+    assert recent.share("b", start + 0.95) == (1.0, 0.5, True)
 
 
 def test_alone_a_customer_may_fill_the_queue_to_the_bound():
@@ -275,7 +290,7 @@ def test_a_flood_held_back_at_the_bound_does_not_make_a_quiet_customer_most_of_t
     refused at the bound left a quiet customer's one admission as most of the work (429 to the quiet
     one), and a quiet customer refused at the bound was no one to protect."""
     reading = _Reading(depth=5)
-    a = reading.admission(max_depth=5)
+    a = reading.admission(max_depth=5, max_in_flight=12)
     for _ in range(20):
         assert _refusal(a, "flood") == (503, "queue_full")
     reading.read(3)  # past half the bound
