@@ -270,7 +270,7 @@ class Admission:
             if waiting:
                 with self._lock:
                     self._depth_waiters -= 1
-                    _count_down(self._held, customer_id)
+                    self._release(customer_id)
 
     def _depth(self) -> int | None:
         """The queue's depth as this process knows it: the last reading, plus what it admitted since
