@@ -60,7 +60,7 @@ def accepted_formats(accept_header: str) -> tuple[str, ...]:
     where a wildcard accepts any image. Of AVIF and WebP, one the client rates strictly lower than the
     other is left out (format=auto otherwise prefers AVIF whatever the q-values: `image/avif;q=0.1,
     image/webp` got AVIF); WebP left out so stays as `~webp`, taken where AVIF cannot serve (an
-    animation: our AVIF is a still)."""
+    animation that plays a set number of times: AVIF output would be its first frame)."""
     qualities: dict[str, float] = {}
     refused: set[str] = set()
     for item in accept_header.split(","):

@@ -60,7 +60,7 @@ ENCODER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _LOSSY = ("jpeg", "webp", "avif")
 _ALPHA_OUTPUTS = ("png", "webp", "avif", "gif")
-_ANIMATED_OUTPUTS = ("gif", "webp", "png")  # png: APNG
+_ANIMATED_OUTPUTS = ("gif", "webp", "png")  # png: APNG; and AVIF for an animation that plays forever (_moves)
 _ANIMATED_INPUTS = ("gif", "webp", "png", "avif")
 # Largest side each format can carry (libjpeg 65500, libwebp 16383, GIF's 16-bit fields). AVIF's is
 # the decoders' (libavif's default dimension limit, 32768; Pillow and browsers use libavif or alike),
@@ -144,6 +144,7 @@ class ImageFacts:
     frames: int = 1
     mode: str = ""
     has_alpha: bool = False
+    plays: int = 0  # how many times an animation plays, from its header (0: forever); not kept in jobs
 
 
 @dataclass(frozen=True)
@@ -244,15 +245,10 @@ def output_format(params: Params, facts: ImageFacts) -> str:
     if wanted in FORMATS:
         return wanted
     default = facts.format if facts.format in FORMATS else ("png" if facts.has_alpha else "jpeg")
-    if wanted is None and facts.format == "avif" and facts.frames > 1:
-        # No format asked: an animated AVIF keeps its motion in WebP, as TIFF and BMP come out in a
-        # format that holds them. Our AVIF output is a still (Pillow's writer sets no play count), and
-        # the animation was dropped without a word (found by an API review, 2026-11-23).
-        return "webp"
     if wanted == "auto":
         names = [_format_name(a) for a in params.accept]
         # `-name`: a format the client refuses (q=0; controlplane/parsing.py): never picked, wildcard or not.
-        # `~webp`: taken, but rated below AVIF: only where AVIF cannot serve (an animation).
+        # `~webp`: taken, but rated below AVIF: only where AVIF cannot serve (an animation it would stop).
         refused = {name[1:] for name in names if name.startswith("-")}
         accepted = {name for name in names if not name.startswith(("-", "~"))}
         animated = facts.frames > 1 and facts.format in _ANIMATED_INPUTS
@@ -260,18 +256,11 @@ def output_format(params: Params, facts: ImageFacts) -> str:
         # keeping the motion (GIF, APNG) and then the alpha where it can.
         fallbacks = ((("gif", "png") if animated else ()) + (("png", "webp", "gif") if facts.has_alpha else ())
                      + ("jpeg", "png", "gif"))
-        if animated:
-            # Our AVIF output is a still: prefer WebP, or else the input's format, to keep the motion.
+        if animated and not _moves("avif", facts):
+            # An animation that plays a set number of times: AVIF would be its first frame (_moves).
+            # WebP where the client takes it, else the input's format (which moves) or a fallback.
             if "webp" in accepted or "~webp" in names:
                 return "webp"
-            if default not in _ANIMATED_OUTPUTS:
-                # An animated AVIF: its own format would come back a still. WebP where the client takes
-                # any image (or says nothing), else a type it names that moves (it came back a still AVIF
-                # even to `Accept: */*`: found by review, 2026-11-22).
-                anything = not accepted or "*" in accepted
-                for fmt in ("webp", "gif", "png"):
-                    if fmt not in refused and (fmt in accepted or anything):
-                        return fmt
         elif "avif" in accepted:
             return "avif"
         elif "webp" in accepted:
@@ -281,6 +270,16 @@ def output_format(params: Params, facts: ImageFacts) -> str:
                 if fmt in accepted or ("*" in accepted and fmt not in refused):
                     return fmt
     return default
+
+
+def _moves(fmt: str, facts: ImageFacts) -> bool:
+    """Whether `fmt` output keeps the input's motion (else it is the first frame). AVIF only for an
+    animation that plays forever: Pillow's writer sets no play count, and what it writes repeats without
+    end, so a GIF that plays once (an intro, say) would loop. Until 2026-11-23 AVIF output was always a
+    still, and an animated AVIF with no `format` came back as WebP."""
+    if facts.frames <= 1 or facts.format not in _ANIMATED_INPUTS:
+        return False
+    return fmt in _ANIMATED_OUTPUTS or (fmt == "avif" and facts.plays == 0)
 
 
 def target_size(src_w: int, src_h: int, params: Params) -> tuple[int, int]:
@@ -742,7 +741,8 @@ def _open(data: bytes, limits: Limits) -> tuple[ImageFile.ImageFile, ImageFacts]
             # trailer byte a truncated file would pass for a shorter one.
             raise CorruptImage("truncated GIF: no trailer")
         has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
-    facts = ImageFacts(fmt, width, height, len(data), frames, im.mode, has_alpha)
+        plays = _plays(fmt, im.info.get("loop")) if frames > 1 else 0
+    facts = ImageFacts(fmt, width, height, len(data), frames, im.mode, has_alpha, plays)
     return im, facts
 
 
@@ -1153,8 +1153,9 @@ def _gif_key_colour(frames: list[Image.Image]) -> list[Image.Image]:
 
 
 # How long a frame may show, by what each format's field holds: GIF centiseconds (16 bits), APNG
-# a 16-bit fraction Pillow writes over 1000 (ms), WebP 24-bit milliseconds.
-_MAX_FRAME_MS = {"gif": 655_350, "png": 65_535, "webp": 16_777_215}
+# a 16-bit fraction Pillow writes over 1000 (ms), WebP 24-bit milliseconds, AVIF 32-bit milliseconds
+# (Pillow's timescale; 2**32 wrapped round to 0).
+_MAX_FRAME_MS = {"gif": 655_350, "png": 65_535, "webp": 16_777_215, "avif": 2**32 - 1}
 _MAX_PLAYS = 65_535  # GIF's loop count and the others' play count are 16-bit in practice
 
 
@@ -1186,6 +1187,13 @@ def _gif_delay(ms: int) -> int:
     return min(max(20, (ms + 5) // 10 * 10), _MAX_FRAME_MS["gif"])
 
 
+def _avif_delay(ms: int) -> int:
+    """A frame's duration in an AVIF: a frame of at most 10 ms (0 included) as 100 ms, which is how
+    browsers play such a frame of the GIF or WebP it came from (an AVIF's frame of 0 is written as 1 ms
+    and played as such: a GIF of 0-delay frames, common among old ones, raced through)."""
+    return 100 if ms <= 10 else min(ms, _MAX_FRAME_MS["avif"])
+
+
 def _plays(input_format: str, loop: Any) -> int:
     """How many times the input animation plays (0: forever). Pillow's `loop` is a GIF's NETSCAPE
     repeat count (N repeats = N + 1 plays; no block = once) but WebP's and APNG's play count; AVIF's
@@ -1215,14 +1223,15 @@ def _encode(
         # or exif straight from it: start clean so no metadata reaches the output.
         frame.info = {"transparency": frame.info["transparency"]} if "transparency" in frame.info else {}
     if len(frames) > 1:
-        durations = [_gif_delay(d) if fmt == "gif" else min(max(0, d), _MAX_FRAME_MS[fmt]) for d in durations]
+        durations = [_gif_delay(d) if fmt == "gif" else _avif_delay(d) if fmt == "avif"
+                     else min(max(0, d), _MAX_FRAME_MS[fmt]) for d in durations]
         plays = min(plays, _MAX_PLAYS)
         options.update(save_all=True, append_images=frames[1:], duration=durations)
         if fmt == "gif":
             options["disposal"] = 2  # each frame is complete; clear before drawing the next one
             if plays != 1:  # no loop block: once; else repeats = plays - 1 (0 stays: forever)
                 options["loop"] = max(0, plays - 1)
-        else:
+        elif fmt != "avif":  # AVIF: written only for an animation that plays forever (_moves), as it repeats
             options["loop"] = plays
     buf = io.BytesIO()
     frames[0].save(buf, fmt.upper(), **options)
@@ -1262,7 +1271,7 @@ def output_check(params: Params, facts: ImageFacts, limits: Limits = Limits()) -
     (its EXIF orientation is read only as it decodes): the API refuses such a request from the probe,
     before it makes a job (which failed later, with the same error, after a trip through the queue)."""
     fmt = output_format(params, facts)
-    count = facts.frames if facts.frames > 1 and fmt in _ANIMATED_OUTPUTS and facts.format in _ANIMATED_INPUTS else 1
+    count = facts.frames if _moves(fmt, facts) else 1
     refusals = [_output_refusal(_layout(w, h, params), count, fmt, limits)
                 for w, h in ((facts.width, facts.height), (facts.height, facts.width))]
     if all(refusals):
@@ -1275,7 +1284,7 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
     validate(params)
     im, facts = _open(data, limits)
     fmt = output_format(params, facts)
-    animate = facts.frames > 1 and fmt in _ANIMATED_OUTPUTS and facts.format in _ANIMATED_INPUTS
+    animate = _moves(fmt, facts)
     background = parse_background(params.background) if params.background else None
     with _decoding():
         count = facts.frames if animate else 1
@@ -1311,7 +1320,6 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
         durations: list[int] = []
         position: tuple[float, float] | None = None
         icc: Any = None
-        loop: Any = None
         plain_cmyk = False
         decoded = 0
         # An APNG's default image (IDAT without an fcTL) is the still fallback, not an animation frame.
@@ -1340,7 +1348,7 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
             if facts.format == "png":
                 _png_grey_transparency(im, data)
             if index == start:
-                icc, loop = im.info.get("icc_profile"), im.info.get("loop")
+                icc = im.info.get("icc_profile")
                 # Pillow reads every CMYK JPEG as Adobe's inverted CMYK; only files with Adobe's APP14
                 # marker are (libvips, hence sharp, inverts just those). Without it red came out black.
                 plain_cmyk = im.mode == "CMYK" and facts.format == "jpeg" and "adobe" not in im.info
@@ -1379,7 +1387,7 @@ def resize(data: bytes, params: Params, limits: Limits = Limits()) -> Result:
             frames = [f.convert("RGBA" if clear else "RGB") for f in frames]
 
     try:
-        out, first, written = _encode(frames, fmt, params.quality, durations, _plays(facts.format, loop))
+        out, first, written = _encode(frames, fmt, params.quality, durations, facts.plays)
     except _DECODE_ERRORS as e:  # an encoder's refusal (a value its format cannot hold) is a 422, not a 500
         raise CorruptImage(f"could not encode the image as {fmt}: {e}") from e
     if len(out) > limits.max_output_bytes:

@@ -295,6 +295,16 @@ def test_output_over_the_pixel_limit_is_422_before_any_job_is_made(api):
     assert "job_id" not in response.json() and "Location" not in response
 
 
+def test_an_animated_gif_that_loops_comes_back_an_animated_avif_to_a_browser_taking_avif(api):
+    """A browser's Accept (AVIF first) got a still AVIF of an animated GIF, or WebP with AVIF rated
+    below it: AVIF output keeps the frames of an animation that plays forever."""
+    accept = "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"  # Chrome's
+    response = resize(api, corpus("chelsea-animated.gif"), "width=100&format=auto", HTTP_ACCEPT=accept)
+    assert response.status_code == 200, response.content[:300]
+    assert response["Content-Type"] == "image/avif" and response["Vary"] == "Accept"
+    assert opened(response).n_frames == 12
+
+
 @pytest.mark.parametrize("accept,expected", [
     ("image/avif,image/webp", "image/avif"), ("image/webp", "image/webp"), ("image/*", "image/jpeg"),
     ("image/png;q=0.9", "image/png"),  # the one it names (a JPEG input came back JPEG, which it did not)

@@ -284,8 +284,8 @@ def test_format_none_keeps_the_input_format_and_picks_one_for_tiff_and_bmp():
     assert decode(resize(encode(small_photo(), "BMP"), Params(width=30)).data).format == "JPEG"
 
 
-def facts(fmt: str, frames: int = 1, alpha: bool = False) -> ImageFacts:
-    return ImageFacts(format=fmt, width=10, height=10, bytes=100, frames=frames, has_alpha=alpha)
+def facts(fmt: str, frames: int = 1, alpha: bool = False, plays: int = 0) -> ImageFacts:
+    return ImageFacts(format=fmt, width=10, height=10, bytes=100, frames=frames, has_alpha=alpha, plays=plays)
 
 
 @pytest.mark.parametrize(
@@ -297,8 +297,14 @@ def facts(fmt: str, frames: int = 1, alpha: bool = False) -> ImageFacts:
         (Params(width=1, format="auto"), facts("jpeg"), "jpeg"),
         (Params(width=1, format="auto"), facts("tiff", alpha=True), "png"),
         (Params(width=1, format="auto"), facts("bmp"), "jpeg"),
-        (Params(width=1, format="auto", accept=("avif", "webp")), facts("gif", frames=12), "webp"),
-        (Params(width=1, format="auto", accept=("avif",)), facts("gif", frames=12), "gif"),  # keep the motion
+        # An animation that plays forever moves as AVIF too, which comes first as for a still; one that
+        # plays a set number of times would be a still AVIF (its play count cannot be written): WebP, or
+        # the input's format.
+        (Params(width=1, format="auto", accept=("avif", "webp")), facts("gif", frames=12), "avif"),
+        (Params(width=1, format="auto", accept=("avif",)), facts("gif", frames=12), "avif"),
+        (Params(width=1, format="auto", accept=("avif", "webp")), facts("gif", frames=12, plays=1), "webp"),
+        (Params(width=1, format="auto", accept=("avif",)), facts("gif", frames=12, plays=3), "gif"),  # keep the motion
+        (Params(width=1, format="auto", accept=("avif",)), facts("webp", frames=2, plays=2), "webp"),
         (Params(width=1, format="auto", accept=("avif",)), facts("gif"), "avif"),  # a still GIF is a still
         (Params(width=1), facts("gif", frames=3), "gif"),
         (Params(width=1, format="jpg"), facts("png"), "jpeg"),
@@ -310,24 +316,25 @@ def facts(fmt: str, frames: int = 1, alpha: bool = False) -> ImageFacts:
         (Params(width=1, format="auto", accept=("jpeg", "*")), facts("webp"), "webp"),  # any image will do
         (Params(width=1, format="auto", accept=("png",)), facts("jpeg"), "png"),
         (Params(width=1, format="auto", accept=("jpeg", "png")), facts("webp", frames=5), "png"),  # APNG: it moves
-        # An animated AVIF: AVIF output is a still, so a format that moves, where the client takes one.
-        (Params(width=1, format="auto"), facts("avif", frames=8), "webp"),
-        (Params(width=1, format="auto", accept=("*",)), facts("avif", frames=8), "webp"),
-        (Params(width=1, format="auto", accept=("avif", "gif")), facts("avif", frames=8), "gif"),
-        (Params(width=1, format="auto", accept=("avif", "jpeg")), facts("avif", frames=8), "avif"),  # nothing it takes moves
-        (Params(width=1), facts("avif", frames=8), "webp"),  # no format: it moves (a still AVIF dropped the motion)
-        (Params(width=1, format="avif"), facts("avif", frames=8), "avif"),  # asked for: a still AVIF
+        # An animated AVIF (it plays forever) stays one: it moves.
+        (Params(width=1, format="auto"), facts("avif", frames=8), "avif"),
+        (Params(width=1, format="auto", accept=("*",)), facts("avif", frames=8), "avif"),
+        (Params(width=1, format="auto", accept=("webp", "gif")), facts("avif", frames=8), "webp"),
+        (Params(width=1, format="auto", accept=("gif",)), facts("avif", frames=8), "gif"),
+        (Params(width=1), facts("avif", frames=8), "avif"),
         # A format the client refuses (q=0, `-name`) is never picked, a wildcard notwithstanding (WebP
-        # came back to `image/webp;q=0, */*` for an animated AVIF: found by the diff review).
-        (Params(width=1, format="auto", accept=("*", "-webp")), facts("avif", frames=8), "gif"),
-        (Params(width=1, format="auto", accept=("-webp",)), facts("avif", frames=8), "gif"),
+        # came back to `image/webp;q=0, */*` for an animated input: found by the diff review).
+        (Params(width=1, format="auto", accept=("*", "-webp")), facts("gif", frames=8, plays=1), "gif"),
+        (Params(width=1, format="auto", accept=("*", "-avif")), facts("avif", frames=8), "gif"),
         (Params(width=1, format="auto", accept=("*", "-webp")), facts("webp"), "jpeg"),
         (Params(width=1, format="auto", accept=("*", "-webp")), facts("webp", alpha=True), "png"),
         (Params(width=1, format="auto", accept=("*", "-jpeg")), facts("jpeg"), "png"),
-        # WebP rated below AVIF (`~webp`): a still gets AVIF, an animation WebP (it came back a still AVIF).
+        # WebP rated below AVIF (`~webp`): a still gets AVIF, and so does an animation that plays
+        # forever; one that plays a set number of times WebP (it came back a still AVIF).
         (Params(width=1, format="auto", accept=("avif", "~webp")), facts("jpeg"), "avif"),
-        (Params(width=1, format="auto", accept=("avif", "~webp")), facts("gif", frames=4), "webp"),
-        (Params(width=1, format="auto", accept=("avif", "~webp")), facts("avif", frames=4), "webp"),
+        (Params(width=1, format="auto", accept=("avif", "~webp")), facts("gif", frames=4), "avif"),
+        (Params(width=1, format="auto", accept=("avif", "~webp")), facts("gif", frames=4, plays=1), "webp"),
+        (Params(width=1, format="auto", accept=("avif", "~webp")), facts("avif", frames=4), "avif"),
     ],
 )
 def test_output_format(params, input_facts, expected):
@@ -386,6 +393,12 @@ def test_animation_is_kept_for_gif_webp_and_apng(fmt):
     for mine, theirs in zip(frames_of(result.data), frames_of(source), strict=True):
         expected = theirs.resize((112, 75), Image.Resampling.LANCZOS)
         assert ImageStat.Stat(ImageChops.difference(mine, expected)).mean[0] < 12
+
+
+def _gif_played_once(gif: bytes) -> bytes:
+    """The GIF without its NETSCAPE block (its loop count): it plays once."""
+    start = gif.index(b"!\xff\x0bNETSCAPE2.0")
+    return gif[:start] + gif[start + 19:]  # the block: 3 + 11 bytes, then 03 01 <count, 2 bytes> 00
 
 
 def _two_frames(fmt: str, **options) -> bytes:
@@ -476,7 +489,7 @@ def test_the_output_frame_count_is_what_the_file_holds(fmt):
     assert result.output.frames == len(frames_of(result.data)) == 2
 
 
-@pytest.mark.parametrize("fmt", ["gif", "webp", "png"])
+@pytest.mark.parametrize("fmt", ["gif", "webp", "png", "avif"])
 def test_an_apng_s_default_image_is_not_an_animation_frame(fmt):
     """The IDAT image of an APNG with default_image is the still fallback for viewers without APNG;
     it was played as a first frame of duration 0."""
@@ -490,9 +503,11 @@ def test_an_apng_s_default_image_is_not_an_animation_frame(fmt):
     assert min(still.getpixel((5, 2))) > 240
 
 
-@pytest.mark.parametrize("fmt", ["jpeg", "avif"])
-def test_animation_becomes_its_first_frame_otherwise(fmt):
-    source = corpus("chelsea-animated.gif")
+@pytest.mark.parametrize("fmt,source", [("jpeg", lambda: corpus("chelsea-animated.gif")),
+                                        # AVIF: an animation that does not play forever (this one once)
+                                        ("avif", lambda: _gif_played_once(corpus("chelsea-animated.gif")))])
+def test_animation_becomes_its_first_frame_otherwise(fmt, source):
+    source = source()
     result = resize(source, Params(width=112, format=fmt))
     out = Image.open(io.BytesIO(result.data))
     assert getattr(out, "n_frames", 1) == 1 and result.output.frames == 1
@@ -1627,13 +1642,35 @@ def test_a_later_grey_gif_frame_keeps_its_pixels_of_the_first_frame_s_transparen
     assert second.getpixel((5, 5)) == (1, 1, 1, 255) and second.getpixel((15, 5)) == (1, 1, 1, 255)
 
 
-def test_an_animated_avif_without_a_format_keeps_its_motion_in_webp():
-    """With no `format`, an animated AVIF came back a still AVIF (our AVIF output is a still): the
-    motion was dropped without a word. `format=avif` still asks for the first frame."""
+def _frames_and_durations(data: bytes) -> tuple[str, list[int]]:
+    out = Image.open(io.BytesIO(data))
+    durations = []
+    for i in range(getattr(out, "n_frames", 1)):
+        out.seek(i)
+        out.load()  # AVIF's duration is read as the frame decodes
+        durations.append(out.info.get("duration"))
+    return out.format, durations
+
+
+def test_an_animated_avif_stays_an_animated_avif():
+    """AVIF output was always a still: with no `format` an animated AVIF came back as WebP, and
+    `format=avif` (or `auto` to a browser taking AVIF) gave the first frame of any animation."""
     frames = [Image.new("RGB", (32, 16), (i * 60, 0, 0)) for i in range(3)]
-    animated = encode(frames[0], "AVIF", save_all=True, append_images=frames[1:], duration=100)
+    animated = encode(frames[0], "AVIF", save_all=True, append_images=frames[1:], duration=[100, 200, 300])
     result = resize(animated, Params(width=16))
-    assert result.input.frames == 3 and result.output.format == "webp" and result.output.frames == 3
-    assert Image.open(io.BytesIO(result.data)).n_frames == 3
-    still = resize(animated, Params(width=16, format="avif"))
-    assert still.output.format == "avif" and still.output.frames == 1
+    assert result.input.frames == 3 and result.output.format == "avif" and result.output.frames == 3
+    assert _frames_and_durations(result.data) == ("AVIF", [100, 200, 300])
+
+
+@pytest.mark.parametrize("loop,frames", [(0, 2), (None, 1), (2, 1)])  # GIF's loop: repeats; None: plays once
+def test_an_animation_becomes_an_animated_avif_only_when_it_plays_forever(loop, frames):
+    """Pillow's AVIF writer sets no play count and what it writes repeats forever: a GIF that plays
+    once or three times comes out as its first frame, not as an animation that never stops."""
+    gif = _two_frames("GIF", duration=[0, 70], **({} if loop is None else {"loop": loop}))
+    result = resize(gif, Params(width=10, format="avif"))
+    assert result.output.format == "avif" and result.output.frames == frames
+    fmt, durations = _frames_and_durations(result.data)
+    # A 0 ms frame plays as browsers play it in the GIF: 100 ms (an AVIF's 0 is 1 ms, raced through).
+    assert fmt == "AVIF" and (durations == [100, 70] if frames == 2 else len(durations) == 1)
+    picked = resize(gif, Params(width=10, format="auto", accept=("avif", "webp")))
+    assert (picked.output.format, picked.output.frames) == (("avif", 2) if loop == 0 else ("webp", 2))
