@@ -197,18 +197,33 @@ class StaffBasicAuthentication(authentication.BasicAuthentication):
 
 
 def _cross_site(request: Any) -> bool:
-    """Whether a browser sent the request from another origin: `Sec-Fetch-Site` says so, or an `Origin`
-    that is neither this host nor a trusted origin (CSRF_TRUSTED_ORIGINS)."""
-    from django.conf import settings
-
+    """Whether a browser sent the request from another origin's page: `Sec-Fetch-Site` says it is not
+    same-origin (nor typed by the user: `none`), or an `Origin` is sent, and neither is this host nor
+    a trusted origin. Trusted as Django's CSRF check trusts: listed in CSRF_TRUSTED_ORIGINS, exactly or
+    by a `*.` wildcard there (`https://*.example.com`). Until 2026-11-23 a wildcard matched nothing, and
+    `Sec-Fetch-Site: same-site` was refused before the Origin was read: an operators' tool on
+    `https://ops.example.com`, listed, could not write through the API on `api.example.com`."""
     site = request.headers.get("Sec-Fetch-Site")
-    if site is not None:
-        return site not in ("same-origin", "none")
+    if site in ("same-origin", "none"):
+        return False
     origin = request.headers.get("Origin")
     if origin is None:
-        return False
-    host = origin.split("://", 1)[-1]
-    return host != request.get_host() and origin not in settings.CSRF_TRUSTED_ORIGINS
+        return site is not None  # a browser's request from another site names its origin: refuse
+    return not _trusted_origin(origin, request.get_host())
+
+
+def _trusted_origin(origin: str, host: str) -> bool:
+    from django.conf import settings
+    from django.utils.http import is_same_domain
+
+    scheme, separator, netloc = origin.partition("://")
+    if not separator:
+        return False  # `null` (a sandboxed or privacy-sensitive context), or no origin at all
+    if netloc == host or origin in settings.CSRF_TRUSTED_ORIGINS:
+        return True
+    return any(is_same_domain(netloc, trusted_netloc[1:])  # `*.example.com` -> `.example.com`
+               for trusted_scheme, _, trusted_netloc in (t.partition("://") for t in settings.CSRF_TRUSTED_ORIGINS)
+               if trusted_scheme == scheme and trusted_netloc.startswith("*."))
 
 
 ADMIN_DEVICE_COOKIE = "resizer_admin_device"

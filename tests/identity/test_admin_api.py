@@ -667,3 +667,27 @@ def test_a_write_with_basic_credentials_from_another_sites_page_is_refused(staff
     else:
         assert answer.status_code == 201, answer.content
     assert staff.get("/v1/admin/customers", **headers).status_code == 200  # reads stay open
+
+
+@pytest.mark.parametrize("headers, refused", [
+    ({"HTTP_SEC_FETCH_SITE": "same-site", "HTTP_ORIGIN": "https://ops.example.com"}, False),  # by the wildcard
+    ({"HTTP_SEC_FETCH_SITE": "cross-site", "HTTP_ORIGIN": "https://tools.partner.example"}, False),  # listed
+    ({"HTTP_ORIGIN": "https://a.b.example.com"}, False),
+    ({"HTTP_ORIGIN": "http://ops.example.com"}, True),  # the wildcard names https only
+    ({"HTTP_ORIGIN": "https://example.com.evil.example"}, True),
+    ({"HTTP_ORIGIN": "https://evilexample.com"}, True),
+    ({"HTTP_SEC_FETCH_SITE": "same-site", "HTTP_ORIGIN": "https://other.partner.example"}, True),
+    ({"HTTP_SEC_FETCH_SITE": "cross-site"}, True),  # a browser's, with no Origin
+    ({"HTTP_SEC_FETCH_SITE": "none", "HTTP_ORIGIN": "https://evil.example"}, False),  # typed or bookmarked
+])
+def test_a_write_with_basic_credentials_from_a_trusted_origin_is_taken(staff, settings, headers, refused):
+    """CSRF_TRUSTED_ORIGINS is trusted as Django's CSRF check trusts it, wildcards included: a
+    `https://*.example.com` matched nothing here, and `Sec-Fetch-Site: same-site` was refused before
+    the Origin was read, so an operators' tool on a listed origin could not write."""
+    settings.CSRF_TRUSTED_ORIGINS = ["https://*.example.com", "https://tools.partner.example"]
+    customer = customer_create(name="c")
+    answer = staff.post(f"/v1/admin/customers/{customer.id}/keys", "", content_type="text/plain", **headers)
+    if refused:
+        assert answer.status_code == 403 and answer.json()["code"] == "forbidden", answer.content
+    else:
+        assert answer.status_code == 201, answer.content
