@@ -7,6 +7,9 @@ A stack of 2 API processes and one worker of 2 processes (bench/stack.py), defau
   photos to 256 px, as fast as they are answered, honouring Retry-After;
 - `sync`: customer A's 12 closed-loop clients send the same synchronously;
 - `alone`: the asynchronous flood without the quiet customer;
+- `slow`: 32 clients (16 of A's, 16 of B's) send `Prefer: respond-async` resizes of the 900 KB photo
+  to 800 px, each body trickled in 64 KB pieces 25 ms apart (~0.35 s an upload: admission comes before
+  the body is read, so each job is admitted well before it is published), with no quiet customer;
 and (except `alone`) customer B, the quiet one, sends one synchronous resize every 200 ms. The queue's
 ready count is read from RabbitMQ every 0.1 s (a passive declare). Reported per scenario: the answers
 of each customer by status and code, their p50/p99 (of 200s and 202s), and the queue's depth
@@ -40,16 +43,27 @@ from tests.reliability.load import QueueDepth  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
 PHOTOS = [(CORPUS / f"photo-256k-{i}.jpg").read_bytes() for i in range(4)]
+BIG = (CORPUS / "photo-900k.jpg").read_bytes()
+
+
+async def _trickle(data: bytes):  # type: ignore[no-untyped-def]
+    for start in range(0, len(data), 65536):
+        yield data[start:start + 65536]
+        await asyncio.sleep(0.025)
 
 
 async def _client(base: str, key: str, seconds: float, answers: list[tuple[int, str, float]], *,
-                  asynchronous: bool, pause: float = 0.0) -> None:
+                  asynchronous: bool, pause: float = 0.0, slow: bool = False) -> None:
     headers = {"Authorization": f"Bearer {key}", **({"Prefer": "respond-async"} if asynchronous else {})}
+    if slow:
+        headers["Content-Length"] = str(len(BIG))
     deadline = time.monotonic() + seconds
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         while time.monotonic() < deadline:
             started = time.monotonic()
-            async with session.post(f"{base}/v1/resize?width=256", data=random.choice(PHOTOS), headers=headers) as r:
+            url, data = (f"{base}/v1/resize?width=800", _trickle(BIG)) if slow else \
+                (f"{base}/v1/resize?width=256", random.choice(PHOTOS))
+            async with session.post(url, data=data, headers=headers) as r:
                 body = await r.read()
                 code = json.loads(body).get("code", "") if r.status >= 400 else ""
                 answers.append((r.status, code, time.monotonic() - started))
@@ -68,12 +82,15 @@ def _summary(answers: list[tuple[int, str, float]]) -> dict:
 async def _load(base: str, keys: list[str], scenario: str, seconds: float) -> dict:
     flood: list[tuple[int, str, float]] = []
     quiet: list[tuple[int, str, float]] = []
-    clients = [_client(base, keys[0], seconds, flood, asynchronous=scenario != "sync")
-               for _ in range(12 if scenario == "sync" else 8)]
-    if scenario != "alone":
+    # `slow`: the flood is both customers' (16 clients each), so the processes' bound on requests in
+    # flight (12 each), not one customer's slots (6 a process), limits the uploads at once.
+    clients = [_client(base, keys[i % 2 if scenario == "slow" else 0], seconds, flood,
+                       asynchronous=scenario != "sync", slow=scenario == "slow")
+               for i in range({"sync": 12, "slow": 32}.get(scenario, 8))]
+    if scenario not in ("alone", "slow"):
         clients.append(_client(base, keys[1], seconds, quiet, asynchronous=False, pause=0.2))
     await asyncio.gather(*clients)
-    return {"flood": _summary(flood), **({"quiet": _summary(quiet)} if scenario != "alone" else {})}
+    return {"flood": _summary(flood), **({"quiet": _summary(quiet)} if quiet else {})}
 
 
 def main() -> None:

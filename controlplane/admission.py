@@ -159,12 +159,17 @@ class Admission:
         self.line_wait = line_wait  # 0: no line, refuse at the limit at once
         self._queue_depth = queue_depth
         # When the depth was read (None: the reading is taken as it is). The depth a process acts on is
-        # that reading plus what it admitted since: an asynchronous request gives its slot back at the
-        # 202, so between readings a flood was admitted at the API's own pace (a bound of 25 read 146-171
-        # jobs ready, the load review), and the queue swung between empty and several times the bound.
+        # that reading plus its own jobs the reading cannot hold: an asynchronous request gives its slot
+        # back at the 202, so between readings a flood was admitted at the API's own pace (a bound of 25
+        # read 146-171 jobs ready, the load review), and the queue swung between empty and several times
+        # the bound. Those jobs are the requests admitted and not yet published or given up (whatever
+        # the readings: until 2026-11-23 one admitted before a reading and published after it, a long
+        # upload, dropped out of the count at that reading), and the jobs published since the reading
+        # began (`published`; one the reading holds already is counted twice until the next one).
         self._depth_read_at = depth_read_at
         self._depth_reading = -1.0
-        self._admitted_since_reading = 0
+        self._in_transit = 0
+        self._published_at: deque[float] = deque()
         # (a reading's time, timeout): returns once there is a newer reading, or at the timeout. At the
         # bound a request waits for it (up to `line_wait`) instead of being refused at once: the bound
         # is ~0.25 s of the workers' work and a refusal's Retry-After 1 s, so clients that honour it
@@ -222,7 +227,7 @@ class Admission:
             if self.in_flight < limit and not self._line:
                 self.in_flight += 1
                 self._held[customer_id] = held + 1
-                self._admitted_since_reading += 1
+                self._in_transit += 1
                 return
             if self.line_wait <= 0 or self.in_flight + len(self._line) + self._depth_waiters >= self.max_in_flight:
                 raise self._full()
@@ -232,7 +237,7 @@ class Admission:
         waiter.event.wait(max(0.0, deadline - time.monotonic()))
         with self._lock:
             if waiter.admitted:  # a slot was handed to it (perhaps just as the wait ended)
-                self._admitted_since_reading += 1
+                self._in_transit += 1
                 return
             self._line.remove(waiter)
             self._release(customer_id)
@@ -273,20 +278,34 @@ class Admission:
                     self._release(customer_id)
 
     def _depth(self) -> int | None:
-        """The queue's depth as this process knows it: the last reading, plus what it admitted since
-        (each admission is a job on its way to the queue). Under the lock."""
+        """The queue's depth as this process knows it: the last reading, plus the jobs of this process it
+        cannot hold (admitted and on their way to the queue, or published since it began). Under the lock."""
         depth = self._queue_depth()
         if depth is None or self._depth_read_at is None:
             return depth
         read_at = self._depth_read_at()
         if read_at != self._depth_reading:
-            self._depth_reading, self._admitted_since_reading = read_at, 0
-        return depth + self._admitted_since_reading
+            self._depth_reading = read_at
+            while self._published_at and self._published_at[0] < read_at:
+                self._published_at.popleft()  # in the queue when the reading began: the reading holds it
+        return depth + self._in_transit + len(self._published_at)
 
-    def leave(self, customer_id: str) -> None:
+    def published(self) -> None:
+        """An admitted request put its job in the queue: counted from now until a reading that began
+        after this. Once per request at most, before its leave(published=True)."""
+        with self._lock:
+            self._in_transit -= 1
+            if self._depth_read_at is not None:
+                self._published_at.append(time.monotonic())
+
+    def leave(self, customer_id: str, published: bool = False) -> None:
+        """An admitted request gives its slot back. One that published no job (refused after admission,
+        an idempotent replay) is no longer on its way to the queue."""
         limit = self.limit()
         with self._lock:
             self.in_flight -= 1
+            if not published:
+                self._in_transit -= 1
             self._release(customer_id)
             self._hand_slots(limit)
 
@@ -325,7 +344,7 @@ class QueueProbe:
         self.stale_after = stale_after if stale_after is not None else max(2.0, 4 * interval)
         self._connection_factory = connection_factory
         self._values: dict[str, tuple[int, int]] = {}
-        self._at = 0.0  # monotonic time of the last successful probe
+        self._at = 0.0  # monotonic time the last successful probe began
         self.first = threading.Event()  # set after the first attempt, successful or not
         self._retry_now = threading.Event()  # cuts a backoff short (fresh())
         self._wanted = threading.Event()  # a reader waits for a newer reading (wait_newer): probe soon
@@ -364,7 +383,7 @@ class QueueProbe:
 
     @property
     def read_at(self) -> float:
-        """When the last successful probe read the queues (monotonic)."""
+        """When the last successful probe began reading the queues (monotonic)."""
         return self._at
 
     def wait_newer(self, than: float, timeout: float) -> None:
@@ -390,6 +409,9 @@ class QueueProbe:
                     connection.ensure_connection(max_retries=1, timeout=2)
                     channel = connection.channel()
                     while not self._stopped.is_set():
+                        # The reading's time is when it began: a job published after that may not be in
+                        # it (Admission counts those on top of it), one published before is.
+                        asked = time.monotonic()
                         values: dict[str, tuple[int, int]] = {}
                         for name in self.queues:
                             try:
@@ -401,7 +423,7 @@ class QueueProbe:
                                 if not _is_not_found(e):
                                     raise
                         with self._probed:
-                            self._values, self._at = values, time.monotonic()
+                            self._values, self._at = values, asked
                             self._probed.notify_all()
                         self._retry_now.clear()  # asked for while this round was out: answered
                         self.first.set()

@@ -272,10 +272,11 @@ class ResizeView(CustomerView):
             raise ApiError(e.status, e.code, e.detail, headers={"Retry-After": str(e.retry_after)}) from e
         finally:
             clock.lap("line")  # parsing and admission, with any wait in its line (ADR 0007)
+        self._published = False
         try:
             return self._resize(request, params, idempotency_key, clock, slots)
         finally:
-            slots.leave(customer_id)
+            slots.leave(customer_id, published=self._published)
 
     def handle_exception(self, exc: Exception) -> HttpResponse:
         # Refused before its body was read (401, 429, 503...): read and discard a small body, so the
@@ -356,6 +357,8 @@ class ResizeView(CustomerView):
                     waiter.forget(job_id)  # type: ignore[union-attr]
         if created:
             clock.lap("enqueue")
+            slots.published()  # the job is in the queue: the depth's next reading holds it
+            self._published = True
         return self._respond(job, created, waiter, vary, respond_async, clock, slots)
 
     def _respond(self, job: Job, created: bool, waiter: JobWaiter | None, vary: bool, respond_async: bool,

@@ -210,8 +210,9 @@ class _Reading:
         self._newer = threading.Condition()
 
     def read(self, depth: int) -> None:
+        """A reading that began now (a queue probe's time: Admission compares it with its publishes')."""
         with self._newer:
-            self.depth, self.at = depth, self.at + 1
+            self.depth, self.at = depth, time.monotonic()
             self._newer.notify_all()
 
     def wait_newer(self, than: float, timeout: float) -> None:
@@ -227,17 +228,42 @@ class _Reading:
 def test_between_readings_the_depth_counts_what_this_process_admitted():
     """An asynchronous request gives its slot back at its 202, so between two readings of the queue a
     flood was admitted at the API's own pace: a bound of 25 read 146-171 jobs waiting (the load review).
-    Each admission is a job on its way to the queue, counted until the next reading."""
+    Each job published since the reading began is counted on top of it, until a newer reading."""
     reading = _Reading(depth=2)
     a = reading.admission(max_depth=5)
     for _ in range(3):
         assert _refusal(a, "only") is None
-        a.leave("only")
-    assert _refusal(a, "only") == (503, "queue_full")  # 2 read + 3 admitted since
-    reading.read(4)  # the workers took some: a newer reading, and nothing admitted since
+        a.published()
+        a.leave("only", published=True)
+    assert _refusal(a, "only") == (503, "queue_full")  # 2 read + 3 published since
+    reading.read(4)  # the workers took some: a newer reading, and nothing published since
     assert _refusal(a, "only") is None
-    a.leave("only")
+    a.published()
+    a.leave("only", published=True)
     assert _refusal(a, "only") == (503, "queue_full")
+
+
+def test_a_job_admitted_before_a_reading_and_published_after_it_stays_counted():
+    """Admission comes before the body is read: a job admitted before a reading and still uploading
+    when it came was in neither that reading nor the count (it counted what was admitted since the
+    reading), and a flood of slow uploads got past the bound. It counts from its admission until a
+    reading that began after its publish; a request that makes no job (refused after admission, an
+    idempotent replay) stops counting when it leaves."""
+    reading = _Reading(depth=0)
+    a = reading.admission(max_depth=3)
+    for _ in range(3):
+        assert _refusal(a, "only") is None
+    reading.read(0)  # the three are still uploading: not in the queue yet
+    assert _refusal(a, "other") == (503, "queue_full")
+    a.published()
+    a.leave("only", published=True)  # one job in the queue, two uploads still on their way
+    reading.read(1)
+    assert _refusal(a, "other") == (503, "queue_full")
+    a.leave("only")  # an upload refused after admission (a corrupt image, say): no job
+    a.leave("only")
+    assert _refusal(a, "other") is None  # 1 read + 1 admitted
+    assert _refusal(a, "other") is None  # + 1
+    assert _refusal(a, "other") == (503, "queue_full")
 
 
 def test_at_the_bound_a_request_waits_for_the_next_reading_before_it_is_refused():
