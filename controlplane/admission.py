@@ -169,7 +169,9 @@ class Admission:
         self._depth_read_at = depth_read_at
         self._depth_reading = -1.0
         self._in_transit = 0
-        self._published_at: deque[float] = deque()
+        # Pruned at each new reading; with none coming (a probe stuck while publishes go through) it keeps
+        # the latest: more than the bound would refuse alike.
+        self._published_at: deque[float] = deque(maxlen=max(1, max_queue_depth))
         # (a reading's time, timeout): returns once there is a newer reading, or at the timeout. At the
         # bound a request waits for it (up to `line_wait`) instead of being refused at once: the bound
         # is ~0.25 s of the workers' work and a refusal's Retry-After 1 s, so clients that honour it

@@ -266,6 +266,20 @@ def test_a_job_admitted_before_a_reading_and_published_after_it_stays_counted():
     assert _refusal(a, "other") == (503, "queue_full")
 
 
+def test_with_no_new_reading_the_jobs_published_since_are_kept_only_up_to_the_bound():
+    """Pruned at each new reading: a probe stuck while publishes went through kept one entry per job."""
+    reading = _Reading(depth=0)
+    a = reading.admission(max_depth=5, max_in_flight=1000)
+    reading.depth = None  # stale: the depth is unknown, and requests are admitted
+    for _ in range(200):
+        a.enter("only")
+        a.published()
+        a.leave("only", published=True)
+    assert len(a._published_at) == 5  # noqa: SLF001
+    reading.depth = 0  # the same old reading again
+    assert _refusal(a, "other") == (503, "queue_full")
+
+
 def test_at_the_bound_a_request_waits_for_the_next_reading_before_it_is_refused():
     """The bound is ~0.25 s of the workers' work and a refusal's Retry-After a second: refused at once,
     clients that honour it slept while the queue ran dry. A request at the bound waits (up to the line's
