@@ -169,8 +169,8 @@ class Admission:
         self._depth_read_at = depth_read_at
         self._depth_reading = -1.0
         self._in_transit = 0
-        # Pruned at each new reading; with none coming (a probe stuck while publishes go through) it keeps
-        # the latest: more than the bound would refuse alike.
+        # Pruned at each new reading; with none coming (a probe stuck while publishes go through, or no
+        # reading at all) it keeps the latest: more than the bound would refuse alike.
         self._published_at: deque[float] = deque(maxlen=max(1, max_queue_depth))
         # (a reading's time, timeout): returns once there is a newer reading, or at the timeout. At the
         # bound a request waits for it (up to `line_wait`) instead of being refused at once: the bound
@@ -297,8 +297,7 @@ class Admission:
         after this. Once per request at most, before its leave(published=True)."""
         with self._lock:
             self._in_transit -= 1
-            if self._depth_read_at is not None:
-                self._published_at.append(time.monotonic())
+            self._published_at.append(time.monotonic())
 
     def leave(self, customer_id: str, published: bool = False) -> None:
         """An admitted request gives its slot back. One that published no job (refused after admission,
